@@ -1,0 +1,56 @@
+"""One YAML file per experiment, read into a dataclass."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .augment import AugmentConfig
+
+
+@dataclass
+class TrainConfig:
+    name: str = "experiment"
+    data: str = ""  # .npz written by `prepare`, or a PNG-export folder; empty = the shared PNG export
+    output_dir: str = "runs"
+    seed: int = 0
+    n_folds: int = 5
+    fold: int | None = None  # validation fold; None trains on everything with no validation
+    base_channels: int = 16
+    depth: int = 4
+    epochs: int = 40
+    batch_size: int = 16
+    learning_rate: float = 2e-3
+    weight_decay: float = 1e-4
+    warmup_epochs: int = 1
+    dice_weight: float = 1.0
+    tv_weight: float = 0.0
+    patience: int = 10
+    device: str = "auto"
+    threads: int = 0  # 0 = torch default
+    max_train_slices: int = 0  # 0 = all (tests use a handful)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown config keys: {sorted(unknown)}")
+        values = dict(values)
+        augment = AugmentConfig(**values.pop("augment", {}) or {})
+        for key in ("scale_range", "downsample_range"):
+            if isinstance(getattr(augment, key), list):
+                setattr(augment, key, tuple(getattr(augment, key)))
+        return cls(augment=augment, **values)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TrainConfig":
+        with open(path) as handle:
+            return cls.from_dict(yaml.safe_load(handle) or {})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,199 @@
+"""Train the 2D U-Net on prepared slices: AdamW + warm-up/cosine schedule, early stopping,
+bf16 autocast on CPU and mixed precision on CUDA, and a checkpoint every epoch so a killed run resumes.
+
+    python -m covidseg_training.train training/configs/v1.yaml [--fold K] [--epochs N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from CovidInfectionSegLib.preprocessing import IntensityRecipe
+
+from .augment import SliceAugmenter
+from .config import TrainConfig
+from .data import INFECTION, LUNG, SliceDataset, load_png_export, patient_folds
+from .losses import segmentation_loss
+from .unet import UNet2D
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_dataset(config: TrainConfig) -> SliceDataset:
+    if config.data and config.data.endswith(".npz"):
+        return SliceDataset.load(Path(config.data))
+    return load_png_export(Path(config.data)) if config.data else load_png_export()
+
+
+def split(config: TrainConfig, dataset: SliceDataset) -> tuple[SliceDataset, SliceDataset | None]:
+    if config.fold is None:
+        return dataset, None
+    folds = patient_folds(dataset.cases, config.n_folds, config.seed)
+    return dataset.subset(folds != config.fold), dataset.subset(folds == config.fold)
+
+
+def autocast(device: torch.device):
+    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+@torch.inference_mode()
+def predict_labels(model: torch.nn.Module, images: np.ndarray, device: torch.device, batch_size: int = 32) -> np.ndarray:
+    """uint8 images (N, H, W) -> predicted label maps (N, H, W)."""
+    model.eval()
+    out = np.empty(images.shape, dtype=np.uint8)
+    for start in range(0, len(images), batch_size):
+        batch = torch.from_numpy(images[start : start + batch_size]).float().div(255).unsqueeze(1).to(device)
+        with autocast(device):
+            logits = model(batch)
+        out[start : start + batch_size] = logits.argmax(1).cpu().numpy()
+    return out
+
+
+def dice(prediction: np.ndarray, truth: np.ndarray) -> float:
+    denominator = prediction.sum() + truth.sum()
+    return 1.0 if denominator == 0 else float(2 * np.logical_and(prediction, truth).sum() / denominator)
+
+
+def per_case_dice(predicted: np.ndarray, labels: np.ndarray, cases: np.ndarray) -> dict[str, float]:
+    """Mean over patients of Dice for lung (lung or infection) and infection, pooled per patient."""
+    lung, infection = [], []
+    for case in np.unique(cases):
+        sel = cases == case
+        lung.append(dice(predicted[sel] >= LUNG, labels[sel] >= LUNG))
+        infection.append(dice(predicted[sel] == INFECTION, labels[sel] == INFECTION))
+    return {"lung_dice": float(np.mean(lung)), "infection_dice": float(np.mean(infection))}
+
+
+def learning_rate_at(config: TrainConfig, step: int, steps_per_epoch: int) -> float:
+    warmup = max(1, config.warmup_epochs * steps_per_epoch)
+    total = max(warmup + 1, config.epochs * steps_per_epoch)
+    if step < warmup:
+        return config.learning_rate * (step + 1) / warmup
+    progress = (step - warmup) / (total - warmup)
+    return config.learning_rate * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def run_dir(config: TrainConfig) -> Path:
+    suffix = "all" if config.fold is None else f"fold{config.fold}"
+    return Path(config.output_dir) / config.name / suffix
+
+
+def train(config: TrainConfig, log=print) -> Path:
+    """Train one model as ``config`` says; returns the run folder holding ``best.pt`` and ``history.json``.
+
+    ``best.pt`` is the checkpoint with the best validation score (or the last one without validation).
+    """
+    seed_everything(config.seed)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    device = pick_device(config.device)
+    out_dir = run_dir(config)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=list))
+
+    train_set, val_set = split(config, load_dataset(config))
+    if config.max_train_slices:
+        train_set = train_set.subset(np.arange(len(train_set.images)) < config.max_train_slices)
+    model = UNet2D(num_classes=3, base_channels=config.base_channels, depth=config.depth).to(device)
+    model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
+    augmenter = SliceAugmenter(config.augment, IntensityRecipe(), seed=config.seed)
+
+    state = {"epoch": 0, "step": 0, "best_score": -1.0, "best_epoch": -1, "history": []}
+    last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
+    if last_path.exists():
+        checkpoint = torch.load(last_path, map_location=device, weights_only=False)
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        state = checkpoint["state"]
+        augmenter.rng = np.random.default_rng(config.seed + state["epoch"])
+        log(f"resumed {last_path} at epoch {state['epoch']}")
+
+    steps_per_epoch = max(1, len(train_set.images) // config.batch_size)
+    order_rng = np.random.default_rng(config.seed)
+    for _ in range(state["epoch"]):
+        order_rng.permutation(len(train_set.images))
+    while state["epoch"] < config.epochs:
+        started = time.time()
+        model.train()
+        order = order_rng.permutation(len(train_set.images))
+        losses = []
+        for batch_index in range(steps_per_epoch):
+            indices = order[batch_index * config.batch_size : (batch_index + 1) * config.batch_size]
+            pairs = [augmenter(train_set.images[i], train_set.labels[i]) for i in indices]
+            images = torch.from_numpy(np.stack([p[0] for p in pairs])).float().div(255).unsqueeze(1)
+            labels = torch.from_numpy(np.stack([p[1] for p in pairs])).long()
+            images = images.to(device).contiguous(memory_format=torch.channels_last)
+            labels = labels.to(device)
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate_at(config, state["step"], steps_per_epoch)
+            with autocast(device):
+                logits = model(images)
+            loss = segmentation_loss(logits, labels, config.dice_weight, config.tv_weight)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            losses.append(loss.item())
+            state["step"] += 1
+        state["epoch"] += 1
+        record = {"epoch": state["epoch"], "loss": float(np.mean(losses)), "seconds": round(time.time() - started, 1)}
+        if val_set is not None and len(val_set.images):
+            predicted = predict_labels(model, val_set.images, device)
+            record.update(per_case_dice(predicted, val_set.labels, val_set.cases))
+            score = record["lung_dice"] + record["infection_dice"]
+        else:
+            score = float(state["epoch"])  # no validation: the latest model is the best one
+        state["history"].append(record)
+        improved = score > state["best_score"]
+        if improved:
+            state["best_score"], state["best_epoch"] = score, state["epoch"]
+            torch.save({"model": model.state_dict(), "config": config.to_dict(), "record": record}, best_path)
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state}, last_path)
+        (out_dir / "history.json").write_text(json.dumps(state["history"], indent=2))
+        log(json.dumps(record) + (" *" if improved else ""))
+        if val_set is not None and state["epoch"] - state["best_epoch"] >= config.patience:
+            log(f"early stop: no improvement for {config.patience} epochs")
+            break
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", help="experiment YAML")
+    parser.add_argument("--fold", type=int, help="validation fold (overrides the config)")
+    parser.add_argument("--epochs", type=int, help="overrides the config")
+    args = parser.parse_args(argv)
+    config = TrainConfig.load(args.config)
+    if args.fold is not None:
+        config.fold = args.fold
+    if args.epochs is not None:
+        config.epochs = args.epochs
+    print(run_dir(config))
+    train(config, log=lambda line: print(line, flush=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
