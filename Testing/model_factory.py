@@ -43,8 +43,9 @@ class ThresholdNet(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(1, 3, kernel_size=1)
         with torch.no_grad():
-            self.conv.weight[:] = torch.tensor([[[[20.0]]], [[[-20.0]]], [[[40.0]]]])
-            self.conv.bias[:] = torch.tensor([-20.0 * lung_below, 20.0 * lung_below, -40.0 * infection_above])
+            # background logit 0; lung wins below lung_below, infection above infection_above
+            self.conv.weight[:] = torch.tensor([[[[0.0]]], [[[-20.0]]], [[[40.0]]]])
+            self.conv.bias[:] = torch.tensor([0.0, 20.0 * lung_below, -40.0 * infection_above])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(x)

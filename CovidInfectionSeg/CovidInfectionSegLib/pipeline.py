@@ -1,0 +1,152 @@
+"""The whole job: CT image in, labelmap on the input grid + measurements + warnings out.
+
+validate -> canonical LPS -> batched 2D inference -> 3D post-processing -> measurements -> back onto
+the input grid. Used by the CLI, the Slicer module and the benchmarks.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import SimpleITK as sitk
+
+from .imageio import from_canonical, read_image, to_canonical
+from .inference import CancelCheck, ProgressCallback, SegmentationCancelled, is_cancelled, pick_device, predict_volume
+from .measurements import Measurements, measure
+from .model_package import ModelPackage, SegmentInfo
+from .postprocessing import PostprocessingSettings, postprocess
+from .validation import check_image, looks_like_hu
+
+__all__ = ["SegmentationResult", "SegmentationCancelled", "segment_image", "segment_file"]
+
+# Adult lungs hold litres of air; far less means the scan does not cover the lungs (or is not a chest CT).
+LOW_LUNG_VOLUME_ML = 500.0
+
+
+@dataclass
+class SegmentationResult:
+    """Everything one segmentation produced (see ARCHITECTURE.md, engine contract)."""
+
+    labelmap: sitk.Image
+    segments: list[SegmentInfo]
+    measurements: Measurements
+    warnings: list[str]
+    timings: dict[str, float]
+    device: str
+    model_name: str
+    model_version: str
+    notes: list[str] = field(default_factory=list)
+    source: str | None = None
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready description of the run (no image data)."""
+        return {
+            "source": self.source,
+            "model": {"name": self.model_name, "version": self.model_version},
+            "device": self.device,
+            "measurements": self.measurements.to_dict(),
+            "warnings": list(self.warnings),
+            "notes": list(self.notes),
+            "timings_s": {stage: round(seconds, 3) for stage, seconds in self.timings.items()},
+        }
+
+
+def segment_image(
+    image: sitk.Image,
+    model: ModelPackage,
+    *,
+    device: str = "auto",
+    batch_size: int | None = None,
+    progress: ProgressCallback | None = None,
+    cancel: CancelCheck | None = None,
+    name: str = "image",
+    settings: PostprocessingSettings | None = None,
+) -> SegmentationResult:
+    """Segment lungs (right, left) and infection in a 3D CT volume.
+
+    Raises :class:`validation.InputError` for images that cannot be segmented, :class:`SegmentationCancelled`
+    when ``cancel`` fires, ``RuntimeError`` for an unavailable device. ``name`` labels warnings (a path).
+    """
+    started = time.perf_counter()
+    warnings = check_image(image, name)
+    torch_device = pick_device(device)
+    canonical = sitk.Cast(to_canonical(image), sitk.sitkFloat32)
+    volume = sitk.GetArrayViewFromImage(canonical)
+    in_hu = looks_like_hu(volume)
+
+    inference_started = time.perf_counter()
+    classes = predict_volume(volume, model, torch_device, batch_size, progress, cancel)
+    inference_seconds = time.perf_counter() - inference_started
+    if is_cancelled(cancel):
+        raise SegmentationCancelled("cancelled after inference")
+
+    post_started = time.perf_counter()
+    lungs = postprocess(
+        classes,
+        volume,
+        canonical.GetSpacing(),
+        lung_class=model.label_value("lung"),
+        infection_class=model.label_value("infection"),
+        intensities_in_hu=in_hu,
+        settings=settings or PostprocessingSettings(),
+    )
+    del classes
+    measurements = measure(lungs.side, lungs.labels == 3, canonical.GetSpacing())
+    label_image = sitk.GetImageFromArray(lungs.labels)
+    label_image.CopyInformation(canonical)
+    labelmap = from_canonical(label_image, image)
+    post_seconds = time.perf_counter() - post_started
+
+    warnings.extend(_result_warnings(measurements, name))
+    timings = {
+        "validate": inference_started - started,
+        "preprocess_infer": inference_seconds,
+        "postprocess": post_seconds,
+        "total": time.perf_counter() - started,
+    }
+    return SegmentationResult(
+        labelmap=labelmap,
+        segments=list(model.segments),
+        measurements=measurements,
+        warnings=warnings,
+        timings=timings,
+        device=str(torch_device),
+        model_name=model.name,
+        model_version=model.version,
+        notes=lungs.notes,
+    )
+
+
+def segment_file(path: str | Path, model: ModelPackage, **options: Any) -> SegmentationResult:
+    """Read a CT (file or DICOM folder, see :func:`imageio.read_image`) and :func:`segment_image` it."""
+    started = time.perf_counter()
+    read_warnings: list[str] = []
+    image = read_image(path, read_warnings)
+    read_seconds = time.perf_counter() - started
+    options.setdefault("name", str(path))
+    result = segment_image(image, model, **options)
+    result.warnings[:0] = read_warnings
+    result.timings = {"read": read_seconds, **result.timings, "total": result.timings["total"] + read_seconds}
+    result.source = str(path)
+    return result
+
+
+def _result_warnings(measurements: Measurements, name: str) -> list[str]:
+    warnings = []
+    total = measurements.total.lung_ml
+    if total < LOW_LUNG_VOLUME_ML:
+        warnings.append(
+            f"{name}: only {total:.0f} mL of lung found (adult lungs hold litres); "
+            "the scan may not cover the chest, or it is not a chest CT"
+        )
+    else:
+        for side, region in (("right", measurements.right_lung), ("left", measurements.left_lung)):
+            if region.lung_ml < 0.1 * total:
+                warnings.append(
+                    f"{name}: the {side} lung is only {region.lung_ml:.0f} mL of {total:.0f} mL found; "
+                    "check the left/right assignment and the scan coverage"
+                )
+    return warnings

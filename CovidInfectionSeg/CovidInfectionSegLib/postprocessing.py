@@ -1,0 +1,328 @@
+"""Turn the network's per-slice classes (0 background, 1 lung, 2 infection) into a clean 3D labelmap:
+1 Right lung, 2 Left lung, 3 Infection (non-overlapping).
+
+All arrays are canonical LPS (z, y, x): x grows toward the patient's left, so the right lung has the
+smaller x. Every size threshold is physical (mm, mm3, mL) and converted with the voxel spacing, so
+results do not depend on resolution. Steps:
+
+1. lung components: in each axial slice, lung voxels connected to the image border are air outside
+   the body and are removed (a lung cut by a field of view smaller than the body loses those slices);
+   then 3D components of (lung | infection): drop those under ``min_lung_component_ml`` and, for CT
+   in HU, those that are not air-filled (median HU of their lung voxels above ``max_lung_median_hu``:
+   bowel, soft tissue); keep at most the two largest.
+2. left/right: a component lying on one side of the body midline goes to that side; one straddling it
+   (touching lungs, or lungs joined by the trachea) is cut per slice within ``midline_search_mm`` of the
+   midline: at an empty column between the lungs, else at the column with the fewest lung voxels that
+   still has a fair share of the slice's lung on both sides.
+3. holes filled per lung, per axial slice (2D) and in 3D.
+4. infection kept only inside the lungs dilated by ``infection_margin_mm``; infection components
+   under ``min_infection_mm3`` are removed (inside the lungs they become lung).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import ndimage
+
+RIGHT_LUNG = 1
+LEFT_LUNG = 2
+INFECTION = 3
+
+MIN_LUNG_COMPONENT_ML = 20.0
+MAX_LUNG_MEDIAN_HU = -300.0
+INFECTION_MARGIN_MM = 3.0
+MIN_INFECTION_MM3 = 50.0
+MIDLINE_SEARCH_MM = 40.0
+STRADDLE_FRACTION = 0.1
+CUT_MIN_SIDE_FRACTION = 0.15
+BODY_MIN_HU = -500.0
+MIDLINE_SAMPLE_SLICES = 32
+
+
+@dataclass(frozen=True)
+class PostprocessingSettings:
+    """Physical thresholds of the post-processing (defaults are the module constants)."""
+
+    min_lung_component_ml: float = MIN_LUNG_COMPONENT_ML
+    max_lung_median_hu: float = MAX_LUNG_MEDIAN_HU
+    infection_margin_mm: float = INFECTION_MARGIN_MM
+    min_infection_mm3: float = MIN_INFECTION_MM3
+    midline_search_mm: float = MIDLINE_SEARCH_MM
+    straddle_fraction: float = STRADDLE_FRACTION
+
+
+@dataclass
+class LungSegmentation:
+    """Post-processed result on the canonical grid.
+
+    ``labels``: 0 background, 1 right lung, 2 left lung, 3 infection. ``side``: 1 right, 2 left for
+    every lung voxel including infected ones (for per-lung measurements). ``notes``: what was dropped.
+    """
+
+    labels: np.ndarray
+    side: np.ndarray
+    notes: list[str] = field(default_factory=list)
+
+
+def postprocess(
+    classes: np.ndarray,
+    intensities: np.ndarray,
+    spacing_xyz: tuple[float, float, float],
+    *,
+    lung_class: int = 1,
+    infection_class: int = 2,
+    intensities_in_hu: bool = True,
+    settings: PostprocessingSettings = PostprocessingSettings(),
+) -> LungSegmentation:
+    """Network classes (z, y, x) + the CT (same shape) + spacing (x, y, z mm) -> :class:`LungSegmentation`."""
+    if classes.shape != intensities.shape:
+        raise ValueError(f"classes {classes.shape} and intensities {intensities.shape} differ in shape")
+    spacing = np.asarray(spacing_xyz, dtype=float)[::-1]  # (z, y, x) like the arrays
+    notes: list[str] = []
+    lung_voxels = classes == lung_class
+    lungs = select_lung_components(
+        lung_voxels | (classes == infection_class),
+        lung_voxels,
+        intensities,
+        spacing,
+        intensities_in_hu,
+        settings,
+        notes,
+    )
+    del lung_voxels
+    side = np.zeros(classes.shape, dtype=np.uint8)
+    if lungs.any():
+        midline = body_midline_x(intensities, lungs, intensities_in_hu)
+        side = split_left_right(lungs, midline, spacing, settings)
+        del lungs
+        for value in (RIGHT_LUNG, LEFT_LUNG):
+            filled = fill_holes(side == value)
+            side[filled & (side == 0)] = value
+    infection = keep_infection_near_lungs(classes == infection_class, side, spacing, settings)
+    infection = remove_small_components(infection, settings.min_infection_mm3 / float(np.prod(spacing)))
+    labels = side.copy()
+    labels[infection] = INFECTION
+    return LungSegmentation(labels=labels, side=side, notes=notes)
+
+
+def select_lung_components(
+    candidate: np.ndarray,
+    lung_voxels: np.ndarray,
+    intensities: np.ndarray,
+    spacing_zyx: np.ndarray,
+    intensities_in_hu: bool,
+    settings: PostprocessingSettings,
+    notes: list[str] | None = None,
+) -> np.ndarray:
+    """At most the two largest 3D components of ``candidate`` that are inside the body, big and air-filled."""
+    notes = notes if notes is not None else []
+    selected = np.zeros(candidate.shape, dtype=bool)
+    voxel_ml = float(np.prod(spacing_zyx)) / 1000.0
+    candidate = candidate.copy()
+    outside = remove_border_connected(candidate)
+    if outside:
+        notes.append(f"dropped {outside * voxel_ml:.0f} mL connected to the image border (air outside the body)")
+    box = bounding_box(candidate)
+    if box is None:
+        return selected
+    components, _count = ndimage.label(candidate[box])
+    sizes = np.bincount(components.ravel())
+    sizes[0] = 0
+    min_voxels = settings.min_lung_component_ml / voxel_ml
+    order = [index for index in np.argsort(sizes)[::-1] if sizes[index] >= min_voxels]
+    small = int(np.count_nonzero((sizes > 0) & (sizes < min_voxels)))
+    if small:
+        notes.append(f"dropped {small} lung component(s) under {settings.min_lung_component_ml:g} mL")
+    objects = ndimage.find_objects(components)
+    kept = 0
+    for index in order:
+        if kept == 2:
+            break
+        sub = objects[index - 1]
+        mask = components[sub] == index
+        global_sub = tuple(slice(outer.start + inner.start, outer.start + inner.stop) for outer, inner in zip(box, sub))
+        if intensities_in_hu:
+            inside_lung = mask & lung_voxels[global_sub]
+            median = float(np.median(intensities[global_sub][inside_lung if inside_lung.any() else mask]))
+            if median > settings.max_lung_median_hu:
+                notes.append(
+                    f"dropped a {sizes[index] * voxel_ml:.0f} mL component with median {median:.0f} HU (not "
+                    f"air-filled: above {settings.max_lung_median_hu:g} HU, e.g. bowel or soft tissue)"
+                )
+                continue
+        selected[global_sub] |= mask
+        kept += 1
+    return selected
+
+
+def remove_border_connected(mask: np.ndarray) -> int:
+    """Clear, in place, the voxels of each axial slice that are 2D-connected to the slice's border;
+    returns how many were cleared."""
+    removed = 0
+    for z in np.flatnonzero(mask.any(axis=(1, 2))):
+        plane = mask[z]
+        if not (plane[0].any() or plane[-1].any() or plane[:, 0].any() or plane[:, -1].any()):
+            continue
+        regions, _count = ndimage.label(plane)
+        touching = np.unique(np.concatenate([regions[0], regions[-1], regions[:, 0], regions[:, -1]]))
+        outside = np.isin(regions, touching[touching > 0])
+        removed += int(np.count_nonzero(outside))
+        plane[outside] = False
+    return removed
+
+
+def body_midline_x(intensities: np.ndarray, lungs: np.ndarray, intensities_in_hu: bool) -> float:
+    """The x index of the patient's midline: centre of the body (> -500 HU) in the lung slices, or for
+    non-HU data the centre of the lungs' x extent."""
+    lung_slices = np.flatnonzero(lungs.any(axis=(1, 2)))
+    lung_columns = np.flatnonzero(lungs.any(axis=(0, 1)))
+    fallback = (lung_columns[0] + lung_columns[-1]) / 2.0
+    if not intensities_in_hu:
+        return float(fallback)
+    step = max(1, len(lung_slices) // MIDLINE_SAMPLE_SLICES)
+    body_columns = (intensities[lung_slices[::step]] > BODY_MIN_HU).sum(axis=(0, 1), dtype=np.int64)
+    if body_columns.sum() == 0:
+        return float(fallback)
+    return float(np.average(np.arange(body_columns.size), weights=body_columns))
+
+
+def split_left_right(
+    lungs: np.ndarray, midline_x: float, spacing_zyx: np.ndarray, settings: PostprocessingSettings
+) -> np.ndarray:
+    """uint8 side map: 1 right lung (x < midline side), 2 left lung, 0 elsewhere.
+
+    A component with at most ``straddle_fraction`` of its voxels across the midline goes wholly to its
+    side; a straddling one (touching lungs) is cut per slice, see :func:`_cut_per_slice`.
+    """
+    side = np.zeros(lungs.shape, dtype=np.uint8)
+    box = bounding_box(lungs)
+    if box is None:
+        return side
+    components, _count = ndimage.label(lungs[box])
+    boxed_side = side[box]
+    search = max(1, int(round(settings.midline_search_mm / spacing_zyx[2])))
+    for index, sub in enumerate(ndimage.find_objects(components), start=1):
+        mask = components[sub] == index
+        x = np.arange(box[2].start + sub[2].start, box[2].start + sub[2].stop)
+        per_column = mask.sum(axis=(0, 1))
+        right_fraction = per_column[x < midline_x].sum() / per_column.sum()
+        if right_fraction >= 1.0 - settings.straddle_fraction:
+            boxed_side[sub][mask] = RIGHT_LUNG
+        elif right_fraction <= settings.straddle_fraction:
+            boxed_side[sub][mask] = LEFT_LUNG
+        else:
+            boxed_side[sub][mask] = _cut_per_slice(mask, x, midline_x, search)[mask]
+    return side
+
+
+def _cut_per_slice(mask: np.ndarray, x: np.ndarray, midline_x: float, search: int) -> np.ndarray:
+    """Per axial slice, cut between the lung halves within ``search`` columns of the midline; columns
+    left of the cut (smaller x) are right lung.
+
+    The cut is an empty column inside the slice's lung extent when there is one (separate lungs),
+    else the column with the fewest lung voxels among those with at least ``CUT_MIN_SIDE_FRACTION`` of
+    the slice's lung on each side (so never a lung's thin outer tip); ties go to the column nearest
+    the midline. A slice with no such column is cut at the midline.
+    """
+    result = np.zeros(mask.shape, dtype=np.uint8)
+    distance = np.abs(x - midline_x)
+    in_window = distance <= search
+    for z in range(mask.shape[0]):
+        counts = mask[z].sum(axis=0)
+        total = counts.sum()
+        if total == 0:
+            continue
+        occupied = np.flatnonzero(counts)
+        inside = (np.arange(x.size) > occupied[0]) & (np.arange(x.size) < occupied[-1])
+        gaps = np.flatnonzero(in_window & inside & (counts == 0))
+        if gaps.size:
+            best = gaps[np.argmin(distance[gaps])]
+        else:
+            before = np.cumsum(counts) - counts
+            after = total - before - counts
+            balanced = np.flatnonzero(
+                in_window & (before >= CUT_MIN_SIDE_FRACTION * total) & (after >= CUT_MIN_SIDE_FRACTION * total)
+            )
+            if balanced.size:
+                best = balanced[np.lexsort((distance[balanced], counts[balanced]))[0]]
+            else:
+                best = int(np.argmin(distance))
+        result[z][:, :best] = RIGHT_LUNG
+        result[z][:, best + 1 :] = LEFT_LUNG
+        result[z][:, best] = RIGHT_LUNG if x[best] < midline_x else LEFT_LUNG
+    return result
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """Fill holes per axial slice (2D) and then in 3D (vessels, airways and lesions inside a lung)."""
+    filled = np.zeros(mask.shape, dtype=bool)
+    box = bounding_box(mask)
+    if box is None:
+        return filled
+    sub = mask[box].copy()
+    for z in range(sub.shape[0]):
+        if sub[z].any():
+            sub[z] = ndimage.binary_fill_holes(sub[z])
+    filled[box] = ndimage.binary_fill_holes(sub)
+    return filled
+
+
+def keep_infection_near_lungs(
+    infection: np.ndarray, side: np.ndarray, spacing_zyx: np.ndarray, settings: PostprocessingSettings
+) -> np.ndarray:
+    """Infection inside the lungs, plus infection within ``infection_margin_mm`` of them, whose voxels
+    are added to ``side`` (in place) on the side of the lung they are near."""
+    lungs = side > 0
+    kept = infection & lungs
+    outside = infection & ~lungs
+    radius = np.floor(settings.infection_margin_mm / spacing_zyx).astype(int)
+    if not lungs.any() or not outside.any() or not radius.any():
+        return kept
+    box = bounding_box(outside, pad=radius, shape=infection.shape)
+    structure = ellipsoid_structure(settings.infection_margin_mm, spacing_zyx)
+    for value in (RIGHT_LUNG, LEFT_LUNG):
+        near = ndimage.binary_dilation(side[box] == value, structure=structure) & outside[box]
+        side[box][near] = value
+        outside[box] &= ~near
+        kept[box] |= near
+    return kept
+
+
+def remove_small_components(mask: np.ndarray, min_voxels: float) -> np.ndarray:
+    """``mask`` without its 3D components smaller than ``min_voxels``."""
+    box = bounding_box(mask)
+    if box is None or min_voxels <= 1:
+        return mask
+    components, _count = ndimage.label(mask[box])
+    sizes = np.bincount(components.ravel())
+    small = sizes < min_voxels
+    small[0] = True
+    result = mask.copy()
+    result[box] = ~small[components]
+    return result
+
+
+def ellipsoid_structure(radius_mm: float, spacing_zyx: np.ndarray) -> np.ndarray:
+    """Boolean ball of ``radius_mm`` on an anisotropic voxel grid (for dilation by a physical margin)."""
+    radii = np.floor(radius_mm / spacing_zyx).astype(int)
+    grids = np.ogrid[tuple(slice(-r, r + 1) for r in radii)]
+    distance = sum((grid * step) ** 2 for grid, step in zip(grids, spacing_zyx))
+    return distance <= radius_mm**2 + 1e-9
+
+
+def bounding_box(
+    mask: np.ndarray, pad: np.ndarray | None = None, shape: tuple[int, ...] | None = None
+) -> tuple[slice, ...] | None:
+    """Slices of the smallest box holding every true voxel (optionally padded), or None if empty."""
+    if not mask.any():
+        return None
+    shape = shape or mask.shape
+    pad = np.zeros(mask.ndim, dtype=int) if pad is None else pad
+    box = []
+    for axis in range(mask.ndim):
+        other = tuple(a for a in range(mask.ndim) if a != axis)
+        present = np.flatnonzero(mask.any(axis=other))
+        box.append(slice(max(0, present[0] - pad[axis]), min(shape[axis], present[-1] + 1 + pad[axis])))
+    return tuple(box)

@@ -1,0 +1,208 @@
+"""Post-processing on synthetic network outputs: lung components, left/right split in LPS (also for
+touching lungs), hole filling, physical speck removal, infection kept only in and near the lungs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from CovidInfectionSegLib.postprocessing import (
+    INFECTION,
+    LEFT_LUNG,
+    RIGHT_LUNG,
+    PostprocessingSettings,
+    ellipsoid_structure,
+    postprocess,
+)
+
+LUNG, INFECTED = 1, 2  # network classes
+
+
+def ellipsoid(shape, centre, radii) -> np.ndarray:
+    grids = np.ogrid[tuple(slice(0, size) for size in shape)]
+    return sum(((grid - c) / r) ** 2 for grid, c, r in zip(grids, centre, radii)) <= 1
+
+
+def chest(shape=(20, 60, 80), gap: int = 6) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Classes, HU and the true right/left masks of two lungs either side of x = 40 (LPS: right has small x)."""
+    depth, rows, cols = shape
+    half_gap = gap / 2
+    right = ellipsoid(shape, (depth / 2, rows / 2, cols / 2 - half_gap - 14), (depth / 2 - 1, rows / 2 - 8, 14))
+    left = ellipsoid(shape, (depth / 2, rows / 2, cols / 2 + half_gap + 14), (depth / 2 - 1, rows / 2 - 8, 14))
+    classes = np.zeros(shape, dtype=np.uint8)
+    classes[right | left] = LUNG
+    hu = np.full(shape, 40.0, dtype=np.float32)
+    hu[right | left] = -850.0
+    return classes, hu, right, left
+
+
+SPACING = (1.5, 1.5, 3.0)  # x, y, z mm
+
+
+def test_two_separate_lungs_are_labelled_right_and_left_in_lps() -> None:
+    classes, hu, right, left = chest()
+    result = postprocess(classes, hu, SPACING)
+    np.testing.assert_array_equal(result.labels == RIGHT_LUNG, right)
+    np.testing.assert_array_equal(result.labels == LEFT_LUNG, left)
+    np.testing.assert_array_equal(result.side, result.labels)
+
+
+def test_touching_lungs_are_split_at_the_midline() -> None:
+    classes, hu, right, left = chest(gap=-4)  # overlapping: one component
+    bridge = ellipsoid(classes.shape, (10, 30, 40), (6, 10, 6))  # plus a thick junction between them
+    classes[bridge] = LUNG
+    hu[bridge] = -850.0
+    result = postprocess(classes, hu, SPACING)
+    assert np.count_nonzero(result.labels == RIGHT_LUNG) > 0 and np.count_nonzero(result.labels == LEFT_LUNG) > 0
+    x = np.arange(classes.shape[2])
+    assert np.all(x[np.any(result.labels == RIGHT_LUNG, axis=(0, 1))] < 41)
+    assert np.all(x[np.any(result.labels == LEFT_LUNG, axis=(0, 1))] >= 39)
+    only_right = right & ~left
+    only_left = left & ~right
+    assert np.count_nonzero(result.labels[only_right] == RIGHT_LUNG) / np.count_nonzero(only_right) > 0.97
+    assert np.count_nonzero(result.labels[only_left] == LEFT_LUNG) / np.count_nonzero(only_left) > 0.97
+
+
+def test_touching_lungs_split_at_the_thinnest_column_not_the_body_centre() -> None:
+    # the lungs touch at x = 30..33 while the body centre is at x = 40: the cut must follow the junction
+    shape = (12, 50, 80)
+    right = ellipsoid(shape, (6, 25, 18), (5, 18, 14))
+    left = ellipsoid(shape, (6, 25, 48), (5, 18, 17))
+    junction = np.zeros(shape, dtype=bool)
+    junction[3:9, 23:27, 28:36] = True
+    classes = np.zeros(shape, dtype=np.uint8)
+    classes[right | left | junction] = LUNG
+    hu = np.full(shape, 40.0, dtype=np.float32)
+    hu[classes > 0] = -850.0
+    result = postprocess(classes, hu, (1.0, 1.0, 2.0))
+    assert np.count_nonzero(result.labels[right & ~junction] == RIGHT_LUNG) / np.count_nonzero(right & ~junction) > 0.99
+    assert np.count_nonzero(result.labels[left & ~junction] == LEFT_LUNG) / np.count_nonzero(left & ~junction) > 0.99
+
+
+def test_a_single_lung_is_not_split() -> None:
+    classes, hu, right, left = chest()
+    classes[left] = 0
+    hu[left] = 40.0
+    result = postprocess(classes, hu, SPACING)
+    np.testing.assert_array_equal(result.labels == RIGHT_LUNG, right)
+    assert not np.any(result.labels == LEFT_LUNG)
+
+
+def test_small_components_are_dropped_and_only_two_largest_kept() -> None:
+    classes, hu, right, left = chest(shape=(20, 60, 120))
+    speck = ellipsoid(classes.shape, (10, 5, 60), (1, 1, 1))  # well under 20 mL
+    third = ellipsoid(classes.shape, (10, 30, 105), (8, 12, 8))  # ~ 11 mL x 6.75 > 20 mL but the smallest
+    for mask in (speck, third):
+        classes[mask] = LUNG
+        hu[mask] = -850.0
+    result = postprocess(classes, hu, SPACING)
+    assert not np.any(result.labels[speck]) and not np.any(result.labels[third])
+    assert np.all(result.labels[right | left] > 0)
+    assert any("under 20 mL" in note for note in result.notes)
+
+
+def test_components_that_are_not_air_filled_are_rejected() -> None:
+    classes, hu, right, left = chest()
+    hu[left] = -100.0  # e.g. bowel or soft tissue called lung
+    result = postprocess(classes, hu, SPACING)
+    assert not np.any(result.labels[left])
+    np.testing.assert_array_equal(result.labels == RIGHT_LUNG, right)
+    assert any("median -100 HU (not air-filled" in note for note in result.notes)
+    # without HU (e.g. MR-like data) the air check cannot apply: the component is kept
+    kept = postprocess(classes, hu, SPACING, intensities_in_hu=False)
+    np.testing.assert_array_equal(kept.labels == LEFT_LUNG, left)
+
+
+def test_air_outside_the_body_is_rejected() -> None:
+    classes, hu, right, left = chest()
+    outside = np.zeros(classes.shape, dtype=bool)
+    outside[:, :4, :] = True  # a band of air along the anterior image border in every slice
+    classes[outside] = LUNG
+    hu[outside] = -1000.0
+    result = postprocess(classes, hu, SPACING)
+    assert not np.any(result.labels[outside])
+    assert np.all(result.labels[right | left] > 0)
+
+
+def test_holes_in_a_lung_are_filled() -> None:
+    classes, hu, right, left = chest()
+    vessel = np.zeros(classes.shape, dtype=bool)
+    vessel[:, 28:32, 24:27] = True  # a vessel running through the right lung, open at both ends in 3D
+    vessel &= right
+    enclosed = ellipsoid(classes.shape, (10, 30, 60), (2, 3, 3))  # a nodule inside the left lung
+    classes[vessel | enclosed] = 0
+    result = postprocess(classes, hu, SPACING)
+    assert np.all(result.labels[vessel] == RIGHT_LUNG)
+    assert np.all(result.labels[enclosed] == LEFT_LUNG)
+
+
+def test_the_mediastinum_between_touching_lungs_is_not_filled() -> None:
+    # lungs touching in front of and behind the mediastinum enclose it in every slice
+    classes, hu, right, left = chest(gap=-2)
+    mediastinum = ellipsoid(classes.shape, (10, 30, 40), (12, 10, 5)) & ~(right | left)
+    assert np.count_nonzero(mediastinum) > 0
+    result = postprocess(classes, hu, SPACING)
+    assert np.count_nonzero(result.labels[mediastinum]) == 0
+
+
+def speck_result(spacing: tuple[float, float, float], speck_mm3: float) -> bool:
+    """Is an infection speck of about ``speck_mm3`` kept inside a lung, at this voxel spacing?"""
+    spacing_zyx = np.array(spacing[::-1])
+    shape = tuple(int(round(120 / step)) for step in spacing_zyx)  # a 120 mm cube
+    centre = tuple(size / 2 for size in shape)
+    lung = ellipsoid(shape, centre, tuple(50 / step for step in spacing_zyx))
+    radius_mm = (3 * speck_mm3 / (4 * np.pi)) ** (1 / 3)
+    speck = ellipsoid(shape, centre, tuple(radius_mm / step for step in spacing_zyx))
+    classes = np.where(lung, LUNG, 0).astype(np.uint8)
+    classes[speck] = INFECTED
+    hu = np.where(lung, -850.0, 40.0).astype(np.float32)
+    result = postprocess(classes, hu, spacing)
+    assert np.all(result.side[speck] > 0)  # a removed speck inside the lung becomes lung
+    return bool(np.any(result.labels == INFECTION))
+
+
+@pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (0.6, 0.6, 2.5)], ids=["1mm-iso", "0.6x0.6x2.5mm"])
+def test_speck_removal_is_physical_not_per_voxel(spacing) -> None:
+    # the default minimum is 50 mm3: a 15 mm3 speck goes, a 400 mm3 lesion stays, at either spacing
+    assert PostprocessingSettings().min_infection_mm3 == 50.0
+    assert not speck_result(spacing, 15.0)
+    assert speck_result(spacing, 400.0)
+
+
+def test_infection_far_from_the_lungs_is_removed_and_near_it_kept() -> None:
+    classes, hu, right, left = chest()
+    inside = ellipsoid(classes.shape, (10, 30, 26), (3, 4, 4)) & right
+    near = np.zeros(classes.shape, dtype=bool)
+    far = np.zeros(classes.shape, dtype=bool)
+    # just outside the left lung's lateral edge (x = 68): 1 voxel = 1.5 mm away, within the 3 mm margin
+    near[8:13, 26:35, 69:70] = True
+    far[8:13, 2:8, 36:44] = True  # anterior, between the lungs, far from both (e.g. a bright structure)
+    classes[inside] = INFECTED
+    classes[near | far] = INFECTED
+    result = postprocess(classes, hu, SPACING)
+    assert np.all(result.labels[inside] == INFECTION)
+    assert np.all(result.labels[near] == INFECTION) and np.all(result.side[near] == LEFT_LUNG)
+    assert not np.any(result.labels[far])
+    assert not np.any(result.labels[right & ~inside] == INFECTION)
+
+
+def test_infection_is_counted_on_its_lung_side() -> None:
+    classes, hu, right, left = chest()
+    lesion = ellipsoid(classes.shape, (10, 30, 54), (4, 6, 5)) & left
+    classes[lesion] = INFECTED
+    result = postprocess(classes, hu, SPACING)
+    assert np.all(result.labels[lesion] == INFECTION)
+    assert np.all(result.side[lesion] == LEFT_LUNG)
+    np.testing.assert_array_equal(result.side == LEFT_LUNG, left)
+
+
+def test_nothing_in_nothing_out() -> None:
+    classes = np.zeros((10, 20, 20), dtype=np.uint8)
+    result = postprocess(classes, np.zeros(classes.shape, np.float32), SPACING)
+    assert not result.labels.any() and not result.side.any()
+
+
+def test_ellipsoid_structure_is_physical() -> None:
+    structure = ellipsoid_structure(3.0, np.array([3.0, 1.0, 1.0]))
+    assert structure.shape == (3, 7, 7)
+    assert structure[1, 3, 0] and structure[0, 3, 3] and not structure[0, 3, 2]
