@@ -1,0 +1,244 @@
+"""The ``covidseg`` command in-process: real TorchScript model, real files, exit codes."""
+
+from __future__ import annotations
+
+import csv
+import json
+import signal
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import slicerio
+
+from CovidInfectionSegLib.cli import (
+    EXIT_CANCELLED,
+    EXIT_MODEL,
+    EXIT_OK,
+    EXIT_SCANS_FAILED,
+    EXIT_USAGE,
+    cancel_on_sigint,
+    find_scans,
+    main,
+    scan_stem,
+)
+from CovidInfectionSegLib.sample_data import synthetic_chest
+
+ALL_SUFFIXES = (".seg.nrrd", ".labels.nii.gz", ".measurements.csv", ".measurements.json", ".preview.png")
+
+
+def small_chest(seed: int = 0) -> sitk.Image:
+    return synthetic_chest(size=(80, 72, 12), spacing=(4.0, 4.0, 10.0), seed=seed)
+
+
+@pytest.fixture
+def scans(tmp_path) -> Path:
+    """Two good scans (NIfTI, NRRD) and one damaged NIfTI."""
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    sitk.WriteImage(small_chest(0), str(folder / "alpha.nii.gz"))
+    sitk.WriteImage(small_chest(1), str(folder / "beta.nrrd"))
+    (folder / "broken.nii.gz").write_bytes(b"\x1f\x8b this is not a NIfTI file")
+    (folder / "notes.txt").write_text("not a scan; ignored")
+    return folder
+
+
+def read_summary(path: Path) -> dict[str, dict[str, str]]:
+    with open(path, newline="") as handle:
+        return {row["scan"]: row for row in csv.DictReader(handle)}
+
+
+def test_segment_writes_every_output(tmp_path, scans, tiny_model_manifest, capsys):
+    out = tmp_path / "out"
+    code = main(["segment", str(scans / "alpha.nii.gz"), "-o", str(out), "--model", str(tiny_model_manifest),
+                 "--device", "cpu", "--batch-size", "5"])
+    assert code == EXIT_OK
+    for suffix in ALL_SUFFIXES:
+        assert (out / f"alpha{suffix}").stat().st_size > 0, suffix
+    printed = capsys.readouterr().out
+    assert "Both lungs:" in printed and "severity grade" in printed
+    segmentation = slicerio.read_segmentation(str(out / "alpha.seg.nrrd"))
+    assert [s["name"] for s in segmentation["segments"]] == ["Right lung", "Left lung", "Infection"]
+    labels = sitk.ReadImage(str(out / "alpha.labels.nii.gz"))
+    assert labels.GetSize() == (80, 72, 12)
+    assert set(np.unique(sitk.GetArrayFromImage(labels))) <= {0, 1, 2, 3}
+    record = json.loads((out / "alpha.measurements.json").read_text())
+    assert record["source"] == str(scans / "alpha.nii.gz")
+    assert record["measurements"]["total"]["lung_ml"] > 0
+
+
+def test_segment_without_preview(tmp_path, scans, tiny_model_manifest):
+    out = tmp_path / "out"
+    assert main(["segment", str(scans / "beta.nrrd"), "-o", str(out), "--model", str(tiny_model_manifest),
+                 "--no-preview", "-q"]) == EXIT_OK
+    assert (out / "beta.seg.nrrd").exists() and not (out / "beta.preview.png").exists()
+
+
+def test_segment_bad_input_and_bad_output_are_usage_errors(tmp_path, scans, tiny_model_manifest, capsys):
+    model = ["--model", str(tiny_model_manifest), "-q"]
+    assert main(["segment", str(tmp_path / "missing.nii.gz"), "-o", str(tmp_path / "o1"), *model]) == EXIT_USAGE
+    assert "missing.nii.gz: no such file" in capsys.readouterr().err
+    assert main(["segment", str(scans / "broken.nii.gz"), "-o", str(tmp_path / "o2"), *model]) == EXIT_USAGE
+    assert "broken.nii.gz" in capsys.readouterr().err
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    assert main(["segment", str(scans / "alpha.nii.gz"), "-o", str(a_file), *model]) == EXIT_USAGE
+    assert "is an existing file" in capsys.readouterr().err
+    assert main(["segment", str(scans / "alpha.nii.gz"), "-o", str(a_file / "sub"), *model]) == EXIT_USAGE
+    assert "is a file, not a folder" in capsys.readouterr().err
+    assert main(["segment", "-o", str(tmp_path / "o3"), "--batch-size", "0"]) == EXIT_USAGE
+    assert main([]) == EXIT_USAGE
+
+
+def test_model_errors_exit_3(tmp_path, scans, capsys):
+    code = main(["segment", str(scans / "alpha.nii.gz"), "-o", str(tmp_path / "o"), "--model",
+                 str(tmp_path / "nope.json")])
+    assert code == EXIT_MODEL
+    assert "nope.json" in capsys.readouterr().err
+    assert main(["info", "--model", str(tmp_path / "nope.json")]) == EXIT_MODEL
+
+
+def test_batch_goes_past_a_bad_file_resumes_and_overwrites(tmp_path, scans, tiny_model_manifest, capsys):
+    out = tmp_path / "batch"
+    args = ["batch", str(scans), "-o", str(out), "--model", str(tiny_model_manifest), "-q"]
+    assert main(args) == EXIT_SCANS_FAILED
+    summary = read_summary(out / "summary.csv")
+    assert {name: row["status"] for name, row in summary.items()} == {"alpha": "ok", "beta": "ok", "broken": "failed"}
+    assert "broken.nii.gz" in summary["broken"]["error"]
+    assert float(summary["alpha"]["total_lung_ml"]) > 0 and summary["alpha"]["total_grade"] != ""
+    assert float(summary["alpha"]["seconds"]) > 0
+    for name in ("alpha", "beta"):
+        for suffix in ALL_SUFFIXES:
+            assert (out / name / f"{name}{suffix}").is_file()
+    assert "failed: broken" in capsys.readouterr().err
+    finished = (out / "alpha" / "alpha.seg.nrrd").stat().st_mtime_ns
+
+    assert main(args) == EXIT_SCANS_FAILED  # resumed: finished scans skipped, the bad one tried again
+    again = read_summary(out / "summary.csv")
+    assert {name: row["status"] for name, row in again.items()} == {"alpha": "skipped", "beta": "skipped", "broken": "failed"}
+    assert again["alpha"]["total_lung_ml"] == summary["alpha"]["total_lung_ml"]  # read back from the outputs
+    assert (out / "alpha" / "alpha.seg.nrrd").stat().st_mtime_ns == finished
+
+    (scans / "broken.nii.gz").unlink()
+    assert main([*args, "--overwrite"]) == EXIT_OK
+    redone = read_summary(out / "summary.csv")
+    assert {name: row["status"] for name, row in redone.items()} == {"alpha": "ok", "beta": "ok"}
+    assert (out / "alpha" / "alpha.seg.nrrd").stat().st_mtime_ns != finished
+
+
+def test_batch_needs_a_folder_with_scans(tmp_path, tiny_model_manifest):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    model = ["--model", str(tiny_model_manifest), "-q"]
+    assert main(["batch", str(empty), "-o", str(tmp_path / "o"), *model]) == EXIT_USAGE
+    assert main(["batch", str(tmp_path / "absent"), "-o", str(tmp_path / "o"), *model]) == EXIT_USAGE
+
+
+def write_dicom_series(image: sitk.Image, folder: Path) -> None:
+    """A minimal CT DICOM series, one file per slice."""
+    folder.mkdir(parents=True)
+    image = sitk.Cast(image, sitk.sitkInt16)
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for k in range(image.GetDepth()):
+        plane = image[:, :, k]
+        position = image.TransformIndexToPhysicalPoint((0, 0, k))
+        for tag, value in {
+            "0008|0060": "CT", "0020|000d": "1.2.826.0.1.3680043.2.1125.1", "0020|000e": "1.2.826.0.1.3680043.2.1125.2",
+            "0020|0032": "\\".join(f"{v:f}" for v in position), "0020|0037": "1\\0\\0\\0\\1\\0",
+            "0020|0013": str(k + 1), "0028|0030": f"{image.GetSpacing()[1]}\\{image.GetSpacing()[0]}",
+            "0018|0050": str(image.GetSpacing()[2]),
+        }.items():
+            plane.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"slice{k:03d}.dcm"))
+        writer.Execute(plane)
+
+
+def test_find_scans_lists_files_and_dicom_folders_and_skips_the_output(tmp_path, scans):
+    write_dicom_series(small_chest(2), scans / "patient7" / "series1")
+    (scans / "out").mkdir()
+    sitk.WriteImage(small_chest(3), str(scans / "out" / "previous.nii.gz"))
+    found = find_scans(scans, exclude=scans / "out")
+    assert [scan.name for scan in found] == ["alpha", "beta", "broken", "patient7/series1"]
+    assert found[3].path == scans / "patient7" / "series1" and found[3].stem == "series1"
+    assert scan_stem(Path("x/ct.nii.gz")) == "ct" and scan_stem(Path("x/ct.mha")) == "ct"
+
+
+def test_batch_segments_a_dicom_series(tmp_path, tiny_model_manifest):
+    folder = tmp_path / "in"
+    write_dicom_series(small_chest(4), folder / "series1")
+    out = tmp_path / "out"
+    assert main(["batch", str(folder), "-o", str(out), "--model", str(tiny_model_manifest), "-q", "--no-preview"]) == EXIT_OK
+    assert read_summary(out / "summary.csv")["series1"]["status"] == "ok"
+    labels = sitk.ReadImage(str(out / "series1" / "series1.labels.nii.gz"))
+    assert labels.GetSize() == (80, 72, 12)
+
+
+def test_info_prints_model_and_device(tiny_model_manifest, capsys):
+    assert main(["info", "--model", str(tiny_model_manifest)]) == EXIT_OK
+    printed = capsys.readouterr().out
+    assert "model:     tiny 0.0.1" in printed
+    assert "sha256:    " + json.loads(Path(tiny_model_manifest).read_text())["sha256"] in printed
+    assert "labels:    0 background, 1 lung, 2 infection" in printed
+    assert "licence:   Apache-2.0" in printed
+    assert "torch:" in printed and "CUDA:" in printed and "device:    auto ->" in printed
+
+
+def test_first_ctrl_c_asks_to_stop_second_stops_now():
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        with cancel_on_sigint(quiet=True) as cancel:
+            signal.raise_signal(signal.SIGINT)
+            assert cancel.is_set()
+            signal.raise_signal(signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_ctrl_c_during_batch_exits_130_with_the_summary_so_far(tmp_path, scans, tiny_model_manifest, monkeypatch):
+    # Ctrl-C arrives while the second scan is being read: the first scan's row is kept.
+    from CovidInfectionSegLib import cli
+
+    real_read = cli.read_image
+    calls = []
+
+    def read_then_interrupt(path, warnings=None):
+        calls.append(path)
+        if len(calls) == 2:
+            signal.raise_signal(signal.SIGINT)
+        return real_read(path, warnings)
+
+    monkeypatch.setattr(cli, "read_image", read_then_interrupt)
+    out = tmp_path / "out"
+    code = main(["batch", str(scans), "-o", str(out), "--model", str(tiny_model_manifest), "-q", "--no-preview"])
+    assert code == EXIT_CANCELLED
+    assert {name: row["status"] for name, row in read_summary(out / "summary.csv").items()} == {"alpha": "ok"}
+    assert not (out / "beta" / "beta.seg.nrrd").exists()
+
+
+def test_segment_without_input_says_it_runs_on_the_phantom_when_offline(tmp_path, tiny_model_manifest, monkeypatch, capsys):
+    import functools
+
+    from CovidInfectionSegLib import cli
+    from CovidInfectionSegLib.sample_data import load_default_input
+
+    with socket.socket() as probe:  # a port nothing listens on: the download fails at once
+        probe.bind(("127.0.0.1", 0))
+        dead_url = f"http://127.0.0.1:{probe.getsockname()[1]}/CT-chest.nrrd"
+    monkeypatch.setattr(cli, "load_default_input",
+                        functools.partial(load_default_input, url=dead_url, cache=tmp_path / "cache", timeout=5))
+    out = tmp_path / "out"
+    assert main(["segment", "-o", str(out), "--model", str(tiny_model_manifest), "-q", "--no-preview"]) == EXIT_OK
+    assert "running on a synthetic chest phantom generated by code instead" in capsys.readouterr().err
+    record = json.loads((out / "synthetic-chest.measurements.json").read_text())
+    assert "synthetic chest phantom" in record["source"]
+    assert sitk.ReadImage(str(out / "synthetic-chest.labels.nii.gz")).GetSize() == (256, 256, 80)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the no-GPU message")
+def test_unavailable_cuda_is_a_usage_error(tmp_path, scans, tiny_model_manifest, capsys):
+    code = main(["segment", str(scans / "alpha.nii.gz"), "-o", str(tmp_path / "o"), "--model",
+                 str(tiny_model_manifest), "--device", "cuda"])
+    assert code == EXIT_USAGE
+    assert "CUDA is not available" in capsys.readouterr().err
