@@ -7,7 +7,6 @@ batching, geometry, post-processing, outputs) without the trained model.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -15,25 +14,7 @@ import torch
 from torch import nn
 
 from CovidInfectionSegLib.preprocessing import IntensityRecipe
-
-SEGMENTS = [
-    {
-        "value": 1, "name": "Right lung", "color": [128, 174, 128], "source_label": 1,
-        "terminology": {"category": ["SCT", "123037004", "Anatomical Structure"], "type": ["SCT", "3341006", "Right lung"]},
-    },
-    {
-        "value": 2, "name": "Left lung", "color": [241, 214, 145], "source_label": 1,
-        "terminology": {"category": ["SCT", "123037004", "Anatomical Structure"], "type": ["SCT", "44029006", "Left lung"]},
-    },
-    {
-        "value": 3, "name": "Infection", "color": [216, 101, 79], "source_label": 2,
-        "terminology": {
-            "category": ["SCT", "49755003", "Morphologically Altered Structure"],
-            "type": ["SCT", "40733004", "Infection"],
-            "anatomic_region": ["SCT", "39607008", "Lung"],
-        },
-    },
-]
+from covidseg_training.manifest import build_manifest
 
 
 class ThresholdNet(nn.Module):
@@ -60,26 +41,15 @@ def write_model_package(
     module = (module or ThresholdNet()).eval()
     pt_path = folder / f"{name}.pt"
     torch.jit.save(torch.jit.script(module), str(pt_path))
-    recipe = recipe or IntensityRecipe()
-    manifest = {
-        "format_version": 1,
-        "name": name,
-        "version": "0.0.1",
-        "file": pt_path.name,
-        "sha256": hashlib.sha256(pt_path.read_bytes()).hexdigest(),
-        "architecture": {"type": type(module).__name__},
-        "input": {"channels": 1, "size": recipe.input_size, "scale": 255.0},
-        "recipe": recipe.to_manifest(),
-        "labels": [
-            {"value": 0, "name": "background"},
-            {"value": 1, "name": "lung"},
-            {"value": 2, "name": "infection"},
-        ],
-        "segments": SEGMENTS,
-        "training_data": {"description": "none: a fixed-weight test network"},
-        "metrics": {},
-        "licence": "Apache-2.0",
-    }
+    manifest = build_manifest(
+        pt_path,
+        name=name,
+        version="0.0.1",
+        architecture={"type": type(module).__name__},
+        recipe=recipe or IntensityRecipe(),
+        training_data={"description": "none: a fixed-weight test network"},
+        licence="Apache-2.0",
+    )
     manifest_path = folder / f"{name}.json"
     manifest_path.write_text(json.dumps(manifest, indent=2))
     return manifest_path

@@ -19,6 +19,7 @@ class TrainConfig:
     seed: int = 0
     n_folds: int = 5
     fold: int | None = None  # validation fold; None trains on everything with no validation
+    input_size: int = 256  # slice size in pixels (square); the data must match, the manifest records it
     base_channels: int = 16
     depth: int = 4
     epochs: int = 40

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from CovidInfectionSegLib.atomic import atomic_path, write_text_atomic
 from CovidInfectionSegLib.preprocessing import IntensityRecipe
 
 from .augment import SliceAugmenter
@@ -93,6 +94,12 @@ def learning_rate_at(config: TrainConfig, step: int, steps_per_epoch: int) -> fl
     return config.learning_rate * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def save_atomic(content: dict, path: Path) -> None:
+    """torch.save under a temporary name, then rename: a reader (evaluate, export) never sees half a file."""
+    with atomic_path(path) as temporary:
+        torch.save(content, temporary)
+
+
 def run_dir(config: TrainConfig) -> Path:
     suffix = "all" if config.fold is None else f"fold{config.fold}"
     return Path(config.output_dir) / config.name / suffix
@@ -111,14 +118,18 @@ def train(config: TrainConfig, log=print) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=list))
 
-    train_set, val_set = split(config, load_dataset(config))
+    dataset = load_dataset(config)
+    if dataset.images.shape[1:] != (config.input_size, config.input_size):
+        raise ValueError(f"{config.data or 'the PNG export'}: slices are {dataset.images.shape[1:]} pixels but the "
+                         f"config says input_size {config.input_size}; prepare the data at that size or fix the config")
+    train_set, val_set = split(config, dataset)
     if config.max_train_slices:
         train_set = train_set.subset(np.arange(len(train_set.images)) < config.max_train_slices)
     model = UNet2D(num_classes=3, base_channels=config.base_channels, depth=config.depth).to(device)
     model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
-    augmenter = SliceAugmenter(config.augment, IntensityRecipe(), seed=config.seed)
+    augmenter = SliceAugmenter(config.augment, IntensityRecipe(input_size=config.input_size), seed=config.seed)
 
     state = {"epoch": 0, "step": 0, "best_score": -1.0, "best_epoch": -1, "history": []}
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
@@ -134,7 +145,9 @@ def train(config: TrainConfig, log=print) -> Path:
     order_rng = np.random.default_rng(config.seed)
     for _ in range(state["epoch"]):
         order_rng.permutation(len(train_set.images))
-    while state["epoch"] < config.epochs:
+    if state.get("stopped_early"):
+        log(f"{out_dir}: already finished (early stop at epoch {state['epoch']})")
+    while state["epoch"] < config.epochs and not state.get("stopped_early"):
         started = time.time()
         model.train()
         order = order_rng.permutation(len(train_set.images))
@@ -169,13 +182,14 @@ def train(config: TrainConfig, log=print) -> Path:
         improved = score > state["best_score"]
         if improved:
             state["best_score"], state["best_epoch"] = score, state["epoch"]
-            torch.save({"model": model.state_dict(), "config": config.to_dict(), "record": record}, best_path)
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state}, last_path)
-        (out_dir / "history.json").write_text(json.dumps(state["history"], indent=2))
+            save_atomic({"model": model.state_dict(), "config": config.to_dict(), "record": record}, best_path)
+        save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state}, last_path)
+        write_text_atomic(out_dir / "history.json", json.dumps(state["history"], indent=2))
         log(json.dumps(record) + (" *" if improved else ""))
         if val_set is not None and state["epoch"] - state["best_epoch"] >= config.patience:
             log(f"early stop: no improvement for {config.patience} epochs")
-            break
+            state["stopped_early"] = True  # a rerun (crossval resuming) must not train this fold further
+            save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state}, last_path)
     return out_dir
 
 

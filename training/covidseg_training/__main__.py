@@ -1,0 +1,39 @@
+"""``python -m covidseg_training COMMAND ...``: download, prepare, train, crossval, evaluate, robustness, export."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "download": ("download", "fetch the Zenodo 3757476 archives (resumable, checksummed) and unpack them"),
+    "prepare": ("prepare", "NIfTI volumes or the PNG export -> a training .npz"),
+    "train": ("train", "train one fold (or all data) from a config YAML"),
+    "crossval": ("crossval", "train + evaluate every fold, then aggregate"),
+    "evaluate": ("evaluate", "metrics, curves and plots on a validation fold"),
+    "robustness": ("robustness", "healthy lung called infection, as is and at 3 mm resolution"),
+    "export": ("export", "checkpoint -> TorchScript .pt + JSON manifest"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: python -m covidseg_training COMMAND [options]   (COMMAND --help for its options)", ""]
+    lines += [f"  {name:11s} {help_text}" for name, (_, help_text) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"unknown command {command!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(f"covidseg_training.{COMMANDS[command][0]}")
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

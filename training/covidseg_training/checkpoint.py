@@ -1,0 +1,81 @@
+"""Read what ``train`` writes: ``best.pt`` = {"model": state_dict, "config": TrainConfig dict, "record": metrics}.
+
+Also tells a training checkpoint from a TorchScript model package, so ``evaluate`` takes either.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from CovidInfectionSegLib.model_package import load_model_package
+
+from .config import TrainConfig
+from .unet import UNet2D
+
+
+@dataclass
+class Checkpoint:
+    """An eager model rebuilt from a training checkpoint, in eval mode on the CPU."""
+
+    path: Path
+    model: UNet2D
+    config: TrainConfig
+    record: dict[str, Any]
+
+
+def build_model(config: TrainConfig) -> UNet2D:
+    """The network a config describes (3 classes: background, lung, infection)."""
+    return UNet2D(num_classes=3, base_channels=config.base_channels, depth=config.depth)
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Load ``best.pt``/``last.pt``-style checkpoints written by :func:`covidseg_training.train.train`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: checkpoint not found")
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:
+        raise ValueError(f"{path}: not a readable PyTorch checkpoint: {error}") from error
+    if not isinstance(content, dict) or "model" not in content or "config" not in content:
+        keys = sorted(content) if isinstance(content, dict) else type(content).__name__
+        raise ValueError(
+            f"{path}: not a training checkpoint with 'model' and 'config' (found {keys}); "
+            "last.pt holds no config: use best.pt"
+        )
+    config = TrainConfig.from_dict(content["config"])
+    model = build_model(config)
+    try:
+        model.load_state_dict(content["model"])
+    except RuntimeError as error:
+        raise ValueError(f"{path}: weights do not fit a UNet2D(base_channels={config.base_channels}, "
+                         f"depth={config.depth}): {str(error).splitlines()[0]}") from error
+    model.eval()
+    return Checkpoint(path=path, model=model, config=config, record=dict(content.get("record", {})))
+
+
+def is_torchscript_file(path: Path) -> bool:
+    """True for a TorchScript archive (it holds ``code/`` and ``constants.pkl``), False for a plain checkpoint."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.endswith("/constants.pkl") for name in archive.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def load_network(path: str | Path) -> tuple[torch.nn.Module, TrainConfig | None, str]:
+    """A callable network from a training checkpoint, a TorchScript ``.pt`` or a manifest ``.json``.
+
+    Returns ``(module, config or None, description)``; a TorchScript package carries no training config.
+    """
+    path = Path(path)
+    if path.suffix.lower() == ".json" or (path.is_file() and is_torchscript_file(path)):
+        package = load_model_package(path)
+        return package.module, None, f"model package {package.describe()}"
+    checkpoint = load_checkpoint(path)
+    return checkpoint.model, checkpoint.config, f"checkpoint {path} ({checkpoint.record})"

@@ -1,0 +1,123 @@
+"""Patient-grouped k-fold cross-validation: train and evaluate every fold, then aggregate.
+
+    python -m covidseg_training crossval configs/v1.yaml [--folds 0 1] [--epochs N] [--no-robustness]
+
+Fold k trains on the other folds' patients (data.patient_folds, seeded by the config) and is
+evaluated on its own into ``<output_dir>/<name>/fold<k>/eval/``. Resumable: a fold whose
+``eval/summary.json`` exists is skipped, and an interrupted fold resumes training from its
+``last.pt``. The aggregate goes to ``<output_dir>/<name>/crossval/``: per_case.csv (all folds),
+folds.csv (per-fold means), summary.json (mean and sd over folds, and over all cases) and boxplot.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from CovidInfectionSegLib.atomic import write_text_atomic
+
+from .checkpoint import load_checkpoint
+from .config import TrainConfig
+from .evaluate import (DEFAULT_PIXEL_MM, METRICS, STRUCTURES, describe, evaluate, evaluated_file, plot_boxplot,
+                       validation_set, write_table)
+from .train import run_dir, train
+
+
+def fold_config(config: TrainConfig, fold: int) -> TrainConfig:
+    if not 0 <= fold < config.n_folds:
+        raise ValueError(f"fold {fold} is outside 0..{config.n_folds - 1}")
+    fold_copy = copy.deepcopy(config)
+    fold_copy.fold = fold
+    return fold_copy
+
+
+def run_fold(config: TrainConfig, *, pixel_mm: float, robustness: bool, log: Callable[[str], None]) -> Path:
+    """Train (or resume) and evaluate one fold; returns its evaluation folder. Skips a finished fold."""
+    eval_dir = run_dir(config) / "eval"
+    if (eval_dir / "summary.json").exists():
+        log(f"fold {config.fold}: finished before ({eval_dir / 'summary.json'}), skipped")
+        return eval_dir
+    log(f"fold {config.fold}: training into {run_dir(config)}")
+    fold_dir = train(config, log=log)
+    checkpoint = load_checkpoint(fold_dir / "best.pt")
+    meta = {"model": f"checkpoint {checkpoint.path}", **evaluated_file(checkpoint.path), "fold": config.fold, "n_folds": config.n_folds,
+            "split_seed": config.seed, "data": config.data or "shared PNG export (ma2020-covid19-ct-png)"}
+    evaluate(checkpoint.model, validation_set(config), eval_dir, pixel_mm=pixel_mm, robustness=robustness, meta=meta)
+    return eval_dir
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    with path.open() as handle:
+        return [{k: (v if k == "case" else float(v)) for k, v in row.items()} for row in csv.DictReader(handle)]
+
+
+def aggregate(eval_dirs: dict[int, Path], out_dir: Path) -> dict[str, Any]:
+    """Combine the folds' per-case tables: per-fold means, mean and sd over folds, and over all cases."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    all_rows, fold_rows, robustness = [], [], {}
+    for fold, eval_dir in sorted(eval_dirs.items()):
+        rows = _read_rows(eval_dir / "per_case.csv")
+        all_rows += [{"fold": fold, **row} for row in rows]
+        fold_rows.append({"fold": fold, "cases": len(rows),
+                          **{f"{s}_{m}": float(np.mean([r[f"{s}_{m}"] for r in rows])) for s in STRUCTURES for m in METRICS}})
+        summary = json.loads((eval_dir / "summary.json").read_text())
+        if "robustness" in summary:
+            robustness[fold] = {name: summary["robustness"][name]["pooled"] for name in ("as_is", "degraded")}
+    columns = [f"{s}_{m}" for s in STRUCTURES for m in METRICS]
+    result: dict[str, Any] = {
+        "folds": [row["fold"] for row in fold_rows],
+        "per_fold": {str(row["fold"]): {c: row[c] for c in columns} for row in fold_rows},
+        "over_folds": {c: describe(row[c] for row in fold_rows) for c in columns},
+        "over_cases": {c: describe(row[c] for row in all_rows) for c in columns},
+        "note": "per-case metrics on 2D validation slices (middle 60%, slices with infection); see each fold's eval/",
+    }
+    if robustness:
+        result["healthy_lung_called_infection"] = {
+            "per_fold": {str(k): v for k, v in robustness.items()},
+            **{name: describe(v[name] for v in robustness.values()) for name in ("as_is", "degraded")},
+        }
+    write_table(out_dir / "per_case.csv", all_rows)
+    write_table(out_dir / "folds.csv", fold_rows)
+    plot_boxplot([("per case, all folds", all_rows), ("per fold (means)", fold_rows)], out_dir / "boxplot.png")
+    write_text_atomic(out_dir / "summary.json", json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def crossval(config: TrainConfig, folds: list[int] | None = None, *, pixel_mm: float = DEFAULT_PIXEL_MM,
+             robustness: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run (or resume) every fold in ``folds`` (default all) and aggregate; returns the aggregate summary."""
+    folds = list(range(config.n_folds)) if folds is None else folds
+    eval_dirs = {fold: run_fold(fold_config(config, fold), pixel_mm=pixel_mm, robustness=robustness, log=log)
+                 for fold in folds}
+    return aggregate(eval_dirs, Path(config.output_dir) / config.name / "crossval")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="covidseg_training crossval", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", type=Path, help="experiment YAML")
+    parser.add_argument("--folds", type=int, nargs="+", help="only these folds (default: all n_folds)")
+    parser.add_argument("--epochs", type=int, help="overrides the config")
+    parser.add_argument("--pixel-mm", type=float, default=DEFAULT_PIXEL_MM)
+    parser.add_argument("--no-robustness", action="store_true")
+    args = parser.parse_args(argv)
+    config = TrainConfig.load(args.config)
+    if args.epochs is not None:
+        config.epochs = args.epochs
+    result = crossval(config, args.folds, pixel_mm=args.pixel_mm, robustness=not args.no_robustness,
+                      log=lambda line: print(line, flush=True))
+    for column in ("lung_dice", "infection_dice", "infection_nsd"):
+        stats = result["over_folds"][column]
+        print(f"{column}: {stats['mean']:.3f} ± {stats['sd']:.3f} over {stats['n']} folds")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

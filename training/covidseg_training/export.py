@@ -1,0 +1,197 @@
+"""Export a training checkpoint as a model package: TorchScript ``<name>.pt`` + ``<name>.json`` manifest.
+
+    python -m covidseg_training export --checkpoint runs/v1/fold0/best.pt \\
+        --out ../CovidInfectionSeg/Resources/Models --name covid_unet_v1 --version 1.0.0 [--metrics eval/summary.json]
+
+The scripted network is checked against the eager one (and the saved file reloaded and checked
+again) before anything is written; both files are written under temporary names and renamed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from CovidInfectionSegLib.atomic import atomic_path, write_text_atomic
+from CovidInfectionSegLib.preprocessing import IntensityRecipe
+
+from .checkpoint import Checkpoint, load_checkpoint
+from .config import TrainConfig
+from .data import patient_folds
+from .manifest import MA2020_DATASET, build_manifest, sha256_file
+
+TOLERANCE = 1e-4  # max |scripted - eager| logit difference accepted (float32, same CPU kernels)
+
+
+def script_model(model: torch.nn.Module, input_size: int, seed: int = 0) -> torch.jit.ScriptModule:
+    """TorchScript of ``model`` (eval mode), verified to give the eager logits on a random batch."""
+    model = model.eval().to(memory_format=torch.contiguous_format)
+    with warnings.catch_warnings():  # TorchScript is deprecated upstream but it is the package format
+        warnings.simplefilter("ignore", DeprecationWarning)
+        scripted = torch.jit.script(model)
+    verify_same_output(model, scripted, input_size, seed)
+    return scripted
+
+
+def verify_same_output(
+    reference: torch.nn.Module, candidate: torch.nn.Module, input_size: int, seed: int = 0, batch: int = 2
+) -> float:
+    """Max absolute logit difference on a random batch; raises ``RuntimeError`` above :data:`TOLERANCE`."""
+    generator = torch.Generator().manual_seed(seed)
+    inputs = torch.rand((batch, 1, input_size, input_size), generator=generator)
+    with torch.inference_mode():
+        expected = reference(inputs)
+        actual = candidate(inputs)
+    if actual.shape != expected.shape:
+        raise RuntimeError(f"scripted output shape {tuple(actual.shape)} != eager {tuple(expected.shape)}")
+    difference = float((actual - expected).abs().max())
+    if difference > TOLERANCE:
+        raise RuntimeError(f"scripted output differs from eager output by {difference:.3g} (> {TOLERANCE})")
+    return difference
+
+
+def architecture_of(model: torch.nn.Module, config: TrainConfig) -> dict[str, Any]:
+    return {
+        "type": "UNet2D",
+        "base_channels": config.base_channels,
+        "depth": config.depth,
+        "in_channels": 1,
+        "classes": 3,
+        "parameters": int(sum(parameter.numel() for parameter in model.parameters())),
+    }
+
+
+def describe_training_data(config: TrainConfig, record: dict[str, Any]) -> dict[str, Any]:
+    """Where the weights came from: dataset, form of the data, folds and cases used for training."""
+    from .train import load_dataset  # late: reading the data is only needed here
+
+    description: dict[str, Any] = {
+        **MA2020_DATASET,
+        "form": (
+            "axial slices after the intensity recipe (256x256 PNG export of the Kaggle copy by "
+            "dstaroff/COVID19-CT-Segmentation, or `prepare --zenodo` from the NIfTI volumes): middle 60% of "
+            "each volume, only slices that contain infection"
+        ),
+        "data": config.data or "shared PNG export (ma2020-covid19-ct-png)",
+        "n_folds": config.n_folds,
+        "validation_fold": config.fold,
+        "split_seed": config.seed,
+        "epochs_trained": record.get("epoch"),
+    }
+    try:
+        dataset = load_dataset(config)
+    except (FileNotFoundError, OSError, KeyError) as error:
+        description["cases"] = f"unknown: training data not readable here ({error})"
+        return description
+    if config.fold is None:
+        description.update(trained_folds="all", training_cases=sorted(set(dataset.cases.tolist())),
+                           n_training_slices=int(len(dataset.cases)))
+        return description
+    folds = patient_folds(dataset.cases, config.n_folds, config.seed)
+    train_mask = folds != config.fold
+    description.update(
+        trained_folds=[fold for fold in range(config.n_folds) if fold != config.fold],
+        training_cases=sorted(set(dataset.cases[train_mask].tolist())),
+        validation_cases=sorted(set(dataset.cases[~train_mask].tolist())),
+        n_training_slices=int(train_mask.sum()),
+        n_validation_slices=int((~train_mask).sum()),
+    )
+    return description
+
+
+def read_metrics(path: Path | None) -> dict[str, Any]:
+    """The ``summary.json`` written by ``evaluate`` (or any JSON object), for the manifest's ``metrics``."""
+    if path is None:
+        return {}
+    try:
+        metrics = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path}: cannot read metrics JSON: {error}") from error
+    if not isinstance(metrics, dict):
+        raise ValueError(f"{path}: metrics JSON must be an object, got {type(metrics).__name__}")
+    return metrics
+
+
+def check_metrics_belong_to(metrics: dict[str, Any], checkpoint_path: Path) -> None:
+    """Refuse an evaluation of another file (``best.pt`` is rewritten while training runs)."""
+    evaluated = metrics.get("evaluated_sha256")
+    if evaluated and evaluated != sha256_file(checkpoint_path):
+        raise ValueError(
+            f"the metrics were computed on {metrics.get('evaluated_file')} (sha256 {evaluated[:12]}), not on "
+            f"{checkpoint_path} as it is now (sha256 {sha256_file(checkpoint_path)[:12]}): the checkpoint changed "
+            "since the evaluation; copy best.pt to a fixed name, evaluate that copy and export it"
+        )
+
+
+def export_checkpoint(
+    checkpoint: Checkpoint | str | Path,
+    out_dir: str | Path,
+    name: str,
+    version: str,
+    metrics: dict[str, Any] | None = None,
+    training_data: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``<out_dir>/<name>.pt`` (TorchScript) and ``<name>.json`` (manifest); returns the manifest path."""
+    if not isinstance(checkpoint, Checkpoint):
+        checkpoint = load_checkpoint(checkpoint)
+    check_metrics_belong_to(metrics or {}, checkpoint.path)
+    config = checkpoint.config
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    scripted = script_model(checkpoint.model, config.input_size)
+    weights_path = out_dir / f"{name}.pt"
+    with atomic_path(weights_path) as temporary, warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        buffer = io.BytesIO()  # not the temporary file: its random name would become the archive's inner folder
+        torch.jit.save(scripted, buffer)
+        temporary.write_bytes(buffer.getvalue())
+        verify_same_output(checkpoint.model, torch.jit.load(str(temporary)), config.input_size, seed=1)
+    recipe = IntensityRecipe(input_size=config.input_size)
+    manifest = build_manifest(
+        weights_path,
+        name=name,
+        version=version,
+        architecture=architecture_of(checkpoint.model, config),
+        recipe=recipe,
+        training_data=training_data if training_data is not None else describe_training_data(config, checkpoint.record),
+        metrics={"training_record": checkpoint.record, **(metrics or {})},
+    )
+    manifest_path = out_dir / f"{name}.json"
+    write_text_atomic(manifest_path, json.dumps(manifest, indent=2, default=_json_default) + "\n")
+    return manifest_path
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    if isinstance(value, (tuple, set)):
+        return list(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="covidseg_training export", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, type=Path, help="best.pt written by train")
+    parser.add_argument("--out", required=True, type=Path, help="folder for <name>.pt and <name>.json")
+    parser.add_argument("--name", required=True, help="package name and file stem, e.g. covid_unet_v1")
+    parser.add_argument("--version", required=True, help="model version, e.g. 1.0.0")
+    parser.add_argument("--metrics", type=Path, help="summary.json from `evaluate`, stored as the manifest's metrics")
+    args = parser.parse_args(argv)
+    manifest_path = export_checkpoint(args.checkpoint, args.out, args.name, args.version, read_metrics(args.metrics))
+    manifest = json.loads(manifest_path.read_text())
+    print(f"wrote {manifest_path.parent / manifest['file']} ({manifest['architecture']['parameters']} parameters, "
+          f"sha256 {manifest['sha256'][:12]}) and {manifest_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""What a model package's JSON manifest says (ARCHITECTURE.md, "Manifest"), in one place.
+
+The engine only *reads* manifests; the producers are the training export and the test model
+factory, so the canonical label and segment definitions live here and both import them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+from CovidInfectionSegLib.preprocessing import IntensityRecipe
+
+FORMAT_VERSION = 1
+LICENCE = "CC BY-NC-SA 4.0"
+
+# What the network predicts (its output channels).
+NETWORK_LABELS: list[dict[str, Any]] = [
+    {"value": 0, "name": "background"},
+    {"value": 1, "name": "lung"},
+    {"value": 2, "name": "infection"},
+]
+
+# What the post-processed labelmap holds: colours from Slicer's GenericAnatomyColors,
+# terminology as SNOMED CT (coding scheme "SCT") triplets [scheme, code, meaning].
+SEGMENTS: list[dict[str, Any]] = [
+    {
+        "value": 1, "name": "Right lung", "color": [128, 174, 128], "source_label": 1,
+        "terminology": {"category": ["SCT", "123037004", "Anatomical Structure"], "type": ["SCT", "3341006", "Right lung"]},
+    },
+    {
+        "value": 2, "name": "Left lung", "color": [241, 214, 145], "source_label": 1,
+        "terminology": {"category": ["SCT", "123037004", "Anatomical Structure"], "type": ["SCT", "44029006", "Left lung"]},
+    },
+    {
+        "value": 3, "name": "Infection", "color": [216, 101, 79], "source_label": 2,
+        "terminology": {
+            "category": ["SCT", "49755003", "Morphologically Altered Structure"],
+            "type": ["SCT", "40733004", "Infection"],
+            "anatomic_region": ["SCT", "39607008", "Lung"],
+        },
+    },
+]
+
+MA2020_DATASET = {
+    "dataset": "COVID-19 CT Lung and Infection Segmentation Dataset (Ma et al. 2020)",
+    "source": "Zenodo record 3757476, doi:10.5281/zenodo.3757476",
+    "citation": (
+        "Ma J. et al., Towards Data-Efficient Learning: A Benchmark for COVID-19 CT Lung and Infection "
+        "Segmentation, Medical Physics 48(3), 2021, doi:10.1002/mp.14676"
+    ),
+    "licence": LICENCE,
+}
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def build_manifest(
+    weights_path: Path,
+    *,
+    name: str,
+    version: str,
+    architecture: dict[str, Any],
+    recipe: IntensityRecipe,
+    training_data: dict[str, Any],
+    metrics: dict[str, Any] | None = None,
+    licence: str = LICENCE,
+) -> dict[str, Any]:
+    """The manifest for the TorchScript file at ``weights_path`` (its sha256 is computed here)."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "name": name,
+        "version": version,
+        "file": weights_path.name,
+        "sha256": sha256_file(weights_path),
+        "architecture": architecture,
+        "input": {"channels": 1, "size": recipe.input_size, "scale": 255.0},
+        "recipe": recipe.to_manifest(),
+        "labels": NETWORK_LABELS,
+        "segments": SEGMENTS,
+        "training_data": training_data,
+        "metrics": metrics or {},
+        "licence": licence,
+    }

@@ -1,0 +1,28 @@
+"""Every experiment YAML loads, and configs stored in older checkpoints still do."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from covidseg_training.config import TrainConfig
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_config_loads(path):
+    config = TrainConfig.load(path)
+    assert config.name == path.stem and config.input_size % 2**config.depth == 0
+
+
+def test_config_without_newer_keys_takes_defaults():
+    stored = TrainConfig(name="old").to_dict()
+    del stored["input_size"]  # written before the key existed
+    assert TrainConfig.from_dict(stored).input_size == 256
+
+
+def test_unknown_key_is_an_error():
+    with pytest.raises(ValueError, match="unknown config keys: \\['epoch'\\]"):
+        TrainConfig.from_dict({"epoch": 3})

@@ -1,0 +1,130 @@
+"""The downloader against a real HTTP server on 127.0.0.1: checksums, resume, offline, unpacking."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+import zipfile
+
+import pytest
+
+from covidseg_training.download import (
+    ChecksumError,
+    DownloadError,
+    RemoteFile,
+    download_dataset,
+    download_file,
+    extract_archive,
+    zenodo_files,
+)
+from synthetic_zenodo import FileServer
+
+PAYLOAD = bytes(range(256)) * 4096  # 1 MiB, several read chunks
+
+
+def remote(server: FileServer, name: str, **checksums) -> RemoteFile:
+    return RemoteFile(name, f"{server.url}/{name}?download=1", **checksums)
+
+
+@pytest.fixture()
+def server():
+    server = FileServer({"data.bin": PAYLOAD})
+    yield server
+    server.close()
+
+
+def test_download_verifies_records_and_skips_a_verified_file(server, tmp_path):
+    pinned = remote(server, "data.bin", md5=hashlib.md5(PAYLOAD).hexdigest(),
+                    sha256=hashlib.sha256(PAYLOAD).hexdigest())
+    path = download_file(pinned, tmp_path, log=lambda _: None)
+    assert path.read_bytes() == PAYLOAD
+    assert not (tmp_path / "data.bin.part").exists()
+    entry = json.loads((tmp_path / "checksums.json").read_text())["data.bin"]
+    assert entry["md5"] == pinned.md5 and entry["sha256"] == pinned.sha256
+    assert entry["size"] == len(PAYLOAD) and entry["verified_against"] == ["md5", "sha256"]
+    messages = []
+    download_file(pinned, tmp_path, log=messages.append)
+    assert len(server.requests) == 1, "a verified file must not be fetched again"
+    assert "already downloaded and verified" in messages[0]
+
+
+def test_unpinned_file_records_computed_checksums(server, tmp_path):
+    download_file(remote(server, "data.bin"), tmp_path, log=lambda _: None)
+    entry = json.loads((tmp_path / "checksums.json").read_text())["data.bin"]
+    assert entry["md5"] == hashlib.md5(PAYLOAD).hexdigest() and entry["verified_against"] == []
+
+
+def test_checksum_mismatch_is_an_error_and_removes_the_file(server, tmp_path):
+    with pytest.raises(ChecksumError, match="data.bin: md5 mismatch"):
+        download_file(remote(server, "data.bin", md5="0" * 32), tmp_path, log=lambda _: None)
+    assert not (tmp_path / "data.bin").exists() and not (tmp_path / "data.bin.part").exists()
+    assert not (tmp_path / "checksums.json").exists()
+
+
+def test_interrupted_download_resumes_with_a_range_request(server, tmp_path):
+    server.cut_once.add("data.bin")
+    pinned = remote(server, "data.bin", sha256=hashlib.sha256(PAYLOAD).hexdigest())
+    with pytest.raises(DownloadError, match="still incomplete"):
+        download_file(pinned, tmp_path, retries=0, log=lambda _: None)
+    part = tmp_path / "data.bin.part"
+    assert 0 < part.stat().st_size < len(PAYLOAD)
+    resumed_from = part.stat().st_size
+    path = download_file(pinned, tmp_path, retries=0, log=lambda _: None)
+    assert path.read_bytes() == PAYLOAD
+    assert server.requests == [("data.bin", None), ("data.bin", f"bytes={resumed_from}-")]
+
+
+def test_interruption_is_retried_within_one_call(server, tmp_path):
+    server.cut_once.add("data.bin")
+    messages = []
+    path = download_file(remote(server, "data.bin"), tmp_path, retries=2, log=messages.append)
+    assert path.read_bytes() == PAYLOAD
+    assert any("resuming" in m or "interrupted" in m for m in messages)
+    assert server.requests[1][1] is not None
+
+
+def test_offline_gives_a_clear_message(tmp_path):
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(DownloadError, match="cannot reach the server.*zenodo.org/records/3757476"):
+        download_file(RemoteFile("x.zip", f"http://127.0.0.1:{port}/x.zip"), tmp_path, retries=0, log=lambda _: None)
+
+
+def test_http_error_names_the_url(server, tmp_path):
+    with pytest.raises(DownloadError, match="missing.zip.*HTTP 404"):
+        download_file(remote(server, "missing.zip"), tmp_path, log=lambda _: None)
+
+
+def test_archive_that_escapes_its_folder_is_refused(tmp_path):
+    archive = tmp_path / "evil.zip"
+    with zipfile.ZipFile(archive, "w") as bundle:
+        bundle.writestr("../outside.txt", "no")
+    with pytest.raises(DownloadError, match="outside"):
+        extract_archive(archive, tmp_path / "evil")
+    assert not (tmp_path / "outside.txt").exists()
+
+
+def test_dataset_download_unpacks_every_archive(record_server, tmp_path):
+    files = zenodo_files(record_server.url)
+    assert [f.name for f in files] == ["COVID-19-CT-Seg_20cases.zip", "Lung_Mask.zip", "Infection_Mask.zip",
+                                       "Lung_and_Infection_Mask.zip"]
+    unpinned = [RemoteFile(f.name, f.url) for f in files]  # the real sha256 pins do not fit the synthetic files
+    download_dataset(tmp_path, unpinned, log=lambda _: None)
+    for stem in ("COVID-19-CT-Seg_20cases", "Lung_Mask", "Infection_Mask", "Lung_and_Infection_Mask"):
+        assert len(list((tmp_path / stem).glob("*.nii.gz"))) == 4
+    with pytest.raises(ChecksumError, match="sha256 mismatch"):  # and the pinned ones are really checked
+        download_file(files[1], tmp_path / "pinned", log=lambda _: None)
+
+
+def test_a_file_put_in_place_by_hand_is_verified_not_fetched(server, tmp_path):
+    (tmp_path / "data.bin").write_bytes(PAYLOAD)
+    pinned = remote(server, "data.bin", sha256=hashlib.sha256(PAYLOAD).hexdigest())
+    download_file(pinned, tmp_path, log=lambda _: None)
+    assert server.requests == []
+    assert json.loads((tmp_path / "checksums.json").read_text())["data.bin"]["verified_against"] == ["sha256"]
+    (tmp_path / "other.bin").write_bytes(b"something else")
+    with pytest.raises(ChecksumError, match="other.bin: md5 mismatch.*delete it"):
+        download_file(remote(server, "other.bin", md5="0" * 32), tmp_path, log=lambda _: None)
+    assert (tmp_path / "other.bin").exists(), "a file the user placed is never deleted"

@@ -1,0 +1,92 @@
+"""export: a training checkpoint -> TorchScript + manifest that the runtime engine accepts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from CovidInfectionSegLib.model_package import load_model_package
+from covidseg_training.checkpoint import build_model, load_checkpoint, load_network
+from covidseg_training.config import TrainConfig
+from covidseg_training.export import export_checkpoint, main as export_main, verify_same_output
+from covidseg_training.manifest import SEGMENTS
+
+
+@pytest.fixture(scope="module")
+def checkpoint_path(tmp_path_factory):
+    """A best.pt in train's format with random (but fixed) weights and non-trivial batch-norm statistics."""
+    config = TrainConfig(name="tiny", base_channels=4, depth=2, input_size=64, n_folds=2, fold=0, data="unused.npz")
+    torch.manual_seed(0)
+    model = build_model(config)
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.rand(4, 1, 64, 64))  # moves the running statistics away from 0/1
+    path = tmp_path_factory.mktemp("run") / "best.pt"
+    torch.save({"model": model.state_dict(), "config": config.to_dict(), "record": {"epoch": 3}}, path)
+    return path
+
+
+def test_export_writes_a_package_the_engine_loads(checkpoint_path, tmp_path):
+    metrics = tmp_path / "summary.json"
+    metrics.write_text(json.dumps({"per_case": {"lung": {"dice": {"mean": 0.5}}}}))
+    assert export_main(["--checkpoint", str(checkpoint_path), "--out", str(tmp_path / "models"), "--name", "tiny_unet",
+                        "--version", "0.1.0", "--metrics", str(metrics)]) == 0
+    manifest_path = tmp_path / "models" / "tiny_unet.json"
+    manifest = json.loads(manifest_path.read_text())
+    assert manifest["format_version"] == 1 and manifest["file"] == "tiny_unet.pt" and manifest["version"] == "0.1.0"
+    assert manifest["architecture"]["type"] == "UNet2D" and manifest["architecture"]["depth"] == 2
+    checkpoint = load_checkpoint(checkpoint_path)
+    assert manifest["architecture"]["parameters"] == sum(p.numel() for p in checkpoint.model.parameters())
+    assert manifest["input"] == {"channels": 1, "size": 64, "scale": 255.0}
+    assert manifest["recipe"]["hu_window"] == [-1024.0, 3071.0] and manifest["recipe"]["input_size"] == 64
+    assert manifest["segments"] == SEGMENTS
+    assert [label["name"] for label in manifest["labels"]] == ["background", "lung", "infection"]
+    assert manifest["licence"] == "CC BY-NC-SA 4.0"
+    assert manifest["metrics"]["per_case"]["lung"]["dice"]["mean"] == 0.5
+    assert manifest["metrics"]["training_record"] == {"epoch": 3}
+    assert "3757476" in manifest["training_data"]["source"] and manifest["training_data"]["validation_fold"] == 0
+    assert "unknown" in manifest["training_data"]["cases"]  # its data file does not exist: said, not invented
+
+    package = load_model_package(manifest_path)  # checksum, TorchScript, forward-pass shape
+    assert package.input_size == 64 and [s.name for s in package.segments] == ["Right lung", "Left lung", "Infection"]
+    inputs = torch.rand(3, 1, 64, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(package.module(inputs), checkpoint.model(inputs), atol=1e-5, rtol=0)
+    assert not list(tmp_path.glob("models/.*part*")), "no temporary files left behind"
+
+
+def test_load_network_tells_checkpoints_from_packages(checkpoint_path, tmp_path):
+    manifest_path = export_checkpoint(checkpoint_path, tmp_path, "pkg", "1.0.0", training_data={"note": "test"})
+    for path in (manifest_path, tmp_path / "pkg.pt"):
+        network, config, description = load_network(path)
+        assert config is None and "model package" in description
+    network, config, description = load_network(checkpoint_path)
+    assert config is not None and config.base_channels == 4
+
+
+def test_verification_catches_a_different_network(checkpoint_path):
+    model = load_checkpoint(checkpoint_path).model
+    other = build_model(TrainConfig(base_channels=4, depth=2)).eval()
+    with pytest.raises(RuntimeError, match="differs from eager"):
+        verify_same_output(model, other, 64)
+
+
+def test_bad_checkpoints_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.pt: checkpoint not found"):
+        load_checkpoint(tmp_path / "nope.pt")
+    last_style = tmp_path / "last.pt"
+    torch.save({"model": {}, "optimizer": {}, "state": {}}, last_style)
+    with pytest.raises(ValueError, match="last.pt: not a training checkpoint.*use best.pt"):
+        load_checkpoint(last_style)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="garbage.pt: not a readable PyTorch checkpoint"):
+        load_checkpoint(garbage)
+    wrong = tmp_path / "wrong.pt"
+    state = build_model(TrainConfig(base_channels=4, depth=2)).state_dict()
+    torch.save({"model": state, "config": TrainConfig(base_channels=8, depth=2).to_dict()}, wrong)
+    with pytest.raises(ValueError, match="wrong.pt: weights do not fit a UNet2D\\(base_channels=8"):
+        load_checkpoint(wrong)

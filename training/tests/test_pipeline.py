@@ -1,0 +1,130 @@
+"""The whole training pipeline on a tiny synthetic record, through the command line:
+download (local server) -> prepare -> cross-validate 2 folds (train + evaluate) -> export ->
+the runtime engine loads the package and labels a volume."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import yaml
+
+from CovidInfectionSegLib.model_package import load_model_package
+from covidseg_training import download
+from covidseg_training.__main__ import main as cli
+from covidseg_training.data import SliceDataset
+
+TINY_CONFIG = {
+    "name": "tiny", "n_folds": 2, "fold": 0, "seed": 0, "input_size": 64, "base_channels": 4, "depth": 2,
+    "epochs": 25, "batch_size": 4, "learning_rate": 0.01, "warmup_epochs": 1, "patience": 30, "threads": 1,
+    "device": "cpu",
+}
+
+
+@pytest.fixture(scope="module")
+def pipeline(record_archives, tmp_path_factory) -> dict[str, Path]:
+    """Run every stage once (the tests below check what each one left)."""
+    from synthetic_zenodo import FileServer
+
+    root = tmp_path_factory.mktemp("pipeline")
+    server = FileServer({name: path.read_bytes() for name, path in record_archives.items()})
+    try:
+        files = [download.RemoteFile(f.name, f.url) for f in download.zenodo_files(server.url)]
+        download.download_dataset(root / "zenodo", files, log=lambda _: None)
+    finally:
+        server.close()
+    data = root / "data.npz"
+    assert cli(["prepare", "--zenodo", str(root / "zenodo"), "--out", str(data), "--input-size", "64"]) == 0
+    config = root / "tiny.yaml"
+    config.write_text(yaml.safe_dump({**TINY_CONFIG, "data": str(data), "output_dir": str(root / "runs")}))
+    assert cli(["crossval", str(config)]) == 0
+    models = root / "models"
+    fold0 = root / "runs" / "tiny" / "fold0"
+    assert cli(["export", "--checkpoint", str(fold0 / "best.pt"), "--out", str(models), "--name", "tiny_unet",
+                "--version", "0.1.0", "--metrics", str(fold0 / "eval" / "summary.json")]) == 0
+    return {"root": root, "data": data, "config": config, "runs": root / "runs" / "tiny", "models": models}
+
+
+def test_prepared_data(pipeline):
+    dataset = SliceDataset.load(pipeline["data"])
+    assert dataset.images.shape == (28, 64, 64)
+    assert len(set(dataset.cases.tolist())) == 4
+
+
+def test_every_fold_trained_and_evaluated(pipeline):
+    for fold in (0, 1):
+        folder = pipeline["runs"] / f"fold{fold}"
+        history = json.loads((folder / "history.json").read_text())
+        assert [row["epoch"] for row in history] == list(range(1, 26))
+        summary = json.loads((folder / "eval" / "summary.json").read_text())
+        assert summary["fold"] == fold and summary["n_cases"] == 2 and summary["n_slices"] == 14
+        assert "pixel_mm" in summary["assumptions"] and summary["assumptions"]["surface_tolerance_mm"]["lung"] == 1.0
+        for structure in ("lung", "infection"):
+            for metric in ("dice", "iou", "precision", "recall", "nsd"):
+                assert 0.0 <= summary["per_case"][structure][metric]["mean"] <= 1.0
+            assert summary["per_case"][structure]["hd95"]["mean"] >= 0.0
+        assert summary["per_case"]["lung"]["dice"]["mean"] > 0.8, "25 epochs learn the dark synthetic lungs"
+        assert set(summary["robustness"]) == {"as_is", "degraded", "note"}
+        for name in ("per_slice.csv", "per_case.csv", "threshold_sweep.csv", "pr_curve.csv", "boxplot.png",
+                     "pr_curve.png", "threshold_sweep.png", "robustness.json"):
+            assert (folder / "eval" / name).stat().st_size > 0, name
+        with (folder / "eval" / "per_slice.csv").open() as handle:
+            assert len(list(csv.DictReader(handle))) == 14
+
+
+def test_crossval_aggregate(pipeline):
+    aggregate = json.loads((pipeline["runs"] / "crossval" / "summary.json").read_text())
+    assert aggregate["folds"] == [0, 1]
+    assert aggregate["over_folds"]["lung_dice"]["n"] == 2 and aggregate["over_cases"]["lung_dice"]["n"] == 4
+    folds = [aggregate["per_fold"][k]["infection_dice"] for k in ("0", "1")]
+    assert aggregate["over_folds"]["infection_dice"]["mean"] == pytest.approx(np.mean(folds))
+    assert set(aggregate["healthy_lung_called_infection"]["per_fold"]) == {"0", "1"}
+
+
+def test_crossval_resumes_without_retraining(pipeline, capsys):
+    best = pipeline["runs"] / "fold0" / "best.pt"
+    before = best.stat().st_mtime_ns
+    assert cli(["crossval", str(pipeline["config"])]) == 0
+    out = capsys.readouterr().out
+    assert out.count("skipped") == 2
+    assert best.stat().st_mtime_ns == before
+
+
+def test_package_evaluates_like_its_checkpoint(pipeline):
+    out = pipeline["root"] / "eval_package"
+    assert cli(["evaluate", "--checkpoint", str(pipeline["models"] / "tiny_unet.json"), "--config",
+                str(pipeline["config"]), "--out", str(out), "--no-robustness"]) == 0
+    package_summary = json.loads((out / "summary.json").read_text())
+    checkpoint_summary = json.loads((pipeline["runs"] / "fold0" / "eval" / "summary.json").read_text())
+    for structure in ("lung", "infection"):
+        assert package_summary["per_case"][structure]["dice"]["mean"] == pytest.approx(
+            checkpoint_summary["per_case"][structure]["dice"]["mean"], abs=1e-4)
+    assert "robustness" not in package_summary
+
+
+def test_exported_model_labels_a_volume_in_the_engine(pipeline):
+    pipeline_module = pytest.importorskip("CovidInfectionSegLib.pipeline")
+    package = load_model_package(pipeline["models"] / "tiny_unet.json")
+    manifest = package.manifest
+    assert manifest["metrics"]["fold"] == 0 and "per_case" in manifest["metrics"]
+    assert manifest["training_data"]["validation_cases"] and manifest["training_data"]["training_cases"]
+    image = sitk.ReadImage(str(pipeline["root"] / "zenodo" / "COVID-19-CT-Seg_20cases" / "coronacases_001.nii.gz"))
+    result = pipeline_module.segment_image(image, package, device="cpu")
+    assert result.labelmap.GetSize() == image.GetSize()
+    assert result.labelmap.GetSpacing() == image.GetSpacing()
+    values = set(np.unique(sitk.GetArrayViewFromImage(result.labelmap)).tolist())
+    assert values <= {0, 1, 2, 3} and {1, 2} <= values, f"right and left lung expected, got labels {values}"
+    assert [segment.value for segment in result.segments] == [1, 2, 3]
+
+
+def test_export_refuses_metrics_of_another_checkpoint(pipeline, tmp_path):
+    fold1_summary = pipeline["runs"] / "fold1" / "eval" / "summary.json"
+    assert json.loads(fold1_summary.read_text())["evaluated_sha256"]
+    with pytest.raises(ValueError, match="the metrics were computed on .*fold1.*not on .*fold0"):
+        cli(["export", "--checkpoint", str(pipeline["runs"] / "fold0" / "best.pt"), "--out", str(tmp_path),
+             "--name", "x", "--version", "0.0.1", "--metrics", str(fold1_summary)])
+    assert not list(tmp_path.iterdir()), "nothing written"
