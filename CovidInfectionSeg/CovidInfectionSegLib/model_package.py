@@ -7,7 +7,6 @@ and fails with a :class:`ModelError` that names the file and what is wrong.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import warnings
@@ -17,6 +16,7 @@ from typing import Any
 
 import torch
 
+from .checksums import sha256_of
 from .preprocessing import IntensityRecipe
 
 MODEL_ENV_VAR = "COVIDSEG_MODEL"
@@ -96,15 +96,6 @@ def default_model_path() -> Path:
     if override:
         return Path(override).expanduser()
     return Path(__file__).resolve().parent.parent / "Resources" / "Models" / DEFAULT_MODEL_FILE
-
-
-def sha256_of(path: Path) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def load_model_package(path: str | Path | None = None, *, smoke_test: bool = True) -> ModelPackage:

@@ -21,6 +21,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .atomic import atomic_path
+from .checksums import sha256_of
 
 SAMPLE_URL = (
     "https://github.com/Slicer/SlicerTestingData/releases/download/SHA256/"
@@ -50,15 +51,6 @@ def cache_dir() -> Path:
     """Where downloads are kept: ``$COVIDSEG_CACHE`` if set, else ``~/.cache/covidseg``."""
     override = os.environ.get("COVIDSEG_CACHE")
     return Path(override).expanduser() if override else Path.home() / ".cache" / "covidseg"
-
-
-def sha256_of(path: Path) -> str:
-    """Hex SHA-256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def fetch_sample(

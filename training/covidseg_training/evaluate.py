@@ -28,11 +28,11 @@ import numpy as np
 import torch
 
 from CovidInfectionSegLib.atomic import atomic_path, write_text_atomic
+from CovidInfectionSegLib.checksums import sha256_of
 
 from .checkpoint import load_network
 from .config import TrainConfig
 from .data import INFECTION, LUNG, SliceDataset
-from .manifest import sha256_file
 from .metrics import Counts, SurfaceDistances, counts, overlap_metrics, surface_distances, surface_metrics
 from .predict import Predictions, predict
 from .robustness import robustness_report
@@ -297,7 +297,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def evaluated_file(path: Path) -> dict[str, str]:
     """Which file was evaluated, by path and sha256 (export refuses metrics of a different file)."""
-    return {"evaluated_file": str(path), "evaluated_sha256": sha256_file(Path(path))}
+    return {"evaluated_file": str(path), "evaluated_sha256": sha256_of(Path(path))}
 
 
 def resolve_model_and_data(args: argparse.Namespace) -> tuple[torch.nn.Module, SliceDataset, dict[str, Any]]:

@@ -21,12 +21,14 @@ import numpy as np
 import torch
 
 from CovidInfectionSegLib.atomic import atomic_path, write_text_atomic
+from CovidInfectionSegLib.checksums import sha256_of
 from CovidInfectionSegLib.preprocessing import IntensityRecipe
 
 from .checkpoint import Checkpoint, load_checkpoint
 from .config import TrainConfig
 from .data import patient_folds
-from .manifest import MA2020_DATASET, build_manifest, sha256_file
+
+from .manifest import MA2020_DATASET, build_manifest
 
 TOLERANCE = 1e-4  # max |scripted - eager| logit difference accepted (float32, same CPU kernels)
 
@@ -123,10 +125,10 @@ def read_metrics(path: Path | None) -> dict[str, Any]:
 def check_metrics_belong_to(metrics: dict[str, Any], checkpoint_path: Path) -> None:
     """Refuse an evaluation of another file (``best.pt`` is rewritten while training runs)."""
     evaluated = metrics.get("evaluated_sha256")
-    if evaluated and evaluated != sha256_file(checkpoint_path):
+    if evaluated and evaluated != sha256_of(checkpoint_path):
         raise ValueError(
             f"the metrics were computed on {metrics.get('evaluated_file')} (sha256 {evaluated[:12]}), not on "
-            f"{checkpoint_path} as it is now (sha256 {sha256_file(checkpoint_path)[:12]}): the checkpoint changed "
+            f"{checkpoint_path} as it is now (sha256 {sha256_of(checkpoint_path)[:12]}): the checkpoint changed "
             "since the evaluation; copy best.pt to a fixed name, evaluate that copy and export it"
         )
 

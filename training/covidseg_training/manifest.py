@@ -6,10 +6,10 @@ factory, so the canonical label and segment definitions live here and both impor
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
+from CovidInfectionSegLib.checksums import sha256_of
 from CovidInfectionSegLib.preprocessing import IntensityRecipe
 
 FORMAT_VERSION = 1
@@ -54,15 +54,6 @@ MA2020_DATASET = {
 }
 
 
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def build_manifest(
     weights_path: Path,
     *,
@@ -80,7 +71,7 @@ def build_manifest(
         "name": name,
         "version": version,
         "file": weights_path.name,
-        "sha256": sha256_file(weights_path),
+        "sha256": sha256_of(weights_path),
         "architecture": architecture,
         "input": {"channels": 1, "size": recipe.input_size, "scale": 255.0},
         "recipe": recipe.to_manifest(),
