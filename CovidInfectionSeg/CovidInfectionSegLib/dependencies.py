@@ -1,0 +1,237 @@
+"""What Python packages the module still needs inside 3D Slicer, and how to install them.
+
+Pure decision logic (no Slicer, no Qt, no torch import): the module panel calls :func:`check` and
+:func:`plan_installation`, shows :meth:`InstallPlan.describe`, asks the user, then :func:`install`
+runs the plan with Slicer's installers passed in (``slicer.util.pip_install`` and the PyTorch
+extension's ``PyTorchUtilsLogic().installTorch``). Nothing is installed at import time.
+
+torch is special: the PyTorch extension (PyTorchUtils) picks the build that matches the GPU driver
+(CUDA or CPU), so it is used when present; otherwise torch comes from PyPI with ``pip``, which on
+Windows and macOS is a CPU-only build.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Mapping, Optional, Sequence
+
+from packaging.requirements import InvalidRequirement, Requirement
+from packaging.version import InvalidVersion, Version
+
+REQUIREMENTS_FILE = Path(__file__).resolve().parent.parent / "Resources" / "requirements.txt"
+# The bundled TorchScript model needs a torch that reads its serialization format.
+TORCH_REQUIREMENT = "torch>=2.0"
+# Distribution name -> the module it provides, where they differ.
+IMPORT_NAMES = {
+    "opencv-python-headless": "cv2",
+    "opencv-python": "cv2",
+    "scikit-image": "skimage",
+    "simpleitk": "SimpleITK",
+    "pyyaml": "yaml",
+}
+# Distributions that provide the same import (any one of them will do).
+EQUIVALENT_DISTRIBUTIONS = {
+    "cv2": ("opencv-python-headless", "opencv-python", "opencv-contrib-python", "opencv-contrib-python-headless"),
+}
+
+VersionLookup = Callable[[str], Optional[str]]
+ModuleLookup = Callable[[str], bool]
+
+
+def import_name(requirement: Requirement) -> str:
+    """The module a requirement provides (``opencv-python-headless`` -> ``cv2``)."""
+    name = requirement.name.lower()
+    return IMPORT_NAMES.get(name, name.replace("-", "_"))
+
+
+def installed_version(distribution: str) -> str | None:
+    """Version of an installed distribution, or None."""
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def module_available(module: str) -> bool:
+    """True when ``module`` can be imported (without importing it)."""
+    return importlib.util.find_spec(module) is not None
+
+
+@dataclass(frozen=True)
+class PackageStatus:
+    """One requirement and what is installed for it."""
+
+    requirement: Requirement
+    module: str
+    version: str | None  # installed version of a distribution providing the module, or None
+    importable: bool
+
+    @property
+    def satisfied(self) -> bool:
+        if not self.importable:
+            return False
+        if self.version is None or not self.requirement.specifier:
+            return True  # importable, version unknown or unconstrained
+        try:
+            return self.requirement.specifier.contains(Version(self.version), prereleases=True)
+        except InvalidVersion:
+            return True
+
+    def describe(self) -> str:
+        if self.satisfied:
+            return f"{self.requirement.name} {self.version or ''} ok".replace("  ", " ")
+        if not self.importable:
+            return f"{self.requirement.name}: missing (need {self.requirement})"
+        return f"{self.requirement.name}: version {self.version} installed, need {self.requirement}"
+
+
+def read_requirements(path: str | Path = REQUIREMENTS_FILE) -> list[Requirement]:
+    """Requirements from a pip requirements file (comments and blank lines ignored).
+
+    Raises ValueError naming the file and line for a line pip would not understand.
+    """
+    path = Path(path)
+    requirements = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        text = line.split("#", 1)[0].strip()
+        if not text:
+            continue
+        try:
+            requirements.append(Requirement(text))
+        except InvalidRequirement as error:
+            raise ValueError(f"{path}:{number}: not a valid requirement {text!r}: {error}") from error
+    return requirements
+
+
+def package_status(
+    requirement: Requirement | str,
+    version_of: VersionLookup = installed_version,
+    importable: ModuleLookup = module_available,
+) -> PackageStatus:
+    """What is installed for ``requirement``; ``version_of``/``importable`` are replaceable for tests."""
+    requirement = requirement if isinstance(requirement, Requirement) else Requirement(requirement)
+    module = import_name(requirement)
+    candidates = EQUIVALENT_DISTRIBUTIONS.get(module, (requirement.name,))
+    version = next((v for v in (version_of(name) for name in candidates) if v is not None), None)
+    return PackageStatus(requirement, module, version, importable(module))
+
+
+def check(
+    requirements: Iterable[Requirement | str] | None = None,
+    torch_requirement: str = TORCH_REQUIREMENT,
+    version_of: VersionLookup = installed_version,
+    importable: ModuleLookup = module_available,
+) -> tuple[PackageStatus, list[PackageStatus]]:
+    """(torch status, status of every other requirement); requirements default to the module's file.
+
+    Requirements whose environment marker does not apply (e.g. ``; sys_platform == 'win32'``) are left out.
+    """
+    if requirements is None:
+        requirements = read_requirements()
+    statuses = []
+    for requirement in requirements:
+        requirement = requirement if isinstance(requirement, Requirement) else Requirement(requirement)
+        if requirement.marker is not None and not requirement.marker.evaluate():
+            continue
+        statuses.append(package_status(requirement, version_of, importable))
+    return package_status(torch_requirement, version_of, importable), statuses
+
+
+@dataclass
+class InstallPlan:
+    """What to install, how, and whether Slicer must restart afterwards."""
+
+    torch_method: str  # "none" (already fine), "pytorchutils" (PyTorch extension) or "pip"
+    torch_requirement: str
+    pip_requirements: list[str] = field(default_factory=list)
+    restart_reasons: list[str] = field(default_factory=list)
+
+    @property
+    def nothing_to_do(self) -> bool:
+        return self.torch_method == "none" and not self.pip_requirements
+
+    @property
+    def restart_needed(self) -> bool:
+        return bool(self.restart_reasons)
+
+    def describe(self) -> str:
+        """Plain-text explanation for the confirmation dialog and the panel."""
+        if self.nothing_to_do:
+            return "All required Python packages are installed."
+        lines = ["CovidInfectionSeg needs these Python packages installed into 3D Slicer's Python:"]
+        if self.torch_method == "pytorchutils":
+            lines.append(f"- {self.torch_requirement}, through the PyTorch extension (it picks the CUDA or CPU build "
+                         "that matches this computer)")
+        elif self.torch_method == "pip":
+            lines.append(f"- {self.torch_requirement} from PyPI with pip (the PyTorch extension is not installed; "
+                         "install it from the Extensions Manager to get a GPU build matched to your driver)")
+        lines.extend(f"- {requirement}" for requirement in self.pip_requirements)
+        lines.append("This downloads from the internet and can take several minutes (torch is about 1-3 GB).")
+        if self.restart_needed:
+            lines.append("Slicer must be restarted afterwards: " + "; ".join(self.restart_reasons))
+        return "\n".join(lines)
+
+
+def plan_installation(
+    torch_status: PackageStatus,
+    statuses: Sequence[PackageStatus],
+    pytorch_utils_available: bool,
+    loaded_modules: Mapping[str, object] | None = None,
+) -> InstallPlan:
+    """Decide what to install. ``loaded_modules`` (default ``sys.modules``) tells which packages are
+    already imported in this process: upgrading one of those only takes effect after a restart."""
+    loaded = sys.modules if loaded_modules is None else loaded_modules
+    if torch_status.satisfied:
+        torch_method = "none"
+    else:
+        torch_method = "pytorchutils" if pytorch_utils_available else "pip"
+    plan = InstallPlan(torch_method, str(torch_status.requirement))
+    for status in statuses:
+        if status.satisfied:
+            continue
+        plan.pip_requirements.append(str(status.requirement))
+        if status.module in loaded:
+            plan.restart_reasons.append(f"{status.module} {status.version} is already loaded and gets replaced")
+    if torch_method != "none" and "torch" in loaded:
+        plan.restart_reasons.append(f"torch {torch_status.version} is already loaded and gets replaced")
+    return plan
+
+
+def install(
+    plan: InstallPlan,
+    pip_install: Callable[[list[str]], object],
+    install_torch_with_pytorchutils: Callable[[str], object] | None = None,
+    log: Callable[[str], None] = print,
+) -> None:
+    """Carry out ``plan``; the installers are Slicer's (see the module docstring).
+
+    ``install_torch_with_pytorchutils(version_specifier)`` returns the torch module or None when the
+    user declined or it failed. Raises RuntimeError naming the package that could not be installed.
+    """
+    if plan.torch_method == "pytorchutils":
+        if install_torch_with_pytorchutils is None:
+            raise RuntimeError("the plan installs torch through the PyTorch extension, but none was given")
+        log(f"Installing {plan.torch_requirement} with the PyTorch extension...")
+        specifier = str(Requirement(plan.torch_requirement).specifier)
+        if install_torch_with_pytorchutils(specifier) is None:
+            raise RuntimeError(
+                f"PyTorch ({plan.torch_requirement}) was not installed (declined or failed); "
+                "install it from the PyTorch Utils module, then try again"
+            )
+    elif plan.torch_method == "pip":
+        _pip(pip_install, plan.torch_requirement, log)
+    for requirement in plan.pip_requirements:
+        _pip(pip_install, requirement, log)
+    log("Restart Slicer to finish the installation." if plan.restart_needed else "Python packages installed.")
+
+
+def _pip(pip_install: Callable[[list[str]], object], requirement: str, log: Callable[[str], None]) -> None:
+    log(f"Installing {requirement} with pip...")
+    try:
+        pip_install([requirement])  # a list: no shell-style splitting of specifiers like "scipy >= 1.7"
+    except Exception as error:  # CalledProcessError from pip, OSError without network
+        raise RuntimeError(f"pip could not install {requirement}: {error}") from error

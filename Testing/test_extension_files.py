@@ -1,0 +1,177 @@
+"""The Slicer extension's files agree with each other: CMake lists, the .ui panel, the module's Python."""
+
+from __future__ import annotations
+
+import ast
+import re
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import cv2
+import pytest
+
+from CovidInfectionSegLib.dependencies import import_name, read_requirements
+
+REPO = Path(__file__).resolve().parents[1]
+MODULE_DIR = REPO / "CovidInfectionSeg"
+MODULE_FILE = MODULE_DIR / "CovidInfectionSeg.py"
+UI_FILE = MODULE_DIR / "Resources" / "UI" / "CovidInfectionSeg.ui"
+LIB_DIR = MODULE_DIR / "CovidInfectionSegLib"
+# Arrive with the trained model (the lead adds them); everything else CMake lists must exist now.
+MODEL_FILES = {"Resources/Models/covid_unet_v1.pt", "Resources/Models/covid_unet_v1.json", "Resources/Models/MODEL_CARD.md"}
+# Third-party modules that 3D Slicer itself provides (torch is checked by dependencies.TORCH_REQUIREMENT).
+PROVIDED_BY_SLICER = {"numpy", "SimpleITK", "vtk", "slicer", "qt", "ctk", "packaging", "torch"}
+
+
+def cmake_list(variable: str) -> list[str]:
+    text = (MODULE_DIR / "CMakeLists.txt").read_text()
+    match = re.search(rf"set\({variable}\s+(.*?)\)", text, re.S)
+    assert match, f"{variable} not set in CovidInfectionSeg/CMakeLists.txt"
+    return [item.replace("${MODULE_NAME}", "CovidInfectionSeg") for item in match.group(1).split()]
+
+
+def ui_widgets() -> dict[str, ET.Element]:
+    return {widget.get("name"): widget for widget in ET.parse(UI_FILE).getroot().iter("widget")}
+
+
+def ui_property(widget: ET.Element, name: str) -> ET.Element | None:
+    return next((prop for prop in widget.findall("property") if prop.get("name") == name), None)
+
+
+# ------------------------------------------------------------------------------------------- CMake
+
+
+def test_top_level_cmake_has_extension_metadata_and_builds_the_module():
+    text = (REPO / "CMakeLists.txt").read_text()
+    for variable in ("EXTENSION_HOMEPAGE", "EXTENSION_CATEGORY", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION",
+                     "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS", "EXTENSION_DEPENDS"):
+        assert re.search(rf'set\({variable} "[^"]+"\)', text), f"{variable} missing or empty"
+    assert 'set(EXTENSION_CATEGORY "Segmentation")' in text
+    assert "find_package(Slicer REQUIRED)" in text
+    assert "add_subdirectory(CovidInfectionSeg)" in text
+    assert "include(${Slicer_EXTENSION_CPACK})" in text
+
+
+def test_module_cmake_builds_a_scripted_module_with_generic_tests():
+    text = (MODULE_DIR / "CMakeLists.txt").read_text()
+    assert "slicerMacroBuildScriptedModule(" in text and "WITH_GENERIC_TESTS" in text
+    assert (MODULE_DIR / "Testing" / "CMakeLists.txt").is_file()
+
+
+@pytest.mark.parametrize("listed", cmake_list("MODULE_PYTHON_SCRIPTS") + cmake_list("MODULE_PYTHON_RESOURCES"))
+def test_every_file_cmake_lists_exists(listed):
+    if listed in MODEL_FILES and not (MODULE_DIR / listed).exists():
+        pytest.skip(f"{listed}: the bundled model is added with the trained model package")
+    assert (MODULE_DIR / listed).is_file(), f"CMakeLists.txt lists {listed}, which does not exist"
+
+
+def test_every_script_and_resource_of_the_module_is_listed():
+    listed = set(cmake_list("MODULE_PYTHON_SCRIPTS")) | set(cmake_list("MODULE_PYTHON_RESOURCES"))
+    present = {
+        path.relative_to(MODULE_DIR).as_posix()
+        for path in MODULE_DIR.rglob("*")
+        if path.is_file()
+        and "__pycache__" not in path.parts
+        and path.parts[len(MODULE_DIR.parts)] != "Testing"
+        and path.name != "CMakeLists.txt"
+    }
+    assert present - listed == set(), "files in the module folder that CMakeLists.txt does not install"
+
+
+# -------------------------------------------------------------------------------------------- panel
+
+
+def test_every_ui_widget_the_module_uses_exists_in_the_ui_file():
+    used = set(re.findall(r"self\.ui\.(\w+)", MODULE_FILE.read_text()))
+    assert used, "the module uses no widget of its .ui file?"
+    assert used - set(ui_widgets()) == set()
+
+
+def test_parameter_node_fields_match_the_ui_parameter_names():
+    tree = ast.parse(MODULE_FILE.read_text())
+    wrapper = next(
+        node for node in tree.body
+        if isinstance(node, ast.ClassDef) and any(getattr(d, "id", None) == "parameterNodeWrapper" for d in node.decorator_list)
+    )
+    fields = {statement.target.id for statement in wrapper.body if isinstance(statement, ast.AnnAssign)}
+    assert fields == {"inputVolume", "outputSegmentation", "device"}
+    bound = {}
+    for name, widget in ui_widgets().items():
+        prop = ui_property(widget, "SlicerParameterName")
+        if prop is not None:
+            bound[prop.find("string").text] = widget.get("class")
+    assert bound == {"inputVolume": "qMRMLNodeComboBox", "outputSegmentation": "qMRMLNodeComboBox", "device": "QComboBox"}
+
+
+def test_ui_node_selectors_take_the_right_node_types():
+    widgets = ui_widgets()
+    assert ET.parse(UI_FILE).getroot().find("widget").get("class") == "qMRMLWidget"
+
+    def node_types(name: str) -> list[str]:
+        return [s.text for s in ui_property(widgets[name], "nodeTypes").iter("string")]
+
+    assert node_types("inputVolumeSelector") == ["vtkMRMLScalarVolumeNode"]
+    assert node_types("outputSegmentationSelector") == ["vtkMRMLSegmentationNode"]
+    assert ui_property(widgets["outputSegmentationSelector"], "noneEnabled").find("bool").text == "true"
+    assert "new" in ui_property(widgets["outputSegmentationSelector"], "noneDisplay").find("string").text.lower()
+    receivers = {c.find("receiver").text for c in ET.parse(UI_FILE).getroot().iter("connection")
+                 if c.find("slot").text == "setMRMLScene(vtkMRMLScene*)"}
+    assert receivers == {"inputVolumeSelector", "outputSegmentationSelector"}
+
+
+def test_icon_is_a_128_pixel_png_with_transparency():
+    icon = cv2.imread(str(MODULE_DIR / "Resources" / "Icons" / "CovidInfectionSeg.png"), cv2.IMREAD_UNCHANGED)
+    assert icon is not None and icon.shape == (128, 128, 4)
+    alpha = icon[..., 3]
+    assert 0.2 < (alpha > 0).mean() < 0.9  # a shape on a transparent background, not a filled square
+
+
+# ------------------------------------------------------------------------------- Python boundaries
+
+
+def top_level_imports(path: Path) -> set[str]:
+    """Modules imported at module level (not inside functions)."""
+    names = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+def test_loading_the_module_imports_neither_torch_nor_the_engine():
+    imports = top_level_imports(MODULE_FILE)
+    assert not {name for name in imports if name.split(".")[0] == "torch"}
+    assert not {name for name in imports if name.startswith("CovidInfectionSegLib.") and name != "CovidInfectionSegLib"}
+    # what it does import at load time must itself not import torch: dependencies.py only
+    assert "torch" not in {name.split(".")[0] for name in top_level_imports(LIB_DIR / "dependencies.py")}
+
+
+def test_mrml_logic_uses_no_application_or_qt_calls():
+    tree = ast.parse((LIB_DIR / "slicer_logic.py").read_text())
+    application_calls = [
+        f"slicer.{node.attr}" for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "slicer"
+        and node.attr in {"app", "modules", "mrmlScene"}
+    ]
+    assert application_calls == []
+    assert not {"qt", "ctk"} & {name.split(".")[0] for name in top_level_imports(LIB_DIR / "slicer_logic.py")}
+
+
+def third_party_imports() -> set[str]:
+    stdlib = set(sys.stdlib_module_names)
+    modules = set()
+    for path in [*LIB_DIR.glob("*.py"), MODULE_FILE, MODULE_DIR / "Scripts" / "covidseg_slicer_batch.py"]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                modules.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                modules.add(node.module.split(".")[0])
+    return {m for m in modules if m not in stdlib and m not in {"CovidInfectionSegLib", "SampleData", "PyTorchUtils"}}
+
+
+def test_requirements_file_covers_every_third_party_import():
+    provided = {import_name(requirement) for requirement in read_requirements()} | PROVIDED_BY_SLICER
+    assert third_party_imports() - provided == set(), "add these to CovidInfectionSeg/Resources/requirements.txt"
