@@ -1,4 +1,4 @@
-"""Shared pytest fixtures: real data paths (skipped when absent) and small real model packages."""
+"""Shared pytest fixtures: small real model packages. Real-data paths are in shared_data.py."""
 
 from __future__ import annotations
 
@@ -13,17 +13,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from model_factory import write_model_package  # noqa: E402
 
 torch.set_num_threads(1)
-
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
-
-
-def shared_path(*parts: str) -> Path:
-    """A path under ../shared/data, or skip the test with the reason when it is not there."""
-    path = SHARED_DATA.joinpath(*parts)
-    if not path.exists():
-        pytest.skip(f"real data not available: {path} (only on the project's build machines)")
-    return path
 
 
 @pytest.fixture(scope="session")

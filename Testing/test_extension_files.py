@@ -25,7 +25,7 @@ PROVIDED_BY_SLICER = {"numpy", "SimpleITK", "vtk", "slicer", "qt", "ctk", "packa
 
 
 def cmake_list(variable: str) -> list[str]:
-    text = (MODULE_DIR / "CMakeLists.txt").read_text()
+    text = (MODULE_DIR / "CMakeLists.txt").read_text(encoding="utf-8")
     match = re.search(rf"set\({variable}\s+(.*?)\)", text, re.S)
     assert match, f"{variable} not set in CovidInfectionSeg/CMakeLists.txt"
     return [item.replace("${MODULE_NAME}", "CovidInfectionSeg") for item in match.group(1).split()]
@@ -43,7 +43,7 @@ def ui_property(widget: ET.Element, name: str) -> ET.Element | None:
 
 
 def test_top_level_cmake_has_extension_metadata_and_builds_the_module():
-    text = (REPO / "CMakeLists.txt").read_text()
+    text = (REPO / "CMakeLists.txt").read_text(encoding="utf-8")
     for variable in ("EXTENSION_HOMEPAGE", "EXTENSION_CATEGORY", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION",
                      "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS", "EXTENSION_DEPENDS"):
         assert re.search(rf'set\({variable} "[^"]+"\)', text), f"{variable} missing or empty"
@@ -54,7 +54,7 @@ def test_top_level_cmake_has_extension_metadata_and_builds_the_module():
 
 
 def test_module_cmake_builds_a_scripted_module_with_generic_tests():
-    text = (MODULE_DIR / "CMakeLists.txt").read_text()
+    text = (MODULE_DIR / "CMakeLists.txt").read_text(encoding="utf-8")
     assert "slicerMacroBuildScriptedModule(" in text and "WITH_GENERIC_TESTS" in text
     assert (MODULE_DIR / "Testing" / "CMakeLists.txt").is_file()
 
@@ -83,13 +83,13 @@ def test_every_script_and_resource_of_the_module_is_listed():
 
 
 def test_every_ui_widget_the_module_uses_exists_in_the_ui_file():
-    used = set(re.findall(r"self\.ui\.(\w+)", MODULE_FILE.read_text()))
+    used = set(re.findall(r"self\.ui\.(\w+)", MODULE_FILE.read_text(encoding="utf-8")))
     assert used, "the module uses no widget of its .ui file?"
     assert used - set(ui_widgets()) == set()
 
 
 def test_parameter_node_fields_match_the_ui_parameter_names():
-    tree = ast.parse(MODULE_FILE.read_text())
+    tree = ast.parse(MODULE_FILE.read_text(encoding="utf-8"))
     wrapper = next(
         node for node in tree.body
         if isinstance(node, ast.ClassDef) and any(getattr(d, "id", None) == "parameterNodeWrapper" for d in node.decorator_list)
@@ -133,7 +133,7 @@ def test_icon_is_a_128_pixel_png_with_transparency():
 def top_level_imports(path: Path) -> set[str]:
     """Modules imported at module level (not inside functions)."""
     names = set()
-    for node in ast.parse(path.read_text()).body:
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.level == 0:
@@ -150,7 +150,7 @@ def test_loading_the_module_imports_neither_torch_nor_the_engine():
 
 
 def test_mrml_logic_uses_no_application_or_qt_calls():
-    tree = ast.parse((LIB_DIR / "slicer_logic.py").read_text())
+    tree = ast.parse((LIB_DIR / "slicer_logic.py").read_text(encoding="utf-8"))
     application_calls = [
         f"slicer.{node.attr}" for node in ast.walk(tree)
         if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "slicer"
@@ -164,7 +164,7 @@ def third_party_imports() -> set[str]:
     stdlib = set(sys.stdlib_module_names)
     modules = set()
     for path in [*LIB_DIR.glob("*.py"), MODULE_FILE, MODULE_DIR / "Scripts" / "covidseg_slicer_batch.py"]:
-        for node in ast.walk(ast.parse(path.read_text())):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.Import):
                 modules.update(alias.name.split(".")[0] for alias in node.names)
             elif isinstance(node, ast.ImportFrom) and node.level == 0:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import shared_path
+from shared_data import shared_path
 
 from CovidInfectionSegLib.imageio import from_canonical, read_image, to_canonical
 from CovidInfectionSegLib.validation import InputError

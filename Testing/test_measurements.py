@@ -111,7 +111,7 @@ def test_dict_csv_and_json(tmp_path: Path) -> None:
     }
 
     result.write_json(tmp_path / "m.json")
-    loaded = json.loads((tmp_path / "m.json").read_text())
+    loaded = json.loads((tmp_path / "m.json").read_text(encoding="utf-8"))
     assert loaded == json.loads(json.dumps(data))
     assert Measurements.from_dict(loaded) == result
     assert sorted(path.name for path in tmp_path.iterdir()) == ["m.csv", "m.json"]  # no temporary files left

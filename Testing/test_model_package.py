@@ -33,7 +33,7 @@ def package_dir(tmp_path: Path, tiny_model_manifest: Path) -> Path:
 
 
 def edit_manifest(manifest_path: Path, **changes) -> None:
-    manifest = json.loads(manifest_path.read_text())
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     for key, value in changes.items():
         if value is None:
             manifest.pop(key, None)
@@ -115,7 +115,7 @@ def test_environment_variable_overrides_the_default(monkeypatch: pytest.MonkeyPa
 
 def test_checksum_mismatch(package_dir: Path) -> None:
     manifest_path = package_dir / "tiny.json"
-    expected = json.loads(manifest_path.read_text())["sha256"]
+    expected = json.loads(manifest_path.read_text(encoding="utf-8"))["sha256"]
     weights = package_dir / "tiny.pt"
     weights.write_bytes(weights.read_bytes() + b"\x00")
     actual = hashlib.sha256(weights.read_bytes()).hexdigest()

@@ -134,10 +134,10 @@ def test_write_all_writes_every_file_and_records_the_input(tmp_path, ct_and_labe
     assert set(paths) == {"segmentation", "labelmap", "measurements_csv", "measurements_json", "preview"}
     assert all(path.is_file() and path.stat().st_size > 0 for path in paths.values())
     assert outputs_complete(outdir, "case")
-    record = json.loads(paths["measurements_json"].read_text())
+    record = json.loads(paths["measurements_json"].read_text(encoding="utf-8"))
     assert record["source"] == "phantom for test"
     assert record["measurements"]["total"]["lung_ml"] == pytest.approx(result.measurements.total.lung_ml, abs=1e-3)
-    assert paths["measurements_csv"].read_text().splitlines()[0].startswith("region,lung_ml")
+    assert paths["measurements_csv"].read_text(encoding="utf-8").splitlines()[0].startswith("region,lung_ml")
     assert sorted(p.name for p in outdir.iterdir()) == sorted(p.name for p in paths.values())
 
     no_preview = write_all(result, ct, tmp_path / "np", "case", preview=False)
@@ -176,7 +176,7 @@ def test_unwritable_output_folder_is_a_clear_error(tmp_path, ct_and_labels, mode
     result = segment_image(ct, model, device="cpu")
     with pytest.raises(OutputError):
         write_all(result, ct, a_file / "out", "case")
-    assert a_file.read_text() == "x"
+    assert a_file.read_text(encoding="utf-8") == "x"
 
 
 def test_output_paths_names():

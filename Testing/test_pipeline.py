@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import shared_path
+from shared_data import shared_path
 from model_factory import write_model_package
 from phantoms import chest_phantom, lung_and_infection_net
 from test_imageio import assert_same_geometry

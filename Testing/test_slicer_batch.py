@@ -91,7 +91,7 @@ def test_batch_segments_good_scans_records_the_bad_one_and_leaves_the_scene_empt
         with open(out / name / f"{name}.measurements.csv", newline="") as handle:
             rows = {row["region"]: row for row in csv.DictReader(handle)}
         assert float(rows["total"]["lung_ml"]) == pytest.approx(lung_ml, abs=1e-3)
-        record = json.loads((out / name / f"{name}.measurements.json").read_text())
+        record = json.loads((out / name / f"{name}.measurements.json").read_text(encoding="utf-8"))
         assert record["source"].endswith(("alpha.nii.gz", "beta.nrrd"))
     assert "2 ok, 1 failed" in capsys.readouterr().out
 

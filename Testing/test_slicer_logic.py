@@ -186,7 +186,7 @@ def test_2d_volume_is_refused_and_scene_unchanged(scene, model):
 
 def test_bad_model_is_refused_and_scene_unchanged(scene, phantom, tmp_path):
     manifest_path = write_model_package(tmp_path / "model")
-    manifest = json.loads(manifest_path.read_text())
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     manifest["sha256"] = "0" * 64
     manifest_path.write_text(json.dumps(manifest))
     volume = imageToVolumeNode(phantom.image(origin=ORIGIN), scene, "chest")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import shared_path
+from shared_data import shared_path
 
 from CovidInfectionSegLib.imageio import read_image
 from CovidInfectionSegLib.validation import InputError, check_image, looks_like_hu, slice_axis

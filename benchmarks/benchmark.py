@@ -78,7 +78,7 @@ def reset_peaks(device: torch.device) -> None:
 def peak_rss_mb() -> float:
     """Peak resident memory since the last reset (VmHWM), else for the whole run (getrusage)."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
+        for line in Path("/proc/self/status").read_text(encoding="utf-8").splitlines():
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024.0
     except OSError:

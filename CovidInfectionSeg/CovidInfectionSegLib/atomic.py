@@ -36,4 +36,4 @@ def atomic_path(destination: str | Path) -> Iterator[Path]:
 
 def write_text_atomic(destination: str | Path, text: str) -> None:
     with atomic_path(destination) as temporary:
-        temporary.write_text(text)
+        temporary.write_text(text, encoding="utf-8")

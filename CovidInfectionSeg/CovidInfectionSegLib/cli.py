@@ -308,7 +308,7 @@ def _skipped_row(scan: Scan, scan_dir: Path) -> dict[str, Any]:
     row: dict[str, Any] = {"scan": scan.name, "status": "skipped", "error": "outputs already complete (--overwrite redoes)"}
     record_path = output_paths(scan_dir, scan.stem)["measurements_json"]
     try:
-        record = json.loads(record_path.read_text())
+        record = json.loads(record_path.read_text(encoding="utf-8"))
         row.update(measurement_columns(Measurements.from_dict(record["measurements"])))
         row["warnings"] = " | ".join(record.get("warnings", []))
     except (OSError, ValueError, KeyError, TypeError) as error:

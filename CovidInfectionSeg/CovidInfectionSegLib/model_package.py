@@ -160,7 +160,7 @@ def _manifest_path_for(path: Path, using_default: bool) -> Path:
             return beside
         for candidate in sorted(path.parent.glob("*.json")):
             try:
-                if json.loads(candidate.read_text()).get("file") == path.name:
+                if json.loads(candidate.read_text(encoding="utf-8")).get("file") == path.name:
                     return candidate
             except (ValueError, OSError, AttributeError):
                 continue

@@ -50,7 +50,7 @@ class TrainConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> "TrainConfig":
-        with open(path) as handle:
+        with open(path, encoding="utf-8") as handle:
             return cls.from_dict(yaml.safe_load(handle) or {})
 
     def to_dict(self) -> dict[str, Any]:

@@ -54,7 +54,7 @@ def run_fold(config: TrainConfig, *, pixel_mm: float, robustness: bool, log: Cal
 
 
 def _read_rows(path: Path) -> list[dict[str, Any]]:
-    with path.open() as handle:
+    with path.open(encoding="utf-8") as handle:
         return [{k: (v if k == "case" else float(v)) for k, v in row.items()} for row in csv.DictReader(handle)]
 
 
@@ -67,7 +67,7 @@ def aggregate(eval_dirs: dict[int, Path], out_dir: Path) -> dict[str, Any]:
         all_rows += [{"fold": fold, **row} for row in rows]
         fold_rows.append({"fold": fold, "cases": len(rows),
                           **{f"{s}_{m}": float(np.mean([r[f"{s}_{m}"] for r in rows])) for s in STRUCTURES for m in METRICS}})
-        summary = json.loads((eval_dir / "summary.json").read_text())
+        summary = json.loads((eval_dir / "summary.json").read_text(encoding="utf-8"))
         if "robustness" in summary:
             robustness[fold] = {name: summary["robustness"][name]["pooled"] for name in ("as_is", "degraded")}
     columns = [f"{s}_{m}" for s in STRUCTURES for m in METRICS]

@@ -48,7 +48,7 @@ def load_png_export(root: Path = DEFAULT_PNG_ROOT) -> SliceDataset:
     index = root / "cases.csv"
     if not index.exists():
         raise FileNotFoundError(f"{index} not found: expected the Ma et al. 2020 PNG export (see its README)")
-    with index.open() as handle:
+    with index.open(encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
     images, labels, cases = [], [], []
     for row in rows:

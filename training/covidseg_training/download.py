@@ -80,7 +80,7 @@ def file_checksums(path: Path) -> dict[str, str]:
 def _read_state(folder: Path) -> dict[str, dict]:
     path = folder / STATE_FILE
     try:
-        return json.loads(path.read_text()) if path.exists() else {}
+        return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
     except ValueError:
         return {}  # a damaged record only costs a re-check
 

@@ -114,7 +114,7 @@ def read_metrics(path: Path | None) -> dict[str, Any]:
     if path is None:
         return {}
     try:
-        metrics = json.loads(Path(path).read_text())
+        metrics = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
         raise ValueError(f"{path}: cannot read metrics JSON: {error}") from error
     if not isinstance(metrics, dict):
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metrics", type=Path, help="summary.json from `evaluate`, stored as the manifest's metrics")
     args = parser.parse_args(argv)
     manifest_path = export_checkpoint(args.checkpoint, args.out, args.name, args.version, read_metrics(args.metrics))
-    manifest = json.loads(manifest_path.read_text())
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     print(f"wrote {manifest_path.parent / manifest['file']} ({manifest['architecture']['parameters']} parameters, "
           f"sha256 {manifest['sha256'][:12]}) and {manifest_path}")
     return 0

@@ -116,7 +116,7 @@ def train(config: TrainConfig, log=print) -> Path:
     device = pick_device(config.device)
     out_dir = run_dir(config)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=list))
+    (out_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=list), encoding="utf-8")
 
     dataset = load_dataset(config)
     if dataset.images.shape[1:] != (config.input_size, config.input_size):

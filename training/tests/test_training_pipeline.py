@@ -58,9 +58,9 @@ def test_prepared_data(pipeline):
 def test_every_fold_trained_and_evaluated(pipeline):
     for fold in (0, 1):
         folder = pipeline["runs"] / f"fold{fold}"
-        history = json.loads((folder / "history.json").read_text())
+        history = json.loads((folder / "history.json").read_text(encoding="utf-8"))
         assert [row["epoch"] for row in history] == list(range(1, 26))
-        summary = json.loads((folder / "eval" / "summary.json").read_text())
+        summary = json.loads((folder / "eval" / "summary.json").read_text(encoding="utf-8"))
         assert summary["fold"] == fold and summary["n_cases"] == 2 and summary["n_slices"] == 14
         assert "pixel_mm" in summary["assumptions"] and summary["assumptions"]["surface_tolerance_mm"]["lung"] == 1.0
         for structure in ("lung", "infection"):
@@ -77,7 +77,7 @@ def test_every_fold_trained_and_evaluated(pipeline):
 
 
 def test_crossval_aggregate(pipeline):
-    aggregate = json.loads((pipeline["runs"] / "crossval" / "summary.json").read_text())
+    aggregate = json.loads((pipeline["runs"] / "crossval" / "summary.json").read_text(encoding="utf-8"))
     assert aggregate["folds"] == [0, 1]
     assert aggregate["over_folds"]["lung_dice"]["n"] == 2 and aggregate["over_cases"]["lung_dice"]["n"] == 4
     folds = [aggregate["per_fold"][k]["infection_dice"] for k in ("0", "1")]
@@ -98,8 +98,8 @@ def test_package_evaluates_like_its_checkpoint(pipeline):
     out = pipeline["root"] / "eval_package"
     assert cli(["evaluate", "--checkpoint", str(pipeline["models"] / "tiny_unet.json"), "--config",
                 str(pipeline["config"]), "--out", str(out), "--no-robustness"]) == 0
-    package_summary = json.loads((out / "summary.json").read_text())
-    checkpoint_summary = json.loads((pipeline["runs"] / "fold0" / "eval" / "summary.json").read_text())
+    package_summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    checkpoint_summary = json.loads((pipeline["runs"] / "fold0" / "eval" / "summary.json").read_text(encoding="utf-8"))
     for structure in ("lung", "infection"):
         assert package_summary["per_case"][structure]["dice"]["mean"] == pytest.approx(
             checkpoint_summary["per_case"][structure]["dice"]["mean"], abs=1e-4)
@@ -123,7 +123,7 @@ def test_exported_model_labels_a_volume_in_the_engine(pipeline):
 
 def test_export_refuses_metrics_of_another_checkpoint(pipeline, tmp_path):
     fold1_summary = pipeline["runs"] / "fold1" / "eval" / "summary.json"
-    assert json.loads(fold1_summary.read_text())["evaluated_sha256"]
+    assert json.loads(fold1_summary.read_text(encoding="utf-8"))["evaluated_sha256"]
     with pytest.raises(ValueError, match="the metrics were computed on .*fold1.*not on .*fold0"):
         cli(["export", "--checkpoint", str(pipeline["runs"] / "fold0" / "best.pt"), "--out", str(tmp_path),
              "--name", "x", "--version", "0.0.1", "--metrics", str(fold1_summary)])

@@ -89,7 +89,7 @@ def test_prepare_cli_writes_npz_and_facts(unpacked, tmp_path):
     assert cli(["prepare", "--zenodo", str(unpacked), "--out", str(out), "--input-size", "64", "--all-slices"]) == 0
     dataset = SliceDataset.load(out)
     assert len(dataset.images) == 32  # 8 middle slices x 4 cases, none dropped
-    facts = json.loads(out.with_suffix(".json").read_text())
+    facts = json.loads(out.with_suffix(".json").read_text(encoding="utf-8"))
     assert facts["slices"] == 32 and facts["orientation"] == "engine"
 
 

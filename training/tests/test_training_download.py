@@ -40,7 +40,7 @@ def test_download_verifies_records_and_skips_a_verified_file(server, tmp_path):
     path = download_file(pinned, tmp_path, log=lambda _: None)
     assert path.read_bytes() == PAYLOAD
     assert not (tmp_path / "data.bin.part").exists()
-    entry = json.loads((tmp_path / "checksums.json").read_text())["data.bin"]
+    entry = json.loads((tmp_path / "checksums.json").read_text(encoding="utf-8"))["data.bin"]
     assert entry["md5"] == pinned.md5 and entry["sha256"] == pinned.sha256
     assert entry["size"] == len(PAYLOAD) and entry["verified_against"] == ["md5", "sha256"]
     messages = []
@@ -51,7 +51,7 @@ def test_download_verifies_records_and_skips_a_verified_file(server, tmp_path):
 
 def test_unpinned_file_records_computed_checksums(server, tmp_path):
     download_file(remote(server, "data.bin"), tmp_path, log=lambda _: None)
-    entry = json.loads((tmp_path / "checksums.json").read_text())["data.bin"]
+    entry = json.loads((tmp_path / "checksums.json").read_text(encoding="utf-8"))["data.bin"]
     assert entry["md5"] == hashlib.md5(PAYLOAD).hexdigest() and entry["verified_against"] == []
 
 
@@ -123,7 +123,7 @@ def test_a_file_put_in_place_by_hand_is_verified_not_fetched(server, tmp_path):
     pinned = remote(server, "data.bin", sha256=hashlib.sha256(PAYLOAD).hexdigest())
     download_file(pinned, tmp_path, log=lambda _: None)
     assert server.requests == []
-    assert json.loads((tmp_path / "checksums.json").read_text())["data.bin"]["verified_against"] == ["sha256"]
+    assert json.loads((tmp_path / "checksums.json").read_text(encoding="utf-8"))["data.bin"]["verified_against"] == ["sha256"]
     (tmp_path / "other.bin").write_bytes(b"something else")
     with pytest.raises(ChecksumError, match="other.bin: md5 mismatch.*delete it"):
         download_file(remote(server, "other.bin", md5="0" * 32), tmp_path, log=lambda _: None)

@@ -35,7 +35,7 @@ def test_export_writes_a_package_the_engine_loads(checkpoint_path, tmp_path):
     assert export_main(["--checkpoint", str(checkpoint_path), "--out", str(tmp_path / "models"), "--name", "tiny_unet",
                         "--version", "0.1.0", "--metrics", str(metrics)]) == 0
     manifest_path = tmp_path / "models" / "tiny_unet.json"
-    manifest = json.loads(manifest_path.read_text())
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     assert manifest["format_version"] == 1 and manifest["file"] == "tiny_unet.pt" and manifest["version"] == "0.1.0"
     assert manifest["architecture"]["type"] == "UNet2D" and manifest["architecture"]["depth"] == 2
     checkpoint = load_checkpoint(checkpoint_path)
