@@ -186,6 +186,30 @@ def test_infection_far_from_the_lungs_is_removed_and_near_it_kept() -> None:
     assert not np.any(result.labels[right & ~inside] == INFECTION)
 
 
+def test_infection_in_fat_with_a_thin_lung_rim_is_dropped_but_a_lesion_in_aerated_lung_kept() -> None:
+    # the model's false call below the diaphragm: "infection" in fat (-100 HU) wrapped in a thin "lung" rim
+    classes, hu, right, left = chest(shape=(20, 60, 120))
+    lesion = ellipsoid(classes.shape, (10, 30, 26), (3, 5, 5)) & right
+    classes[lesion] = INFECTED
+    hu[lesion] = -400.0
+    rim = ellipsoid(classes.shape, (10, 30, 105), (6, 10, 10))
+    fat_call = ellipsoid(classes.shape, (10, 30, 105), (5, 8, 8))
+    classes[rim] = LUNG
+    classes[fat_call] = INFECTED
+    hu[rim] = -100.0
+    classes[8:12, 28:32, 88:97] = LUNG  # joined to the left lung, as a lung base would be
+    hu[8:12, 28:32, 88:97] = -850.0
+    result = postprocess(classes, hu, SPACING, settings=PostprocessingSettings(min_lung_component_ml=0.5))
+    assert np.all(result.labels[lesion] == INFECTION)
+    assert not np.any(result.labels[fat_call])
+    assert any("no aerated lung" in note for note in result.notes)
+    # without HU (min-max data) the rule cannot apply and the call stays
+    kept = postprocess(
+        classes, hu, SPACING, intensities_in_hu=False, settings=PostprocessingSettings(min_lung_component_ml=0.5)
+    )
+    assert np.any(kept.labels[fat_call] == INFECTION)
+
+
 def test_infection_is_counted_on_its_lung_side() -> None:
     classes, hu, right, left = chest()
     lesion = ellipsoid(classes.shape, (10, 30, 54), (4, 6, 5)) & left

@@ -17,6 +17,12 @@ results do not depend on resolution. Steps:
 3. holes filled per lung, per axial slice (2D) and in 3D.
 4. infection kept only inside the lungs dilated by ``infection_margin_mm``; infection components
    under ``min_infection_mm3`` are removed (inside the lungs they become lung).
+5. for CT in HU, infection components with almost no aerated lung around them (less than
+   ``min_aerated_shell_fraction`` of the one-voxel shell around the component is lung below
+   ``AERATED_HU``) are removed and do not become lung: real lesions border breathing lung on at
+   least part of their surface, while the model's false calls in fat or bowel wall below the
+   diaphragm border none (measured on the real abdominal CT in shared data: 30 of 39 mL removed,
+   while every infection component in the real chest CT had at least 39% aerated shell).
 """
 
 from __future__ import annotations
@@ -39,6 +45,8 @@ STRADDLE_FRACTION = 0.1
 CUT_MIN_SIDE_FRACTION = 0.15
 BODY_MIN_HU = -500.0
 MIDLINE_SAMPLE_SLICES = 32
+AERATED_HU = -500.0
+MIN_AERATED_SHELL_FRACTION = 0.1
 
 
 @dataclass(frozen=True)
@@ -51,6 +59,7 @@ class PostprocessingSettings:
     min_infection_mm3: float = MIN_INFECTION_MM3
     midline_search_mm: float = MIDLINE_SEARCH_MM
     straddle_fraction: float = STRADDLE_FRACTION
+    min_aerated_shell_fraction: float = MIN_AERATED_SHELL_FRACTION
 
 
 @dataclass
@@ -102,6 +111,16 @@ def postprocess(
             side[filled & (side == 0)] = value
     infection = keep_infection_near_lungs(classes == infection_class, side, spacing, settings)
     infection = remove_small_components(infection, settings.min_infection_mm3 / float(np.prod(spacing)))
+    if intensities_in_hu and infection.any():
+        unaerated = unaerated_infection(infection, side, intensities, settings.min_aerated_shell_fraction)
+        if unaerated.any():
+            voxel_ml = float(np.prod(spacing)) / 1000.0
+            notes.append(
+                f"dropped {np.count_nonzero(unaerated) * voxel_ml:.1f} mL of infection with no aerated lung "
+                f"around it (under {settings.min_aerated_shell_fraction:.0%} of its border below {AERATED_HU:g} HU)"
+            )
+            infection &= ~unaerated
+            side[unaerated] = 0
     labels = side.copy()
     labels[infection] = INFECTION
     return LungSegmentation(labels=labels, side=side, notes=notes)
@@ -288,6 +307,26 @@ def keep_infection_near_lungs(
         outside[box] &= ~near
         kept[box] |= near
     return kept
+
+
+def unaerated_infection(
+    infection: np.ndarray, side: np.ndarray, intensities: np.ndarray, min_aerated_fraction: float
+) -> np.ndarray:
+    """The infection components whose one-voxel shell holds less than ``min_aerated_fraction`` of
+    aerated lung (lung voxels below ``AERATED_HU``)."""
+    dropped = np.zeros(infection.shape, dtype=bool)
+    box = bounding_box(infection, pad=np.ones(infection.ndim, dtype=int), shape=infection.shape)
+    if box is None:
+        return dropped
+    components, _count = ndimage.label(infection[box])
+    aerated = (side[box] > 0) & ~infection[box] & (intensities[box] < AERATED_HU)
+    for index, sub in enumerate(ndimage.find_objects(components), start=1):
+        grown = tuple(slice(max(0, part.start - 1), part.stop + 1) for part in sub)
+        mask = components[grown] == index
+        shell = ndimage.binary_dilation(mask) & ~mask
+        if shell.any() and aerated[grown][shell].mean() < min_aerated_fraction:
+            dropped[box][grown] |= mask
+    return dropped
 
 
 def remove_small_components(mask: np.ndarray, min_voxels: float) -> np.ndarray:
