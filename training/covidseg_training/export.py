@@ -122,9 +122,22 @@ def read_metrics(path: Path | None) -> dict[str, Any]:
     return metrics
 
 
-def check_metrics_belong_to(metrics: dict[str, Any], checkpoint_path: Path) -> None:
-    """Refuse an evaluation of another file (``best.pt`` is rewritten while training runs)."""
+ALL_DATA_METRICS_NOTE = (
+    "these weights were trained on every case, so they have no held-out score of their own; the figures "
+    "are a held-out evaluation of the same training recipe with the evaluated cases left out (evaluated_file)"
+)
+
+
+def check_metrics_belong_to(metrics: dict[str, Any], checkpoint: Checkpoint) -> None:
+    """Refuse an evaluation of another file (``best.pt`` is rewritten while training runs).
+
+    A checkpoint trained on every case (``fold: null``) is the exception: nothing is left to evaluate it
+    on, so the held-out evaluation of its recipe (a fold or cross-validation summary) is what it carries.
+    """
+    checkpoint_path = checkpoint.path
     evaluated = metrics.get("evaluated_sha256")
+    if evaluated and checkpoint.config.fold is None:
+        return
     if evaluated and evaluated != sha256_of(checkpoint_path):
         raise ValueError(
             f"the metrics were computed on {metrics.get('evaluated_file')} (sha256 {evaluated[:12]}), not on "
@@ -144,7 +157,10 @@ def export_checkpoint(
     """Write ``<out_dir>/<name>.pt`` (TorchScript) and ``<name>.json`` (manifest); returns the manifest path."""
     if not isinstance(checkpoint, Checkpoint):
         checkpoint = load_checkpoint(checkpoint)
-    check_metrics_belong_to(metrics or {}, checkpoint.path)
+    metrics = dict(metrics or {})
+    check_metrics_belong_to(metrics, checkpoint)
+    if metrics and checkpoint.config.fold is None:
+        metrics["estimate_of_recipe"] = ALL_DATA_METRICS_NOTE
     config = checkpoint.config
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -164,7 +180,7 @@ def export_checkpoint(
         architecture=architecture_of(checkpoint.model, config),
         recipe=recipe,
         training_data=training_data if training_data is not None else describe_training_data(config, checkpoint.record),
-        metrics={"training_record": checkpoint.record, **(metrics or {})},
+        metrics={"training_record": checkpoint.record, **metrics},
     )
     manifest_path = out_dir / f"{name}.json"
     write_text_atomic(manifest_path, json.dumps(manifest, indent=2, default=_json_default) + "\n")

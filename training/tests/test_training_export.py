@@ -58,6 +58,24 @@ def test_export_writes_a_package_the_engine_loads(checkpoint_path, tmp_path):
     assert not list(tmp_path.glob("models/.*part*")), "no temporary files left behind"
 
 
+def test_all_data_checkpoint_carries_the_held_out_estimate_of_its_recipe(checkpoint_path, tmp_path):
+    """A model trained on every case has nothing left to be scored on: export takes the evaluation of the
+    same recipe with a fold held out (another file), and says so; a fold checkpoint still refuses it."""
+    fold_summary = {"evaluated_sha256": "0" * 64, "evaluated_file": "runs/v1/fold0/best.pt", "fold": 0,
+                    "per_case": {"lung": {"dice": {"mean": 0.98}}}}
+    with pytest.raises(ValueError, match="the metrics were computed on runs/v1/fold0/best.pt"):
+        export_checkpoint(checkpoint_path, tmp_path / "fold", "pkg", "1.0.0", metrics=fold_summary)
+    stored = torch.load(checkpoint_path, weights_only=False)
+    all_data = tmp_path / "all" / "best.pt"
+    all_data.parent.mkdir()
+    torch.save({**stored, "config": {**stored["config"], "fold": None}}, all_data)
+    manifest_path = export_checkpoint(all_data, tmp_path / "models", "pkg", "1.0.0", metrics=fold_summary,
+                                      training_data={"note": "test"})
+    metrics = json.loads(manifest_path.read_text(encoding="utf-8"))["metrics"]
+    assert metrics["per_case"]["lung"]["dice"]["mean"] == 0.98 and metrics["fold"] == 0
+    assert "trained on every case" in metrics["estimate_of_recipe"]
+
+
 def test_load_network_tells_checkpoints_from_packages(checkpoint_path, tmp_path):
     manifest_path = export_checkpoint(checkpoint_path, tmp_path, "pkg", "1.0.0", training_data={"note": "test"})
     for path in (manifest_path, tmp_path / "pkg.pt"):
