@@ -27,6 +27,14 @@ def test_bundled_manifest_describes_the_model(bundled_model) -> None:
     assert manifest["metrics"]["per_case"]["lung"]["dice"]["mean"] > 0.95
 
 
+def test_bundled_model_was_trained_on_every_case_and_says_its_metrics_are_a_recipe_estimate(bundled_model) -> None:
+    manifest = bundled_model.manifest
+    training = manifest["training_data"]
+    assert training["trained_folds"] == "all" and training["validation_fold"] is None
+    assert len(training["training_cases"]) == 20 and training["n_training_slices"] == 1614
+    assert "trained on every case" in manifest["metrics"]["estimate_of_recipe"]
+
+
 @pytest.fixture(scope="module")
 def chest_results(bundled_model):
     folder = shared_path("example-chest-ct")
