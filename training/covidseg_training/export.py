@@ -128,16 +128,9 @@ ALL_DATA_METRICS_NOTE = (
 )
 
 
-def check_metrics_belong_to(metrics: dict[str, Any], checkpoint: Checkpoint) -> None:
-    """Refuse an evaluation of another file (``best.pt`` is rewritten while training runs).
-
-    A checkpoint trained on every case (``fold: null``) is the exception: nothing is left to evaluate it
-    on, so the held-out evaluation of its recipe (a fold or cross-validation summary) is what it carries.
-    """
-    checkpoint_path = checkpoint.path
+def check_metrics_belong_to(metrics: dict[str, Any], checkpoint_path: Path) -> None:
+    """Refuse an evaluation of another file (``best.pt`` is rewritten while training runs)."""
     evaluated = metrics.get("evaluated_sha256")
-    if evaluated and checkpoint.config.fold is None:
-        return
     if evaluated and evaluated != sha256_of(checkpoint_path):
         raise ValueError(
             f"the metrics were computed on {metrics.get('evaluated_file')} (sha256 {evaluated[:12]}), not on "
@@ -158,9 +151,12 @@ def export_checkpoint(
     if not isinstance(checkpoint, Checkpoint):
         checkpoint = load_checkpoint(checkpoint)
     metrics = dict(metrics or {})
-    check_metrics_belong_to(metrics, checkpoint)
     if metrics and checkpoint.config.fold is None:
+        # Trained on every case: nothing is left to evaluate it on, so it carries the held-out
+        # evaluation of its recipe (another file by construction), labelled as such.
         metrics["estimate_of_recipe"] = ALL_DATA_METRICS_NOTE
+    else:
+        check_metrics_belong_to(metrics, checkpoint.path)
     config = checkpoint.config
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
