@@ -25,8 +25,8 @@ from CovidInfectionSegLib.atomic import write_text_atomic
 
 from .checkpoint import load_checkpoint
 from .config import TrainConfig
-from .evaluate import (DEFAULT_PIXEL_MM, METRICS, STRUCTURES, describe, evaluate, evaluated_file, plot_boxplot,
-                       validation_set, write_table)
+from .evaluate import DEFAULT_PIXEL_MM, METRICS, STRUCTURES, describe, evaluate, evaluated_file, validation_set, write_table
+from .figures import plot_boxplot
 from .train import run_dir, train
 
 

@@ -6,7 +6,8 @@
 
 Writes to ``--out``: per_slice.csv, per_case.csv (Dice, IoU, precision, recall, NSD, HD95 for lung
 and infection), threshold_sweep.csv + .png (infection probability threshold), pr_curve.csv + .png,
-boxplot.png, robustness.json and summary.json (mean and sd over slices and over cases, pooled counts).
+boxplot.png, examples.png (worst to best slices, with overlays), robustness.json and
+summary.json (mean and sd over slices and over cases, pooled counts).
 
 The slices are 2D and their pixel size is unknown (the PNG export dropped it): surface metrics
 assume ``--pixel-mm`` (default 350 mm field of view / 256 px = 1.37 mm). Tolerances follow the Ma et
@@ -27,12 +28,13 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
-from CovidInfectionSegLib.atomic import atomic_path, write_text_atomic
+from CovidInfectionSegLib.atomic import write_text_atomic
 from CovidInfectionSegLib.checksums import sha256_of
 
 from .checkpoint import load_network
 from .config import TrainConfig
 from .data import INFECTION, LUNG, SliceDataset
+from .figures import plot_boxplot, plot_curves, plot_examples
 from .metrics import Counts, SurfaceDistances, counts, overlap_metrics, surface_distances, surface_metrics
 from .predict import Predictions, predict
 from .robustness import robustness_report
@@ -159,64 +161,6 @@ def write_table(path: Path, rows: list[dict[str, Any]]) -> None:
     write_text_atomic(path, table_csv(rows))
 
 
-def _save_figure(figure, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    with atomic_path(path) as temporary:
-        figure.savefig(temporary, dpi=120, bbox_inches="tight")
-    plt.close(figure)
-
-
-def plot_boxplot(panels: list[tuple[str, list[dict[str, Any]]]], path: Path) -> None:
-    """One box plot panel of Dice and NSD (lung, infection) per ``(title, rows)``; dots when rows are few."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    columns = [f"{s}_{m}" for s in STRUCTURES for m in ("dice", "nsd")]
-    figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), sharey=True, squeeze=False)
-    for axis, (title, rows) in zip(axes[0], panels):
-        data = [[row[column] for row in rows] for column in columns]
-        few = len(rows) <= 50
-        axis.boxplot(data, showfliers=not few)
-        axis.set_xticks(range(1, len(columns) + 1), [c.replace("_", "\n") for c in columns])
-        if few:
-            for position, values in enumerate(data, start=1):
-                jitter = np.random.default_rng(position).uniform(-0.08, 0.08, len(values))
-                axis.scatter(position + jitter, values, s=12, alpha=0.7)
-        axis.set_title(f"{title} (n={len(rows)})")
-        axis.grid(axis="y", alpha=0.3)
-    axes[0][0].set_ylabel("score")
-    _save_figure(figure, path)
-
-
-def plot_curves(sweep: list[dict[str, float]], pr_rows: list[dict[str, float]], average_precision: float,
-                pr_path: Path, sweep_path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(5, 5))
-    axis.plot([r["recall"] for r in pr_rows], [r["precision"] for r in pr_rows], label=f"AP {average_precision:.3f}")
-    axis.scatter([r["recall_pooled"] for r in sweep], [r["precision_pooled"] for r in sweep], s=10, c="C1",
-                 label="thresholds 0.05..0.95")
-    axis.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02), title="infection, pixel level")
-    axis.legend(loc="lower left")
-    axis.grid(alpha=0.3)
-    _save_figure(figure, pr_path)
-
-    figure, axis = plt.subplots(figsize=(6, 4))
-    thresholds = [r["threshold"] for r in sweep]
-    for key in ("dice_pooled", "dice_case_mean", "precision_pooled", "recall_pooled", "healthy_lung_called_infection"):
-        axis.plot(thresholds, [r[key] for r in sweep], marker=".", label=key)
-    axis.set(xlabel="infection probability threshold", ylabel="score", ylim=(0, 1))
-    axis.legend(fontsize=8)
-    axis.grid(alpha=0.3)
-    _save_figure(figure, sweep_path)
-
-
 def evaluate(network: torch.nn.Module, dataset: SliceDataset, out_dir: str | Path, *,
              pixel_mm: float = DEFAULT_PIXEL_MM, robustness: bool = True, meta: dict[str, Any] | None = None,
              batch_size: int = 16) -> dict[str, Any]:
@@ -260,6 +204,7 @@ def evaluate(network: torch.nn.Module, dataset: SliceDataset, out_dir: str | Pat
     write_table(out_dir / "pr_curve.csv", pr_rows)
     plot_boxplot([("per case", case_rows), ("per slice", slice_rows)], out_dir / "boxplot.png")
     plot_curves(sweep, pr_rows, average_precision, out_dir / "pr_curve.png", out_dir / "threshold_sweep.png")
+    plot_examples(dataset.images, dataset.labels, predictions.labels, slice_rows, out_dir / "examples.png")
     if robustness:
         report = robustness_report(network, dataset, pixel_mm, as_is=predictions, batch_size=batch_size)
         write_text_atomic(out_dir / "robustness.json", json.dumps(report, indent=2) + "\n")

@@ -70,7 +70,7 @@ def test_every_fold_trained_and_evaluated(pipeline):
         assert summary["per_case"]["lung"]["dice"]["mean"] > 0.8, "25 epochs learn the dark synthetic lungs"
         assert set(summary["robustness"]) == {"as_is", "degraded", "note"}
         for name in ("per_slice.csv", "per_case.csv", "threshold_sweep.csv", "pr_curve.csv", "boxplot.png",
-                     "pr_curve.png", "threshold_sweep.png", "robustness.json"):
+                     "pr_curve.png", "threshold_sweep.png", "examples.png", "robustness.json"):
             assert (folder / "eval" / name).stat().st_size > 0, name
         with (folder / "eval" / "per_slice.csv").open() as handle:
             assert len(list(csv.DictReader(handle))) == 14

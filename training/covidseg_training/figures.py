@@ -1,0 +1,119 @@
+"""The evaluation's figures: box plots of the scores, the infection PR curve and threshold sweep, and
+example slices (CT, expert labels, model labels) from the worst to the best infection Dice.
+
+matplotlib is imported lazily with the Agg backend, so the figures render without a display.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from CovidInfectionSegLib.atomic import atomic_path
+
+from .data import INFECTION, LUNG
+
+BOXPLOT_COLUMNS = ("lung_dice", "lung_nsd", "infection_dice", "infection_nsd")
+# The segments' colours in the manifest (Slicer's GenericAnatomyColors), as matplotlib RGB.
+LUNG_COLOUR = (128 / 255, 174 / 255, 128 / 255)
+INFECTION_COLOUR = (216 / 255, 101 / 255, 79 / 255)
+EXAMPLE_QUANTILES = (("worst", 0.0), ("lower quartile", 0.25), ("median", 0.5), ("best", 1.0))
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save_figure(figure, path: Path) -> None:
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, dpi=120, bbox_inches="tight")
+    _pyplot().close(figure)
+
+
+def plot_boxplot(panels: list[tuple[str, list[dict[str, Any]]]], path: Path,
+                 columns: tuple[str, ...] = BOXPLOT_COLUMNS) -> None:
+    """One box plot panel of ``columns`` per ``(title, rows)``; dots when rows are few."""
+    plt = _pyplot()
+    figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), sharey=True, squeeze=False)
+    for axis, (title, rows) in zip(axes[0], panels):
+        data = [[row[column] for row in rows] for column in columns]
+        few = len(rows) <= 50
+        axis.boxplot(data, showfliers=not few)
+        axis.set_xticks(range(1, len(columns) + 1), [c.replace("_", "\n") for c in columns])
+        if few:
+            for position, values in enumerate(data, start=1):
+                jitter = np.random.default_rng(position).uniform(-0.08, 0.08, len(values))
+                axis.scatter(position + jitter, values, s=12, alpha=0.7)
+        axis.set_title(f"{title} (n={len(rows)})")
+        axis.grid(axis="y", alpha=0.3)
+    axes[0][0].set_ylabel("score")
+    _save_figure(figure, path)
+
+
+def plot_curves(sweep: list[dict[str, float]], pr_rows: list[dict[str, float]], average_precision: float,
+                pr_path: Path, sweep_path: Path) -> None:
+    """The infection precision-recall curve (with the swept thresholds on it) and the threshold sweep."""
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(5, 5))
+    axis.plot([r["recall"] for r in pr_rows], [r["precision"] for r in pr_rows], label=f"AP {average_precision:.3f}")
+    axis.scatter([r["recall_pooled"] for r in sweep], [r["precision_pooled"] for r in sweep], s=10, c="C1",
+                 label="thresholds 0.05..0.95")
+    axis.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02), title="infection, pixel level")
+    axis.legend(loc="lower left")
+    axis.grid(alpha=0.3)
+    _save_figure(figure, pr_path)
+
+    figure, axis = plt.subplots(figsize=(6, 4))
+    thresholds = [r["threshold"] for r in sweep]
+    for key in ("dice_pooled", "dice_case_mean", "precision_pooled", "recall_pooled", "healthy_lung_called_infection"):
+        axis.plot(thresholds, [r[key] for r in sweep], marker=".", label=key)
+    axis.set(xlabel="infection probability threshold", ylabel="score", ylim=(0, 1))
+    axis.legend(fontsize=8)
+    axis.grid(alpha=0.3)
+    _save_figure(figure, sweep_path)
+
+
+def example_slices(slice_rows: list[dict[str, Any]], score: str = "infection_dice") -> list[tuple[str, dict[str, Any]]]:
+    """The slices at the worst, lower-quartile, median and best ``score``, as ``(name, row)`` pairs."""
+    ranked = sorted(slice_rows, key=lambda row: (row[score], row["slice"]))
+    return [(name, ranked[round(quantile * (len(ranked) - 1))]) for name, quantile in EXAMPLE_QUANTILES]
+
+
+def _show_slice(axis, image: np.ndarray, labels: np.ndarray | None, title: str) -> None:
+    axis.imshow(image, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+    if labels is not None:
+        infection = labels == INFECTION
+        if infection.any():
+            rgba = np.zeros((*labels.shape, 4))
+            rgba[infection] = (*INFECTION_COLOUR, 0.55)
+            axis.imshow(rgba, interpolation="nearest")
+        lung = labels >= LUNG
+        if lung.any() and not lung.all():
+            axis.contour(lung, levels=[0.5], colors=[LUNG_COLOUR], linewidths=1.0)
+    axis.set_title(title, fontsize=8)
+    axis.axis("off")
+
+
+def plot_examples(images: np.ndarray, truth: np.ndarray, predicted: np.ndarray,
+                  slice_rows: list[dict[str, Any]], path: Path) -> None:
+    """Example validation slices (see :func:`example_slices`), one row each: the CT, the expert labels and
+    the model's labels, lung outlined and infection filled in the segments' colours."""
+    plt = _pyplot()
+    chosen = example_slices(slice_rows)
+    figure, axes = plt.subplots(len(chosen), 3, figsize=(7.5, 2.7 * len(chosen)), squeeze=False)
+    for row_axes, (name, row) in zip(axes, chosen):
+        index = int(row["slice"])
+        _show_slice(row_axes[0], images[index], None, f"{name}: case {row['case']}, validation slice {index}")
+        _show_slice(row_axes[1], images[index], truth[index], "expert")
+        _show_slice(row_axes[2], images[index], predicted[index],
+                    f"model: infection Dice {row['infection_dice']:.2f}, lung {row['lung_dice']:.2f}")
+    figure.suptitle("validation slices by infection Dice (lung outlined, infection filled)", fontsize=9)
+    figure.tight_layout()
+    _save_figure(figure, path)
