@@ -6,7 +6,8 @@ Fold k trains on the other folds' patients (data.patient_folds, seeded by the co
 evaluated on its own into ``<output_dir>/<name>/fold<k>/eval/``. Resumable: a fold whose
 ``eval/summary.json`` exists is skipped, and an interrupted fold resumes training from its
 ``last.pt``. The aggregate goes to ``<output_dir>/<name>/crossval/``: per_case.csv (all folds),
-folds.csv (per-fold means), summary.json (mean and sd over folds, and over all cases) and boxplot.png.
+folds.csv (per-fold means), summary.csv and summary.json (mean and sd per fold, over folds and over all
+cases) and boxplot.png.
 """
 
 from __future__ import annotations
@@ -58,6 +59,16 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
         return [{k: (v if k == "case" else float(v)) for k, v in row.items()} for row in csv.DictReader(handle)]
 
 
+def summary_rows(case_rows: list[dict[str, Any]], fold_rows: list[dict[str, Any]],
+                 columns: list[str]) -> list[dict[str, Any]]:
+    """Long table of mean, sd, median, min, max and n: over each fold's cases, over the fold means and
+    over all cases."""
+    scopes = [(f"fold {row['fold']}", [r for r in case_rows if r["fold"] == row["fold"]]) for row in fold_rows]
+    scopes += [("over folds", fold_rows), ("over cases", case_rows)]
+    return [{"scope": scope, "metric": column, **describe(row[column] for row in rows)}
+            for scope, rows in scopes for column in columns]
+
+
 def aggregate(eval_dirs: dict[int, Path], out_dir: Path) -> dict[str, Any]:
     """Combine the folds' per-case tables: per-fold means, mean and sd over folds, and over all cases."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -85,6 +96,7 @@ def aggregate(eval_dirs: dict[int, Path], out_dir: Path) -> dict[str, Any]:
         }
     write_table(out_dir / "per_case.csv", all_rows)
     write_table(out_dir / "folds.csv", fold_rows)
+    write_table(out_dir / "summary.csv", summary_rows(all_rows, fold_rows, columns))
     plot_boxplot([("per case, all folds", all_rows), ("per fold (means)", fold_rows)], out_dir / "boxplot.png")
     write_text_atomic(out_dir / "summary.json", json.dumps(result, indent=2) + "\n")
     return result

@@ -83,6 +83,13 @@ def test_crossval_aggregate(pipeline):
     folds = [aggregate["per_fold"][k]["infection_dice"] for k in ("0", "1")]
     assert aggregate["over_folds"]["infection_dice"]["mean"] == pytest.approx(np.mean(folds))
     assert set(aggregate["healthy_lung_called_infection"]["per_fold"]) == {"0", "1"}
+    with (pipeline["runs"] / "crossval" / "summary.csv").open() as handle:
+        table = {(row["scope"], row["metric"]): row for row in csv.DictReader(handle)}
+    assert {scope for scope, _ in table} == {"fold 0", "fold 1", "over folds", "over cases"}
+    over_folds = table[("over folds", "infection_dice")]
+    assert float(over_folds["mean"]) == pytest.approx(aggregate["over_folds"]["infection_dice"]["mean"], abs=1e-5)
+    assert float(table[("fold 1", "lung_dice")]["mean"]) == pytest.approx(aggregate["per_fold"]["1"]["lung_dice"], abs=1e-5)
+    assert int(table[("over cases", "lung_hd95")]["n"]) == 4
 
 
 def test_crossval_resumes_without_retraining(pipeline, capsys):
