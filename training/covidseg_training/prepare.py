@@ -1,6 +1,6 @@
 """Turn the training data into one ``.npz`` of network-ready slices (``SliceDataset``).
 
-    python -m covidseg_training prepare --png ../shared/data/ma2020-covid19-ct-png --out data/ma2020.npz
+    python -m covidseg_training prepare --png ../../shared/data/ma2020-covid19-ct-png --out data/ma2020.npz
     python -m covidseg_training prepare --zenodo data/zenodo --out data/zenodo.npz [--input-size 256]
         [--middle 0.6 | --middle 1] [--all-slices] [--orientation engine|png-export]
 
