@@ -7,11 +7,12 @@ connection drops (or when the command is run again), checked against the checksu
 recorded in ``checksums.json`` (so a verified file is skipped next time) and unpacked into
 ``<out>/<archive stem>/``.
 
-Checksums, honestly: Zenodo lists an MD5 for every file, but Zenodo could not be reached when this
-was written, so the MD5 fields are empty (None) and no MD5 is checked. The SHA-256 values are the
-ones the torch-em project pins for the same four URLs (torch_em/data/datasets/medical/covid19_seg.py);
-we have not verified them against the files ourselves. Whatever is or is not pinned, the computed MD5
-and SHA-256 of every file are written to ``checksums.json``: compare them with the Zenodo record page.
+Checksums: the MD5 of every file is read from the record itself (Zenodo's REST API,
+``https://zenodo.org/api/records/3757476``, ``files[].checksum``) just before downloading, and every
+file must match it. When that listing cannot be read (offline, with files put in place by hand), the
+files are checked against SHA-256 values pinned here instead: the ones the torch-em project pins for
+the same four URLs (torch_em/data/datasets/medical/covid19_seg.py), which we have not been able to
+compare with the files ourselves. The computed MD5 and SHA-256 of every file go to ``checksums.json``.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from CovidInfectionSegLib.atomic import write_text_atomic
 
 ZENODO_RECORD = "3757476"
 ZENODO_FILES_URL = f"https://zenodo.org/records/{ZENODO_RECORD}/files"
+ZENODO_API_URL = f"https://zenodo.org/api/records/{ZENODO_RECORD}"
 CHUNK = 1 << 20
 STATE_FILE = "checksums.json"
 
@@ -48,16 +50,21 @@ class RemoteFile:
     sha256: str | None = None
 
 
-def zenodo_files(base_url: str = ZENODO_FILES_URL) -> list[RemoteFile]:
-    """The four archives of record 3757476 (``base_url`` lets a mirror stand in for Zenodo)."""
-    pinned_sha256 = {  # from torch-em's loader for this record; MD5 unknown here (see module docstring)
-        "COVID-19-CT-Seg_20cases.zip": "a5060480eff9315b069b086312dac4872777901fb80d268a5a83edd9f4e7b440",
-        "Lung_Mask.zip": "f060b0d0299939a6d95ddefdbfa281de1a779c4d230a5adbd32414711d6d8187",
-        "Infection_Mask.zip": "87901c73fdd2230260e61d2dbc57bf56026efc28264006b8ea2bf411453c1694",
-        "Lung_and_Infection_Mask.zip": "34f5a573cb8fb53cb15abe81868395d9addf436854826a6fd6e70c2b294f19c3",
-    }
-    return [RemoteFile(name, f"{base_url.rstrip('/')}/{name}?download=1", md5=None, sha256=sha256)
-            for name, sha256 in pinned_sha256.items()]
+PINNED_SHA256 = {  # torch-em's pins for this record: the fallback when the record's own MD5s cannot be read
+    "COVID-19-CT-Seg_20cases.zip": "a5060480eff9315b069b086312dac4872777901fb80d268a5a83edd9f4e7b440",
+    "Lung_Mask.zip": "f060b0d0299939a6d95ddefdbfa281de1a779c4d230a5adbd32414711d6d8187",
+    "Infection_Mask.zip": "87901c73fdd2230260e61d2dbc57bf56026efc28264006b8ea2bf411453c1694",
+    "Lung_and_Infection_Mask.zip": "34f5a573cb8fb53cb15abe81868395d9addf436854826a6fd6e70c2b294f19c3",
+}
+
+
+def zenodo_files(base_url: str = ZENODO_FILES_URL, record_md5: dict[str, str] | None = None) -> list[RemoteFile]:
+    """The four archives of record 3757476 (``base_url`` lets a mirror stand in for Zenodo), checked
+    against the record's MD5 where ``record_md5`` has it, else against the pinned SHA-256."""
+    record_md5 = record_md5 or {}
+    return [RemoteFile(name, f"{base_url.rstrip('/')}/{name}?download=1", md5=record_md5.get(name),
+                       sha256=None if name in record_md5 else sha256)
+            for name, sha256 in PINNED_SHA256.items()]
 
 
 class DownloadError(RuntimeError):
@@ -207,12 +214,45 @@ def extract_archive(archive: Path, target: Path) -> Path:
     return target
 
 
+def read_record_md5(api_url: str = ZENODO_API_URL, timeout: float = 30.0) -> dict[str, str]:
+    """File name -> MD5 as the Zenodo record lists them (REST API: ``files[].key``, ``checksum "md5:..."``)."""
+    try:
+        with urllib.request.urlopen(api_url, timeout=timeout) as response:
+            record = json.load(response)
+    except (urllib.error.URLError, socket.timeout, ConnectionError, HTTPException, TimeoutError, ValueError) as error:
+        raise DownloadError(f"{api_url}: cannot read the record's file list ({getattr(error, 'reason', error)})") from error
+    md5 = {}
+    for entry in record.get("files", []) if isinstance(record, dict) else []:
+        name = entry.get("key") or entry.get("filename")
+        algorithm, _, value = str(entry.get("checksum", "")).partition(":")
+        if name and algorithm == "md5" and value:
+            md5[name] = value.lower()
+    if not md5:
+        raise DownloadError(f"{api_url}: the record's file list holds no MD5 checksums")
+    return md5
+
+
+def checked_zenodo_files(base_url: str = ZENODO_FILES_URL, api_url: str = ZENODO_API_URL,
+                         log: Callable[[str], None] = print) -> list[RemoteFile]:
+    """:func:`zenodo_files` with the record's MD5s, or with the pinned SHA-256 when the record cannot be read."""
+    try:
+        record_md5 = read_record_md5(api_url)
+    except DownloadError as error:
+        log(f"warning: {error}; checking the files against the pinned SHA-256 instead")
+        return zenodo_files(base_url)
+    files = zenodo_files(base_url, record_md5)
+    unlisted = [f.name for f in files if f.md5 is None]
+    if unlisted:
+        log(f"warning: the record lists no MD5 for {', '.join(unlisted)}; checking the pinned SHA-256 for those")
+    return files
+
+
 def download_dataset(out_dir: str | Path, files: list[RemoteFile] | None = None, *, extract: bool = True,
                      retries: int = 3, timeout: float = 60.0, log: Callable[[str], None] = print) -> list[Path]:
     """Download (and unpack) every file; returns the archive paths."""
     out_dir = Path(out_dir)
     paths = []
-    for remote in files if files is not None else zenodo_files():
+    for remote in files if files is not None else checked_zenodo_files(log=log):
         path = download_file(remote, out_dir, retries=retries, timeout=timeout, log=log)
         if extract and path.suffix == ".zip":
             extract_archive(path, out_dir / path.stem)
@@ -226,10 +266,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("data/zenodo"), help="download folder")
     parser.add_argument("--only", nargs="+", metavar="NAME", help="only these archives (file names)")
     parser.add_argument("--base-url", default=ZENODO_FILES_URL, help="a mirror of the record's files")
+    parser.add_argument("--api-url", default=ZENODO_API_URL, help="where to read the record's MD5 list")
     parser.add_argument("--no-extract", action="store_true", help="keep the zips packed")
     parser.add_argument("--retries", type=int, default=3)
     args = parser.parse_args(argv)
-    files = zenodo_files(args.base_url)
+    files = checked_zenodo_files(args.base_url, args.api_url, log=lambda message: print(message, file=sys.stderr))
     if args.only:
         unknown = set(args.only) - {f.name for f in files}
         if unknown:

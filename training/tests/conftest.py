@@ -10,7 +10,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from synthetic_zenodo import FileServer, write_record  # noqa: E402
+from synthetic_zenodo import FileServer, record_listing, write_record  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -22,7 +22,9 @@ def record_archives(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture()
 def record_server(record_archives):
-    """A local server holding the archives' bytes."""
-    server = FileServer({name: path.read_bytes() for name, path in record_archives.items()})
+    """A local server holding the archives' bytes and, at ``api/records/3757476``, the record's listing
+    with their MD5s (as Zenodo's REST API gives it)."""
+    server = FileServer({**{name: path.read_bytes() for name, path in record_archives.items()},
+                         "api/records/3757476": record_listing(record_archives)})
     yield server
     server.close()

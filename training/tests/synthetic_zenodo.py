@@ -1,10 +1,13 @@
 """Tiny stand-ins for the Zenodo 3757476 files: small chest-like NIfTI volumes with lung and infection
 masks, named and zipped like the record (two cases in HU, two stored windowed to 0..255 like the
-Radiopaedia volumes), and a local HTTP server that serves them with Range support.
+Radiopaedia volumes), the record's JSON listing with their MD5s, and a local HTTP server that serves
+them with Range support.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import threading
 import zipfile
 from dataclasses import dataclass, field
@@ -79,6 +82,16 @@ def write_record(folder: Path) -> dict[str, Path]:
             for file in sorted((staging / sub).iterdir()):
                 bundle.write(file, file.name)
     return archives
+
+
+def record_listing(archives: dict[str, Path], md5: dict[str, str] | None = None) -> bytes:
+    """The record's JSON as Zenodo's REST API lists it (``files[].key``, ``checksum "md5:..."``), with the
+    archives' true MD5s unless ``md5`` overrides them."""
+    md5 = md5 or {}
+    files = [{"key": name, "size": path.stat().st_size,
+              "checksum": "md5:" + md5.get(name, hashlib.md5(path.read_bytes()).hexdigest())}
+             for name, path in archives.items()]
+    return json.dumps({"id": 3757476, "files": files}).encode()
 
 
 @dataclass

@@ -10,15 +10,19 @@ import zipfile
 import pytest
 
 from covidseg_training.download import (
+    PINNED_SHA256,
     ChecksumError,
     DownloadError,
     RemoteFile,
+    checked_zenodo_files,
     download_dataset,
     download_file,
     extract_archive,
+    main,
+    read_record_md5,
     zenodo_files,
 )
-from synthetic_zenodo import FileServer
+from synthetic_zenodo import FileServer, record_listing
 
 PAYLOAD = bytes(range(256)) * 4096  # 1 MiB, several read chunks
 
@@ -84,12 +88,16 @@ def test_interruption_is_retried_within_one_call(server, tmp_path):
     assert server.requests[1][1] is not None
 
 
-def test_offline_gives_a_clear_message(tmp_path):
+def free_port() -> int:
     with socket.socket() as probe:  # a port nobody listens on
         probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+        return probe.getsockname()[1]
+
+
+def test_offline_gives_a_clear_message(tmp_path):
     with pytest.raises(DownloadError, match="cannot reach the server.*zenodo.org/records/3757476"):
-        download_file(RemoteFile("x.zip", f"http://127.0.0.1:{port}/x.zip"), tmp_path, retries=0, log=lambda _: None)
+        download_file(RemoteFile("x.zip", f"http://127.0.0.1:{free_port()}/x.zip"), tmp_path, retries=0,
+                      log=lambda _: None)
 
 
 def test_http_error_names_the_url(server, tmp_path):
@@ -106,16 +114,54 @@ def test_archive_that_escapes_its_folder_is_refused(tmp_path):
     assert not (tmp_path / "outside.txt").exists()
 
 
-def test_dataset_download_unpacks_every_archive(record_server, tmp_path):
-    files = zenodo_files(record_server.url)
+def test_dataset_download_checks_the_record_md5_and_unpacks_every_archive(record_server, tmp_path):
+    files = checked_zenodo_files(record_server.url, f"{record_server.url}/api/records/3757476", log=lambda _: None)
     assert [f.name for f in files] == ["COVID-19-CT-Seg_20cases.zip", "Lung_Mask.zip", "Infection_Mask.zip",
                                        "Lung_and_Infection_Mask.zip"]
-    unpinned = [RemoteFile(f.name, f.url) for f in files]  # the real sha256 pins do not fit the synthetic files
-    download_dataset(tmp_path, unpinned, log=lambda _: None)
+    assert all(f.md5 and f.sha256 is None for f in files), "the record's own MD5 replaces the pinned SHA-256"
+    download_dataset(tmp_path, files, log=lambda _: None)
+    state = json.loads((tmp_path / "checksums.json").read_text(encoding="utf-8"))
+    for f in files:
+        assert state[f.name]["md5"] == f.md5 and state[f.name]["verified_against"] == ["md5"]
     for stem in ("COVID-19-CT-Seg_20cases", "Lung_Mask", "Infection_Mask", "Lung_and_Infection_Mask"):
         assert len(list((tmp_path / stem).glob("*.nii.gz"))) == 4
-    with pytest.raises(ChecksumError, match="sha256 mismatch"):  # and the pinned ones are really checked
-        download_file(files[1], tmp_path / "pinned", log=lambda _: None)
+    with pytest.raises(ChecksumError, match="sha256 mismatch"):  # the fallback pins are really checked
+        download_file(zenodo_files(record_server.url)[1], tmp_path / "pinned", log=lambda _: None)
+
+
+def test_read_record_md5_parses_the_listing_and_refuses_a_bad_one(record_archives):
+    server = FileServer({"good": record_listing(record_archives), "empty": b'{"files": []}', "html": b"<html>"})
+    try:
+        md5 = read_record_md5(f"{server.url}/good")
+        assert set(md5) == set(record_archives)
+        assert md5["Lung_Mask.zip"] == hashlib.md5(record_archives["Lung_Mask.zip"].read_bytes()).hexdigest()
+        with pytest.raises(DownloadError, match="no MD5"):
+            read_record_md5(f"{server.url}/empty")
+        with pytest.raises(DownloadError, match="cannot read the record"):
+            read_record_md5(f"{server.url}/html")
+    finally:
+        server.close()
+
+
+def test_unreadable_record_falls_back_to_the_pinned_sha256():
+    messages = []
+    files = checked_zenodo_files("http://mirror.invalid/files", f"http://127.0.0.1:{free_port()}/api", log=messages.append)
+    assert {f.name: f.sha256 for f in files} == PINNED_SHA256 and all(f.md5 is None for f in files)
+    assert "pinned SHA-256" in messages[0]
+
+
+def test_cli_refuses_a_file_that_differs_from_the_record(record_archives, tmp_path, capsys):
+    wrong = {"Lung_Mask.zip": "0" * 32}
+    server = FileServer({**{name: path.read_bytes() for name, path in record_archives.items()},
+                         "api": record_listing(record_archives, md5=wrong)})
+    try:
+        code = main(["--out", str(tmp_path), "--base-url", server.url, "--api-url", f"{server.url}/api",
+                     "--only", "Lung_Mask.zip"])
+    finally:
+        server.close()
+    assert code == 1
+    assert "Lung_Mask.zip: md5 mismatch: expected " + "0" * 32 in capsys.readouterr().err
+    assert not (tmp_path / "Lung_Mask.zip").exists() and not (tmp_path / "Lung_Mask").exists()
 
 
 def test_a_file_put_in_place_by_hand_is_verified_not_fetched(server, tmp_path):

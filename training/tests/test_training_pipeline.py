@@ -28,12 +28,13 @@ TINY_CONFIG = {
 @pytest.fixture(scope="module")
 def pipeline(record_archives, tmp_path_factory) -> dict[str, Path]:
     """Run every stage once (the tests below check what each one left)."""
-    from synthetic_zenodo import FileServer
+    from synthetic_zenodo import FileServer, record_listing
 
     root = tmp_path_factory.mktemp("pipeline")
-    server = FileServer({name: path.read_bytes() for name, path in record_archives.items()})
+    server = FileServer({**{name: path.read_bytes() for name, path in record_archives.items()},
+                         "api/records/3757476": record_listing(record_archives)})
     try:
-        files = [download.RemoteFile(f.name, f.url) for f in download.zenodo_files(server.url)]
+        files = download.checked_zenodo_files(server.url, f"{server.url}/api/records/3757476", log=lambda _: None)
         download.download_dataset(root / "zenodo", files, log=lambda _: None)
     finally:
         server.close()
