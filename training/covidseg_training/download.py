@@ -38,6 +38,8 @@ ZENODO_FILES_URL = f"https://zenodo.org/records/{ZENODO_RECORD}/files"
 ZENODO_API_URL = f"https://zenodo.org/api/records/{ZENODO_RECORD}"
 CHUNK = 1 << 20
 STATE_FILE = "checksums.json"
+# What a dropped or unreachable connection raises (URLError includes HTTPError).
+NETWORK_ERRORS = (urllib.error.URLError, socket.timeout, ConnectionError, HTTPException, TimeoutError)
 
 
 @dataclass(frozen=True)
@@ -148,7 +150,7 @@ def download_file(remote: RemoteFile, folder: Path, *, retries: int = 3, timeout
             if _transfer(remote.url, part, timeout):
                 break
             log(f"{remote.name}: connection closed early at {part.stat().st_size} bytes; resuming")
-        except (urllib.error.URLError, socket.timeout, ConnectionError, HTTPException, TimeoutError) as error:
+        except NETWORK_ERRORS as error:
             reason = getattr(error, "reason", error)
             if isinstance(error, urllib.error.URLError) and not part.exists():
                 raise DownloadError(
@@ -219,7 +221,7 @@ def read_record_md5(api_url: str = ZENODO_API_URL, timeout: float = 30.0) -> dic
     try:
         with urllib.request.urlopen(api_url, timeout=timeout) as response:
             record = json.load(response)
-    except (urllib.error.URLError, socket.timeout, ConnectionError, HTTPException, TimeoutError, ValueError) as error:
+    except (*NETWORK_ERRORS, ValueError) as error:  # ValueError: not JSON
         raise DownloadError(f"{api_url}: cannot read the record's file list ({getattr(error, 'reason', error)})") from error
     md5 = {}
     for entry in record.get("files", []) if isinstance(record, dict) else []:
