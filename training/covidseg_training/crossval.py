@@ -117,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("config", type=Path, help="experiment YAML")
     parser.add_argument("--folds", type=int, nargs="+", help="only these folds (default: all n_folds)")
     parser.add_argument("--epochs", type=int, help="overrides the config")
-    parser.add_argument("--pixel-mm", type=float, default=DEFAULT_PIXEL_MM)
+    parser.add_argument("--pixel-mm", type=float, default=DEFAULT_PIXEL_MM,
+                        help="in-plane pixel size in mm assumed for data without one, like the PNG export")
     parser.add_argument("--no-robustness", action="store_true")
     args = parser.parse_args(argv)
     config = TrainConfig.load(args.config)

@@ -17,22 +17,34 @@ DEFAULT_PNG_ROOT = Path(__file__).resolve().parents[2].parent / "shared" / "data
 @dataclass
 class SliceDataset:
     """Network-ready slices: ``images`` uint8 (N, H, W) after the recipe, ``labels`` uint8 (N, H, W)
-    with 0 background, 1 lung, 2 infection; ``cases`` the patient id of each slice."""
+    with 0 background, 1 lung, 2 infection; ``cases`` the patient id of each slice; ``pixel_mm`` the
+    in-plane size in mm of a pixel of each slice as stored (after padding and resizing), or None where
+    the source dropped it (the PNG export)."""
 
     images: np.ndarray
     labels: np.ndarray
     cases: np.ndarray
+    pixel_mm: np.ndarray | None = None
 
     def subset(self, mask: np.ndarray) -> "SliceDataset":
-        return SliceDataset(self.images[mask], self.labels[mask], self.cases[mask])
+        pixel_mm = None if self.pixel_mm is None else self.pixel_mm[mask]
+        return SliceDataset(self.images[mask], self.labels[mask], self.cases[mask], pixel_mm)
+
+    def pixel_sizes(self, assumed_mm: float) -> np.ndarray:
+        """Each slice's pixel size in mm: its own where the data has one, else ``assumed_mm``."""
+        if self.pixel_mm is not None:
+            return np.asarray(self.pixel_mm, dtype=float)
+        return np.full(len(self.images), assumed_mm, dtype=float)
 
     def save(self, path: Path) -> None:
-        np.savez_compressed(path, images=self.images, labels=self.labels, cases=self.cases)
+        extra = {} if self.pixel_mm is None else {"pixel_mm": self.pixel_mm}
+        np.savez_compressed(path, images=self.images, labels=self.labels, cases=self.cases, **extra)
 
     @classmethod
     def load(cls, path: Path) -> "SliceDataset":
         with np.load(path) as data:
-            return cls(data["images"], data["labels"], data["cases"].astype(str))
+            pixel_mm = data["pixel_mm"].astype(np.float32) if "pixel_mm" in data.files else None
+            return cls(data["images"], data["labels"], data["cases"].astype(str), pixel_mm)
 
 
 def labels_from_masks(lungs: np.ndarray, infection: np.ndarray) -> np.ndarray:

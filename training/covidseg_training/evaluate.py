@@ -9,8 +9,9 @@ and infection), threshold_sweep.csv + .png (infection probability threshold), pr
 boxplot.png, examples.png (worst to best slices, with overlays), robustness.json and
 summary.json (mean and sd over slices and over cases, pooled counts).
 
-The slices are 2D and their pixel size is unknown (the PNG export dropped it): surface metrics
-assume ``--pixel-mm`` (default 350 mm field of view / 256 px = 1.37 mm). Tolerances follow the Ma et
+The slices are 2D. Surface metrics use each slice's pixel size where the data has it (``prepare
+--zenodo`` stores it from the volumes' spacing); the PNG export dropped it, so for it they assume
+``--pixel-mm`` (default 350 mm field of view / 256 px = 1.37 mm). Tolerances follow the Ma et
 al. benchmark: 1 mm for lungs, 3 mm for infection. Per-case surface metrics pool the 2D boundary
 distances of the case's slices (the slices are not contiguous, so no 3D surface exists).
 """
@@ -57,17 +58,31 @@ def _scores(c: Counts, distances: SurfaceDistances, structure: str, diagonal_mm:
     return {**overlap_metrics(c), **surface_metrics(distances, TOLERANCE_MM[structure], diagonal_mm)}
 
 
+def pixel_note(dataset: SliceDataset, assumed_mm: float) -> str:
+    if dataset.pixel_mm is not None:
+        sizes = np.asarray(dataset.pixel_mm, dtype=float)
+        return (f"in-plane pixel size of each slice from its volume's spacing: {sizes.min():.3f}-{sizes.max():.3f} mm "
+                f"(median {np.median(sizes):.3f})")
+    return (f"in-plane pixel size unknown (the PNG export dropped it); assumed {assumed_mm:.3f} mm, "
+            f"i.e. a ~{assumed_mm * dataset.images.shape[-1]:.0f} mm field of view over {dataset.images.shape[-1]} px")
+
+
 def metric_tables(predicted: np.ndarray, truth: np.ndarray, cases: np.ndarray,
-                  pixel_mm: float) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Per-slice rows and per-case rows (overlap from pooled counts, surface from pooled distances)."""
-    spacing = (pixel_mm, pixel_mm)
-    diagonal_mm = float(np.hypot(*truth.shape[1:]) * pixel_mm)
+                  pixel_mm: float | np.ndarray) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Per-slice rows and per-case rows (overlap from pooled counts, surface from pooled distances).
+    ``pixel_mm``: one pixel size for all slices or one per slice."""
+    pixel_sizes = np.broadcast_to(np.asarray(pixel_mm, dtype=float), (len(truth),))
+    diagonal_px = float(np.hypot(*truth.shape[1:]))
+    case_diagonal_mm: dict[str, float] = {}
     slice_rows: list[dict[str, Any]] = []
     pooled: dict[str, dict[str, tuple[Counts, SurfaceDistances]]] = {}
     empty = SurfaceDistances(np.empty(0, np.float32), np.empty(0, np.float32))
     for index in range(len(truth)):
         case = str(cases[index])
         row: dict[str, Any] = {"slice": index, "case": case}
+        spacing = (float(pixel_sizes[index]),) * 2
+        diagonal_mm = diagonal_px * spacing[0]
+        case_diagonal_mm[case] = max(diagonal_mm, case_diagonal_mm.get(case, 0.0))
         case_pool = pooled.setdefault(case, {s: (Counts(), empty) for s in STRUCTURES})
         for structure in STRUCTURES:
             prediction = structure_mask(predicted[index], structure)
@@ -83,7 +98,7 @@ def metric_tables(predicted: np.ndarray, truth: np.ndarray, cases: np.ndarray,
     for case, by_structure in pooled.items():
         row = {"case": case, "slices": int((cases == case).sum())}
         for structure, (c, distances) in by_structure.items():
-            for metric, value in _scores(c, distances, structure, diagonal_mm).items():
+            for metric, value in _scores(c, distances, structure, case_diagonal_mm[case]).items():
                 row[f"{structure}_{metric}"] = value
         case_rows.append(row)
     return slice_rows, case_rows
@@ -170,7 +185,8 @@ def evaluate(network: torch.nn.Module, dataset: SliceDataset, out_dir: str | Pat
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     predictions: Predictions = predict(network, dataset.images, batch_size)
-    slice_rows, case_rows = metric_tables(predictions.labels, dataset.labels, dataset.cases, pixel_mm)
+    slice_rows, case_rows = metric_tables(predictions.labels, dataset.labels, dataset.cases,
+                                          dataset.pixel_sizes(pixel_mm))
     sweep = threshold_sweep(predictions.infection_probability, dataset.labels, dataset.cases)
     pr_rows, average_precision = precision_recall_curve(predictions.infection_probability, dataset.labels)
     pooled = {s: overlap_metrics(counts(structure_mask(predictions.labels, s), structure_mask(dataset.labels, s)))
@@ -183,10 +199,8 @@ def evaluate(network: torch.nn.Module, dataset: SliceDataset, out_dir: str | Pat
         "n_cases": int(len(case_rows)),
         "cases": sorted(row["case"] for row in case_rows),
         "assumptions": {
-            "pixel_mm": pixel_mm,
-            "pixel_note": (f"in-plane pixel size unknown (the PNG export dropped it); assumed {pixel_mm:.3f} mm, "
-                           f"i.e. a ~{pixel_mm * dataset.images.shape[-1]:.0f} mm field of view over "
-                           f"{dataset.images.shape[-1]} px"),
+            "pixel_mm": None if dataset.pixel_mm is not None else pixel_mm,  # None: each slice's own (pixel_note)
+            "pixel_note": pixel_note(dataset, pixel_mm),
             "surface_tolerance_mm": TOLERANCE_MM,
             "lung": "lung + infection labels (infection lies inside the lung)",
             "per_case": "overlap from pooled pixel counts; NSD/HD95 from pooled 2D boundary distances",
@@ -206,7 +220,8 @@ def evaluate(network: torch.nn.Module, dataset: SliceDataset, out_dir: str | Pat
     plot_curves(sweep, pr_rows, average_precision, out_dir / "pr_curve.png", out_dir / "threshold_sweep.png")
     plot_examples(dataset.images, dataset.labels, predictions.labels, slice_rows, out_dir / "examples.png")
     if robustness:
-        report = robustness_report(network, dataset, pixel_mm, as_is=predictions, batch_size=batch_size)
+        report = robustness_report(network, dataset, dataset.pixel_sizes(pixel_mm), as_is=predictions,
+                                   batch_size=batch_size)
         write_text_atomic(out_dir / "robustness.json", json.dumps(report, indent=2) + "\n")
         summary["robustness"] = {name: {k: report[name][k] for k in ("pooled", "case_mean", "case_max", "meets_target",
                                                                      "infection_dice_pooled")}
@@ -270,7 +285,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)
     parser.add_argument("--pixel-mm", type=float, default=DEFAULT_PIXEL_MM,
-                        help=f"assumed in-plane pixel size in mm (default {DEFAULT_PIXEL_MM:.3f})")
+                        help=f"in-plane pixel size in mm assumed for data without one, like the PNG export "
+                             f"(default {DEFAULT_PIXEL_MM:.3f})")
     parser.add_argument("--no-robustness", action="store_true", help="skip the healthy-lung / 3 mm check")
     args = parser.parse_args(argv)
     network, dataset, meta = resolve_model_and_data(args)

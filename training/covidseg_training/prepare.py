@@ -8,8 +8,10 @@ From the Zenodo volumes (``download`` unpacks them into COVID-19-CT-Seg_20cases/
 Infection_Mask/ and Lung_and_Infection_Mask/) the slices are made as the shared PNG export made its
 own (see that export's README): the middle 60% of axial slices, the engine's intensity recipe
 (imported from CovidInfectionSegLib.preprocessing), masks padded and resized the same way and
-binarised at 0.5, only slices that hold infection. Orientation: by default the engine's reader and
-canonical LPS orientation (CovidInfectionSegLib.imageio), i.e. what the model sees at inference;
+binarised at 0.5, only slices that hold infection. Each slice keeps its pixel size in mm after the
+resize (``SliceDataset.pixel_mm``, from the volume's spacing) for the surface metrics.
+Orientation: by default the engine's reader and canonical LPS orientation
+(CovidInfectionSegLib.imageio), i.e. what the model sees at inference;
 ``--orientation png-export`` reproduces the export's ``np.rot90`` of nibabel's array instead (it
 ignores the affine: the export's Radiopaedia slices are upside down next to the coronacases ones).
 
@@ -80,21 +82,37 @@ def read_volume(path: Path, orientation: str = "engine") -> np.ndarray:
     ignores the affine, and the Radiopaedia slices of the export are indeed upside down (posterior up)
     next to the coronacases ones.
     """
+    return read_volume_and_spacing(path, orientation)[0]
+
+
+def read_volume_and_spacing(path: Path, orientation: str = "engine") -> tuple[np.ndarray, tuple[float, float]]:
+    """:func:`read_volume` plus the in-plane pixel spacing in mm as (row, column)."""
     if orientation == "engine":
         image = to_canonical(read_image(path))
         data = sitk.GetArrayFromImage(image).astype(np.float32, copy=False)
+        spacing = (float(image.GetSpacing()[1]), float(image.GetSpacing()[0]))
     elif orientation == "png-export":
         import nibabel
 
         try:
-            data = np.moveaxis(np.rot90(nibabel.load(str(path)).get_fdata(dtype=np.float32)), 2, 0)
+            nifti = nibabel.load(str(path))
+            data = np.moveaxis(np.rot90(nifti.get_fdata(dtype=np.float32)), 2, 0)
         except Exception as error:  # nibabel raises several types for damaged files
             raise ValueError(f"{path}: not a readable NIfTI volume: {error}") from error
+        zooms = nifti.header.get_zooms()
+        spacing = (float(zooms[1]), float(zooms[0]))  # rot90 turns (x, y) into (rows ~ y, columns ~ x)
     else:
         raise ValueError(f"unknown orientation {orientation!r}; choose from {ORIENTATIONS}")
     if data.ndim != 3:
         raise ValueError(f"{path}: expected a 3D volume, got shape {data.shape}")
-    return np.ascontiguousarray(data)
+    return np.ascontiguousarray(data), spacing
+
+
+def stored_pixel_mm(shape: tuple[int, int], spacing: tuple[float, float], input_size: int) -> float:
+    """Pixel size in mm of a (rows, cols) slice once padded to a square and resized to ``input_size``.
+    Padding is in pixels, so an anisotropic in-plane spacing (rare in CT) is summarised by its
+    geometric mean."""
+    return float(max(shape) * np.sqrt(spacing[0] * spacing[1]) / input_size)
 
 
 def stored_windowed(volume: np.ndarray) -> bool:
@@ -143,8 +161,9 @@ def find_cases(root: Path) -> list[tuple[str, Path, Path, Path | None]]:
 def prepare_volume(image_path: Path, lung_path: Path, infection_path: Path | None, *, input_size: int,
                    middle: float, only_infected: bool, orientation: str = "engine"
                    ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """One case -> (images uint8 (n, s, s), labels uint8 (n, s, s), facts about it)."""
-    volume = read_volume(image_path, orientation)
+    """One case -> (images uint8 (n, s, s), labels uint8 (n, s, s), facts about it, incl. ``pixel_mm``
+    the in-plane pixel size of the stored slices)."""
+    volume, spacing = read_volume_and_spacing(image_path, orientation)
     lung_volume = read_volume(lung_path, orientation)
     infection_volume = (read_volume(infection_path, orientation) if infection_path
                         else (lung_volume == COMBINED_INFECTION).astype(np.float32))
@@ -163,6 +182,7 @@ def prepare_volume(image_path: Path, lung_path: Path, infection_path: Path | Non
     keep = infection.any(axis=(1, 2)) if only_infected else np.ones(len(images), dtype=bool)
     facts = {
         "image": str(image_path), "slices_rows_cols": list(volume.shape),
+        "spacing_rows_cols_mm": list(spacing), "pixel_mm": stored_pixel_mm(volume.shape[1:], spacing, input_size),
         "stored_as": "windowed [-1250, 250] rescaled to 0..255 (no HU clip)" if windowed else "HU (clipped to the recipe window)",
         "value_range": [float(volume.min()), float(volume.max())],
         "slices_in_middle": len(selection), "slices_kept": int(keep.sum()),
@@ -175,7 +195,7 @@ def prepare_zenodo(root: str | Path, *, input_size: int = 256, middle: float = 0
                    ) -> tuple[SliceDataset, dict[str, Any]]:
     """All cases of an unpacked record -> (dataset, per-case facts)."""
     root = Path(root)
-    images, labels, cases, facts = [], [], [], {}
+    images, labels, cases, pixel_mm, facts = [], [], [], [], {}
     for key, image_path, lung_path, infection_path in find_cases(root):
         case_images, case_labels, case_facts = prepare_volume(
             image_path, lung_path, infection_path, input_size=input_size, middle=middle, only_infected=only_infected,
@@ -184,8 +204,10 @@ def prepare_zenodo(root: str | Path, *, input_size: int = 256, middle: float = 0
         images.append(case_images)
         labels.append(case_labels)
         cases.append(np.full(len(case_images), key))
+        pixel_mm.append(np.full(len(case_images), case_facts["pixel_mm"], dtype=np.float32))
         facts[key] = case_facts
-    dataset = SliceDataset(np.concatenate(images), np.concatenate(labels), np.concatenate(cases).astype(str))
+    dataset = SliceDataset(np.concatenate(images), np.concatenate(labels), np.concatenate(cases).astype(str),
+                           np.concatenate(pixel_mm))
     return dataset, {"source": str(root), "input_size": input_size, "middle_fraction": middle,
                      "only_slices_with_infection": only_infected, "orientation": orientation,
                      "cases": facts}

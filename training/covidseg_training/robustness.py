@@ -29,17 +29,19 @@ DEGRADED_PIXEL_MM = 3.0
 TARGET_FALSE_POSITIVE = 0.05
 
 
-def degrade_resolution(images: np.ndarray, pixel_mm: float, target_mm: float = DEGRADED_PIXEL_MM,
+def degrade_resolution(images: np.ndarray, pixel_mm: float | np.ndarray, target_mm: float = DEGRADED_PIXEL_MM,
                        recipe: IntensityRecipe | None = None) -> np.ndarray:
-    """uint8 slices (N, H, W) as a ``target_mm`` reconstruction would look after the intensity recipe."""
-    if target_mm <= pixel_mm:
-        raise ValueError(f"target resolution {target_mm} mm is not coarser than the pixel size {pixel_mm} mm")
+    """uint8 slices (N, H, W) as a ``target_mm`` reconstruction would look after the intensity recipe.
+    ``pixel_mm``: one pixel size for all slices or one per slice."""
+    pixel_sizes = np.broadcast_to(np.asarray(pixel_mm, dtype=float), (len(images),))
+    if len(images) and target_mm <= pixel_sizes.max():
+        raise ValueError(f"target resolution {target_mm} mm is not coarser than the pixel size {pixel_sizes.max()} mm")
     rows, cols = images.shape[1:]
-    factor = target_mm / pixel_mm
-    small_size = (max(2, round(cols / factor)), max(2, round(rows / factor)))
     clahe = make_clahe(recipe or IntensityRecipe(input_size=rows))
     out = np.empty_like(images)
     for index, image in enumerate(images):
+        factor = target_mm / pixel_sizes[index]
+        small_size = (max(2, round(cols / factor)), max(2, round(rows / factor)))
         small = cv2.resize(image.astype(np.float32), small_size, interpolation=cv2.INTER_AREA)
         restored = cv2.resize(small, (cols, rows), interpolation=cv2.INTER_CUBIC)
         out[index] = clahe.apply(minmax_to_uint8(restored))
@@ -72,13 +74,15 @@ def infection_dice(predicted: np.ndarray, truth: np.ndarray) -> float:
     return 1.0 if denominator == 0 else float(2 * (prediction & reference).sum() / denominator)
 
 
-def robustness_report(network: torch.nn.Module, dataset: SliceDataset, pixel_mm: float,
+def robustness_report(network: torch.nn.Module, dataset: SliceDataset, pixel_mm: float | np.ndarray,
                       as_is: Predictions | None = None, batch_size: int = 16) -> dict[str, Any]:
     """Healthy-lung false positives as is and at :data:`DEGRADED_PIXEL_MM`, with the pass/fail verdict."""
     as_is = as_is or predict(network, dataset.images, batch_size)
     degraded_images = degrade_resolution(dataset.images, pixel_mm)
     degraded = predict(network, degraded_images, batch_size)
-    report: dict[str, Any] = {"target_below": TARGET_FALSE_POSITIVE, "assumed_pixel_mm": pixel_mm,
+    sizes = np.asarray(pixel_mm, dtype=float)
+    report: dict[str, Any] = {"target_below": TARGET_FALSE_POSITIVE,
+                              "pixel_mm": float(sizes) if sizes.ndim == 0 else [float(sizes.min()), float(sizes.max())],
                               "degraded_pixel_mm": DEGRADED_PIXEL_MM}
     for name, predictions in (("as_is", as_is), ("degraded", degraded)):
         result = healthy_lung_called_infection(predictions.labels, dataset.labels, dataset.cases)
@@ -94,10 +98,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="covidseg_training robustness", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)
-    parser.add_argument("--pixel-mm", type=float, default=DEFAULT_PIXEL_MM, help="assumed in-plane pixel size")
+    parser.add_argument("--pixel-mm", type=float, default=DEFAULT_PIXEL_MM,
+                        help="in-plane pixel size in mm assumed for data without one, like the PNG export")
     args = parser.parse_args(argv)
     network, dataset, meta = resolve_model_and_data(args)
-    report = {**meta, **robustness_report(network, dataset, args.pixel_mm, batch_size=args.batch_size)}
+    report = {**meta, **robustness_report(network, dataset, dataset.pixel_sizes(args.pixel_mm),
+                                          batch_size=args.batch_size)}
     args.out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(args.out / "robustness.json", json.dumps(report, indent=2) + "\n")
     for name in ("as_is", "degraded"):

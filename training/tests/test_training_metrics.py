@@ -61,6 +61,19 @@ def test_per_case_rows_pool_slices():
     assert by_case["b"]["infection_hd95"] == pytest.approx(np.hypot(32, 32))  # the miss costs the diagonal
 
 
+def test_each_slice_can_have_its_own_pixel_size():
+    truth = np.zeros((2, 32, 32), np.uint8)
+    truth[:, 5:25, 5:25] = 1
+    predicted = np.roll(truth, 2, axis=2)  # two pixels off on both slices
+    slice_rows, case_rows = metric_tables(predicted, truth, np.array(["a", "b"]), pixel_mm=np.array([1.0, 2.5]))
+    assert slice_rows[0]["lung_hd95"] == pytest.approx(2.0)
+    assert slice_rows[1]["lung_hd95"] == pytest.approx(5.0)
+    assert slice_rows[0]["lung_dice"] == slice_rows[1]["lung_dice"]  # overlap does not depend on it
+    truth[1] = 0  # nothing to find on "b": a false lung costs the diagonal of 2.5 mm pixels
+    _, case_rows = metric_tables(predicted, truth, np.array(["a", "b"]), pixel_mm=np.array([1.0, 2.5]))
+    assert {row["case"]: row for row in case_rows}["b"]["lung_hd95"] == pytest.approx(2.5 * np.hypot(32, 32))
+
+
 def test_pr_curve_and_sweep_of_a_perfect_and_a_useless_probability():
     truth = np.zeros((2, 20, 20), np.uint8)
     truth[:, 4:16, 4:16] = 1
@@ -97,3 +110,14 @@ def test_degradation_blurs_but_keeps_shape_and_recipe_range():
     assert roughness(degraded) < 0.6 * roughness(images)
     with pytest.raises(ValueError, match="not coarser"):
         degrade_resolution(images, pixel_mm=3.0, target_mm=3.0)
+
+
+def test_degradation_per_slice_pixel_size():
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (2, 64, 64), dtype=np.uint8)
+    both = degrade_resolution(images, pixel_mm=np.array([1.0, 2.0]), target_mm=3.0)
+    np.testing.assert_array_equal(both[:1], degrade_resolution(images[:1], pixel_mm=1.0, target_mm=3.0))
+    np.testing.assert_array_equal(both[1:], degrade_resolution(images[1:], pixel_mm=2.0, target_mm=3.0))
+    assert not np.array_equal(both[0], degrade_resolution(images[:1], pixel_mm=2.0, target_mm=3.0)[0])
+    with pytest.raises(ValueError, match="not coarser"):
+        degrade_resolution(images, pixel_mm=np.array([1.0, 3.5]), target_mm=3.0)

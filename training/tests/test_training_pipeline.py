@@ -54,6 +54,8 @@ def test_prepared_data(pipeline):
     dataset = SliceDataset.load(pipeline["data"])
     assert dataset.images.shape == (28, 64, 64)
     assert len(set(dataset.cases.tolist())) == 4
+    # 64 px of 1.5 mm resized to 64 px: the surface metrics below get 1.5 mm, not the PNG export's guess
+    np.testing.assert_allclose(dataset.pixel_mm, 1.5)
 
 
 def test_every_fold_trained_and_evaluated(pipeline):
@@ -63,7 +65,9 @@ def test_every_fold_trained_and_evaluated(pipeline):
         assert [row["epoch"] for row in history] == list(range(1, 26))
         summary = json.loads((folder / "eval" / "summary.json").read_text(encoding="utf-8"))
         assert summary["fold"] == fold and summary["n_cases"] == 2 and summary["n_slices"] == 14
-        assert "pixel_mm" in summary["assumptions"] and summary["assumptions"]["surface_tolerance_mm"]["lung"] == 1.0
+        assert summary["assumptions"]["pixel_mm"] is None, "the prepared volumes carry their own pixel size"
+        assert "1.500-1.500 mm" in summary["assumptions"]["pixel_note"]
+        assert summary["assumptions"]["surface_tolerance_mm"]["lung"] == 1.0
         for structure in ("lung", "infection"):
             for metric in ("dice", "iou", "precision", "recall", "nsd"):
                 assert 0.0 <= summary["per_case"][structure][metric]["mean"] <= 1.0

@@ -13,7 +13,8 @@ import pytest
 from CovidInfectionSegLib.preprocessing import IntensityRecipe, preprocess_slices
 from covidseg_training.__main__ import main as cli
 from covidseg_training.data import DEFAULT_PNG_ROOT, INFECTION, LUNG, SliceDataset
-from covidseg_training.prepare import case_key, middle_range, prepare_zenodo, read_volume, stored_windowed
+from covidseg_training.prepare import (case_key, middle_range, prepare_zenodo, read_volume, read_volume_and_spacing,
+                                       stored_pixel_mm, stored_windowed)
 from synthetic_zenodo import SHAPE, SLICE_WITHOUT_INFECTION, make_case
 
 
@@ -57,6 +58,19 @@ def test_orientations(tmp_path):
         read_volume(path, "sideways")
 
 
+def test_spacing_in_both_orientations(tmp_path):
+    path = tmp_path / "v.nii.gz"
+    nibabel.save(nibabel.Nifti1Image(np.zeros(SHAPE, np.float32), np.diag([-0.6, -0.8, 5.0, 1.0])), str(path))
+    assert read_volume_and_spacing(path, "engine")[1] == pytest.approx((0.8, 0.6))  # (rows ~ y, columns ~ x)
+    assert read_volume_and_spacing(path, "png-export")[1] == pytest.approx((0.8, 0.6))
+
+
+def test_stored_pixel_size_follows_padding_and_resizing():
+    assert stored_pixel_mm((512, 512), (0.7, 0.7), 256) == pytest.approx(1.4)
+    assert stored_pixel_mm((400, 512), (0.7, 0.7), 256) == pytest.approx(1.4)  # padded to 512 first
+    assert stored_pixel_mm((64, 64), (0.5, 2.0), 64) == pytest.approx(1.0)  # geometric mean
+
+
 def test_windowed_volumes_are_detected():
     volume, _, _ = make_case(0)
     assert not stored_windowed(volume)
@@ -75,6 +89,9 @@ def test_prepare_zenodo(unpacked):
         assert case["stored_as"].startswith("windowed" if windowed else "HU")
     assert len(messages) == 4 and "windowed" in messages[2]
     assert dataset.images.shape == (28, 64, 64) and dataset.images.dtype == np.uint8
+    assert all(case["pixel_mm"] == pytest.approx(1.5) for case in facts["cases"].values())
+    np.testing.assert_allclose(dataset.pixel_mm, 1.5)
+    np.testing.assert_allclose(prepare_zenodo(unpacked, input_size=32, log=lambda _: None)[0].pixel_mm, 3.0)
     assert set(np.unique(dataset.labels)) == {0, LUNG, INFECTION}
     assert all((dataset.labels[i] == INFECTION).any() for i in range(len(dataset.labels)))
     # the HU case went through the engine's recipe (HU window clips the -2048 padding)
@@ -89,6 +106,7 @@ def test_prepare_cli_writes_npz_and_facts(unpacked, tmp_path):
     assert cli(["prepare", "--zenodo", str(unpacked), "--out", str(out), "--input-size", "64", "--all-slices"]) == 0
     dataset = SliceDataset.load(out)
     assert len(dataset.images) == 32  # 8 middle slices x 4 cases, none dropped
+    assert dataset.pixel_mm is not None and dataset.pixel_mm.shape == (32,)  # saved and read back
     facts = json.loads(out.with_suffix(".json").read_text(encoding="utf-8"))
     assert facts["slices"] == 32 and facts["orientation"] == "engine"
 
