@@ -185,8 +185,8 @@ def evaluate(network: torch.nn.Module, dataset: SliceDataset, out_dir: str | Pat
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     predictions: Predictions = predict(network, dataset.images, batch_size)
-    slice_rows, case_rows = metric_tables(predictions.labels, dataset.labels, dataset.cases,
-                                          dataset.pixel_sizes(pixel_mm))
+    slice_mm = dataset.pixel_sizes(pixel_mm)
+    slice_rows, case_rows = metric_tables(predictions.labels, dataset.labels, dataset.cases, slice_mm)
     sweep = threshold_sweep(predictions.infection_probability, dataset.labels, dataset.cases)
     pr_rows, average_precision = precision_recall_curve(predictions.infection_probability, dataset.labels)
     pooled = {s: overlap_metrics(counts(structure_mask(predictions.labels, s), structure_mask(dataset.labels, s)))
@@ -220,8 +220,7 @@ def evaluate(network: torch.nn.Module, dataset: SliceDataset, out_dir: str | Pat
     plot_curves(sweep, pr_rows, average_precision, out_dir / "pr_curve.png", out_dir / "threshold_sweep.png")
     plot_examples(dataset.images, dataset.labels, predictions.labels, slice_rows, out_dir / "examples.png")
     if robustness:
-        report = robustness_report(network, dataset, dataset.pixel_sizes(pixel_mm), as_is=predictions,
-                                   batch_size=batch_size)
+        report = robustness_report(network, dataset, slice_mm, as_is=predictions, batch_size=batch_size)
         write_text_atomic(out_dir / "robustness.json", json.dumps(report, indent=2) + "\n")
         summary["robustness"] = {name: {k: report[name][k] for k in ("pooled", "case_mean", "case_max", "meets_target",
                                                                      "infection_dice_pooled")}
