@@ -20,6 +20,7 @@ from .atomic import atomic_path, write_text_atomic
 from .imageio import to_canonical
 from .measurements import Measurements, RegionMeasurement
 from .pipeline import SegmentationResult
+from .segments import slicer_terminology
 
 # Lung window (level -600, width 1500): parenchyma, ground glass and vessels all distinguishable.
 LUNG_WINDOW_HU = (-1350.0, 150.0)
@@ -27,9 +28,6 @@ PREVIEW_SLICES = 12
 PREVIEW_COLUMNS = 4
 PREVIEW_TILE_PX = 320
 OVERLAY_OPACITY = 0.35
-
-TERMINOLOGY_CONTEXT = "Segmentation category and type - 3D Slicer General Anatomy list"
-ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
 
 OUTPUT_SUFFIXES = {
     "segmentation": ".seg.nrrd",
@@ -89,23 +87,6 @@ def _color_255(color: Sequence[int]) -> tuple[int, int, int]:
 def _segment_field(segment: Any, name: str) -> Any:
     """Read a field of a segment given as an object (SegmentInfo) or a manifest dictionary."""
     return segment[name] if isinstance(segment, dict) else getattr(segment, name)
-
-
-def slicer_terminology(terminology: dict[str, Any]) -> dict[str, Any]:
-    """Manifest terminology (``category``, ``type``, optional ``anatomic_region``, code triplets)
-    -> slicerio's terminology dictionary (Slicer's ``TerminologyEntry`` tag)."""
-    entry: dict[str, Any] = {
-        "contextName": TERMINOLOGY_CONTEXT,
-        "category": list(terminology["category"]),
-        "type": list(terminology["type"]),
-    }
-    if terminology.get("type_modifier"):
-        entry["typeModifier"] = list(terminology["type_modifier"])
-    region = terminology.get("anatomic_region") or terminology.get("anatomicRegion")
-    if region:
-        entry["anatomicContextName"] = ANATOMIC_CONTEXT
-        entry["anatomicRegion"] = list(region)
-    return entry
 
 
 def ijk_to_lps(image: sitk.Image) -> np.ndarray:
