@@ -282,6 +282,20 @@ def test_device_query_runs_in_the_child(model_path):
     assert query.info["cuda_available"] == torch.cuda.is_available()
 
 
+def test_an_interpreter_that_does_not_exist_is_an_error_and_leaves_no_folder(scene, phantom, tmp_path, monkeypatch):
+    import tempfile
+
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temporary))
+    logic = SegmentationLogic(str(tmp_path / "no-such-python"))
+    with pytest.raises(OSError):
+        logic.queryDevice()
+    with pytest.raises(OSError):
+        logic.start(imageToVolumeNode(phantom.image(origin=ORIGIN), scene, "chest"))
+    assert list(temporary.iterdir()) == []
+
+
 def test_the_slicer_side_never_imports_torch():
     code = ("import sys, CovidInfectionSegSlicer.logic, CovidInfectionSegSlicer.dependencies; "
             "print(sorted(m for m in ('torch', 'cv2', 'scipy') if m in sys.modules))")

@@ -203,7 +203,11 @@ class DeviceQuery:
 
     def __init__(self, interpreter: str, device: str = "auto"):
         self._folder = Path(tempfile.mkdtemp(prefix="CovidInfectionSeg-device-"))
-        self._process = EngineProcess(interpreter, ["device", "--device", device], self._folder)
+        try:
+            self._process = EngineProcess(interpreter, ["device", "--device", device], self._folder)
+        except BaseException:  # no such interpreter: leave no folder behind
+            shutil.rmtree(self._folder, ignore_errors=True)
+            raise
         self.info: dict[str, Any] | None = None
         self.error: str | None = None
 
