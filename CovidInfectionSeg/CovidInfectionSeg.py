@@ -89,15 +89,19 @@ class CovidInfectionSegLogic(ScriptedLoadableModuleLogic):
 
 
 def stageText(stage: Optional[str]) -> str:
-    """What the status line says while the child is in ``stage`` (CovidInfectionSegLib.worker.STAGES)."""
-    texts = {
-        "loading_model": _("Loading the model..."),
-        "reading": _("Reading the volume..."),
-        "inference": _("Segmenting slices..."),
-        "postprocessing": _("Post-processing: lungs, sides and infection..."),
-        "writing": _("Handing over the result..."),
-    }
-    return texts.get(stage or "", _("Starting the engine..."))
+    """What the status line says while the child is in ``stage`` (CovidInfectionSegLib.worker.STAGES).
+    Only the text needed is translated: _() inspects the call stack, and this runs on every timer tick."""
+    if stage == "loading_model":
+        return _("Loading the model...")
+    if stage == "reading":
+        return _("Reading the volume...")
+    if stage == "inference":
+        return _("Segmenting slices...")
+    if stage == "postprocessing":
+        return _("Post-processing: lungs, sides and infection...")
+    if stage == "writing":
+        return _("Handing over the result...")
+    return _("Starting the engine...")
 
 
 class CovidInfectionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
