@@ -24,6 +24,7 @@ from .augment import SliceAugmenter
 from .config import TrainConfig
 from .data import INFECTION, LUNG, SliceDataset, load_png_export, patient_folds
 from .losses import segmentation_loss
+from .negatives import NegativeSampler, load_negatives
 from .unet import UNet2D
 
 
@@ -94,6 +95,19 @@ def learning_rate_at(config: TrainConfig, step: int, steps_per_epoch: int) -> fl
     return config.learning_rate * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def negative_sampler(config: TrainConfig, log=print) -> NegativeSampler:
+    """The negative slices this run trains on: the config's scans minus the fold's held-out ones
+    (none when ``negatives.per_epoch`` is 0). Prepared slices are cached beside the runs."""
+    if not config.negatives.per_epoch:
+        return NegativeSampler([], 0)
+    names = config.negatives.scans_for_fold(config.fold)
+    recipe = IntensityRecipe(input_size=config.input_size)
+    scans = load_negatives(config.negatives, recipe, names, cache_dir=Path(config.output_dir) / "cache")
+    log(f"negatives: {config.negatives.per_epoch} slices per epoch from {', '.join(names)} "
+        f"({sum(len(scan.slices.images) for scan in scans)} slices)")
+    return NegativeSampler(scans, config.negatives.per_epoch, seed=config.seed)
+
+
 def save_atomic(content: dict, path: Path) -> None:
     """torch.save under a temporary name, then rename: a reader (evaluate, export) never sees half a file."""
     with atomic_path(path) as temporary:
@@ -141,20 +155,23 @@ def train(config: TrainConfig, log=print) -> Path:
         augmenter.rng = np.random.default_rng(config.seed + state["epoch"])
         log(f"resumed {last_path} at epoch {state['epoch']}")
 
-    steps_per_epoch = max(1, len(train_set.images) // config.batch_size)
+    negatives = negative_sampler(config, log)
+    steps_per_epoch = max(1, (len(train_set.images) + negatives.per_epoch) // config.batch_size)
     order_rng = np.random.default_rng(config.seed)
     for _ in range(state["epoch"]):
-        order_rng.permutation(len(train_set.images))
+        order_rng.permutation(len(train_set.images) + negatives.per_epoch)
     if state.get("stopped_early"):
         log(f"{out_dir}: already finished (early stop at epoch {state['epoch']})")
     while state["epoch"] < config.epochs and not state.get("stopped_early"):
         started = time.time()
         model.train()
-        order = order_rng.permutation(len(train_set.images))
+        slices = [(train_set.images[i], train_set.labels[i]) for i in range(len(train_set.images))]
+        slices += [negatives.slice(*pick) for pick in negatives.epoch(state["epoch"])]
+        order = order_rng.permutation(len(slices))
         losses = []
         for batch_index in range(steps_per_epoch):
             indices = order[batch_index * config.batch_size : (batch_index + 1) * config.batch_size]
-            pairs = [augmenter(train_set.images[i], train_set.labels[i]) for i in indices]
+            pairs = [augmenter(*slices[i]) for i in indices]
             images = torch.from_numpy(np.stack([p[0] for p in pairs])).float().div(255).unsqueeze(1)
             labels = torch.from_numpy(np.stack([p[1] for p in pairs])).long()
             images = images.to(device).contiguous(memory_format=torch.channels_last)
@@ -171,7 +188,8 @@ def train(config: TrainConfig, log=print) -> Path:
             losses.append(loss.item())
             state["step"] += 1
         state["epoch"] += 1
-        record = {"epoch": state["epoch"], "loss": float(np.mean(losses)), "seconds": round(time.time() - started, 1)}
+        record = {"epoch": state["epoch"], "loss": float(np.mean(losses)), "seconds": round(time.time() - started, 1),
+                  "slices": {"labelled": len(train_set.images), "negative": negatives.per_epoch}}
         if val_set is not None and len(val_set.images):
             predicted = predict_labels(model, val_set.images, device)
             record.update(per_case_dice(predicted, val_set.labels, val_set.cases))
