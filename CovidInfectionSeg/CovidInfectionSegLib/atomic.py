@@ -157,10 +157,19 @@ def recover_output_sets(folder: str | Path) -> list[str]:
     return handled
 
 
+_PAUSE_COUNTS: dict[str, int] = {}
+
+
 def pause_point(name: str) -> None:
-    """Test-only hook: inert unless ``$COVIDSEG_TEST_PAUSE_AT`` equals ``name``. Then write this
-    process's pid to ``$COVIDSEG_TEST_PAUSE_FILE`` and wait while that file exists."""
-    if os.environ.get(PAUSE_AT_ENV) != name:
+    """Test-only hook: inert unless ``$COVIDSEG_TEST_PAUSE_AT`` is ``name`` (the first time this process
+    reaches it) or ``name#N`` (the N-th time). Then write this process's pid to
+    ``$COVIDSEG_TEST_PAUSE_FILE`` and wait while that file exists (the test kills the process, or
+    deletes the file to let it go on)."""
+    wanted = os.environ.get(PAUSE_AT_ENV)
+    if not wanted or wanted.split("#")[0] != name:
+        return
+    _PAUSE_COUNTS[name] = _PAUSE_COUNTS.get(name, 0) + 1
+    if _PAUSE_COUNTS[name] != int(wanted.split("#")[1] if "#" in wanted else 1):
         return
     signal_path = Path(os.environ[PAUSE_FILE_ENV])
     write_text_atomic(signal_path, f"{os.getpid()} {name}\n")
