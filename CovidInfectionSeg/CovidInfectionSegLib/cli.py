@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator, Sequence
 from tqdm import tqdm
 
 from .atomic import OutputError, OutputLockedError
-from .batch import (  # noqa: F401  (SUMMARY_FILE, Scan, find_scans, measurement_columns, write_summary: used by the Slicer batch script)
+from .batch import (
     SUMMARY_FILE,
     BatchFolderError,
     Scan,
@@ -45,6 +45,13 @@ from .pipeline import SegmentationResult, segment_file, segment_image
 from .preview import measurement_lines
 from .sample_data import load_default_input
 from .validation import InputError
+
+__all__ = [
+    "main", "build_parser", "EXIT_OK", "EXIT_SCANS_FAILED", "EXIT_USAGE", "EXIT_MODEL", "EXIT_OUTPUT_IN_USE",
+    "EXIT_CANCELLED", "UsageError", "describe_model", "cross_validation_lines", "cancel_on_sigint", "slice_progress",
+    # from batch.py, for the Slicer batch script
+    "SUMMARY_FILE", "Scan", "find_scans", "measurement_columns", "scan_stem", "write_summary",
+]
 
 EXIT_OK = 0
 EXIT_SCANS_FAILED = 1

@@ -109,12 +109,6 @@ def _read_dicom_folder(folder: Path, warnings: list[str] | None, containing: Pat
         )
         if chosen is None:
             raise InputError(f"{containing}: not part of a readable DICOM series in {folder}")
-        if len(files_by_series[chosen]) < MIN_SLICES:
-            count = len(files_by_series[chosen])
-            raise InputError(
-                f"{containing}: a DICOM file whose series has only {count} slice{'s' if count != 1 else ''} in "
-                f"{folder}; a CT volume is a whole series: pass the folder that holds all its slices"
-            )
     else:
         chosen = max(files_by_series, key=lambda sid: len(files_by_series[sid]))
     notices = []
@@ -141,6 +135,12 @@ def _read_dicom_folder(folder: Path, warnings: list[str] | None, containing: Pat
     except RuntimeError as error:
         raise InputError(f"{folder}: {_series_text(chosen)} cannot be read ({_itk_reason(error, messages)})") from error
     _check_slice_gaps(folder, chosen, reader, len(files_by_series[chosen]), unreadable)
+    if containing is not None and image.GetSize()[2] < MIN_SLICES:  # one slice file (not a multi-frame one)
+        count = image.GetSize()[2]
+        raise InputError(
+            f"{containing}: a DICOM file whose series has only {count} slice{'s' if count != 1 else ''} in "
+            f"{folder}; a CT volume is a whole series: pass the folder that holds all its slices"
+        )
     _report(warnings, notices + [f"{folder}: reader says: {message}" for message in messages])
     return image
 
