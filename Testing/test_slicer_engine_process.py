@@ -299,7 +299,10 @@ def test_an_interpreter_that_does_not_exist_is_an_error_and_leaves_no_folder(sce
 def test_the_slicer_side_never_imports_torch():
     code = ("import sys, CovidInfectionSegSlicer.logic, CovidInfectionSegSlicer.dependencies; "
             "print(sorted(m for m in ('torch', 'cv2', 'scipy') if m in sys.modules))")
-    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    module_dir = str(Path(__file__).resolve().parents[1] / "CovidInfectionSeg")  # not pip-installed
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [module_dir, os.environ.get("PYTHONPATH")]))}
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True,
+                               env=env)
     assert json.loads(completed.stdout.replace("'", '"')) == []
 
 

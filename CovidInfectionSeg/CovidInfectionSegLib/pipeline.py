@@ -1,7 +1,8 @@
 """The whole job: CT image in, labelmap on the input grid + measurements + warnings out.
 
 validate -> canonical LPS -> batched 2D inference -> 3D post-processing -> measurements -> back onto
-the input grid. Used by the CLI, the Slicer module and the benchmarks.
+the input grid. Used by the CLI, the Slicer module and the benchmarks. :func:`segment_file` is the one
+read-and-segment path (the CLI's ``segment`` and ``batch`` both use it).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 
 import SimpleITK as sitk
 
-from .imageio import from_canonical, read_image, to_canonical
+from .imageio import SOURCE_KEY, from_canonical, read_image, to_canonical
 from .inference import CancelCheck, ProgressCallback, SegmentationCancelled, is_cancelled, pick_device, predict_volume
 from .measurements import Measurements, measure
 from .model_package import ModelPackage, SegmentInfo
@@ -24,6 +25,7 @@ __all__ = ["SegmentationResult", "SegmentationCancelled", "segment_image", "segm
 
 # Adult lungs hold litres of air; far less means the scan does not cover the lungs (or is not a chest CT).
 LOW_LUNG_VOLUME_ML = 500.0
+IN_MEMORY_SOURCE = "an image passed in memory (not read from a file by covidseg)"
 
 
 @dataclass
@@ -40,11 +42,15 @@ class SegmentationResult:
     model_version: str
     notes: list[str] = field(default_factory=list)
     source: str | None = None
+    # The CT as read by segment_file (for the preview); not kept by segment_image.
+    input_image: sitk.Image | None = field(default=None, repr=False)
+    # What the input was when it was segmented (batch: size, times, content hash), for resuming.
+    input_fingerprint: dict[str, Any] | None = None
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready description of the run (no image data)."""
-        return {
-            "source": self.source,
+        record: dict[str, Any] = {
+            "source": self.source or IN_MEMORY_SOURCE,
             "model": {"name": self.model_name, "version": self.model_version},
             "device": self.device,
             "measurements": self.measurements.to_dict(),
@@ -52,6 +58,9 @@ class SegmentationResult:
             "notes": list(self.notes),
             "timings_s": {stage: round(seconds, 3) for stage, seconds in self.timings.items()},
         }
+        if self.input_fingerprint is not None:
+            record["input_fingerprint"] = self.input_fingerprint
+        return record
 
 
 def segment_image(
@@ -62,15 +71,19 @@ def segment_image(
     batch_size: int | None = None,
     progress: ProgressCallback | None = None,
     cancel: CancelCheck | None = None,
-    name: str = "image",
+    name: str | None = None,
     settings: PostprocessingSettings | None = None,
 ) -> SegmentationResult:
     """Segment lungs (right, left) and infection in a 3D CT volume.
 
     Raises :class:`validation.InputError` for images that cannot be segmented, :class:`SegmentationCancelled`
-    when ``cancel`` fires, ``RuntimeError`` for an unavailable device. ``name`` labels warnings (a path).
+    when ``cancel`` fires, ``RuntimeError`` for an unavailable device. ``name`` labels warnings and is the
+    result's ``source``; it defaults to the path :func:`imageio.read_image` recorded in the image, else "image".
     """
     started = time.perf_counter()
+    read_from = image.GetMetaData(SOURCE_KEY) if image.HasMetaDataKey(SOURCE_KEY) else None
+    source = name if name is not None else read_from
+    name = source or "image"
     warnings = check_image(image, name)
     torch_device = pick_device(device)
     canonical = sitk.Cast(to_canonical(image), sitk.sitkFloat32)
@@ -117,11 +130,15 @@ def segment_image(
         model_name=model.name,
         model_version=model.version,
         notes=lungs.notes,
+        source=source,
     )
 
 
 def segment_file(path: str | Path, model: ModelPackage, **options: Any) -> SegmentationResult:
-    """Read a CT (file or DICOM folder, see :func:`imageio.read_image`) and :func:`segment_image` it."""
+    """Read a CT (file or DICOM folder, see :func:`imageio.read_image`) and :func:`segment_image` it.
+
+    The reader's warnings come first in ``result.warnings``, the read time in ``result.timings``,
+    and ``result.input_image`` holds the CT (for the preview). Takes :func:`segment_image`'s options."""
     started = time.perf_counter()
     read_warnings: list[str] = []
     image = read_image(path, read_warnings)
@@ -130,7 +147,7 @@ def segment_file(path: str | Path, model: ModelPackage, **options: Any) -> Segme
     result = segment_image(image, model, **options)
     result.warnings[:0] = read_warnings
     result.timings = {"read": read_seconds, **result.timings, "total": result.timings["total"] + read_seconds}
-    result.source = str(path)
+    result.input_image = image
     return result
 
 

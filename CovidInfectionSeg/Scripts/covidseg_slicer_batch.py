@@ -54,8 +54,8 @@ def main(argv: Sequence[str] | None = None, scene: Any = None, interpreter: str 
     """Run the batch; returns the exit code. ``scene`` defaults to Slicer's scene, or a new MRML scene
     outside the Slicer application; ``interpreter`` (the engine's Python) to PythonSlicer inside Slicer
     and ``sys.executable`` outside."""
-    if str(MODULE_DIR) not in sys.path:  # run straight from a source checkout
-        sys.path.insert(0, str(MODULE_DIR))
+    if str(MODULE_DIR) not in sys.path:  # run straight from a source checkout: after what is already there
+        sys.path.append(str(MODULE_DIR))
     from CovidInfectionSegLib.cli import SUMMARY_FILE, find_scans, write_summary
     from CovidInfectionSegLib.imageio import SUPPORTED_TEXT
     from CovidInfectionSegLib.outputs import OutputError, ensure_output_dir
