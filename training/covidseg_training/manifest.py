@@ -44,10 +44,12 @@ def build_manifest(
     recipe: IntensityRecipe,
     training_data: dict[str, Any],
     metrics: dict[str, Any] | None = None,
+    cross_validation: dict[str, Any] | None = None,
     licence: str = LICENCE,
 ) -> dict[str, Any]:
-    """The manifest for the TorchScript file at ``weights_path`` (its sha256 is computed here)."""
-    return {
+    """The manifest for the TorchScript file at ``weights_path`` (its sha256 is computed here).
+    ``cross_validation`` (from :func:`export.cross_validation_summary`) is left out when not given."""
+    manifest = {
         "format_version": FORMAT_VERSION,
         "name": name,
         "version": version,
@@ -62,3 +64,6 @@ def build_manifest(
         "metrics": metrics or {},
         "licence": licence,
     }
+    if cross_validation:
+        manifest["cross_validation"] = cross_validation
+    return manifest
