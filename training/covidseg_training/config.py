@@ -33,6 +33,7 @@ class TrainConfig:
     patience: int = 10
     device: str = "auto"
     threads: int = 0  # 0 = torch default
+    workers: int = 0  # processes preparing augmented batches (0: the training process itself)
     max_train_slices: int = 0  # 0 = all (tests use a handful)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     negatives: NegativesConfig = field(default_factory=NegativesConfig)

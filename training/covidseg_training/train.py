@@ -1,5 +1,6 @@
-"""Train the 2D U-Net on prepared slices: AdamW + warm-up/cosine schedule, early stopping,
-bf16 autocast on CPU and mixed precision on CUDA, and a checkpoint every epoch so a killed run resumes.
+"""Train the 2D U-Net on prepared slices: AdamW + warm-up/cosine schedule, early stopping, mixed
+precision where the hardware has it (:func:`precision_for`), augmented batches prepared by worker
+processes, and a checkpoint every epoch so a killed run resumes where it stopped.
 
     python -m covidseg_training.train training/configs/v1.yaml [--fold K] [--epochs N]
 """
@@ -53,9 +54,49 @@ def split(config: TrainConfig, dataset: SliceDataset) -> tuple[SliceDataset, Sli
     return dataset.subset(folds != config.fold), dataset.subset(folds == config.fold)
 
 
+def precision_for(device: torch.device) -> torch.dtype:
+    """Mixed precision where the hardware has it: bf16 on CUDA (fp16 on GPUs without bf16) and on
+    CPUs with native bf16; float32 on other CPUs, where bf16 is emulated and slower than float32."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+
+
 def autocast(device: torch.device):
-    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    return torch.autocast(device.type, dtype=dtype)
+    dtype = precision_for(device)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+class AugmentedSlices(torch.utils.data.Dataset):
+    """One epoch's training slices in training order, each augmented by a generator seeded with (seed,
+    epoch, position): the batches do not depend on how many loader workers draw them, nor on whether
+    the run was resumed."""
+
+    def __init__(self, slices: list[tuple[np.ndarray, np.ndarray]], config: TrainConfig, epoch: int):
+        self.slices = slices
+        self.config = config
+        self.epoch = epoch
+        self._augmenter: SliceAugmenter | None = None
+
+    def __len__(self) -> int:
+        return len(self.slices)
+
+    def __getitem__(self, position: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._augmenter is None:  # one per worker process
+            recipe = IntensityRecipe(input_size=self.config.input_size)
+            self._augmenter = SliceAugmenter(self.config.augment, recipe, seed=self.config.seed)
+        self._augmenter.reseed(self.epoch, position)
+        image, label = self._augmenter(*self.slices[position])
+        return torch.from_numpy(image), torch.from_numpy(label)
+
+
+def epoch_batches(slices: list[tuple[np.ndarray, np.ndarray]], config: TrainConfig, epoch: int,
+                  steps: int) -> torch.utils.data.DataLoader:
+    """``steps`` batches of augmented slices, prepared by ``config.workers`` processes (0: this one)."""
+    dataset = AugmentedSlices(slices[: steps * config.batch_size], config, epoch)
+    return torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, shuffle=False,
+                                       num_workers=config.workers, persistent_workers=False,
+                                       pin_memory=torch.cuda.is_available())
 
 
 @torch.inference_mode()
@@ -142,8 +183,7 @@ def train(config: TrainConfig, log=print) -> Path:
     model = UNet2D(num_classes=3, base_channels=config.base_channels, depth=config.depth).to(device)
     model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
-    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
-    augmenter = SliceAugmenter(config.augment, IntensityRecipe(input_size=config.input_size), seed=config.seed)
+    scaler = torch.amp.GradScaler("cuda", enabled=precision_for(device) == torch.float16)
 
     state = {"epoch": 0, "step": 0, "best_score": -1.0, "best_epoch": -1, "history": []}
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
@@ -152,7 +192,6 @@ def train(config: TrainConfig, log=print) -> Path:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         state = checkpoint["state"]
-        augmenter.rng = np.random.default_rng(config.seed + state["epoch"])
         log(f"resumed {last_path} at epoch {state['epoch']}")
 
     negatives = negative_sampler(config, log)
@@ -169,13 +208,11 @@ def train(config: TrainConfig, log=print) -> Path:
         slices += [negatives.slice(*pick) for pick in negatives.epoch(state["epoch"])]
         order = order_rng.permutation(len(slices))
         losses = []
-        for batch_index in range(steps_per_epoch):
-            indices = order[batch_index * config.batch_size : (batch_index + 1) * config.batch_size]
-            pairs = [augmenter(*slices[i]) for i in indices]
-            images = torch.from_numpy(np.stack([p[0] for p in pairs])).float().div(255).unsqueeze(1)
-            labels = torch.from_numpy(np.stack([p[1] for p in pairs])).long()
-            images = images.to(device).contiguous(memory_format=torch.channels_last)
-            labels = labels.to(device)
+        batches = epoch_batches([slices[i] for i in order], config, state["epoch"], steps_per_epoch)
+        for images, labels in batches:
+            images = images.to(device, non_blocking=True).float().div(255).unsqueeze(1)
+            images = images.contiguous(memory_format=torch.channels_last)
+            labels = labels.to(device, non_blocking=True).long()
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate_at(config, state["step"], steps_per_epoch)
             with autocast(device):
@@ -189,7 +226,8 @@ def train(config: TrainConfig, log=print) -> Path:
             state["step"] += 1
         state["epoch"] += 1
         record = {"epoch": state["epoch"], "loss": float(np.mean(losses)), "seconds": round(time.time() - started, 1),
-                  "slices": {"labelled": len(train_set.images), "negative": negatives.per_epoch}}
+                  "slices": {"labelled": len(train_set.images), "negative": negatives.per_epoch},
+                  "precision": str(precision_for(device)).replace("torch.", "")}
         if val_set is not None and len(val_set.images):
             predicted = predict_labels(model, val_set.images, device)
             record.update(per_case_dice(predicted, val_set.labels, val_set.cases))

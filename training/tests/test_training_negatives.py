@@ -138,3 +138,17 @@ def test_training_mixes_the_negatives_into_every_epoch(chest_file, tmp_path):
     history = json.loads((run / "history.json").read_text(encoding="utf-8"))
     assert [row["slices"] for row in history] == [{"labelled": 8, "negative": 6}] * 2
     assert list((tmp_path / "runs" / "cache").glob("negative-chest.nii.gz-*.npz"))
+
+
+def test_augmented_batches_do_not_depend_on_worker_count_or_resume():
+    from covidseg_training.train import epoch_batches
+
+    rng = np.random.default_rng(1)
+    slices = [(rng.integers(0, 255, (64, 64), dtype=np.uint8), np.zeros((64, 64), dtype=np.uint8)) for _ in range(8)]
+    config = TrainConfig.from_dict({"input_size": 64, "batch_size": 4, "seed": 5})
+    serial = [images.numpy() for images, _ in epoch_batches(slices, config, epoch=3, steps=2)]
+    config.workers = 2
+    parallel = [images.numpy() for images, _ in epoch_batches(slices, config, epoch=3, steps=2)]
+    np.testing.assert_array_equal(np.stack(serial), np.stack(parallel))
+    other_epoch = [images.numpy() for images, _ in epoch_batches(slices, config, epoch=4, steps=2)]
+    assert not np.array_equal(np.stack(serial), np.stack(other_epoch))
