@@ -26,16 +26,14 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from CovidInfectionSegLib.gas import dilate_in_plane, disk, pure_gas
+
 AIR_HU = -320.0
 GAS_MEDIAN_HU = -950.0  # gas in the stomach or bowel is nearly pure air; aerated lung is denser
-GAS_MARGIN_HU = 45.0
 MIN_LUNG_ML = 20.0
 MIN_FRACTION = 0.01
-GAS_SMOOTHING_MM = 2.0
 GAS_WALL_MM = 4.0
-GAS_REGROW_MM = 15.0
 SLIVER_MM = 2.5
-MIN_GAS_POCKET_ML = 2.0
 CLOSING_MM = 3.0
 
 
@@ -44,65 +42,19 @@ def classical_lung_mask(volume_hu: np.ndarray, spacing_zyx: tuple[float, float, 
     spacing = np.asarray(spacing_zyx, dtype=float)
     inside = inside_body_air(volume_hu)
     gas = pure_gas(volume_hu, spacing)
-    pockets = _dilate_in_plane(gas, spacing, GAS_WALL_MM)
+    pockets = dilate_in_plane(gas, spacing, GAS_WALL_MM)
     # Opening drops the slivers of partial volume that line a gas pocket's wall.
     labels, _ = ndimage.label(_open_in_plane(inside & ~pockets, spacing, SLIVER_MM))
     lungs = lung_components(labels, volume_hu, spacing)
     if not lungs.any():
         return lungs
     # Give back the lung that the pockets' walls took, without crossing into the gas itself.
-    lungs = _dilate_in_plane(lungs, spacing, GAS_WALL_MM, within=inside & ~gas)
+    lungs = dilate_in_plane(lungs, spacing, GAS_WALL_MM, within=inside & ~gas)
     return fill_vessels(lungs, spacing)
 
 
-def air_level_hu(volume_hu: np.ndarray) -> float:
-    """What air reads on this scanner: the median of the room air around the body (scanners are
-    calibrated to -1000 HU but read -960 to -1010); values below -1500 are padding outside the field
-    of view, not air."""
-    room_air = volume_hu[(volume_hu > -1500) & (volume_hu < -900)]
-    return float(np.median(room_air)) if room_air.size else -1000.0
-
-
-def pure_gas(volume_hu: np.ndarray, spacing: np.ndarray) -> np.ndarray:
-    """Gas that stays within GAS_MARGIN_HU of air when smoothed over GAS_SMOOTHING_MM, in pockets of at
-    least MIN_GAS_POCKET_ML: the trachea and main bronchi, gas in the stomach and bowel, room air.
-    Aerated lung, smoothed, stays 50 HU or more above air (1st percentile over the shared scans)."""
-    threshold = air_level_hu(volume_hu) + GAS_MARGIN_HU
-    sigma = GAS_SMOOTHING_MM / spacing[1:]
-    gas = np.zeros(volume_hu.shape, dtype=bool)
-    for z in range(volume_hu.shape[0]):
-        gas[z] = ndimage.gaussian_filter(volume_hu[z].astype(np.float32), sigma) < threshold
-    labels, count = ndimage.label(gas)
-    if not count:
-        return gas
-    volumes = np.bincount(labels.ravel(), minlength=count + 1) * (float(np.prod(spacing)) / 1000.0)
-    volumes[0] = 0
-    pockets = (volumes >= MIN_GAS_POCKET_ML)[labels]
-    # Smoothing lifts the gas next to fluid or a wall above the threshold (the corners of an air-fluid
-    # level): grow the pockets back into voxels that are gas themselves. Noise in aerated lung makes
-    # only scattered such voxels, too sparse to carry the growth far.
-    return _dilate_in_plane(pockets, spacing, GAS_REGROW_MM, within=volume_hu < threshold)
-
-
 def _open_in_plane(mask: np.ndarray, spacing: np.ndarray, mm: float) -> np.ndarray:
-    return ndimage.binary_opening(mask, structure=_disk(spacing, mm))
-
-
-def _disk(spacing: np.ndarray, mm: float) -> np.ndarray:
-    """A (1, rows, cols) disk of radius ``mm`` on the in-plane grid."""
-    radius = np.maximum(1, np.round(mm / spacing[1:]).astype(int))
-    yy, xx = np.ogrid[-radius[0] : radius[0] + 1, -radius[1] : radius[1] + 1]
-    return ((yy / radius[0]) ** 2 + (xx / radius[1]) ** 2 <= 1.0)[None]
-
-
-def _dilate_in_plane(mask: np.ndarray, spacing: np.ndarray, mm: float, within: np.ndarray | None = None) -> np.ndarray:
-    """Dilate each slice by ``mm`` (a disk), staying inside ``within`` when given (geodesically)."""
-    if within is not None:
-        steps = max(1, int(round(mm / min(spacing[1:]))))
-        cross = np.zeros((3, 3, 3), dtype=bool)
-        cross[1] = ndimage.generate_binary_structure(2, 1)
-        return ndimage.binary_dilation(mask, structure=cross, iterations=steps, mask=within)
-    return ndimage.binary_dilation(mask, structure=_disk(spacing, mm))
+    return ndimage.binary_opening(mask, structure=disk(spacing, mm))
 
 
 def inside_body_air(volume_hu: np.ndarray, air_hu: float = AIR_HU) -> np.ndarray:
