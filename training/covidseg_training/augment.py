@@ -32,6 +32,9 @@ class AugmentConfig:
     blur_p: float = 0.25
     noise_p: float = 0.3
     gamma_p: float = 0.3
+    # Reconstruction kernel: half of the drawn slices softened (blur), half sharpened (unsharp mask and
+    # fine noise), so that neither texture goes with one data path only (see path_probe.py).
+    kernel_p: float = 0.0
 
 
 class SliceAugmenter:
@@ -86,9 +89,21 @@ class SliceAugmenter:
         high = self.rng.uniform(150, 255)
         return np.clip(image.astype(np.float32), low, high)
 
+    def kernel(self, image: np.ndarray) -> np.ndarray:
+        """A softer or a sharper reconstruction kernel, as another scanner setting would give."""
+        pixels = image.astype(np.float32)
+        if self.rng.random() < 0.5:
+            return cv2.GaussianBlur(pixels, (0, 0), self.rng.uniform(0.6, 1.4))
+        detail = pixels - cv2.GaussianBlur(pixels, (0, 0), 1.0)
+        noise = cv2.GaussianBlur(self.rng.normal(0.0, 1.0, pixels.shape).astype(np.float32), (0, 0), 0.6)
+        noise *= self.rng.uniform(3.0, 10.0) / max(float(noise.std()), 1e-6)
+        return np.clip(pixels + self.rng.uniform(0.5, 1.5) * detail + noise, 0, 255)
+
     def __call__(self, image: np.ndarray, label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         out = self.geometry(image=image, mask=label)
         image, label = out["image"], out["mask"]
+        if self.rng.random() < self.config.kernel_p:
+            image = np.clip(self.kernel(image), 0, 255).astype(np.uint8)
         if self.rng.random() < self.config.scanner_p:
             image = self.scanner(image=image)["image"]
             if self.rng.random() < self.config.window_p:

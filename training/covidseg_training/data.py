@@ -11,6 +11,9 @@ import cv2
 import numpy as np
 
 BACKGROUND, LUNG, INFECTION = 0, 1, 2
+# A training-only label: lung whose infection state is not known (the lungs of negative scans when
+# the config leaves infection inside them unsupervised). The loss accepts lung or infection there.
+LUNG_UNKNOWN = 3
 DEFAULT_PNG_ROOT = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "ma2020-covid19-ct-png"
 
 

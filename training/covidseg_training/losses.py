@@ -5,13 +5,19 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .data import BACKGROUND, INFECTION, LUNG, LUNG_UNKNOWN
 
-def soft_dice_loss(probabilities: torch.Tensor, target: torch.Tensor, classes: list[int]) -> torch.Tensor:
-    """1 - mean soft Dice over ``classes``, pooled over the batch (stable when a slice lacks a class)."""
+
+def soft_dice_loss(probabilities: torch.Tensor, target: torch.Tensor, classes: list[int],
+                   known: torch.Tensor | None = None) -> torch.Tensor:
+    """1 - mean soft Dice over ``classes``, pooled over the batch (stable when a slice lacks a class);
+    pixels where ``known`` is False count for no class."""
     losses = []
     for cls in classes:
         prob = probabilities[:, cls]
         truth = (target == cls).float()
+        if known is not None:
+            prob = prob * known
         intersection = (prob * truth).sum()
         denominator = prob.sum() + truth.sum()
         losses.append(1 - (2 * intersection + 1) / (denominator + 1))
@@ -29,10 +35,25 @@ def total_variation(probabilities: torch.Tensor) -> torch.Tensor:
 def segmentation_loss(
     logits: torch.Tensor, target: torch.Tensor, dice_weight: float = 1.0, tv_weight: float = 0.0
 ) -> torch.Tensor:
+    """Cross-entropy + ``dice_weight`` x soft Dice of lung and infection (+ total variation).
+
+    Pixels labelled ``LUNG_UNKNOWN`` take the cross-entropy of "lung or infection" (minus the log of
+    the two probabilities summed) and no part in the Dice terms.
+    """
     logits = logits.float()
-    loss = F.cross_entropy(logits, target.long())
-    probabilities = logits.softmax(dim=1)
-    loss = loss + dice_weight * soft_dice_loss(probabilities, target, list(range(1, logits.shape[1])))
+    log_probabilities = F.log_softmax(logits, dim=1)
+    unknown = target == LUNG_UNKNOWN
+    if unknown.any():
+        known_target = target.masked_fill(unknown, BACKGROUND).long()
+        pixel_loss = -log_probabilities.gather(1, known_target[:, None]).squeeze(1)
+        lung_or_infection = -torch.logsumexp(log_probabilities[:, [LUNG, INFECTION]], dim=1)
+        loss = torch.where(unknown, lung_or_infection, pixel_loss).mean()
+        known = (~unknown).float()
+    else:
+        loss = F.nll_loss(log_probabilities, target.long())
+        known = None
+    probabilities = log_probabilities.exp()
+    loss = loss + dice_weight * soft_dice_loss(probabilities, target, list(range(1, logits.shape[1])), known)
     if tv_weight:
         loss = loss + tv_weight * total_variation(probabilities)
     return loss

@@ -28,7 +28,7 @@ from CovidInfectionSegLib.imageio import read_image, to_canonical
 from CovidInfectionSegLib.preprocessing import IntensityRecipe, SliceGeometry, pad_to_square, preprocess_slices
 
 from .classical_lung import classical_lung_mask
-from .data import LUNG, SliceDataset
+from .data import LUNG, LUNG_UNKNOWN, SliceDataset
 
 SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 # Training negatives. Never example-chest-ct or covid-chest-ct: they are the whole-scan checks.
@@ -40,6 +40,7 @@ NEGATIVE_SCANS = {
 DEFAULT_HOLDOUT = {0: ["LIDC-IDRI-0001"], 1: ["LIDC-IDRI-0003"], 2: ["LIDC-IDRI-0001"],
                    3: ["LIDC-IDRI-0003"], 4: ["LIDC-IDRI-0001"]}
 CACHE_VERSION = 1
+LUNG_LABELS = ("lung", "lung_or_infection")
 
 
 @dataclass
@@ -50,6 +51,14 @@ class NegativesConfig:
     per_epoch: int = 0
     holdout: dict[int, list[str]] = field(default_factory=lambda: dict(DEFAULT_HOLDOUT))
     root: str = ""  # folder holding the scans (NEGATIVE_SCANS paths); empty = ../shared/data
+    # Inside the classical lung mask: "lung" teaches lung and no infection there; "lung_or_infection"
+    # teaches only lung-or-infection against background, so a negative scan's lung never says "no
+    # infection" (outside the lungs, "no infection" is taught either way).
+    lung_label: str = "lung"
+
+    def __post_init__(self) -> None:
+        if self.lung_label not in LUNG_LABELS:
+            raise ValueError(f"negatives.lung_label must be one of {LUNG_LABELS}, not {self.lung_label!r}")
 
     def scans_for_fold(self, fold: int | None) -> list[str]:
         """The negative scans a model of ``fold`` trains on (all of them when ``fold`` is None)."""
@@ -143,8 +152,11 @@ class NegativeSampler:
     scan, uniformly over its slices (every level: neck, apex, mid-lung, bases, abdomen). The draw
     depends only on the seed and the epoch, so a resumed run draws what an uninterrupted one would."""
 
-    def __init__(self, scans: list[NegativeScan], per_epoch: int, seed: int = 0):
+    def __init__(self, scans: list[NegativeScan], per_epoch: int, seed: int = 0, lung_label: str = "lung"):
         self.scans = [scan for scan in scans if len(scan.slices.images)]
+        if lung_label == "lung_or_infection":
+            for scan in self.scans:
+                scan.slices.labels = np.where(scan.slices.labels == LUNG, LUNG_UNKNOWN, scan.slices.labels).astype(np.uint8)
         self.per_epoch = per_epoch if self.scans else 0
         self.seed = seed
 

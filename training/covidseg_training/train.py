@@ -146,7 +146,7 @@ def negative_sampler(config: TrainConfig, log=print) -> NegativeSampler:
     scans = load_negatives(config.negatives, recipe, names, cache_dir=Path(config.output_dir) / "cache")
     log(f"negatives: {config.negatives.per_epoch} slices per epoch from {', '.join(names)} "
         f"({sum(len(scan.slices.images) for scan in scans)} slices)")
-    return NegativeSampler(scans, config.negatives.per_epoch, seed=config.seed)
+    return NegativeSampler(scans, config.negatives.per_epoch, seed=config.seed, lung_label=config.negatives.lung_label)
 
 
 def save_atomic(content: dict, path: Path) -> None:

@@ -152,3 +152,67 @@ def test_augmented_batches_do_not_depend_on_worker_count_or_resume():
     np.testing.assert_array_equal(np.stack(serial), np.stack(parallel))
     other_epoch = [images.numpy() for images, _ in epoch_batches(slices, config, epoch=4, steps=2)]
     assert not np.array_equal(np.stack(serial), np.stack(other_epoch))
+
+
+def test_loss_without_unknown_lung_is_cross_entropy_plus_dice():
+    import torch
+    import torch.nn.functional as F
+
+    from covidseg_training.losses import segmentation_loss, soft_dice_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 8, 8)
+    target = torch.randint(0, 3, (2, 8, 8))
+    expected = F.cross_entropy(logits, target) + soft_dice_loss(logits.softmax(1), target, [1, 2])
+    assert torch.allclose(segmentation_loss(logits, target), expected, atol=1e-6)
+
+
+def test_unknown_lung_accepts_lung_or_infection_but_not_background():
+    import torch
+
+    from covidseg_training.data import LUNG_UNKNOWN
+    from covidseg_training.losses import segmentation_loss
+
+    target = torch.full((1, 4, 4), LUNG_UNKNOWN)
+    target[0, 0] = 0  # one row of background keeps the Dice terms defined
+    def logits_for(cls):
+        logits = torch.full((1, 3, 4, 4), -8.0)
+        logits[:, cls] = 8.0
+        logits[0, :, 0] = torch.tensor([8.0, -8.0, -8.0])[:, None]
+        return logits
+    says_lung, says_infection, says_background = (segmentation_loss(logits_for(c), target) for c in (1, 2, 0))
+    assert torch.allclose(says_lung, says_infection, atol=1e-5), "either answer is right for unknown lung"
+    assert says_background > says_lung + 5, "background inside the lung is wrong"
+
+
+def test_lung_or_infection_relabels_negative_lungs(chest_file):
+    from covidseg_training.data import LUNG_UNKNOWN
+
+    (scan,) = load_negatives(NegativesConfig(root=str(chest_file.parent)), RECIPE, [chest_file.name])
+    lung_pixels = int((scan.slices.labels == LUNG).sum())
+    sampler = NegativeSampler([scan], per_epoch=4, lung_label="lung_or_infection")
+    labels = sampler.scans[0].slices.labels
+    assert lung_pixels and int((labels == LUNG_UNKNOWN).sum()) == lung_pixels and not (labels == LUNG).any()
+    with pytest.raises(ValueError, match="lung_label"):
+        NegativesConfig(lung_label="maybe")
+
+
+def test_kernel_augmentation_softens_or_sharpens_and_keeps_the_label():
+    from covidseg_training.augment import AugmentConfig, SliceAugmenter
+
+    rng = np.random.default_rng(0)
+    image = np.clip(rng.normal(100, 20, (64, 64)), 0, 255).astype(np.uint8)
+    label = (rng.random((64, 64)) < 0.3).astype(np.uint8)
+    none = AugmentConfig(flip_p=0, rotate90_p=0, affine_p=0, elastic_p=0, scanner_p=0, kernel_p=0)
+    always = AugmentConfig(flip_p=0, rotate90_p=0, affine_p=0, elastic_p=0, scanner_p=0, kernel_p=1)
+    unchanged, kept = SliceAugmenter(none, RECIPE)(image, label)
+    np.testing.assert_array_equal(unchanged, image)
+    roughness = []
+    augmenter = SliceAugmenter(always, RECIPE, seed=1)
+    for position in range(20):
+        augmenter.reseed(0, position)
+        out, out_label = augmenter(image, label)
+        np.testing.assert_array_equal(out_label, label)
+        roughness.append(np.abs(np.diff(out.astype(float), axis=1)).mean())
+    base = np.abs(np.diff(image.astype(float), axis=1)).mean()
+    assert min(roughness) < 0.8 * base and max(roughness) > 1.2 * base, "both softer and sharper slices occur"
