@@ -367,3 +367,14 @@ def test_a_model_the_engine_refuses_stops_the_batch_with_code_3(batch, two_scans
     assert read_summary(out / "summary.csv") == {}  # written, and no scan in it
     assert not visible(out / "alpha") and leftovers(out) == []
     assert scene.GetNumberOfNodes() == 0
+
+
+def test_a_summary_that_cannot_be_written_exits_4_before_any_scan(batch, two_scans, tmp_path, tiny_model_manifest,
+                                                                 capsys):
+    out = tmp_path / "results"
+    (out / "summary.csv").mkdir(parents=True)  # a folder where the summary goes
+    scene = slicer.vtkMRMLScene()
+    assert batch.main(batch_args(two_scans, out, tiny_model_manifest), scene=scene) == 4
+    err = capsys.readouterr().err
+    assert f"cannot write the batch summary {out / 'summary.csv'}" in err and "Traceback" not in err
+    assert not list(out.rglob("*.seg.nrrd")) and scene.GetNumberOfNodes() == 0
