@@ -13,6 +13,7 @@ import pytest
 import SimpleITK as sitk
 import slicerio
 
+from CovidInfectionSegLib.batch import find_scans, scan_stem
 from CovidInfectionSegLib.cli import (
     EXIT_CANCELLED,
     EXIT_MODEL,
@@ -21,9 +22,7 @@ from CovidInfectionSegLib.cli import (
     EXIT_SCANS_FAILED,
     EXIT_USAGE,
     cancel_on_sigint,
-    find_scans,
     main,
-    scan_stem,
 )
 from CovidInfectionSegLib.sample_data import synthetic_chest
 

@@ -25,13 +25,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from fault_injection import CHILD_TIMEOUT_S, kill_9, leftovers, release, start_paused, visible
 from shared_data import REPO, shared_path
 
-from CovidInfectionSegLib.atomic import COMMIT_LOCK_NAME, PAUSE_AT_ENV, PAUSE_FILE_ENV
 from CovidInfectionSegLib.cli import EXIT_CANCELLED, EXIT_OK, EXIT_OUTPUT_IN_USE, EXIT_SCANS_FAILED, EXIT_USAGE, main
 from CovidInfectionSegLib.sample_data import synthetic_chest
 
-CHILD_TIMEOUT_S = 300
 KILL_POINTS = ["staged:segmentation", "staged:labelmap", "staged:measurements_csv", "staged:measurements_json",
                "staged:preview", "commit"]
 
@@ -42,48 +41,6 @@ def small_chest(seed: int) -> sitk.Image:
 
 def covidseg(*args: object) -> list[str]:
     return [sys.executable, "-m", "CovidInfectionSegLib.cli", *map(str, args)]
-
-
-def start_paused(command: list[str], point: str, pause_file: Path) -> subprocess.Popen:
-    """Start ``command`` and return once it waits at the pause ``point`` (its pid is in ``pause_file``)."""
-    env = {**os.environ, PAUSE_AT_ENV: point, PAUSE_FILE_ENV: str(pause_file), "PYTHONUNBUFFERED": "1"}
-    child = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + CHILD_TIMEOUT_S
-    while not pause_file.exists():
-        if child.poll() is not None:
-            out, err = child.communicate()
-            pytest.fail(f"exited with {child.returncode} before reaching {point}:\n{out}\n{err}")
-        if time.monotonic() > deadline:
-            child.kill()
-            child.communicate()
-            pytest.fail(f"did not reach {point} within {CHILD_TIMEOUT_S} s")
-        time.sleep(0.02)
-    assert int(pause_file.read_text().split()[0]) == child.pid
-    return child
-
-
-def kill_9(child: subprocess.Popen) -> None:
-    os.kill(child.pid, signal.SIGKILL)
-    child.communicate(timeout=CHILD_TIMEOUT_S)
-    assert child.returncode == -signal.SIGKILL
-
-
-def release(child: subprocess.Popen, pause_file: Path) -> tuple[int, str, str]:
-    pause_file.unlink()
-    out, err = child.communicate(timeout=CHILD_TIMEOUT_S)
-    return child.returncode, out, err
-
-
-def visible(folder: Path) -> dict[str, bytes]:
-    """Every non-hidden file under ``folder`` (relative path -> bytes)."""
-    return {path.relative_to(folder).as_posix(): path.read_bytes() for path in sorted(folder.rglob("*"))
-            if path.is_file() and not any(part.startswith(".") for part in path.relative_to(folder).parts)}
-
-
-def leftovers(folder: Path) -> list[str]:
-    """Hidden entries under ``folder`` other than the lock files that stay by design."""
-    kept = {COMMIT_LOCK_NAME, ".covidseg-batch.lock", ".covidseg-batch.owner"}
-    return sorted(path.relative_to(folder).as_posix() for path in folder.rglob(".*") if path.name not in kept)
 
 
 def read_summary(path: Path) -> dict[str, dict[str, str]]:

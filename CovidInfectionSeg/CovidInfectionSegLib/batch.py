@@ -7,7 +7,9 @@ the lock (:func:`lock_output_folder`), decides what to skip (:func:`decide`) and
 :class:`SummaryWriter`, while workers on other nodes each call :func:`run_scan` on shared storage.
 How a scan is segmented is the caller's: a ``segment_and_write(scan, folder, fingerprint)`` callable
 that writes the scan's outputs into ``folder`` (with ``fingerprint`` in its ``measurements.json``) and
-returns the :class:`SegmentationResult`.
+returns the :class:`SegmentationResult` (or any result with its ``measurements`` and ``warnings``, as the
+Slicer batch script's engine result read back from a child process). It raises :class:`StopBatch`
+when no later scan can succeed either (model or device unusable).
 
 Layout of an output folder: ``summary.csv``, ``.covidseg-batch.lock`` (and ``.owner``: who holds
 it), and per scan ``<scan name>/<stem>.seg.nrrd``, ``.labels.nii.gz``, ``.measurements.csv``,
@@ -75,6 +77,12 @@ class FolderLockedError(BatchFolderError, OutputLockedError):
 
 class SummaryError(BatchFolderError):
     """summary.csv cannot be written."""
+
+
+class StopBatch(Exception):
+    """Raised by a ``segment_and_write`` when no later scan can succeed either (the model or the device is
+    unusable): :func:`run_scan` and :func:`run_local_batch` let it through, after writing the summary
+    of the scans done, instead of recording one failed row per scan."""
 
 
 @dataclass(frozen=True)
@@ -303,7 +311,7 @@ def run_scan(
 
     A previous result stays untouched until the new one is complete. What a worker calls: it reads
     the input and writes the outputs itself. A scan that cannot be read, segmented or written gives a
-    ``failed`` row; cancelling (:class:`SegmentationCancelled`, Ctrl-C) propagates."""
+    ``failed`` row; cancelling (:class:`SegmentationCancelled`, Ctrl-C) and :class:`StopBatch` propagate."""
     started = time.perf_counter()
     scan_dir = Path(outdir) / scan.name
     results: list[SegmentationResult] = []
@@ -317,7 +325,7 @@ def run_scan(
         paths = output_paths(scan_dir, scan.stem)
         write_output_set(scan_dir, scan.stem, write, expected=[paths[key].name for key in outputs],
                          obsolete=[path.name for path in paths.values()])
-    except (SegmentationCancelled, KeyboardInterrupt):
+    except (SegmentationCancelled, KeyboardInterrupt, StopBatch):
         raise
     except (InputError, OutputError, RuntimeError, OSError, ValueError) as error:
         return {"scan": scan.name, "status": "failed", "error": str(error), "seconds": _since(started), "note": note}
@@ -460,7 +468,7 @@ def run_local_batch(
 
     Raises :class:`FolderLockedError` / :class:`SummaryError` (nothing is segmented when either is
     known at the start), and :class:`SegmentationCancelled` when ``cancel`` fires (between scans or
-    inside one), after writing the summary of the scans done."""
+    inside one) or :class:`StopBatch`, after writing the summary of the scans done."""
     outdir = Path(outdir)
     rows: list[dict[str, Any]] = []
     with lock_output_folder(outdir):

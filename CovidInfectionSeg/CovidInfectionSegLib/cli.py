@@ -31,11 +31,8 @@ from .batch import (
     SummaryError,
     discover,
     expected_outputs,
-    find_scans,
-    measurement_columns,
     run_local_batch,
     scan_stem,
-    write_summary,
 )
 from .imageio import SUPPORTED_TEXT
 from .inference import ProgressCallback, SegmentationCancelled, pick_device
@@ -49,8 +46,6 @@ from .validation import InputError
 __all__ = [
     "main", "build_parser", "EXIT_OK", "EXIT_SCANS_FAILED", "EXIT_USAGE", "EXIT_MODEL", "EXIT_OUTPUT_IN_USE",
     "EXIT_CANCELLED", "UsageError", "describe_model", "cross_validation_lines", "cancel_on_sigint", "slice_progress",
-    # from batch.py, for the Slicer batch script
-    "SUMMARY_FILE", "Scan", "find_scans", "measurement_columns", "scan_stem", "write_summary",
 ]
 
 EXIT_OK = 0

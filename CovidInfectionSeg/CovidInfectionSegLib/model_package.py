@@ -92,10 +92,7 @@ def load_model_package(path: str | Path | None = None, *, smoke_test: bool = Tru
     and (``smoke_test``) a one-slice forward pass returns ``(1, n_labels, size, size)``.
     Raises :class:`ModelError` naming the file and the problem.
     """
-    using_default = path is None
-    manifest_path = _manifest_path_for(
-        Path(path).expanduser() if path is not None else default_model_path(), using_default
-    )
+    manifest_path = _locate_manifest(path)
     manifest = _read_manifest(manifest_path)
     weights_path = manifest_path.parent / str(manifest["file"])
     if not weights_path.is_file():
@@ -122,6 +119,18 @@ def load_model_package(path: str | Path | None = None, *, smoke_test: bool = Tru
     if smoke_test:
         _check_forward(package)
     return package
+
+
+def read_model_manifest(path: str | Path | None = None) -> dict[str, Any]:
+    """The manifest :func:`load_model_package` would use for ``path``, read and checked for its required
+    keys, without loading the network (for a process whose child process loads the model, such as the
+    Slicer batch script). Raises :class:`ModelError` naming the file and the problem."""
+    return _read_manifest(_locate_manifest(path))
+
+
+def _locate_manifest(path: str | Path | None) -> Path:
+    using_default = path is None
+    return _manifest_path_for(Path(path).expanduser() if path is not None else default_model_path(), using_default)
 
 
 def _manifest_path_for(path: Path, using_default: bool) -> Path:

@@ -18,13 +18,15 @@ import SimpleITK as sitk
 import slicerio
 
 from .atomic import OutputError, OutputLockedError, atomic_path, pause_point, write_output_set, write_text_atomic
+from .measurements import Measurements
 from .pipeline import SegmentationResult
 from .preview import measurement_lines, segment_field, shorten, write_preview_png
 from .segments import slicer_terminology
 
 __all__ = [
     "OUTPUT_SUFFIXES", "OutputError", "OutputLockedError", "OutputNotWritableError", "output_paths", "ensure_output_dir", "write_segmentation_nrrd",
-    "write_labelmap", "write_measurement_files", "write_files", "write_all", "outputs_complete", "measurement_lines",
+    "write_labelmap", "write_measurement_files", "write_measurement_record", "write_files", "write_all",
+    "outputs_complete", "measurement_lines",
 ]
 
 
@@ -146,10 +148,19 @@ def _itk_message(error: RuntimeError) -> str:
 
 def write_measurement_files(result: SegmentationResult, folder: str | Path, stem: str) -> dict[str, Path]:
     """``<stem>.measurements.csv`` and ``.json`` (:meth:`SegmentationResult.summary`) in ``folder``."""
+    return write_measurement_record(result.measurements, result.summary(), folder, stem)
+
+
+def write_measurement_record(
+    measurements: Measurements, record: dict[str, Any], folder: str | Path, stem: str
+) -> dict[str, Path]:
+    """``<stem>.measurements.csv`` (``measurements``) and ``.json`` (``record``, shaped like
+    :meth:`SegmentationResult.summary`) in ``folder``: for a caller that holds the summary as a
+    dictionary, such as the Slicer batch script with the engine's result read back from its child."""
     paths = output_paths(folder, stem, preview=False)
-    result.measurements.write_csv(paths["measurements_csv"])
+    measurements.write_csv(paths["measurements_csv"])
     pause_point("staged:measurements_csv")
-    write_text_atomic(paths["measurements_json"], json.dumps(result.summary(), indent=2) + "\n")
+    write_text_atomic(paths["measurements_json"], json.dumps(record, indent=2) + "\n")
     pause_point("staged:measurements_json")
     return {key: paths[key] for key in ("measurements_csv", "measurements_json")}
 
