@@ -117,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("config", type=Path, help="experiment YAML")
     parser.add_argument("--folds", type=int, nargs="+", help="only these folds (default: all n_folds)")
     parser.add_argument("--epochs", type=int, help="overrides the config")
+    parser.add_argument("--device", help="overrides the config (cpu, cuda, cuda:1, ...)")
+    parser.add_argument("--workers", type=int, help="overrides the config: processes preparing augmented batches")
     parser.add_argument("--pixel-mm", type=float, default=DEFAULT_PIXEL_MM,
                         help="in-plane pixel size in mm assumed for data without one, like the PNG export")
     parser.add_argument("--no-robustness", action="store_true")
@@ -124,6 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     config = TrainConfig.load(args.config)
     if args.epochs is not None:
         config.epochs = args.epochs
+    if args.device:
+        config.device = args.device
+    if args.workers is not None:
+        config.workers = args.workers
     result = crossval(config, args.folds, pixel_mm=args.pixel_mm, robustness=not args.no_robustness,
                       log=lambda line: print(line, flush=True))
     for column in ("lung_dice", "infection_dice", "infection_nsd"):

@@ -21,10 +21,8 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import SimpleITK as sitk
 
 from CovidInfectionSegLib.atomic import atomic_path
-from CovidInfectionSegLib.imageio import read_image, to_canonical
 from CovidInfectionSegLib.preprocessing import IntensityRecipe, SliceGeometry, pad_to_square, preprocess_slices
 
 from .classical_lung import classical_lung_mask
@@ -83,6 +81,10 @@ class NegativeScan:
 
 def load_negative_scan(path: Path, recipe: IntensityRecipe, name: str | None = None) -> NegativeScan:
     """Read a CT in HU as the engine does, and make its slices and lung labels (see the module doc)."""
+    import SimpleITK as sitk  # only here: training from cached slices (a GPU machine) needs no SimpleITK
+
+    from CovidInfectionSegLib.imageio import read_image, to_canonical
+
     image = sitk.Cast(to_canonical(read_image(path)), sitk.sitkFloat32)
     volume = sitk.GetArrayFromImage(image)
     spacing = image.GetSpacing()[::-1]

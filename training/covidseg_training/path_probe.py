@@ -14,9 +14,11 @@ the engine. This probe measures that gap directly:
 - the held-out ROC AUC, 0.5 when the paths cannot be told apart, 1.0 when they always can.
 
 ``--augment`` passes every slice through the training augmentation first (what the segmentation
-network actually sees); ``--negatives-look`` chooses how the negatives are rendered.
+network actually sees). ``--score`` then asks a classifier trained on all patches of both paths
+which path the lung of other real scans read through the engine looks like (default: the COVID-19
+scan and the two kernels of the chest CT that the whole-scan checks use).
 
-    python -m covidseg_training path_probe [--augment] [--out probe.json]
+    python -m covidseg_training path_probe [--augment] [--score SCAN ...] [--out probe.json]
 """
 
 from __future__ import annotations
@@ -42,6 +44,9 @@ PATCH = 32
 INFECTION_MARGIN = 8
 PATCHES_PER_SLICE = 4
 MID_LUNG = (0.2, 0.8)
+# Real scans read through the engine that no training run uses (the whole-scan checks).
+CHECK_SCANS = ("covid-chest-ct/MIDRC-RICORD-1A-419639-001012.nii.gz", "example-chest-ct/Lung_Dx-A0001_kernel-L.nii.gz",
+               "example-chest-ct/Lung_Dx-A0001_kernel-B.nii.gz")
 
 
 def lung_patches(images: np.ndarray, labels: np.ndarray, rng: np.random.Generator,
@@ -95,9 +100,8 @@ def small_classifier() -> nn.Module:
                          nn.Linear(64, 1))
 
 
-def train_and_score(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
-                    epochs: int = 6, seed: int = 0) -> float:
-    """Held-out AUC of :func:`small_classifier` trained on balanced batches of the training patches."""
+def train_classifier(train_x: np.ndarray, train_y: np.ndarray, epochs: int = 6, seed: int = 0) -> nn.Module:
+    """:func:`small_classifier` trained on balanced batches of patches (label 1: the negative-scan path)."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     model = small_classifier()
@@ -114,11 +118,42 @@ def train_and_score(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-    model.eval()
+    return model.eval()
+
+
+def negative_path_probability(model: nn.Module, patches: np.ndarray) -> np.ndarray:
+    """The classifier's probability that each patch comes from the negative-scan path."""
     with torch.inference_mode():
-        scores = torch.cat([model(torch.from_numpy(test_x[i : i + 256]).float().div(255).unsqueeze(1)).squeeze(1)
-                            for i in range(0, len(test_x), 256)]).numpy()
-    return roc_auc(scores, test_y)
+        logits = [model(torch.from_numpy(patches[i : i + 256]).float().div(255).unsqueeze(1)).squeeze(1)
+                  for i in range(0, len(patches), 256)]
+    return torch.sigmoid(torch.cat(logits)).numpy() if logits else np.zeros(0)
+
+
+def train_and_score(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
+                    epochs: int = 6, seed: int = 0) -> float:
+    """Held-out AUC of :func:`small_classifier` trained on balanced batches of the training patches."""
+    model = train_classifier(train_x, train_y, epochs, seed)
+    return roc_auc(negative_path_probability(model, test_x), test_y)
+
+
+def score_other_scans(positives: SliceDataset, negatives: list[SliceDataset], others: dict[str, SliceDataset],
+                      epochs: int = 6, seed: int = 0) -> dict[str, dict[str, float]]:
+    """Train on all patches of both paths, then say which path the lung of other scans looks like:
+    for each, the mean probability of "negative-scan path" over its mid-lung patches and the share
+    above 0.5. A scan read through the engine that looks like the negatives (near 1) is one where a
+    network trained with "no infection" on the negatives' lungs could learn to see no infection."""
+    rng = np.random.default_rng(seed)
+    positive_patches = lung_patches(positives.images, positives.labels, rng)[0]
+    negative_patches = np.concatenate([lung_patches(n.images, n.labels, rng)[0] for n in negatives])
+    model = train_classifier(np.concatenate([positive_patches, negative_patches]),
+                             np.r_[np.zeros(len(positive_patches)), np.ones(len(negative_patches))], epochs, seed)
+    result = {}
+    for name, dataset in others.items():
+        probability = negative_path_probability(model, lung_patches(dataset.images, dataset.labels, rng)[0])
+        result[name] = {"patches": int(len(probability)),
+                        "mean_negative_path_probability": float(probability.mean()) if len(probability) else float("nan"),
+                        "share_above_half": float((probability > 0.5).mean()) if len(probability) else float("nan")}
+    return result
 
 
 def augmented(dataset: SliceDataset, seed: int) -> SliceDataset:
@@ -164,13 +199,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache", default="data/cache", help="folder for the negatives' prepared slices")
+    parser.add_argument("--score", nargs="*", default=list(CHECK_SCANS), metavar="SCAN",
+                        help="other scans (paths under ../shared/data or absolute) whose lung is scored by a "
+                             "classifier trained on all patches of both paths (default: the whole-scan checks)")
     parser.add_argument("--out", help="write the result as JSON here")
     args = parser.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     positives = load_png_export(Path(args.png)) if args.png else load_png_export()
     config = NegativesConfig()
     scans = load_negatives(config, IntensityRecipe(), ["LIDC-IDRI-0001", "LIDC-IDRI-0003"], Path(args.cache))
-    result = probe(positives, [mid_lung(scan) for scan in scans], args.augment, args.seed, args.epochs)
+    negatives = [mid_lung(scan) for scan in scans]
+    result = probe(positives, negatives, args.augment, args.seed, args.epochs)
+    if args.score:
+        others = {name: mid_lung(scan) for name, scan in
+                  zip(args.score, load_negatives(config, IntensityRecipe(), args.score, Path(args.cache)))}
+        if args.augment:
+            others = {name: augmented(dataset, args.seed + 10 + i) for i, (name, dataset) in enumerate(others.items())}
+            positives = augmented(positives, args.seed)
+            negatives = [augmented(n, args.seed + 1 + i) for i, n in enumerate(negatives)]
+        result["other_scans"] = score_other_scans(positives, negatives, others, args.epochs, args.seed)
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:

@@ -48,3 +48,17 @@ def test_probe_tells_different_paths_apart_and_not_equal_ones(negative_texture, 
         assert result["auc"] > 0.9
     else:
         assert 0.3 < result["auc"] < 0.7
+
+
+def test_other_scans_are_placed_on_the_path_they_look_like():
+    from covidseg_training.path_probe import score_other_scans
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    positives = _slices(rng, 128, 10.0, [f"p{i % 6}" for i in range(128)])
+    negatives = [_slices(rng, 32, 40.0, ["n1"] * 32), _slices(rng, 32, 40.0, ["n2"] * 32)]
+    others = {"noisy": _slices(rng, 6, 40.0, ["o1"] * 6), "smooth": _slices(rng, 6, 10.0, ["o2"] * 6)}
+    scores = score_other_scans(positives, negatives, others, epochs=4)
+    assert scores["noisy"]["mean_negative_path_probability"] > 0.8
+    assert scores["smooth"]["mean_negative_path_probability"] < 0.2
+    assert scores["noisy"]["patches"] > 0
