@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from .atomic import write_text_atomic
 from .imageio import FILE_SUFFIXES, SUPPORTED_TEXT, read_image
-from .inference import SegmentationCancelled, pick_device
+from .inference import PRECISIONS, SegmentationCancelled, pick_device, pick_precision
 from .measurements import REGIONS, Measurements
 from .model_package import ModelError, ModelPackage, default_model_path, load_model_package
 from .outputs import OutputError, ensure_output_dir, measurement_lines, output_paths, outputs_complete, write_all
@@ -60,6 +60,7 @@ class Options:
     device: str
     batch_size: int | None
     preview: bool
+    precision: str
     quiet: bool
 
 
@@ -115,7 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
                              f"({default_model_path()}) or $COVIDSEG_MODEL")
     run_options.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N (default auto)")
     run_options.add_argument("--batch-size", type=positive_integer, default=None,
-                             help="slices per network batch (default: 4 on CPU, from free memory on CUDA)")
+                             help="slices per network batch (default: 2 on CPU, from free memory on CUDA)")
+    run_options.add_argument("--precision", choices=PRECISIONS, default="auto",
+                             help="network arithmetic: auto (bf16 on a CPU with native bf16, fp16 on CUDA, else fp32), "
+                             "or force fp32, bf16 or fp16 (CUDA only) (default auto)")
     run_options.add_argument("--preview", action=argparse.BooleanOptionalAction, default=True,
                              help="write a PNG montage of axial slices with the segments (default on)")
     run_options.add_argument("-q", "--quiet", action="store_true", help="no progress bars or informational output")
@@ -151,14 +155,19 @@ def positive_integer(text: str) -> int:
 
 
 def _options(args: argparse.Namespace) -> Options:
-    return Options(device=args.device, batch_size=args.batch_size, preview=args.preview, quiet=args.quiet)
+    return Options(device=args.device, batch_size=args.batch_size, preview=args.preview, quiet=args.quiet,
+                   precision=args.precision)
 
 
-def _check_device(device: str) -> None:
+def _check_device(device: str, precision: str = "auto") -> None:
     try:
-        pick_device(device)
+        torch_device = pick_device(device)
     except (RuntimeError, ValueError) as error:
         raise UsageError(f"--device: {error}") from error
+    try:
+        pick_precision(precision, torch_device)
+    except (RuntimeError, ValueError) as error:
+        raise UsageError(f"--precision: {error}") from error
 
 
 def _prepare_output(folder: Path) -> Path:
@@ -175,7 +184,7 @@ def run_segment(args: argparse.Namespace) -> int:
     """``covidseg segment``: one scan (or the default input) -> outputs in ``args.output``."""
     options = _options(args)
     outdir = _prepare_output(args.output)
-    _check_device(options.device)
+    _check_device(options.device, options.precision)
     model = load_model_package(args.model)
     warnings: list[str] = []
     if args.input is None:
@@ -214,7 +223,7 @@ def _segment_and_write(
 
         try:
             result = segment_image(image, model, device=options.device, batch_size=options.batch_size,
-                                   progress=progress, cancel=cancel, name=source)
+                                   progress=progress, cancel=cancel, name=source, precision=options.precision)
         except InputError as error:
             raise UsageError(str(error)) from error
     result.warnings[:0] = read_warnings
@@ -250,7 +259,7 @@ def run_batch(args: argparse.Namespace) -> int:
     if not input_dir.is_dir():
         raise UsageError(f"{input_dir}: not a folder (batch needs a folder of scans; use 'segment' for one file)")
     outdir = _prepare_output(args.output)
-    _check_device(options.device)
+    _check_device(options.device, options.precision)
     scans = find_scans(input_dir, exclude=outdir)
     if not scans:
         raise UsageError(f"{input_dir}: no scans found ({SUPPORTED_TEXT})")
@@ -384,7 +393,8 @@ def run_info(args: argparse.Namespace) -> int:
         build = "this PyTorch build has no CUDA" if torch.version.cuda is None else "no GPU visible"
         print(f"CUDA:      not available ({build})")
     try:
-        print(f"device:    {args.device} -> {pick_device(args.device)}")
+        device = pick_device(args.device)
+        print(f"device:    {args.device} -> {device}; precision auto -> {pick_precision('auto', device)}")
     except (RuntimeError, ValueError) as error:
         print(f"device:    {args.device} -> unusable: {error}")
     model = load_model_package(args.model)

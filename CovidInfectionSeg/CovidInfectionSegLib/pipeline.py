@@ -14,7 +14,15 @@ from typing import Any
 import SimpleITK as sitk
 
 from .imageio import from_canonical, read_image, to_canonical
-from .inference import CancelCheck, ProgressCallback, SegmentationCancelled, is_cancelled, pick_device, predict_volume
+from .inference import (
+    CancelCheck,
+    ProgressCallback,
+    SegmentationCancelled,
+    is_cancelled,
+    pick_device,
+    pick_precision,
+    predict_volume,
+)
 from .measurements import Measurements, measure
 from .model_package import ModelPackage, SegmentInfo
 from .postprocessing import PostprocessingSettings, postprocess
@@ -40,6 +48,7 @@ class SegmentationResult:
     model_version: str
     notes: list[str] = field(default_factory=list)
     source: str | None = None
+    precision: str = "fp32"
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready description of the run (no image data)."""
@@ -47,6 +56,7 @@ class SegmentationResult:
             "source": self.source,
             "model": {"name": self.model_name, "version": self.model_version},
             "device": self.device,
+            "precision": self.precision,
             "measurements": self.measurements.to_dict(),
             "warnings": list(self.warnings),
             "notes": list(self.notes),
@@ -64,21 +74,25 @@ def segment_image(
     cancel: CancelCheck | None = None,
     name: str = "image",
     settings: PostprocessingSettings | None = None,
+    precision: str = "auto",
 ) -> SegmentationResult:
     """Segment lungs (right, left) and infection in a 3D CT volume.
 
+    ``precision`` is ``"auto"``, ``"fp32"``, ``"bf16"`` or ``"fp16"`` (see :func:`inference.pick_precision`).
     Raises :class:`validation.InputError` for images that cannot be segmented, :class:`SegmentationCancelled`
-    when ``cancel`` fires, ``RuntimeError`` for an unavailable device. ``name`` labels warnings (a path).
+    when ``cancel`` fires, ``RuntimeError`` for an unavailable device or precision. ``name`` labels
+    warnings (a path).
     """
     started = time.perf_counter()
     warnings = check_image(image, name)
     torch_device = pick_device(device)
+    precision = pick_precision(precision, torch_device)
     canonical = sitk.Cast(to_canonical(image), sitk.sitkFloat32)
     volume = sitk.GetArrayViewFromImage(canonical)
     in_hu = looks_like_hu(volume)
 
     inference_started = time.perf_counter()
-    classes = predict_volume(volume, model, torch_device, batch_size, progress, cancel)
+    classes = predict_volume(volume, model, torch_device, batch_size, progress, cancel, precision)
     inference_seconds = time.perf_counter() - inference_started
     if is_cancelled(cancel):
         raise SegmentationCancelled("cancelled after inference")
@@ -117,6 +131,7 @@ def segment_image(
         model_name=model.name,
         model_version=model.version,
         notes=lungs.notes,
+        precision=precision,
     )
 
 
