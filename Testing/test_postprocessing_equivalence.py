@@ -205,6 +205,9 @@ def test_exact_median_is_numpys(size: int) -> None:
     values = np.random.default_rng(size).integers(-1024, 3000, size).astype(np.int16)
     assert exact_median(values) == float(np.median(values))
     assert exact_median(values.astype(np.float32)) == float(np.median(values.astype(np.float32)))
+    extremes = np.array([-32768, 32767, 32767, -5][: max(2, size % 4)], dtype=np.int16)  # a range wider than int16
+    assert exact_median(extremes) == float(np.median(extremes))
+    assert exact_median(np.array([-128, 127, 127], dtype=np.int8)) == 127.0
 
 
 def test_bounding_box_is_the_tightest_box() -> None:

@@ -32,6 +32,9 @@ __all__ = ["SegmentationResult", "SegmentationCancelled", "segment_image", "segm
 
 # Adult lungs hold litres of air; far less means the scan does not cover the lungs (or is not a chest CT).
 LOW_LUNG_VOLUME_ML = 500.0
+# Voxel types the engine reads as they are (slices are converted one at a time); others become float32.
+# CT is int16 or uint16: a float32 copy of the volume would double its memory.
+COMPACT_PIXEL_TYPES = (sitk.sitkInt8, sitk.sitkUInt8, sitk.sitkInt16, sitk.sitkUInt16)
 
 
 @dataclass
@@ -87,7 +90,9 @@ def segment_image(
     warnings = check_image(image, name)
     torch_device = pick_device(device)
     precision = pick_precision(precision, torch_device)
-    canonical = sitk.Cast(to_canonical(image), sitk.sitkFloat32)
+    canonical = to_canonical(image)
+    if canonical.GetPixelID() not in COMPACT_PIXEL_TYPES:
+        canonical = sitk.Cast(canonical, sitk.sitkFloat32)
     volume = sitk.GetArrayViewFromImage(canonical)
     in_hu = looks_like_hu(volume)
 

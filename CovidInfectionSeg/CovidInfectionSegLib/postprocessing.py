@@ -284,7 +284,7 @@ def exact_median(values: np.ndarray) -> float:
     if values.dtype.kind not in "iu" or values.size == 0:
         return float(np.median(values))
     low = int(values.min())
-    counts = np.cumsum(np.bincount((values - low).astype(np.intp, copy=False)))
+    counts = np.cumsum(np.bincount(values.astype(np.intp) - low))  # widened first: int16 - min can overflow
     lower = int(np.searchsorted(counts, (values.size - 1) // 2, side="right"))  # the middle value(s) by rank
     upper = int(np.searchsorted(counts, values.size // 2, side="right"))
     return (lower + upper) / 2.0 + low
