@@ -1,17 +1,25 @@
 """3D Slicer module: lungs and COVID-19 infection in chest CT (research use only, not for clinical use).
 
-The work is in CovidInfectionSegLib: the engine, the MRML logic (slicer_logic.py) and the dependency
-decisions (dependencies.py). This file holds what needs the Slicer application: the module
-description, the panel and its parameter node, and the self-test. Nothing is installed and torch is
-not imported when Slicer loads this file; the MRML logic (which imports torch) is imported on first use.
+This file holds what needs the Slicer application: the module description, the panel and its
+parameter node, and the self-test. The logic is in ``CovidInfectionSegSlicer`` (MRML, the child
+process, the Python packages), the engine in ``CovidInfectionSegLib``. The engine runs in a child
+process started with ``PythonSlicer``, so Slicer never imports torch: opening the panel costs no
+seconds of CUDA initialisation, and the GUI stays live while the child works. A QTimer polls the
+child; there are no Python threads here.
 """
+
+from __future__ import annotations
 
 import enum
 import logging
+import sys
+from typing import TYPE_CHECKING, Optional
 
 import qt
 import slicer
 import vtk
+from slicer.i18n import tr as _
+from slicer.i18n import translate
 from slicer.parameterNodeWrapper import parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
@@ -21,8 +29,12 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from CovidInfectionSegLib import dependencies
+if TYPE_CHECKING:
+    from CovidInfectionSegSlicer.dependencies import DependencyLogicProtocol
+    from CovidInfectionSegSlicer.logic import SegmentationLogicProtocol
 
+# Packages of this module that Reload must re-import (they are not reloaded with this file otherwise).
+PACKAGES = ("CovidInfectionSegLib", "CovidInfectionSegSlicer")
 DEVICE_SETTINGS_KEY = "CovidInfectionSeg/Device"
 POLL_INTERVAL_MS = 200
 
@@ -30,11 +42,11 @@ POLL_INTERVAL_MS = 200
 class CovidInfectionSeg(ScriptedLoadableModule):
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
-        self.parent.title = "COVID-19 Lung Infection Segmentation"
-        self.parent.categories = ["Segmentation"]
+        self.parent.title = _("COVID-19 Lung Infection Segmentation")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
         self.parent.dependencies = []
         self.parent.contributors = ["CovidInfectionSeg developers"]
-        self.parent.helpText = (
+        self.parent.helpText = _(
             "Segments the right lung, the left lung and COVID-19 infection (ground-glass opacities and "
             "consolidation) in a chest CT, and measures lung and infection volumes, the percentage of lung "
             "infected and a severity grade (0 none to 5 critical).<br><br>"
@@ -45,7 +57,7 @@ class CovidInfectionSeg(ScriptedLoadableModule):
             "<b>Research use only, not for clinical use.</b> The model is a 2D U-Net trained on a small public "
             "data set; its output has not been validated for diagnosis or treatment decisions."
         )
-        self.parent.acknowledgementText = (
+        self.parent.acknowledgementText = _(
             "The bundled model was trained on the COVID-19 CT Lung and Infection Segmentation Dataset: "
             "Ma J. et al., <i>Toward data-efficient learning: A benchmark for COVID-19 CT lung and infection "
             "segmentation</i>, Medical Physics 48(3), 2021, doi:10.1002/mp.14676. "
@@ -59,7 +71,7 @@ class Device(enum.Enum):
     CPU = "cpu"
 
     def label(self) -> str:  # shown in the combo box by the parameter node connector
-        return {"auto": "Auto (GPU if available)", "cuda": "CUDA (GPU)", "cpu": "CPU"}[self.value]
+        return {"auto": _("Auto (GPU if available)"), "cuda": _("CUDA (GPU)"), "cpu": _("CPU")}[self.value]
 
 
 @parameterNodeWrapper
@@ -70,44 +82,61 @@ class CovidInfectionSegParameterNode:
 
 
 class CovidInfectionSegLogic(ScriptedLoadableModuleLogic):
-    """The module's parameter node, and the MRML segmentation logic (imported on first use: it imports torch)."""
-
-    def __init__(self) -> None:
-        ScriptedLoadableModuleLogic.__init__(self)
-        self._segmentationLogic = None
+    """The module's parameter node. The segmentation logic is ``CovidInfectionSegSlicer.logic.SegmentationLogic``."""
 
     def getParameterNode(self) -> CovidInfectionSegParameterNode:
         return CovidInfectionSegParameterNode(super().getParameterNode())
 
-    def segmentationLogic(self):
-        """:class:`CovidInfectionSegLib.slicer_logic.SegmentationLogic` (bundled model, loaded on first use)."""
-        if self._segmentationLogic is None:
-            from CovidInfectionSegLib.slicer_logic import SegmentationLogic
 
-            self._segmentationLogic = SegmentationLogic()
-        return self._segmentationLogic
+def stageText(stage: Optional[str]) -> str:
+    """What the status line says while the child is in ``stage`` (CovidInfectionSegLib.worker.STAGES).
+    Only the text needed is translated: _() inspects the call stack, and this runs on every timer tick."""
+    if stage == "loading_model":
+        return _("Loading the model...")
+    if stage == "reading":
+        return _("Reading the volume...")
+    if stage == "inference":
+        return _("Segmenting slices...")
+    if stage == "postprocessing":
+        return _("Post-processing: lungs, sides and infection...")
+    if stage == "writing":
+        return _("Handing over the result...")
+    return _("Starting the engine...")
 
 
 class CovidInfectionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    def __init__(self, parent=None) -> None:
+    def __init__(self, parent=None, segmentationLogic: Optional[SegmentationLogicProtocol] = None,
+                 dependencyLogic: Optional[DependencyLogicProtocol] = None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
         self.logic = None
+        self.segmentationLogic = segmentationLogic
+        self.dependencyLogic = dependencyLogic
         self._parameterNode = None
         self._parameterNodeGuiTag = None
-        self._job = None
-        self._jobNodes = None  # (input volume, output segmentation) of the running job
+        self._run = None  # the SegmentationRun in progress
+        self._runInput = None
+        self._deviceQuery = None
+        self._installing = False
         self._lastSegmentation = None
         self._timer = qt.QTimer()
         self._timer.setInterval(POLL_INTERVAL_MS)
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
+        from CovidInfectionSegSlicer.dependencies import DependencyLogic
+        from CovidInfectionSegSlicer.logic import SegmentationLogic
+
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/CovidInfectionSeg.ui"))
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = CovidInfectionSegLogic()
+        if self.segmentationLogic is None:
+            self.segmentationLogic = SegmentationLogic()
+        if self.dependencyLogic is None:
+            self.dependencyLogic = DependencyLogic(
+                slicer.util.pip_install, _installTorchWithPyTorchUtils if _pytorchUtilsAvailable() else None)
         self.ui.progressBar.hide()
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
@@ -115,15 +144,16 @@ class CovidInfectionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.ui.segmentButton.connect("clicked(bool)", self.onSegmentButton)
         self.ui.show3DButton.connect("clicked(bool)", self.onShow3DButton)
         self.ui.installDependenciesButton.connect("clicked(bool)", self.onInstallDependencies)
-        self._timer.timeout.connect(self._pollJob)
+        self._timer.connect("timeout()", self._poll)
 
         self.initializeParameterNode()
-        self.updateDependencyStatus()
-        qt.QTimer.singleShot(0, self.updateDeviceInfo)  # imports torch: after the panel has shown
+        if self.updateDependencyStatus():
+            self.startDeviceQuery()
+        else:
+            self.ui.deviceInfoLabel.text = _("PyTorch and the other packages are needed first (see Python packages below).")
 
     def cleanup(self) -> None:
-        if self._job is not None:
-            self._job.cancel()
+        self._cancelChildren()
         self._timer.stop()
         self.removeObservers()
 
@@ -133,9 +163,17 @@ class CovidInfectionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
     def exit(self) -> None:
         self.setParameterNode(None)
 
+    def onReload(self) -> None:
+        """Reload also re-imports this module's packages (they are cached in sys.modules otherwise)."""
+        self._cancelChildren()
+        for name in [name for name in sys.modules if name.split(".")[0] in PACKAGES]:
+            del sys.modules[name]
+        ScriptedLoadableModuleWidget.onReload(self)
+
     def onSceneStartClose(self, caller, event) -> None:
-        if self._job is not None:
-            self._job.cancel()
+        if self._run is not None:
+            self._run.cancel()
+            self._finishRun()
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -167,118 +205,134 @@ class CovidInfectionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         if self._parameterNode is None:
             return
         qt.QSettings().setValue(DEVICE_SETTINGS_KEY, self._parameterNode.device.value)
-        if self._job is None:
+        if self._run is None:
             self.ui.segmentButton.enabled = self._parameterNode.inputVolume is not None
         segmentation = self._parameterNode.outputSegmentation or self._lastSegmentation
         self.ui.show3DButton.enabled = segmentation is not None and segmentation.GetScene() is not None
 
-    # ---- segmentation in a background thread
+    # ---- segmentation in a child process, polled by the timer
 
     def onSegmentButton(self) -> None:
-        if self._job is not None:
-            self._job.cancel()
-            self.ui.statusLabel.text = "Cancelling after the current batch of slices..."
-            self.ui.segmentButton.enabled = False
+        if self._run is not None:
+            seconds = self._run.cancel()
+            logging.info(f"CovidInfectionSeg: cancelled; the engine process exited {seconds:.2f} s later")
+            self._finishRun()
             return
         if not self._dependenciesReady():
             return
         inputVolume = self._parameterNode.inputVolume
-        with slicer.util.tryWithErrorDisplay("Cannot start the segmentation.", waitCursor=True):
-            self._job = self.logic.segmentationLogic().startJob(inputVolume, device=self._parameterNode.device.value)
-            self._jobNodes = (inputVolume, self._parameterNode.outputSegmentation)
-            self.ui.segmentButton.text = "Cancel"
-            self.ui.progressBar.setRange(0, 0)  # busy until the first batch reports the slice count
+        with slicer.util.tryWithErrorDisplay(_("Cannot start the segmentation."), waitCursor=True):
+            self._run = self.segmentationLogic.start(
+                inputVolume, self._parameterNode.outputSegmentation, self._parameterNode.device.value)
+            self._runInput = inputVolume
+            self.ui.segmentButton.text = _("Cancel")
+            self.ui.progressBar.setRange(0, 0)  # busy until the child reports the slice count
             self.ui.progressBar.show()
-            self.ui.statusLabel.text = "Loading the model..."
+            self.ui.statusLabel.text = stageText(None)
             self._timer.start()
 
-    def _pollJob(self) -> None:
-        job = self._job
-        if job.slicesTotal:
-            self.ui.progressBar.setRange(0, job.slicesTotal)
-            self.ui.progressBar.value = job.slicesDone
-            if not job.cancelRequested:
-                self.ui.statusLabel.text = f"Segmenting... {job.elapsedSeconds:.0f} s"
-        if job.finished:
+    def _poll(self) -> None:
+        if self._deviceQuery is not None and self._deviceQuery.poll():
+            self._showDeviceInfo(self._deviceQuery)
+            self._deviceQuery = None
+        if self._run is not None:
+            run = self._run
+            finished = run.poll()  # on this (the main) thread: a finished result goes into the scene here
+            if run.slicesTotal:
+                self.ui.progressBar.setRange(0, run.slicesTotal)
+                self.ui.progressBar.value = run.slicesDone
+            self.ui.statusLabel.text = _("{stage} {seconds} s").format(stage=stageText(run.stage),
+                                                                       seconds=f"{run.elapsedSeconds:.0f}")
+            if finished:
+                self._finishRun()
+        if self._run is None and self._deviceQuery is None:
             self._timer.stop()
-            self._job = None
-            self._finishJob(job)
 
-    def _finishJob(self, job) -> None:
-        inputVolume, outputSegmentation = self._jobNodes
-        self._jobNodes = None
-        self.ui.segmentButton.text = "Segment"
+    def _finishRun(self) -> None:
+        from CovidInfectionSegSlicer.logic import CANCELLED, FAILED
+
+        run, inputVolume = self._run, self._runInput
+        self._run = self._runInput = None
+        self.ui.segmentButton.text = _("Segment")
         self.ui.progressBar.hide()
         self.onParameterNodeModified()
-        if job.cancelled:
-            self.ui.statusLabel.text = f"Cancelled after {job.elapsedSeconds:.0f} s; nothing was added to the scene."
-            return
-        if job.error is not None:
-            self.ui.statusLabel.text = f"Failed after {job.elapsedSeconds:.0f} s: {job.error}"
-            logging.error("CovidInfectionSeg failed", exc_info=job.error)
-            slicer.util.errorDisplay(f"Segmentation failed:\n\n{job.error}")
-            return
-        if inputVolume.GetScene() is None or (outputSegmentation is not None and outputSegmentation.GetScene() is None):
-            self.ui.statusLabel.text = "The input or output node was removed while segmenting; nothing was added."
-            return
-        with slicer.util.tryWithErrorDisplay("Could not add the segmentation to the scene.", waitCursor=True):
-            applied = self.logic.segmentationLogic().apply(job.result, inputVolume, outputSegmentation)
-            self._showResult(applied, job.elapsedSeconds)
+        seconds = run.elapsedSeconds
+        if run.state == CANCELLED:
+            self.ui.statusLabel.text = _("Cancelled after {seconds} s; nothing was added to the scene.").format(
+                seconds=f"{seconds:.0f}")
+        elif run.state == FAILED:
+            self.ui.statusLabel.text = _("Failed after {seconds} s: {error}").format(seconds=f"{seconds:.0f}", error=run.error)
+            logging.error(f"CovidInfectionSeg failed: {run.error}")
+            slicer.util.errorDisplay(_("Segmentation failed:\n\n{error}").format(error=run.error))
+        else:
+            self._showResult(run.applied, inputVolume, seconds)
 
-    def _showResult(self, applied, seconds: float) -> None:
+    def _showResult(self, applied, inputVolume, seconds: float) -> None:
         self._lastSegmentation = applied.segmentationNode
         if self._parameterNode is not None:
             self._parameterNode.outputSegmentation = applied.segmentationNode
         self.ui.resultsTableView.setMRMLTableNode(applied.tableNode)
         self.ui.resultsTableView.resizeColumnsToContents()
         self.ui.resultsCollapsibleButton.collapsed = False
-        self.ui.warningsLabel.text = "\n".join(f"Warning: {text}" for text in applied.warnings)
+        self.ui.warningsLabel.text = "\n".join(_("Warning: {text}").format(text=text) for text in applied.warnings)
         total = applied.measurements.total
-        self.ui.statusLabel.text = (
-            f"Done in {seconds:.1f} s on {applied.result.device}: {total.lung_ml:.0f} mL lung, "
-            f"{total.percent_infected:.1f}% infected, severity grade {total.grade} ({total.grade_name})."
-        )
-        slicer.util.setSliceViewerLayers(background=applied.segmentationNode.GetNodeReference(
-            applied.segmentationNode.GetReferenceImageGeometryReferenceRole()), fit=True)
+        self.ui.statusLabel.text = _(
+            "Done in {seconds} s on {device}: {lung} mL lung, {percent}% infected, severity grade {grade} ({name})."
+        ).format(seconds=f"{seconds:.1f}", device=applied.result.device, lung=f"{total.lung_ml:.0f}",
+                 percent=f"{total.percent_infected:.1f}", grade=total.grade, name=total.grade_name)
+        slicer.util.setSliceViewerLayers(background=inputVolume, fit=True)
         self.onParameterNodeModified()
 
     def onShow3DButton(self) -> None:
         segmentation = self._parameterNode.outputSegmentation or self._lastSegmentation
-        with slicer.util.tryWithErrorDisplay("Could not build the 3D surfaces.", waitCursor=True):
-            self.logic.segmentationLogic().showIn3D(segmentation)
+        with slicer.util.tryWithErrorDisplay(_("Could not build the 3D surfaces."), waitCursor=True):
+            self.segmentationLogic.showIn3D(segmentation)
             threeDWidget = slicer.app.layoutManager().threeDWidget(0)
             if threeDWidget is not None:
                 threeDWidget.threeDView().resetFocalPoint()
 
+    def _cancelChildren(self) -> None:
+        if self._run is not None:
+            self._run.cancel()
+            self._run = self._runInput = None
+        if self._deviceQuery is not None:
+            self._deviceQuery.cancel()
+            self._deviceQuery = None
+
     # ---- devices and Python packages
 
-    def updateDeviceInfo(self) -> None:
-        if not dependencies.module_available("torch"):
-            self.ui.deviceInfoLabel.text = "PyTorch is not installed yet (see Python packages below)."
+    def startDeviceQuery(self) -> None:
+        """Ask the engine's Python (a child process: torch is never imported here) what it can use."""
+        if self._deviceQuery is not None:
             return
+        self.ui.deviceInfoLabel.text = _("Detecting devices...")
         try:
-            import torch
+            self._deviceQuery = self.segmentationLogic.queryDevice()
+        except (OSError, RuntimeError) as error:
+            self.ui.deviceInfoLabel.text = _("Cannot start the engine: {error}").format(error=error)
+            return
+        self._timer.start()
 
-            if torch.cuda.is_available():
-                name = torch.cuda.get_device_name(0)
-                self.ui.deviceInfoLabel.text = f"Detected: {name} (CUDA {torch.version.cuda}); Auto uses it."
-            else:
-                reason = "this PyTorch build is CPU-only" if torch.version.cuda is None else "no CUDA GPU visible"
-                self.ui.deviceInfoLabel.text = f"Detected: CPU only ({reason}); Auto uses the CPU."
-        except Exception as error:  # a broken torch install must not break the panel
-            self.ui.deviceInfoLabel.text = f"PyTorch cannot be loaded: {error}"
+    def _showDeviceInfo(self, query) -> None:
+        info = query.info
+        if info is None:
+            self.ui.deviceInfoLabel.text = _("PyTorch cannot be loaded: {error}").format(error=query.error)
+        elif info["cuda_available"]:
+            self.ui.deviceInfoLabel.text = _("Detected: {gpus} (CUDA {cuda}); Auto uses it.").format(
+                gpus=", ".join(info["gpus"]), cuda=info["cuda_build"])
+        else:
+            reason = _("this PyTorch build is CPU-only") if info["cuda_build"] is None else _("no CUDA GPU visible")
+            self.ui.deviceInfoLabel.text = _("Detected: CPU only ({reason}); Auto uses the CPU.").format(reason=reason)
 
     def updateDependencyStatus(self) -> bool:
         """Show what is missing; returns True when everything needed is installed."""
         try:
-            torchStatus, statuses = dependencies.check()
+            ready, lines = self.dependencyLogic.status()
         except (OSError, ValueError) as error:
-            self.ui.dependencyStatusLabel.text = f"Cannot read the requirements: {error}"
+            self.ui.dependencyStatusLabel.text = _("Cannot read the requirements: {error}").format(error=error)
             return False
-        lines = [status.describe() for status in [torchStatus, *statuses]]
-        ready = torchStatus.satisfied and all(status.satisfied for status in statuses)
         self.ui.dependencyStatusLabel.text = "\n".join(lines)
-        self.ui.installDependenciesButton.enabled = not ready
+        self.ui.installDependenciesButton.enabled = not ready and not self._installing
         if not ready:
             self.ui.dependenciesCollapsibleButton.collapsed = False
         return ready
@@ -286,30 +340,37 @@ class CovidInfectionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
     def _dependenciesReady(self) -> bool:
         if self.updateDependencyStatus():
             return True
-        self.ui.statusLabel.text = "Some Python packages are missing: install them under 'Python packages'."
+        self.ui.statusLabel.text = _("Some Python packages are missing: install them under 'Python packages'.")
         return False
 
     def onInstallDependencies(self) -> None:
-        torchStatus, statuses = dependencies.check()
-        plan = dependencies.plan_installation(torchStatus, statuses, pytorch_utils_available=_pytorchUtilsAvailable())
+        if self._installing:
+            return
+        plan = self.dependencyLogic.plan()
         if plan.nothing_to_do:
             self.updateDependencyStatus()
             return
-        if not slicer.util.confirmOkCancelDisplay(plan.describe(), "Install Python packages"):
+        if not slicer.util.confirmOkCancelDisplay(plan.describe(), _("Install Python packages")):
             return
 
         def log(text: str) -> None:
             self.ui.dependencyStatusLabel.text = text
             slicer.app.processEvents()
 
-        with slicer.util.tryWithErrorDisplay("Installing Python packages failed.", waitCursor=True):
-            dependencies.install(plan, slicer.util.pip_install, _installTorchWithPyTorchUtils, log)
+        self._installing = True
+        self.ui.installDependenciesButton.enabled = False
+        try:
+            with slicer.util.tryWithErrorDisplay(_("Installing Python packages failed."), waitCursor=True):
+                self.dependencyLogic.install(plan, log)
             if plan.restart_needed and slicer.util.confirmYesNoDisplay(
-                "Slicer must restart to use the new packages. Restart now?"
+                _("Packages that Slicer has already loaded were replaced: {reasons}.\n\n"
+                  "Slicer must restart to use them. Restart now?").format(reasons="; ".join(plan.restart_reasons))
             ):
                 slicer.util.restart()
-        self.updateDependencyStatus()
-        self.updateDeviceInfo()
+        finally:
+            self._installing = False
+            if self.updateDependencyStatus():
+                self.startDeviceQuery()
 
 
 def _pytorchUtilsAvailable() -> bool:
@@ -323,21 +384,27 @@ def _installTorchWithPyTorchUtils(versionSpecifier: str):
 
 
 class CovidInfectionSegTest(ScriptedLoadableModuleTest):
-    """Runs inside Slicer (Reload and Test, or ctest): real sample CT, bundled model."""
+    """Runs inside Slicer (Reload and Test, or ctest): the real CTChest sample, the bundled model, PythonSlicer."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
-        self.setUp()
-        self.test_CTChestLungVolumes()
-        self.setUp()
-        self.test_PanelSegmentsInBackground()
+        from CovidInfectionSegSlicer.dependencies import check
 
-    def test_CTChestLungVolumes(self):
+        torchStatus, statuses = check()
+        missing = [status.describe() for status in [torchStatus, *statuses] if not status.satisfied]
+        if missing:
+            self.skipTest("Python packages missing in Slicer (install them from the module panel): " + "; ".join(missing))
+        self.setUp()
+        self.test_CTChestLungVolumesAndTerminology()
+        self.setUp()
+        self.test_PanelCancelsThenSegments()
+
+    def test_CTChestLungVolumesAndTerminology(self):
         import SampleData
 
-        from CovidInfectionSegLib.slicer_logic import SegmentationLogic
+        from CovidInfectionSegSlicer.logic import SegmentationLogic
 
         self.delayDisplay("Loading the CTChest sample")
         volume = SampleData.downloadSample("CTChest")
@@ -347,15 +414,18 @@ class CovidInfectionSegTest(ScriptedLoadableModuleTest):
         names = [segmentation.GetSegment(segmentId).GetName() for segmentId in segmentation.GetSegmentIDs()]
         self.assertEqual(names, ["Right lung", "Left lung", "Infection"])
         self.assertGreater(slicer.mrmlScene.GetNumberOfNodes(), nodesBefore)
+        entry = vtk.reference("")
+        self.assertTrue(segmentation.GetSegment("Right_lung").GetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), entry))
+        self.assertIn("SCT^39607008^Lung~SCT^24028007^Right", str(entry))
         measurements = applied.measurements
-        # An adult chest CT: litres of lung, both sides present, right lung usually the larger.
+        # An adult chest CT: litres of lung, both sides present.
         self.assertTrue(2000 < measurements.total.lung_ml < 9000, measurements)
         for side in (measurements.right_lung, measurements.left_lung):
             self.assertTrue(0.3 < side.lung_ml / measurements.total.lung_ml < 0.7, measurements)
         self.assertTrue(0 <= measurements.total.percent_infected <= 100)
         self.delayDisplay(f"Lungs {measurements.total.lung_ml:.0f} mL, infected {measurements.total.percent_infected:.1f}%")
 
-    def test_PanelSegmentsInBackground(self):
+    def test_PanelCancelsThenSegments(self):
         import time
 
         import SampleData
@@ -364,13 +434,24 @@ class CovidInfectionSegTest(ScriptedLoadableModuleTest):
         widget = slicer.modules.covidinfectionseg.widgetRepresentation().self()
         widget.logic.getParameterNode().inputVolume = volume
         widget.logic.getParameterNode().outputSegmentation = None
+
+        def waitFor(condition, seconds):
+            deadline = time.monotonic() + seconds
+            while not condition() and time.monotonic() < deadline:
+                slicer.app.processEvents()  # the GUI stays live: the child process does the work
+                time.sleep(0.05)
+            return condition()
+
+        nodesBefore = slicer.mrmlScene.GetNumberOfNodes()
         widget.ui.segmentButton.click()
         self.assertEqual(widget.ui.segmentButton.text, "Cancel")
-        deadline = time.monotonic() + 600
-        while widget._job is not None and time.monotonic() < deadline:
-            slicer.app.processEvents()  # the GUI stays live while the worker thread segments
-            time.sleep(0.05)
-        self.assertIsNone(widget._job, "segmentation did not finish within 10 minutes")
+        self.assertTrue(waitFor(lambda: widget._run is not None and widget._run.stage == "inference", 300))
+        widget.ui.segmentButton.click()  # cancel while segmenting
+        self.assertIsNone(widget._run)
+        self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), nodesBefore)
+
+        widget.ui.segmentButton.click()
+        self.assertTrue(waitFor(lambda: widget._run is None, 600), "segmentation did not finish within 10 minutes")
         self.assertEqual(widget.ui.segmentButton.text, "Segment")
         self.assertIsNotNone(widget.ui.resultsTableView.mrmlTableNode())
         self.assertEqual(widget.ui.resultsTableView.mrmlTableNode().GetNumberOfRows(), 3)

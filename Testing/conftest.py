@@ -9,6 +9,9 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# The Slicer side (CovidInfectionSegSlicer) is not pip-installed: in Slicer it is found beside the
+# module file, here beside the engine package.
+sys.path.insert(1, str(Path(__file__).resolve().parents[1] / "CovidInfectionSeg"))
 
 from model_factory import write_model_package  # noqa: E402
 

@@ -17,6 +17,7 @@ from CovidInfectionSegLib.cli import (
     EXIT_CANCELLED,
     EXIT_MODEL,
     EXIT_OK,
+    EXIT_OUTPUT_IN_USE,
     EXIT_SCANS_FAILED,
     EXIT_USAGE,
     cancel_on_sigint,
@@ -186,6 +187,65 @@ def test_info_prints_model_and_device(tiny_model_manifest, capsys):
     assert "torch:" in printed and "CUDA:" in printed and "device:    auto ->" in printed
 
 
+def test_info_is_readable_and_json_prints_the_whole_manifest(tiny_model_manifest, tmp_path, capsys):
+    manifest = json.loads(Path(tiny_model_manifest).read_text(encoding="utf-8"))
+    assert main(["info", "--model", str(tiny_model_manifest)]) == EXIT_OK
+    printed = capsys.readouterr().out
+    assert "recipe:    input_size 256" in printed
+    assert "cross-validation: not in the manifest" in printed
+    assert max(len(line) for line in printed.splitlines()) < 400  # no 5,000-character JSON line
+
+    assert main(["info", "--json", "--model", str(tiny_model_manifest)]) == EXIT_OK
+    assert json.loads(capsys.readouterr().out) == manifest
+
+    # a manifest with the cross-validation summary the model issue adds: the mean of the fold means per metric
+    from model_factory import write_model_package
+
+    with_cv = write_model_package(tmp_path / "cv")
+    record = json.loads(with_cv.read_text(encoding="utf-8"))
+    record["cross_validation"] = {"folds": [0, 1, 2, 3, 4], "mean_of_fold_means": {
+        "lung_dice": {"mean": 0.98, "sd": 0.005}, "infection_dice": {"mean": 0.721, "sd": 0.079}, "infection_nsd": 0.8}}
+    with_cv.write_text(json.dumps(record), encoding="utf-8")
+    assert main(["info", "--model", str(with_cv)]) == EXIT_OK
+    printed = capsys.readouterr().out
+    assert "cross-validation (5 folds, mean over folds):" in printed
+    assert "lung_dice 0.980 +- 0.005, infection_dice 0.721 +- 0.079, infection_nsd 0.800" in printed
+
+
+def test_batch_resegments_a_changed_input_and_leaves_out_its_own_outputs(tmp_path, scans, tiny_model_manifest, capsys):
+    (scans / "broken.nii.gz").unlink()
+    out = scans / "results"  # inside the input folder
+    args = ["batch", str(scans), "-o", str(out), "--model", str(tiny_model_manifest), "--no-preview"]
+    assert main(args) == EXIT_OK
+    first = read_summary(out / "summary.csv")
+    sitk.WriteImage(small_chest(7), str(scans / "alpha.nii.gz"))  # replaced by another scan
+    assert main(args) == EXIT_OK
+    second = read_summary(out / "summary.csv")
+    assert {name: row["status"] for name, row in second.items()} == {"alpha": "ok", "beta": "skipped"}
+    assert second["alpha"]["note"].startswith("segmented: input changed since the previous run")
+    assert second["alpha"]["total_lung_ml"] != first["alpha"]["total_lung_ml"]
+    printed = capsys.readouterr()
+    assert "results" not in printed.out.split("scans in")[0]  # the output folder is never a scan
+    assert "\x1b[" not in printed.err and "\r" not in printed.err  # not a terminal: no bars, no escape codes
+    assert "[1/2] alpha: ok" in printed.out
+
+
+def test_segment_progress_in_a_log_is_plain_lines(tmp_path, scans, tiny_model_manifest, capsys):
+    assert main(["segment", str(scans / "alpha.nii.gz"), "-o", str(tmp_path / "o"), "--model", str(tiny_model_manifest),
+                 "--batch-size", "3", "--no-preview"]) == EXIT_OK
+    err = capsys.readouterr().err
+    assert "segmenting alpha: 12/12 slices" in err and "\x1b[" not in err and "\r" not in err
+
+
+def test_summary_that_cannot_be_written_exits_4_before_any_scan(tmp_path, scans, tiny_model_manifest, capsys):
+    out = tmp_path / "out"
+    (out / "summary.csv").mkdir(parents=True)
+    assert main(["batch", str(scans), "-o", str(out), "--model", str(tiny_model_manifest), "-q"]) == EXIT_OUTPUT_IN_USE
+    err = capsys.readouterr().err
+    assert "cannot write the batch summary" in err and "it is a folder" in err and "Traceback" not in err
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["summary.csv"]
+
+
 def test_first_ctrl_c_asks_to_stop_second_stops_now():
     before = signal.getsignal(signal.SIGINT)
     with pytest.raises(KeyboardInterrupt):
@@ -198,9 +258,9 @@ def test_first_ctrl_c_asks_to_stop_second_stops_now():
 
 def test_ctrl_c_during_batch_exits_130_with_the_summary_so_far(tmp_path, scans, tiny_model_manifest, monkeypatch):
     # Ctrl-C arrives while the second scan is being read: the first scan's row is kept.
-    from CovidInfectionSegLib import cli
+    from CovidInfectionSegLib import pipeline
 
-    real_read = cli.read_image
+    real_read = pipeline.read_image
     calls = []
 
     def read_then_interrupt(path, warnings=None):
@@ -209,7 +269,7 @@ def test_ctrl_c_during_batch_exits_130_with_the_summary_so_far(tmp_path, scans, 
             signal.raise_signal(signal.SIGINT)
         return real_read(path, warnings)
 
-    monkeypatch.setattr(cli, "read_image", read_then_interrupt)
+    monkeypatch.setattr(pipeline, "read_image", read_then_interrupt)
     out = tmp_path / "out"
     code = main(["batch", str(scans), "-o", str(out), "--model", str(tiny_model_manifest), "-q", "--no-preview"])
     assert code == EXIT_CANCELLED

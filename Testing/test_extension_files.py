@@ -11,13 +11,18 @@ from pathlib import Path
 import cv2
 import pytest
 
-from CovidInfectionSegLib.dependencies import import_name, read_requirements
+from CovidInfectionSegSlicer.dependencies import import_name, read_requirements
+from slicer_api_allowlist import SUPPORTED
 
 REPO = Path(__file__).resolve().parents[1]
 MODULE_DIR = REPO / "CovidInfectionSeg"
 MODULE_FILE = MODULE_DIR / "CovidInfectionSeg.py"
 UI_FILE = MODULE_DIR / "Resources" / "UI" / "CovidInfectionSeg.ui"
 LIB_DIR = MODULE_DIR / "CovidInfectionSegLib"
+SLICER_DIR = MODULE_DIR / "CovidInfectionSegSlicer"
+BATCH_SCRIPT = MODULE_DIR / "Scripts" / "covidseg_slicer_batch.py"
+# The code that runs inside Slicer's own Python: the module, its Slicer-side package, the batch script.
+SLICER_SIDE = [MODULE_FILE, *sorted(SLICER_DIR.glob("*.py")), BATCH_SCRIPT]
 # Arrive with the trained model (the lead adds them); everything else CMake lists must exist now.
 MODEL_FILES = {"Resources/Models/covid_unet_v1.pt", "Resources/Models/covid_unet_v1.json", "Resources/Models/MODEL_CARD.md"}
 # Third-party modules that 3D Slicer itself provides (torch is checked by dependencies.TORCH_REQUIREMENT).
@@ -51,6 +56,23 @@ def test_top_level_cmake_has_extension_metadata_and_builds_the_module():
     assert "find_package(Slicer REQUIRED)" in text
     assert "add_subdirectory(CovidInfectionSeg)" in text
     assert "include(${Slicer_EXTENSION_CPACK})" in text
+
+
+def test_extension_icon_and_screenshots_are_files_in_this_repository():
+    text = (REPO / "CMakeLists.txt").read_text(encoding="utf-8")
+    urls = {variable: re.search(rf'set\({variable} "([^"]+)"\)', text).group(1).split()
+            for variable in ("EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS")}
+    for variable, values in urls.items():
+        for url in values:
+            path = url.split("/main/", 1)[1]  # the host part is a placeholder until the project is published
+            assert path.startswith("Resources/"), f"{variable}: {path} is not in the top-level Resources/"
+            assert (REPO / path).is_file(), f"{variable} names {path}, which does not exist"
+    icon = cv2.imread(str(REPO / urls["EXTENSION_ICONURL"][0].split("/main/", 1)[1]), cv2.IMREAD_UNCHANGED)
+    assert icon is not None and icon.shape == (128, 128, 4)
+    for url in urls["EXTENSION_SCREENSHOTURLS"]:
+        name = url.rsplit("/", 1)[1]
+        caption = (REPO / "Resources" / "Screenshots" / "README.md").read_text(encoding="utf-8")
+        assert f"`{name}`" in caption and "CC BY 4.0" in caption and "doi:" in caption, "caption and scan credit"
 
 
 def test_module_cmake_builds_a_scripted_module_with_generic_tests():
@@ -141,35 +163,97 @@ def top_level_imports(path: Path) -> set[str]:
     return names
 
 
-def test_loading_the_module_imports_neither_torch_nor_the_engine():
+def test_loading_the_module_imports_neither_torch_nor_its_packages():
     imports = top_level_imports(MODULE_FILE)
     assert not {name for name in imports if name.split(".")[0] == "torch"}
-    assert not {name for name in imports if name.startswith("CovidInfectionSegLib.") and name != "CovidInfectionSegLib"}
-    # what it does import at load time must itself not import torch: dependencies.py only
-    assert "torch" not in {name.split(".")[0] for name in top_level_imports(LIB_DIR / "dependencies.py")}
+    assert not {name for name in imports if name.split(".")[0] in {"CovidInfectionSegLib", "CovidInfectionSegSlicer"}}
 
 
-def test_mrml_logic_uses_no_application_or_qt_calls():
-    tree = ast.parse((LIB_DIR / "slicer_logic.py").read_text(encoding="utf-8"))
-    application_calls = [
-        f"slicer.{node.attr}" for node in ast.walk(tree)
-        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "slicer"
-        and node.attr in {"app", "modules", "mrmlScene"}
-    ]
-    assert application_calls == []
-    assert not {"qt", "ctk"} & {name.split(".")[0] for name in top_level_imports(LIB_DIR / "slicer_logic.py")}
+def test_slicer_side_uses_no_application_or_qt_outside_the_module_file():
+    """The Slicer-side package runs under slicer-core: no slicer.app, slicer.modules, slicer.mrmlScene, Qt."""
+    for path in sorted(SLICER_DIR.glob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        application_calls = [
+            f"slicer.{node.attr}" for node in ast.walk(tree)
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "slicer"
+            and node.attr in {"app", "modules", "mrmlScene"}
+        ]
+        assert application_calls == [], path.name
+        assert not {"qt", "ctk"} & {name.split(".")[0] for name in all_imports(path)}, path.name
+
+
+def test_engine_package_has_no_slicer_code():
+    """What `pip install -e .` ships imports neither Slicer, Qt, CTK nor VTK, anywhere in a file."""
+    for path in sorted(LIB_DIR.glob("*.py")):
+        imported = {name.split(".")[0] for name in all_imports(path)}
+        assert not imported & {"slicer", "qt", "ctk", "vtk", "CovidInfectionSegSlicer"}, path.name
+
+
+def test_no_python_threads_in_the_slicer_side():
+    """Slicer's main thread holds the GIL while Qt idles: background work runs in a child process instead."""
+    for path in SLICER_SIDE:
+        assert not {"threading", "_thread", "concurrent"} & {name.split(".")[0] for name in all_imports(path)}, path.name
+
+
+@pytest.mark.parametrize("path", [*SLICER_SIDE, *sorted(LIB_DIR.glob("*.py"))], ids=lambda path: path.name)
+def test_code_that_runs_in_slicer_parses_as_python_3_9(path):
+    """Slicer 5.6 and 5.8 run Python 3.9 (the engine runs there too, in PythonSlicer)."""
+    ast.parse(path.read_text(encoding="utf-8"), filename=str(path), feature_version=(3, 9))
+
+
+def test_user_facing_text_goes_through_translation():
+    """Texts shown in the panel (module texts, labels, dialogs) are wrapped in _() (slicer.i18n.tr)."""
+    tree = ast.parse(MODULE_FILE.read_text(encoding="utf-8"))
+    untranslated = []
+    for node in ast.walk(tree):
+        shown = []
+        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Attribute) and node.targets[0].attr in {
+                "text", "title", "helpText", "acknowledgementText"}:
+            shown.append(node.value)
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in {
+                "errorDisplay", "confirmOkCancelDisplay", "confirmYesNoDisplay", "tryWithErrorDisplay"}:
+            shown.extend(node.args[:2])
+        for value in shown:
+            if isinstance(value, (ast.Constant, ast.JoinedStr)) and not (isinstance(value, ast.Constant) and value.value == ""):
+                untranslated.append(f"line {node.lineno}")
+    assert untranslated == []
+
+
+def test_readme_and_docs_say_where_the_module_is_and_which_versions_it_supports():
+    tree = ast.parse(MODULE_FILE.read_text(encoding="utf-8"))
+    title = next(node.value.args[0].value for node in ast.walk(tree)
+                 if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Attribute) and node.targets[0].attr == "title")
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    guide = (REPO / "docs" / "slicer.md").read_text(encoding="utf-8")
+    for text in (readme, guide):
+        assert f"*Segmentation > {title}*" in text
+        assert "Slicer 5.4+" not in text
+    for version, ref in SUPPORTED.items():  # the versions checked, and the commit of main
+        assert (ref[:12] if version == "main" else version) in guide
+
+
+def all_imports(path: Path) -> set[str]:
+    """Every module imported anywhere in the file (functions included)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names.add(node.module)
+    return names
 
 
 def third_party_imports() -> set[str]:
     stdlib = set(sys.stdlib_module_names)
     modules = set()
-    for path in [*LIB_DIR.glob("*.py"), MODULE_FILE, MODULE_DIR / "Scripts" / "covidseg_slicer_batch.py"]:
+    for path in [*LIB_DIR.glob("*.py"), *SLICER_SIDE]:
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.Import):
                 modules.update(alias.name.split(".")[0] for alias in node.names)
             elif isinstance(node, ast.ImportFrom) and node.level == 0:
                 modules.add(node.module.split(".")[0])
-    return {m for m in modules if m not in stdlib and m not in {"CovidInfectionSegLib", "SampleData", "PyTorchUtils"}}
+    ours = {"CovidInfectionSegLib", "CovidInfectionSegSlicer", "SampleData", "PyTorchUtils"}
+    return {m for m in modules if m not in stdlib and m not in ours}
 
 
 def test_requirements_file_covers_every_third_party_import():

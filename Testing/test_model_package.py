@@ -22,6 +22,7 @@ from CovidInfectionSegLib.model_package import (
     load_model_package,
 )
 from CovidInfectionSegLib.preprocessing import IntensityRecipe
+from CovidInfectionSegLib.segments import GENERAL_ANATOMY_CONTEXT
 
 
 @pytest.fixture
@@ -55,7 +56,8 @@ def test_load_from_manifest(tiny_model_manifest: Path) -> None:
         1,
         "Right lung",
         (128, 174, 128),
-        {"category": ["SCT", "123037004", "Anatomical Structure"], "type": ["SCT", "3341006", "Right lung"]},
+        {"context": GENERAL_ANATOMY_CONTEXT, "category": ["SCT", "123037004", "Anatomical Structure"],
+         "type": ["SCT", "39607008", "Lung"], "type_modifier": ["SCT", "24028007", "Right"]},
     )
     output = package.module(torch.zeros(2, 1, 256, 256))
     assert tuple(output.shape) == (2, 3, 256, 256)

@@ -13,16 +13,15 @@ import slicerio
 from CovidInfectionSegLib.model_package import load_model_package
 from CovidInfectionSegLib.outputs import (
     OutputError,
-    choose_preview_slices,
     ensure_output_dir,
     ijk_to_lps,
     output_paths,
     outputs_complete,
     write_all,
     write_labelmap,
-    write_preview_png,
     write_segmentation_nrrd,
 )
+from CovidInfectionSegLib.preview import choose_preview_slices, write_preview_png
 from CovidInfectionSegLib.pipeline import segment_image
 from CovidInfectionSegLib.sample_data import synthetic_chest
 
@@ -138,10 +137,13 @@ def test_write_all_writes_every_file_and_records_the_input(tmp_path, ct_and_labe
     assert record["source"] == "phantom for test"
     assert record["measurements"]["total"]["lung_ml"] == pytest.approx(result.measurements.total.lung_ml, abs=1e-3)
     assert paths["measurements_csv"].read_text(encoding="utf-8").splitlines()[0].startswith("region,lung_ml")
-    assert sorted(p.name for p in outdir.iterdir()) == sorted(p.name for p in paths.values())
+    visible = sorted(p.name for p in outdir.iterdir() if not p.name.startswith("."))
+    assert visible == sorted(p.name for p in paths.values())
 
     no_preview = write_all(result, ct, tmp_path / "np", "case", preview=False)
     assert "preview" not in no_preview and not (tmp_path / "np" / "case.preview.png").exists()
+    write_all(result, ct, outdir, "case", preview=False)  # a run without preview removes the earlier one
+    assert not (outdir / "case.preview.png").exists() and outputs_complete(outdir, "case", preview=False)
 
 
 def test_failed_write_leaves_no_partial_file(tmp_path, ct_and_labels, model):
@@ -153,16 +155,20 @@ def test_failed_write_leaves_no_partial_file(tmp_path, ct_and_labels, model):
     assert [p.name for p in tmp_path.iterdir()] == ["case.seg.nrrd"]
 
 
-def test_failure_in_write_all_leaves_only_complete_files(tmp_path, ct_and_labels, model):
+def test_failure_in_write_all_writes_nothing_and_keeps_the_previous_result(tmp_path, ct_and_labels, model):
     ct, _labels = ct_and_labels
     result = segment_image(ct, model, device="cpu")
-    other_ct = synthetic_chest(size=(32, 32, 12), spacing=(8.0, 8.0, 10.0))  # wrong grid for the preview
+    result.source = "first run"
+    write_all(result, ct, tmp_path, "case")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if not p.name.startswith(".")}
+    result.source = "second run"
+    other_ct = synthetic_chest(size=(32, 32, 12), spacing=(8.0, 8.0, 10.0))  # wrong grid: the preview, written last, fails
     with pytest.raises(ValueError, match="differ in size"):
         write_all(result, other_ct, tmp_path, "case")
-    names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == sorted(["case.seg.nrrd", "case.labels.nii.gz", "case.measurements.csv", "case.measurements.json"])
-    assert not outputs_complete(tmp_path, "case")
-    assert outputs_complete(tmp_path, "case", preview=False)
+    after = {p.name: p.read_bytes() for p in tmp_path.iterdir() if not p.name.startswith(".")}
+    assert after == before  # the first run's five files, byte for byte
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == [".covidseg-commit.lock"]  # no staging left
+    assert json.loads((tmp_path / "case.measurements.json").read_text(encoding="utf-8"))["source"] == "first run"
 
 
 def test_unwritable_output_folder_is_a_clear_error(tmp_path, ct_and_labels, model):

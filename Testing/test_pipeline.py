@@ -144,6 +144,20 @@ def test_segment_file_reads_and_times(tmp_path: Path, infection_model: ModelPack
     )
 
 
+def test_the_python_api_records_where_the_image_came_from(tmp_path: Path, tiny_model: ModelPackage) -> None:
+    from CovidInfectionSegLib.imageio import read_image
+    from CovidInfectionSegLib.pipeline import IN_MEMORY_SOURCE
+
+    path = tmp_path / "scan.nii.gz"
+    sitk.WriteImage(chest_phantom().image(), str(path))
+    result = segment_image(read_image(path), tiny_model, device="cpu")  # as the README's Python example does
+    assert result.source == str(path) and result.summary()["source"] == str(path)
+    assert all(warning.startswith(str(path)) for warning in result.warnings)
+    in_memory = segment_image(chest_phantom().image(), tiny_model, device="cpu")
+    assert in_memory.source is None and in_memory.summary()["source"] == IN_MEMORY_SOURCE
+    assert segment_file(path, tiny_model, device="cpu").input_image is not None
+
+
 def test_segment_missing_file(tiny_model: ModelPackage, tmp_path: Path) -> None:
     with pytest.raises(InputError, match="no such file"):
         segment_file(tmp_path / "none.nii.gz", tiny_model)

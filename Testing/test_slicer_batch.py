@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -36,7 +37,8 @@ def batch():
 
 @pytest.fixture
 def scans(tmp_path) -> dict[str, sitk.Image]:
-    """Two good scans (NIfTI in RAS voxel order, NRRD) and a damaged NIfTI, in tmp_path/scans."""
+    """Two good scans (NIfTI in RAS voxel order, NRRD), a damaged NIfTI and a blank (constant) volume
+    the engine refuses, in tmp_path/scans."""
     folder = tmp_path / "scans"
     folder.mkdir()
     phantom = chest_phantom(shape=(20, 112, 112), spacing=(0.8, 0.8, 2.5))
@@ -47,6 +49,7 @@ def scans(tmp_path) -> dict[str, sitk.Image]:
     sitk.WriteImage(images["alpha"], str(folder / "alpha.nii.gz"))
     sitk.WriteImage(images["beta"], str(folder / "beta.nrrd"))
     (folder / "broken.nii.gz").write_bytes(b"\x1f\x8b not a NIfTI file at all")
+    sitk.WriteImage(sitk.Image(48, 48, 12, sitk.sitkInt16) - 1000, str(folder / "blank.nrrd"))
     return images
 
 
@@ -75,8 +78,10 @@ def test_batch_segments_good_scans_records_the_bad_one_and_leaves_the_scene_empt
     assert code == 1  # some scans failed
     assert scene.GetNumberOfNodes() == 0
     summary = read_summary(out / "summary.csv")
-    assert {name: row["status"] for name, row in summary.items()} == {"alpha": "ok", "beta": "ok", "broken": "failed"}
+    assert {name: row["status"] for name, row in summary.items()} == {
+        "alpha": "ok", "beta": "ok", "blank": "failed", "broken": "failed"}
     assert "broken.nii.gz" in summary["broken"]["error"]
+    assert summary["blank"]["error"] == "volume 'blank': constant image (every voxel is -1000); nothing to segment"
     for name, image in scans.items():
         segmentation = slicerio.read_segmentation(str(out / name / f"{name}.seg.nrrd"))
         assert [s["name"] for s in segmentation["segments"]] == ["Right lung", "Left lung", "Infection"]
@@ -93,7 +98,7 @@ def test_batch_segments_good_scans_records_the_bad_one_and_leaves_the_scene_empt
         assert float(rows["total"]["lung_ml"]) == pytest.approx(lung_ml, abs=1e-3)
         record = json.loads((out / name / f"{name}.measurements.json").read_text(encoding="utf-8"))
         assert record["source"].endswith(("alpha.nii.gz", "beta.nrrd"))
-    assert "2 ok, 1 failed" in capsys.readouterr().out
+    assert "2 ok, 2 failed" in capsys.readouterr().out
 
 
 def test_batch_usage_and_model_errors_have_their_exit_codes(batch, scans, tmp_path, tiny_model_manifest):
@@ -109,6 +114,7 @@ def test_batch_usage_and_model_errors_have_their_exit_codes(batch, scans, tmp_pa
 
 def test_script_runs_as_a_program_and_exits_with_its_code(scans, tmp_path, tiny_model_manifest):
     (tmp_path / "scans" / "broken.nii.gz").unlink()
+    (tmp_path / "scans" / "blank.nrrd").unlink()
     out = tmp_path / "results"
     completed = subprocess.run(
         [sys.executable, str(SCRIPT), "--input", str(tmp_path / "scans"), "--output", str(out),
@@ -117,3 +123,65 @@ def test_script_runs_as_a_program_and_exits_with_its_code(scans, tmp_path, tiny_
     )
     assert completed.returncode == 0, completed.stderr
     assert {row["status"] for row in read_summary(out / "summary.csv").values()} == {"ok"}
+
+
+# ------------------------------------------------------------------ exit codes whatever is raised
+
+
+def shadow_packages(folder: Path, packages: dict[str, str]) -> dict[str, str]:
+    """An environment whose PYTHONPATH puts ``packages`` (name -> __init__ source) first."""
+    for name, source in packages.items():
+        (folder / name).mkdir(parents=True)
+        (folder / name / "__init__.py").write_text(source)
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(folder), os.environ.get("PYTHONPATH", "")])}
+
+
+BROKEN_IMPORT = 'raise ImportError("simulated: a package this Slicer lacks")\n'
+# Stands in for the Slicer application, which cannot run here: the real slicer-core package plus an
+# ``app``, with slicer.util.exit (the only way to end Slicer started with --no-main-window) recording its code.
+SLICER_APPLICATION = """
+import os
+__file__ = os.environ["REAL_SLICER_INIT"]
+__path__[:] = [os.path.dirname(__file__)]
+exec(compile(open(__file__).read(), __file__, "exec"))
+import slicer.util
+app = object()
+
+def _record_exit(status=0):
+    with open(os.environ["EXIT_CODE_FILE"], "w") as handle:
+        handle.write(str(status))
+
+slicer.util.exit = _record_exit
+"""
+
+
+def test_an_import_that_fails_still_ends_with_the_internal_error_code(scans, tmp_path):
+    env = shadow_packages(tmp_path / "shadow", {"CovidInfectionSegSlicer": BROKEN_IMPORT})
+    completed = subprocess.run([sys.executable, str(SCRIPT), "--input", str(tmp_path / "scans"), "--output",
+                                str(tmp_path / "out")], capture_output=True, text=True, timeout=120, env=env)
+    assert completed.returncode == 70
+    assert "internal error: ImportError: simulated: a package this Slicer lacks" in completed.stderr
+    assert "Traceback" in completed.stderr
+
+
+@pytest.mark.parametrize(
+    ("packages", "arguments", "code"),
+    [
+        ({}, ["--input", "{tmp}/missing", "--output", "{tmp}/out"], 2),
+        ({"CovidInfectionSegSlicer": BROKEN_IMPORT}, ["--input", "{tmp}/scans", "--output", "{tmp}/out"], 70),
+        ({}, ["--input", "{tmp}/scans", "--output", "{tmp}/out", "--model", "{tmp}/missing.json"], 3),
+    ],
+    ids=["bad-arguments", "import-fails", "model-missing"],
+)
+def test_inside_slicer_the_script_asks_slicer_to_exit_with_its_code(scans, tmp_path, packages, arguments, code):
+    env = shadow_packages(tmp_path / "shadow", {"slicer": SLICER_APPLICATION, **packages})
+    env["EXIT_CODE_FILE"] = str(tmp_path / "exit-code")
+    env["REAL_SLICER_INIT"] = slicer.__file__
+    bin_dir = tmp_path / "slicer-bin"  # Slicer puts PythonSlicer on PATH; this one is this Python
+    bin_dir.mkdir()
+    (bin_dir / "PythonSlicer").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    (bin_dir / "PythonSlicer").chmod(0o755)
+    env["PATH"] = os.pathsep.join([str(bin_dir), env.get("PATH", "")])
+    argv = ["--", *(argument.format(tmp=tmp_path) for argument in arguments)]
+    completed = subprocess.run([sys.executable, str(SCRIPT), *argv], capture_output=True, text=True, timeout=300, env=env)
+    assert (tmp_path / "exit-code").read_text() == str(code), completed.stderr

@@ -1,11 +1,24 @@
-"""What the module installs inside Slicer: the pure decision logic of CovidInfectionSegLib.dependencies."""
+"""What the module installs inside Slicer: the pure decision logic of CovidInfectionSegSlicer.dependencies."""
 
 from __future__ import annotations
 
 import pytest
 
-from CovidInfectionSegLib import dependencies
-from CovidInfectionSegLib.dependencies import check, install, package_status, plan_installation, read_requirements
+from packaging.version import Version
+
+from CovidInfectionSegSlicer import dependencies
+from CovidInfectionSegSlicer.dependencies import (
+    DependencyLogic,
+    check,
+    install,
+    package_status,
+    pinned_versions,
+    plan_installation,
+    read_requirements,
+)
+
+# What each supported Slicer ships (SuperBuild/External_python*.cmake of its tag): Python, numpy.
+SLICER_PYTHONS = {"5.6.2": ("3.9", "1.26.1"), "5.8.1": ("3.9", "1.26.4"), "5.10.0": ("3.12", "2.0.2")}
 
 
 def environment(installed: dict[str, str], importable: set[str]):
@@ -92,3 +105,42 @@ def test_install_runs_the_plan_in_order_and_reports_failures():
 
     with pytest.raises(RuntimeError, match="pip could not install slicerio: network is unreachable"):
         install(dependencies.InstallPlan("none", "torch>=2.0", ["slicerio"]), pip_install=offline_pip, log=lambda _t: None)
+
+
+def test_every_pip_call_pins_slicers_own_numpy_and_simpleitk():
+    version_of, importable = environment({"numpy": "1.26.4", "SimpleITK": "2.3.1"}, {"numpy", "SimpleITK"})
+    pins = pinned_versions(version_of)
+    assert pins == ["numpy==1.26.4", "SimpleITK==2.3.1"]
+    torch_status, statuses = check(["scipy>=1.7", "slicerio"], version_of=version_of, importable=importable)
+    plan = plan_installation(torch_status, statuses, pytorch_utils_available=False, loaded_modules={}, pins=pins)
+    calls = []
+    install(plan, pip_install=calls.append, log=lambda _text: None)
+    assert calls == [["torch>=2.0", *pins], ["scipy>=1.7", *pins], ["slicerio", *pins]]
+    assert "Kept as they are (3D Slicer's own): numpy==1.26.4, SimpleITK==2.3.1" in plan.describe()
+
+
+@pytest.mark.parametrize("slicer_version", sorted(SLICER_PYTHONS))
+def test_requirements_never_ask_for_an_opencv_that_needs_numpy_2_on_python_3_9(slicer_version):
+    """opencv-python-headless 4.12 and later require numpy>=2 on Python 3.9; Slicer 5.6/5.8 have numpy 1.26."""
+    python, numpy_version = SLICER_PYTHONS[slicer_version]
+    applicable = [r for r in read_requirements() if r.marker is None or r.marker.evaluate({"python_version": python})]
+    opencv = [r for r in applicable if r.name == "opencv-python-headless"]
+    assert len(opencv) == 1
+    allows_numpy2_only_builds = opencv[0].specifier.contains(Version("4.12.0.88"))
+    assert allows_numpy2_only_builds == (Version(numpy_version).major >= 2)
+    assert opencv[0].specifier.contains(Version("4.11.0.86"))  # the last opencv for numpy 1.x on Python 3.9
+
+
+def test_dependency_logic_reads_the_file_and_installs_with_the_installers_it_was_given(tmp_path):
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text("packaging>=20\nno-such-package-covidseg-test>=1\n")
+    calls = []
+    logic = DependencyLogic(pip_install=calls.append, requirements_file=requirements)
+    ready, lines = logic.status()
+    assert not ready
+    assert "no-such-package-covidseg-test: missing (need no-such-package-covidseg-test>=1)" in lines
+    plan = logic.plan()
+    assert plan.torch_method == "none"  # torch is installed here
+    assert plan.pip_requirements == ["no-such-package-covidseg-test>=1"]
+    logic.install(plan, log=lambda _text: None)
+    assert calls == [["no-such-package-covidseg-test>=1", *pinned_versions()]]

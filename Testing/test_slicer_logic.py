@@ -1,8 +1,14 @@
-"""The module's MRML logic on a real MRML scene (slicer-core), with a real TorchScript model."""
+"""The module's MRML side on a real MRML scene (slicer-core), with a real TorchScript model.
+
+Volume nodes to images and back, and an engine result into the scene (CovidInfectionSegSlicer.volumes
+and .results). The result comes from the engine in this process here, so these tests stay fast; the
+child process that the module really uses is tested in test_slicer_engine_process.py.
+"""
 
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -15,16 +21,14 @@ from vtk.util import numpy_support  # noqa: E402
 from model_factory import write_model_package  # noqa: E402
 from phantoms import chest_phantom, lung_and_infection_net  # noqa: E402
 
-from CovidInfectionSegLib.model_package import ModelError, load_model_package  # noqa: E402
-from CovidInfectionSegLib.pipeline import SegmentationCancelled, segment_image  # noqa: E402
-from CovidInfectionSegLib.slicer_logic import (  # noqa: E402
-    MEASUREMENTS_REFERENCE_ROLE,
-    SegmentationLogic,
-    imageToVolumeNode,
-    measurementsFromTable,
-    volumeNodeToImage,
-)
+from CovidInfectionSegLib.model_package import load_model_package  # noqa: E402
+from CovidInfectionSegLib.pipeline import segment_image  # noqa: E402
+from CovidInfectionSegLib.segments import terminology_entry  # noqa: E402
 from CovidInfectionSegLib.validation import InputError  # noqa: E402
+from CovidInfectionSegSlicer import results  # noqa: E402
+from CovidInfectionSegSlicer.logic import EngineError, SegmentationLogic  # noqa: E402
+from CovidInfectionSegSlicer.results import MEASUREMENTS_REFERENCE_ROLE, applyResult, measurementsFromTable, showIn3D  # noqa: E402
+from CovidInfectionSegSlicer.volumes import imageToVolumeNode, volumeNodeToImage  # noqa: E402
 
 SPACING = (0.8, 0.8, 2.5)
 ORIGIN = (-41.0, 17.5, 203.0)
@@ -49,6 +53,13 @@ def phantom():
 @pytest.fixture
 def scene():
     return slicer.vtkMRMLScene()
+
+
+def segment_into_scene(model, volume, outputSegmentation=None):
+    """The engine on the volume's voxels, then the result into the scene: what the module does,
+    minus the child process."""
+    result = segment_image(volumeNodeToImage(volume), model, name=f"volume '{volume.GetName()}'")
+    return applyResult(result, volume, outputSegmentation)
 
 
 def ijk_to_ras(node) -> np.ndarray:
@@ -79,7 +90,7 @@ def test_volume_becomes_segmentation_with_input_geometry(scene, model, phantom, 
     volume = imageToVolumeNode(image, scene, "chest")
     expected = segment_image(image, model)  # the engine on the same image, without MRML
 
-    applied = SegmentationLogic(model).process(volume)
+    applied = segment_into_scene(model, volume)
 
     node = applied.segmentationNode
     segmentation = node.GetSegmentation()
@@ -89,8 +100,9 @@ def test_volume_becomes_segmentation_with_input_geometry(scene, model, phantom, 
         segment = segmentation.GetSegment(segmentation.GetSegmentIdBySegmentName(info.name))
         assert segment.GetLabelValue() == info.value
         assert segment.GetColor() == pytest.approx([c / 255 for c in info.color])
-        scheme, code, meaning = info.terminology["type"]
-        assert f"{scheme}^{code}^{meaning}" in segment.GetTerminology()
+        entry = vtk.reference("")
+        assert segment.GetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), entry)
+        assert str(entry) == terminology_entry(info.terminology)
 
     voxels, image_to_world, _ = labelmap_of(node, "Right_lung")
     assert np.array_equal(image_to_world, ijk_to_ras(volume))
@@ -126,11 +138,10 @@ def test_volume_node_round_trip_keeps_voxels_and_geometry(scene, phantom):
 
 def test_rerun_into_the_same_segmentation_replaces_segments_and_updates_its_table(scene, model, phantom):
     volume = imageToVolumeNode(phantom.image(origin=ORIGIN), scene, "chest")
-    logic = SegmentationLogic(model)
-    first = logic.process(volume)
+    first = segment_into_scene(model, volume)
     nodes_after_first = scene.GetNumberOfNodes()
 
-    second = logic.process(volume, outputSegmentation=first.segmentationNode)
+    second = segment_into_scene(model, volume, outputSegmentation=first.segmentationNode)
 
     assert scene.GetNumberOfNodes() == nodes_after_first
     assert second.segmentationNode is first.segmentationNode
@@ -144,7 +155,7 @@ def test_results_are_placed_next_to_the_input_in_the_subject_hierarchy(scene, mo
     study = sh.CreateFolderItem(sh.GetSceneItemID(), "Study")
     sh.CreateItem(study, volume)
 
-    applied = SegmentationLogic(model).process(volume)
+    applied = segment_into_scene(model, volume)
 
     for node in (applied.segmentationNode, applied.tableNode):
         assert sh.GetItemParent(sh.GetItemByDataNode(node)) == study
@@ -154,7 +165,7 @@ def test_output_follows_the_input_transform(scene, model, phantom):
     volume = imageToVolumeNode(phantom.image(origin=ORIGIN), scene, "chest")
     transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "registration")
     volume.SetAndObserveTransformNodeID(transform.GetID())
-    applied = SegmentationLogic(model).process(volume)
+    applied = segment_into_scene(model, volume)
     assert applied.segmentationNode.GetTransformNodeID() == transform.GetID()
 
 
@@ -162,8 +173,8 @@ def test_show_in_3d_builds_closed_surfaces(scene, model, phantom):
     # The Slicer application registers this rule at startup; plain slicer-core does not.
     factory = slicer.vtkSegmentationConverterFactory.GetInstance()
     factory.RegisterConverterRule(slicer.vtkBinaryLabelmapToClosedSurfaceConversionRule())
-    applied = SegmentationLogic(model).process(imageToVolumeNode(phantom.image(origin=ORIGIN), scene, "chest"))
-    SegmentationLogic.showIn3D(applied.segmentationNode)
+    applied = segment_into_scene(model, imageToVolumeNode(phantom.image(origin=ORIGIN), scene, "chest"))
+    showIn3D(applied.segmentationNode)
     surface = applied.segmentationNode.GetSegmentation().GetSegment("Left_lung").GetRepresentation("Closed surface")
     assert surface is not None and surface.GetNumberOfPoints() > 0
 
@@ -176,11 +187,12 @@ def two_d_volume(scene):
     return imageToVolumeNode(image, scene, "scout")
 
 
-def test_2d_volume_is_refused_and_scene_unchanged(scene, model):
+def test_2d_volume_is_refused_before_any_child_starts(scene, tmp_path):
     volume = two_d_volume(scene)
     count = scene.GetNumberOfNodes()
+    never_run = tmp_path / "no-interpreter-needed"  # the volume is refused before the child would start
     with pytest.raises(InputError, match=r"volume 'scout': a 2D image \(size 64 x 64 x 1\)"):
-        SegmentationLogic(model).process(volume)
+        SegmentationLogic(str(never_run)).start(volume)
     assert scene.GetNumberOfNodes() == count
 
 
@@ -191,45 +203,29 @@ def test_bad_model_is_refused_and_scene_unchanged(scene, phantom, tmp_path):
     manifest_path.write_text(json.dumps(manifest))
     volume = imageToVolumeNode(phantom.image(origin=ORIGIN), scene, "chest")
     count = scene.GetNumberOfNodes()
-    with pytest.raises(ModelError, match="checksum mismatch"):
-        SegmentationLogic(manifest_path).process(volume)
-    assert scene.GetNumberOfNodes() == count
-
-
-def test_cancel_leaves_scene_unchanged(scene, model, phantom):
-    volume = imageToVolumeNode(phantom.image(origin=ORIGIN), scene, "chest")
-    count = scene.GetNumberOfNodes()
-    calls = []
-
-    def cancel_after_first_batch() -> bool:
-        calls.append(1)
-        return len(calls) > 1
-
-    with pytest.raises(SegmentationCancelled):
-        SegmentationLogic(model).process(volume, batch_size=4, cancel=cancel_after_first_batch)
+    with pytest.raises(EngineError, match="^model: .*checksum mismatch") as raised:
+        SegmentationLogic(sys.executable, model=manifest_path).process(volume, timeout=300)
+    assert raised.value.kind == "model" and raised.value.exitCode == 3
     assert scene.GetNumberOfNodes() == count
 
 
 def test_failure_while_applying_removes_what_was_added(scene, model, phantom, monkeypatch):
-    from CovidInfectionSegLib import slicer_logic
-
     volume = imageToVolumeNode(phantom.image(origin=ORIGIN), scene, "chest")
-    logic = SegmentationLogic(model)
-    existing = logic.process(volume).segmentationNode
+    existing = segment_into_scene(model, volume).segmentationNode
     count = scene.GetNumberOfNodes()
 
     def broken_table(*_args, **_kwargs):
         raise RuntimeError("disk full while filling the table")
 
-    monkeypatch.setattr(slicer_logic, "fillMeasurementTable", broken_table)
+    monkeypatch.setattr(results, "fillMeasurementTable", broken_table)
     with pytest.raises(RuntimeError, match="disk full"):
-        logic.process(volume)  # new segmentation + display + table created, then removed
+        segment_into_scene(model, volume)  # new segmentation + display + table created, then removed
     assert scene.GetNumberOfNodes() == count
 
     existing.GetSegmentation().RemoveAllSegments()
     existing.GetSegmentation().AddEmptySegment("mine", "My own segment")
     with pytest.raises(RuntimeError, match="disk full"):
-        logic.process(volume, outputSegmentation=existing)
+        segment_into_scene(model, volume, outputSegmentation=existing)
     assert existing.GetSegmentation().GetSegmentIDs() == ("mine",)
     assert scene.GetNumberOfNodes() == count
 
@@ -245,31 +241,3 @@ def test_sheared_and_label_volumes_are_refused(scene, phantom):
     labels = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "labels")
     with pytest.raises(InputError, match="vtkMRMLLabelMapVolumeNode"):
         volumeNodeToImage(labels)
-
-
-# ---------------------------------------------------------------------------------- background job
-
-
-def test_background_job_reports_progress_and_its_result_applies(scene, model, phantom):
-    volume = imageToVolumeNode(phantom.image(origin=ORIGIN), scene, "chest")
-    logic = SegmentationLogic(model)
-    count = scene.GetNumberOfNodes()
-    job = logic.startJob(volume, batch_size=4)
-    assert job.wait(timeout=120)
-    assert job.error is None and job.result is not None
-    assert (job.slicesDone, job.slicesTotal) == (20, 20)
-    assert job.elapsedSeconds > 0
-    assert scene.GetNumberOfNodes() == count  # the worker touched no MRML
-    applied = logic.apply(job.result, volume)
-    assert applied.segmentationNode.GetSegmentation().GetNumberOfSegments() == 3
-
-
-def test_cancelled_background_job_reports_cancelled(scene, model, phantom):
-    volume = imageToVolumeNode(phantom.image(origin=ORIGIN), scene, "chest")
-    count = scene.GetNumberOfNodes()
-    job = SegmentationLogic(model).startJob(volume, batch_size=1)
-    job.cancel()
-    assert job.wait(timeout=120)
-    assert job.cancelled, job.error
-    assert job.result is None
-    assert scene.GetNumberOfNodes() == count

@@ -1,52 +1,66 @@
 """The ``covidseg`` command: ``segment`` one scan, ``batch`` a folder of scans, ``info`` on model and device.
 
-Exit codes: 0 success; 1 some scans failed (batch); 2 bad input or usage; 3 model error; 130 cancelled
-(Ctrl-C). The first Ctrl-C stops after the slice batch in flight, a second one stops at once; files
-are written atomically either way, so nothing half-written is left behind.
+Argument handling and messages only: reading and segmenting is :func:`pipeline.segment_file`, writing
+:func:`outputs.write_all`, and batch discovery, resume, locking and the summary are :mod:`.batch`.
+
+Exit codes: 0 success; 1 some scans failed (batch); 2 bad input or usage; 3 model error; 4 the output
+folder is in use (another batch holds it) or ``summary.csv`` cannot be written; 130 cancelled (Ctrl-C).
+The first Ctrl-C stops after the slice batch in flight, a second one stops at once; a scan's outputs
+are written all or nothing either way, and a previous result stays until the new one is complete.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
-import io
 import json
-import os
 import signal
 import sys
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
-import SimpleITK as sitk
 from tqdm import tqdm
 
-from .atomic import write_text_atomic
-from .imageio import FILE_SUFFIXES, SUPPORTED_TEXT, read_image
-from .inference import PRECISIONS, SegmentationCancelled, pick_device, pick_precision
-from .measurements import REGIONS, Measurements
+from .atomic import OutputError, OutputLockedError
+from .batch import (
+    SUMMARY_FILE,
+    BatchFolderError,
+    Scan,
+    SummaryError,
+    discover,
+    expected_outputs,
+    find_scans,
+    measurement_columns,
+    run_local_batch,
+    scan_stem,
+    write_summary,
+)
+from .imageio import SUPPORTED_TEXT
+from .inference import PRECISIONS, ProgressCallback, SegmentationCancelled, pick_device, pick_precision
 from .model_package import ModelError, ModelPackage, default_model_path, load_model_package
-from .outputs import OutputError, ensure_output_dir, measurement_lines, output_paths, outputs_complete, write_all
-from .pipeline import segment_image
+from .outputs import OutputNotWritableError, ensure_output_dir, write_all, write_files
+from .pipeline import SegmentationResult, segment_file, segment_image
+from .preview import measurement_lines
 from .sample_data import load_default_input
 from .validation import InputError
+
+__all__ = [
+    "main", "build_parser", "EXIT_OK", "EXIT_SCANS_FAILED", "EXIT_USAGE", "EXIT_MODEL", "EXIT_OUTPUT_IN_USE",
+    "EXIT_CANCELLED", "UsageError", "describe_model", "cross_validation_lines", "cancel_on_sigint", "slice_progress",
+    # from batch.py, for the Slicer batch script
+    "SUMMARY_FILE", "Scan", "find_scans", "measurement_columns", "scan_stem", "write_summary",
+]
 
 EXIT_OK = 0
 EXIT_SCANS_FAILED = 1
 EXIT_USAGE = 2
 EXIT_MODEL = 3
+EXIT_OUTPUT_IN_USE = 4
 EXIT_CANCELLED = 130
-
-SUMMARY_FILE = "summary.csv"
-MEASUREMENT_FIELDS = ("lung_ml", "infection_ml", "percent_infected", "grade")
-SUMMARY_COLUMNS = (
-    "scan", "status", "error",
-    *(f"{region}_{field}" for region in REGIONS for field in MEASUREMENT_FIELDS),
-    "seconds", "warnings",
-)
+# Plain progress lines (not on a terminal) every this many percent of a scan's slices.
+PROGRESS_LINE_PERCENT = 25
 
 
 class UsageError(Exception):
@@ -60,20 +74,8 @@ class Options:
     device: str
     batch_size: int | None
     preview: bool
-    precision: str
     quiet: bool
-
-
-@dataclass(frozen=True)
-class Scan:
-    """One scan found by ``batch``: a file or a DICOM series folder, and its output name."""
-
-    path: Path
-    name: str  # relative to the input folder, without the image suffix; also the output sub-folder
-
-    @property
-    def stem(self) -> str:
-        return Path(self.name).name
+    precision: str = "auto"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -91,6 +93,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as error:
         _error(str(error))
         return EXIT_USAGE
+    except (BatchFolderError, OutputLockedError) as error:
+        _error(str(error))
+        return EXIT_OUTPUT_IN_USE
     except OutputError as error:
         _error(str(error))
         return EXIT_USAGE
@@ -107,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="covidseg",
         description="Segment lungs and COVID-19 infection in chest CT; research use only, not for diagnosis.",
-        epilog="Exit codes: 0 success, 1 some scans failed (batch), 2 bad input or usage, 3 model error, 130 cancelled.",
+        epilog="Exit codes: 0 success, 1 some scans failed (batch), 2 bad input or usage, 3 model error, "
+        "4 output folder in use by another batch or summary.csv not writable, 130 cancelled.",
     )
     commands = parser.add_subparsers(dest="command", metavar="{segment,batch,info}")
 
@@ -122,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "or force fp32, bf16 or fp16 (CUDA only) (default auto)")
     run_options.add_argument("--preview", action=argparse.BooleanOptionalAction, default=True,
                              help="write a PNG montage of axial slices with the segments (default on)")
-    run_options.add_argument("-q", "--quiet", action="store_true", help="no progress bars or informational output")
+    run_options.add_argument("-q", "--quiet", action="store_true", help="no progress or informational output")
 
     segment = commands.add_parser("segment", parents=[run_options], help="segment one scan",
                                   description="Segment one CT scan. Without INPUT, runs on 3D Slicer's CTChest sample "
@@ -134,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     batch = commands.add_parser("batch", parents=[run_options], help="segment every scan in a folder",
                                 description="Segment every scan under INPUT_DIR (image files and DICOM series "
                                 "folders), one output folder per scan, and a summary.csv updated as it goes. "
-                                "Scans whose outputs are complete are skipped unless --overwrite.")
+                                "Scans whose outputs are complete for the same input and model are skipped "
+                                "unless --overwrite; a changed input is segmented again.")
     batch.add_argument("input_dir", type=Path, help="folder of scans")
     batch.add_argument("-o", "--output", required=True, type=Path, help="output folder (created if needed)")
     batch.add_argument("--overwrite", action="store_true", help="redo scans whose outputs already exist")
@@ -143,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", help="show the model and the compute device")
     info.add_argument("--model", help="model manifest (.json) or TorchScript file (.pt); default: the bundled model")
     info.add_argument("--device", default="auto", help="device to report on (default auto)")
+    info.add_argument("--json", action="store_true", help="print the model's whole manifest as JSON (nothing else)")
     info.set_defaults(handler=run_info)
     return parser
 
@@ -170,83 +178,41 @@ def _check_device(device: str, precision: str = "auto") -> None:
         raise UsageError(f"--precision: {error}") from error
 
 
-def _prepare_output(folder: Path) -> Path:
-    try:
-        return ensure_output_dir(folder)
-    except OutputError as error:
-        raise UsageError(str(error)) from error
-
-
 # ----------------------------------------------------------------------------------------- segment
 
 
 def run_segment(args: argparse.Namespace) -> int:
     """``covidseg segment``: one scan (or the default input) -> outputs in ``args.output``."""
     options = _options(args)
-    outdir = _prepare_output(args.output)
+    try:
+        outdir = ensure_output_dir(args.output)
+    except OutputError as error:
+        raise UsageError(str(error)) from error
     _check_device(options.device, options.precision)
     model = load_model_package(args.model)
-    warnings: list[str] = []
-    if args.input is None:
-        default = load_default_input()
-        image, source = default.image, default.description
-        stem = "synthetic-chest" if default.is_synthetic else "CT-chest"
+    default = load_default_input() if args.input is None else None
+    if default is not None:
+        source, stem = default.description, "synthetic-chest" if default.is_synthetic else "CT-chest"
     else:
-        image = _read(args.input, warnings)
         source, stem = str(args.input), scan_stem(args.input)
     _say(options, f"input: {source}\nmodel: {model.describe()}")
     with cancel_on_sigint(options.quiet) as cancel:
-        result, paths = _segment_and_write(image, model, outdir, stem, source, options, cancel, warnings)
+        with slice_progress(f"segmenting {stem}", options.quiet) as progress:
+            run = dict(device=options.device, batch_size=options.batch_size, progress=progress, cancel=cancel,
+                       precision=options.precision)
+            try:
+                if default is not None:
+                    result = segment_image(default.image, model, name=source, **run)
+                else:
+                    result = segment_file(args.input, model, **run)
+            except InputError as error:
+                raise UsageError(str(error)) from error
+        paths = write_all(result, default.image if default is not None else None, outdir, stem, options.preview)
     for warning in result.warnings:
         _error(f"warning: {warning}")
     _say(options, "\n".join(measurement_lines(result.measurements)))
     _say(options, "wrote:\n" + "\n".join(f"  {path}" for path in paths.values()))
     return EXIT_OK
-
-
-def _read(path: Path, warnings: list[str]) -> sitk.Image:
-    try:
-        return read_image(path, warnings)
-    except InputError as error:
-        raise UsageError(str(error)) from error
-
-
-def _segment_and_write(
-    image: sitk.Image, model: ModelPackage, outdir: Path, stem: str, source: str,
-    options: Options, cancel: threading.Event, read_warnings: list[str],
-) -> tuple[Any, dict[str, Path]]:
-    """Segment ``image`` with a progress bar and write every output; InputError -> UsageError."""
-    with tqdm(total=None, desc=f"segmenting {stem}", unit="slice", disable=options.quiet, leave=False) as bar:
-        def progress(done: int, total: int) -> None:
-            bar.total = total
-            bar.update(done - bar.n)
-
-        try:
-            result = segment_image(image, model, device=options.device, batch_size=options.batch_size,
-                                   progress=progress, cancel=cancel, name=source, precision=options.precision)
-        except InputError as error:
-            raise UsageError(str(error)) from error
-    result.warnings[:0] = read_warnings
-    result.source = source
-    try:
-        paths = write_all(result, image, outdir, stem, preview=options.preview)
-    except OSError as error:  # disk full, permissions changed under us, ...
-        raise OutputError(f"cannot write the outputs to {outdir}: {error}") from error
-    return result, paths
-
-
-def scan_stem(path: Path) -> str:
-    """Output name for an input: the file name without its image suffix, or the folder's name."""
-    path = Path(path)
-    if path.is_dir():
-        return path.resolve().name
-    if path.suffix.lower() == ".dcm":
-        return path.resolve().parent.name
-    name = path.name
-    for suffix in sorted(FILE_SUFFIXES, key=len, reverse=True):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem
 
 
 # ------------------------------------------------------------------------------------------- batch
@@ -258,131 +224,73 @@ def run_batch(args: argparse.Namespace) -> int:
     input_dir: Path = args.input_dir
     if not input_dir.is_dir():
         raise UsageError(f"{input_dir}: not a folder (batch needs a folder of scans; use 'segment' for one file)")
-    outdir = _prepare_output(args.output)
+    try:
+        outdir = ensure_output_dir(args.output)
+    except OutputNotWritableError as error:
+        raise SummaryError(f"cannot write the batch summary: {error}") from error
+    except OutputError as error:
+        raise UsageError(str(error)) from error
     _check_device(options.device, options.precision)
-    scans = find_scans(input_dir, exclude=outdir)
+    found = discover(input_dir, exclude=outdir)
+    if found.ignored_outputs:
+        shown = ", ".join(str(path) for path in found.ignored_outputs[:3]) + (", ..." if len(found.ignored_outputs) > 3 else "")
+        _say(options, f"left out {len(found.ignored_outputs)} covidseg outputs found under {input_dir}: {shown}")
+    scans = found.scans
     if not scans:
         raise UsageError(f"{input_dir}: no scans found ({SUPPORTED_TEXT})")
     model = load_model_package(args.model)
     _say(options, f"{len(scans)} scans in {input_dir}; model: {model.describe()}")
     summary_path = outdir / SUMMARY_FILE
     rows: list[dict[str, Any]] = []
-    with cancel_on_sigint(options.quiet) as cancel:
+    on_terminal = _on_terminal()
+    with cancel_on_sigint(options.quiet) as cancel, \
+            tqdm(total=len(scans), desc="scans", unit="scan", disable=options.quiet or not on_terminal) as bar:
+
+        def segment_and_write(scan: Scan, folder: Path, fingerprint: dict) -> SegmentationResult:
+            with slice_progress(scan.name, options.quiet or not on_terminal, position=1) as progress:
+                result = segment_file(scan.path, model, device=options.device, batch_size=options.batch_size,
+                                      progress=progress, cancel=cancel, precision=options.precision)
+            result.input_fingerprint = fingerprint
+            write_files(result, None, folder, scan.stem, options.preview)
+            return result
+
+        def report(row: dict[str, Any]) -> None:
+            rows.append(row)
+            bar.update(1)
+            if not options.quiet and not on_terminal:
+                print(f"[{len(rows)}/{len(scans)}] {row['scan']}: {row['status']}{_row_detail(row)}", flush=True)
+
         try:
-            for scan in tqdm(scans, desc="scans", unit="scan", disable=options.quiet):
-                if cancel.is_set():
-                    raise SegmentationCancelled("cancelled between scans")
-                rows.append(_batch_one(scan, model, outdir, options, args.overwrite, cancel))
-                write_summary(summary_path, rows)
+            run_local_batch(scans, outdir, segment_and_write, outputs=expected_outputs(options.preview),
+                            overwrite=args.overwrite, model={"name": model.name, "version": model.version},
+                            cancel=cancel, on_row=report)
         except (SegmentationCancelled, KeyboardInterrupt):
-            write_summary(summary_path, rows)
             _error(f"cancelled after {len(rows)} of {len(scans)} scans; summary so far: {summary_path}")
             return EXIT_CANCELLED
-    failed = [row for row in rows if row["status"] == "failed"]
     counts = {status: sum(row["status"] == status for row in rows) for status in ("ok", "skipped", "failed")}
     _say(options, f"{counts['ok']} ok, {counts['skipped']} skipped, {counts['failed']} failed; summary: {summary_path}")
-    for row in failed:
-        _error(f"failed: {row['scan']}: {row['error']}")
-    return EXIT_SCANS_FAILED if failed else EXIT_OK
+    for row in rows:
+        if row["status"] == "failed":
+            _error(f"failed: {row['scan']}: {row['error']}")
+    return EXIT_SCANS_FAILED if counts["failed"] else EXIT_OK
 
 
-def _batch_one(
-    scan: Scan, model: ModelPackage, outdir: Path, options: Options, overwrite: bool, cancel: threading.Event
-) -> dict[str, Any]:
-    """Segment one scan of a batch; a failure becomes a 'failed' row. Cancelling and model errors
-    (not the scan's fault) propagate."""
-    scan_dir = outdir / scan.name
-    if not overwrite and outputs_complete(scan_dir, scan.stem, options.preview):
-        return _skipped_row(scan, scan_dir)
-    started = time.perf_counter()
-    warnings: list[str] = []
-    try:
-        image = read_image(scan.path, warnings)
-        result, _paths = _segment_and_write(image, model, scan_dir, scan.stem, str(scan.path), options, cancel, warnings)
-    except (SegmentationCancelled, KeyboardInterrupt):
-        raise
-    except (UsageError, InputError, OutputError, RuntimeError, OSError, ValueError) as error:
-        return {"scan": scan.name, "status": "failed", "error": str(error),
-                "seconds": round(time.perf_counter() - started, 2)}
-    return {
-        "scan": scan.name, "status": "ok", "error": "",
-        **measurement_columns(result.measurements),
-        "seconds": round(time.perf_counter() - started, 2),
-        "warnings": " | ".join(result.warnings),
-    }
-
-
-def _skipped_row(scan: Scan, scan_dir: Path) -> dict[str, Any]:
-    """A row for a scan whose outputs exist: its measurements are read back from them."""
-    row: dict[str, Any] = {"scan": scan.name, "status": "skipped", "error": "outputs already complete (--overwrite redoes)"}
-    record_path = output_paths(scan_dir, scan.stem)["measurements_json"]
-    try:
-        record = json.loads(record_path.read_text(encoding="utf-8"))
-        row.update(measurement_columns(Measurements.from_dict(record["measurements"])))
-        row["warnings"] = " | ".join(record.get("warnings", []))
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        row["error"] += f"; previous measurements unreadable: {error}"
-    return row
-
-
-def measurement_columns(measurements: Measurements) -> dict[str, Any]:
-    """Flat summary columns ``<region>_<field>`` (e.g. ``total_percent_infected``)."""
-    columns = {}
-    for region in REGIONS:
-        values = measurements.region(region).to_dict()
-        columns.update({f"{region}_{field}": values[field] for field in MEASUREMENT_FIELDS})
-    return columns
-
-
-def write_summary(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Write the batch summary CSV (one row per scan so far) atomically."""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=SUMMARY_COLUMNS, restval="", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text_atomic(path, buffer.getvalue())
-
-
-def find_scans(folder: Path, exclude: Path | None = None) -> list[Scan]:
-    """Image files with a supported suffix and DICOM series folders under ``folder`` (recursively).
-
-    Hidden entries and ``exclude`` (the output folder, when it lies inside the input) are skipped.
-    """
-    folder = Path(folder)
-    excluded = exclude.resolve() if exclude is not None else None
-    found: list[tuple[Path, str]] = []
-    for root, dirs, files in os.walk(folder):
-        root_path = Path(root)
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and (root_path / d).resolve() != excluded)
-        visible = sorted(f for f in files if not f.startswith("."))
-        images = [f for f in visible if f.lower().endswith(FILE_SUFFIXES)]
-        for name in images:
-            relative = (root_path / name).relative_to(folder)
-            found.append((root_path / name, str(relative.with_name(scan_stem(root_path / name)).as_posix())))
-        others = [f for f in visible if f not in images]
-        if others and _has_dicom_series(root_path):
-            relative = root_path.relative_to(folder)
-            found.append((root_path, relative.as_posix() if relative.parts else root_path.resolve().name))
-    names = [name for _path, name in found]
-    return [
-        # Two inputs with the same stem (a.nii.gz and a.nrrd) keep their full file names apart.
-        Scan(path, path.relative_to(folder).as_posix() if names.count(name) > 1 and path.is_file() else name)
-        for path, name in found
-    ]
-
-
-def _has_dicom_series(folder: Path) -> bool:
-    try:
-        return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
-    except RuntimeError:
-        return False
+def _row_detail(row: dict[str, Any]) -> str:
+    if row["status"] == "failed":
+        return f" ({row['error']})"
+    detail = f" ({row['total_lung_ml']:.0f} mL lung, {row['total_percent_infected']:.1f}% infected)"
+    return detail + (f"; {row['note']}" if row.get("note") else "")
 
 
 # -------------------------------------------------------------------------------------------- info
 
 
 def run_info(args: argparse.Namespace) -> int:
-    """``covidseg info``: the device, then the model manifest summary."""
+    """``covidseg info``: the device, then a readable summary of the model manifest (``--json``: the
+    whole manifest)."""
+    if args.json:
+        print(json.dumps(load_model_package(args.model).manifest, indent=2))
+        return EXIT_OK
     import torch
 
     print(f"torch:     {torch.__version__}")
@@ -404,21 +312,60 @@ def run_info(args: argparse.Namespace) -> int:
 
 
 def describe_model(model: ModelPackage) -> list[str]:
-    """Lines summarising a model package's manifest for ``covidseg info``."""
+    """Readable lines about a model package for ``covidseg info``: identity, network, recipe, labels
+    and the cross-validation headline figures when the manifest has them."""
     manifest = model.manifest
-    architecture = manifest.get("architecture", {})
-    metrics = manifest.get("metrics") or {}
     return [
         f"model:     {model.name} {model.version}",
         f"manifest:  {model.manifest_path}",
         f"weights:   {model.weights_path}",
         f"sha256:    {manifest['sha256']}",
-        "network:   " + ", ".join(f"{key} {value}" for key, value in architecture.items()),
+        "network:   " + _key_values(manifest.get("architecture", {})),
+        "recipe:    " + _key_values(manifest.get("recipe", {})),
         "labels:    " + ", ".join(f"{value} {name}" for value, name in sorted(model.labels.items())),
         "segments:  " + ", ".join(f"{segment.value} {segment.name}" for segment in model.segments),
-        "metrics:   " + (json.dumps(metrics, sort_keys=True) if metrics else "none recorded"),
+        *cross_validation_lines(manifest),
         f"licence:   {manifest.get('licence', 'not stated')}",
+        "           (covidseg info --json prints the whole manifest)",
     ]
+
+
+def cross_validation_lines(manifest: dict[str, Any]) -> list[str]:
+    """The manifest's ``cross_validation`` summary (per metric: the mean over folds, +- sd when given),
+    or a line saying it is not there (and what the manifest's ``metrics`` are instead)."""
+    block = manifest.get("cross_validation")
+    if not isinstance(block, dict) or not block:
+        metrics = manifest.get("metrics") or {}
+        fold = metrics.get("fold") if isinstance(metrics, dict) else None
+        instead = f"; its 'metrics' are one fold's (fold {fold}) validation" if fold is not None else ""
+        return [f"cross-validation: not in the manifest{instead} (see the model card)"]
+    statistics = next((block[key] for key in ("mean_of_fold_means", "over_folds", "summary", "metrics")
+                       if isinstance(block.get(key), dict)), block)
+    figures = [f"{name} {_figure(value)}" for name, value in statistics.items() if _figure(value)]
+    folds = block.get("folds", block.get("n_folds"))
+    count = len(folds) if isinstance(folds, list) else folds
+    heading = f"cross-validation ({count} folds, mean over folds)" if count else "cross-validation (mean over folds)"
+    if not figures:
+        return [f"{heading}: no figures found in the manifest's cross_validation block"]
+    lines = [f"{heading}:"]
+    lines += [f"           {', '.join(figures[start:start + 3])}" for start in range(0, len(figures), 3)]
+    return lines
+
+
+def _figure(value: Any) -> str:
+    """A metric as text: a number, or {"mean", "sd"} as mean +- sd; empty when neither."""
+    if isinstance(value, bool):
+        return ""
+    if isinstance(value, (int, float)):
+        return f"{value:.3f}"
+    if isinstance(value, dict) and isinstance(value.get("mean"), (int, float)):
+        sd = value.get("sd", value.get("std"))
+        return f"{value['mean']:.3f}" + (f" +- {sd:.3f}" if isinstance(sd, (int, float)) else "")
+    return ""
+
+
+def _key_values(mapping: dict[str, Any]) -> str:
+    return ", ".join(f"{key} {value}" for key, value in mapping.items()) or "not stated"
 
 
 # ----------------------------------------------------------------------------------------- helpers
@@ -447,13 +394,47 @@ def cancel_on_sigint(quiet: bool = False) -> Iterator[threading.Event]:
         signal.signal(signal.SIGINT, previous)
 
 
+@contextlib.contextmanager
+def slice_progress(label: str, quiet: bool, position: int = 0) -> Iterator[ProgressCallback]:
+    """A progress callback for one scan's slices: a bar on a terminal, a plain line every
+    ``PROGRESS_LINE_PERCENT`` % when stderr is a file or a pipe (no escape codes in logs), nothing
+    when ``quiet``."""
+    if quiet:
+        yield lambda done, total: None
+    elif _on_terminal():
+        with tqdm(total=None, desc=label, unit="slice", leave=False, position=position) as bar:
+            def update(done: int, total: int) -> None:
+                bar.total = total
+                bar.update(done - bar.n)
+
+            yield update
+    else:
+        yield _progress_lines(label)
+
+
+def _progress_lines(label: str) -> Callable[[int, int], None]:
+    reported = [0]
+
+    def report(done: int, total: int) -> None:
+        percent = 100 * done // max(total, 1)
+        if percent >= reported[0] + PROGRESS_LINE_PERCENT or (done == total and reported[0] < 100):
+            reported[0] = percent
+            print(f"{label}: {done}/{total} slices", file=sys.stderr, flush=True)
+
+    return report
+
+
+def _on_terminal() -> bool:
+    return bool(getattr(sys.stderr, "isatty", lambda: False)())
+
+
 def _say(options: Options, text: str) -> None:
     if not options.quiet:
-        print(text)
+        print(text, flush=True)
 
 
 def _error(text: str) -> None:
-    print(f"covidseg: {text}", file=sys.stderr)
+    print(f"covidseg: {text}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ import torch
 
 from .checksums import sha256_of
 from .preprocessing import IntensityRecipe
+from .segments import SegmentInfo  # noqa: F401  (part of this module's interface)
 
 MODEL_ENV_VAR = "COVIDSEG_MODEL"
 DEFAULT_MODEL_FILE = "covid_unet_v1.json"
@@ -27,21 +28,6 @@ SUPPORTED_FORMAT_VERSIONS = (1,)
 
 class ModelError(RuntimeError):
     """A model package is missing, corrupt or inconsistent with its manifest."""
-
-
-@dataclass(frozen=True)
-class SegmentInfo:
-    """One output segment of the post-processed labelmap (value 1 Right lung, 2 Left lung, 3 Infection)."""
-
-    value: int
-    name: str
-    color: tuple[int, int, int]
-    terminology: dict[str, list[str]] = field(default_factory=dict)
-
-    @property
-    def color_float(self) -> tuple[float, float, float]:
-        """The colour as 0..1 floats (what Slicer's segment colours use)."""
-        return tuple(channel / 255.0 for channel in self.color)  # type: ignore[return-value]
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """The whole job: CT image in, labelmap on the input grid + measurements + warnings out.
 
 validate -> canonical LPS -> batched 2D inference -> 3D post-processing -> measurements -> back onto
-the input grid. Used by the CLI, the Slicer module and the benchmarks.
+the input grid. Used by the CLI, the Slicer module and the benchmarks. :func:`segment_file` is the one
+read-and-segment path (the CLI's ``segment`` and ``batch`` both use it).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 
 import SimpleITK as sitk
 
-from .imageio import from_canonical, read_image, to_canonical
+from .imageio import SOURCE_KEY, from_canonical, read_image, to_canonical
 from .inference import (
     CancelCheck,
     ProgressCallback,
@@ -32,6 +33,7 @@ __all__ = ["SegmentationResult", "SegmentationCancelled", "segment_image", "segm
 
 # Adult lungs hold litres of air; far less means the scan does not cover the lungs (or is not a chest CT).
 LOW_LUNG_VOLUME_ML = 500.0
+IN_MEMORY_SOURCE = "an image passed in memory (not read from a file by covidseg)"
 # Voxel types the engine reads as they are (slices are converted one at a time); others become float32.
 # CT is int16 or uint16: a float32 copy of the volume would double its memory.
 COMPACT_PIXEL_TYPES = (sitk.sitkInt8, sitk.sitkUInt8, sitk.sitkInt16, sitk.sitkUInt16)
@@ -51,12 +53,16 @@ class SegmentationResult:
     model_version: str
     notes: list[str] = field(default_factory=list)
     source: str | None = None
+    # The CT as read by segment_file (for the preview); not kept by segment_image.
+    input_image: sitk.Image | None = field(default=None, repr=False)
+    # What the input was when it was segmented (batch: size, times, content hash), for resuming.
+    input_fingerprint: dict[str, Any] | None = None
     precision: str = "fp32"
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready description of the run (no image data)."""
-        return {
-            "source": self.source,
+        record: dict[str, Any] = {
+            "source": self.source or IN_MEMORY_SOURCE,
             "model": {"name": self.model_name, "version": self.model_version},
             "device": self.device,
             "precision": self.precision,
@@ -65,6 +71,9 @@ class SegmentationResult:
             "notes": list(self.notes),
             "timings_s": {stage: round(seconds, 3) for stage, seconds in self.timings.items()},
         }
+        if self.input_fingerprint is not None:
+            record["input_fingerprint"] = self.input_fingerprint
+        return record
 
 
 def segment_image(
@@ -75,7 +84,7 @@ def segment_image(
     batch_size: int | None = None,
     progress: ProgressCallback | None = None,
     cancel: CancelCheck | None = None,
-    name: str = "image",
+    name: str | None = None,
     settings: PostprocessingSettings | None = None,
     precision: str = "auto",
 ) -> SegmentationResult:
@@ -84,9 +93,13 @@ def segment_image(
     ``precision`` is ``"auto"``, ``"fp32"``, ``"bf16"`` or ``"fp16"`` (see :func:`inference.pick_precision`).
     Raises :class:`validation.InputError` for images that cannot be segmented, :class:`SegmentationCancelled`
     when ``cancel`` fires, ``RuntimeError`` for an unavailable device or precision. ``name`` labels
-    warnings (a path).
+    warnings and is the result's ``source``; it defaults to the path :func:`imageio.read_image` recorded
+    in the image, else "image".
     """
     started = time.perf_counter()
+    read_from = image.GetMetaData(SOURCE_KEY) if image.HasMetaDataKey(SOURCE_KEY) else None
+    source = name if name is not None else read_from
+    name = source or "image"
     warnings = check_image(image, name)
     torch_device = pick_device(device)
     precision = pick_precision(precision, torch_device)
@@ -136,12 +149,16 @@ def segment_image(
         model_name=model.name,
         model_version=model.version,
         notes=lungs.notes,
+        source=source,
         precision=precision,
     )
 
 
 def segment_file(path: str | Path, model: ModelPackage, **options: Any) -> SegmentationResult:
-    """Read a CT (file or DICOM folder, see :func:`imageio.read_image`) and :func:`segment_image` it."""
+    """Read a CT (file or DICOM folder, see :func:`imageio.read_image`) and :func:`segment_image` it.
+
+    The reader's warnings come first in ``result.warnings``, the read time in ``result.timings``,
+    and ``result.input_image`` holds the CT (for the preview). Takes :func:`segment_image`'s options."""
     started = time.perf_counter()
     read_warnings: list[str] = []
     image = read_image(path, read_warnings)
@@ -150,7 +167,7 @@ def segment_file(path: str | Path, model: ModelPackage, **options: Any) -> Segme
     result = segment_image(image, model, **options)
     result.warnings[:0] = read_warnings
     result.timings = {"read": read_seconds, **result.timings, "total": result.timings["total"] + read_seconds}
-    result.source = str(path)
+    result.input_image = image
     return result
 
 

@@ -57,16 +57,16 @@ def check_image(image: sitk.Image, name: str = "image") -> list[str]:
         raise InputError(f"{name}: empty image (size {_size_text(size)})")
     axis = slice_axis(image)
     if size[axis] < MIN_SLICES:
+        count = f"{size[axis]} axial slice" + ("" if size[axis] == 1 else "s")
         raise InputError(
-            f"{name}: only {size[axis]} axial slices (size {_size_text(size)}); need at least {MIN_SLICES} "
+            f"{name}: only {count} (size {_size_text(size)}); need at least {MIN_SLICES} "
             "for a 3D lung segmentation"
         )
     array = sitk.GetArrayViewFromImage(image)
     if np.issubdtype(array.dtype, np.floating):
         finite = np.isfinite(array)
         if not finite.all():
-            bad = int(finite.size - np.count_nonzero(finite))
-            raise InputError(f"{name}: {bad} voxels are NaN or infinite ({bad / finite.size:.2%} of the image)")
+            raise InputError(non_finite_message(name, int(finite.size - np.count_nonzero(finite)), finite.size))
         del finite
     low, high = float(array.min()), float(array.max())
     if low == high:
@@ -77,6 +77,11 @@ def check_image(image: sitk.Image, name: str = "image") -> list[str]:
         warnings.append(hu_warning)
     warnings.extend(_spacing_warnings(image, axis, name))
     return warnings
+
+
+def non_finite_message(name: str, bad: int, total: int) -> str:
+    """The error for ``bad`` NaN or infinite voxels out of ``total`` (every reader path uses it)."""
+    return f"{name}: {bad} voxels are NaN or infinite ({bad / total:.2%} of the image); a CT has a number in every voxel"
 
 
 def looks_like_hu(array: np.ndarray) -> bool:

@@ -13,6 +13,7 @@ COMMANDS = {
     "evaluate": ("evaluate", "metrics, curves and plots on a validation fold"),
     "robustness": ("robustness", "healthy lung called infection, as is and at 3 mm resolution"),
     "export": ("export", "checkpoint -> TorchScript .pt + JSON manifest"),
+    "path_probe": ("path_probe", "can a small classifier tell the PNG export from engine-read negatives?"),
 }
 
 

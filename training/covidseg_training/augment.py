@@ -39,6 +39,7 @@ class SliceAugmenter:
 
     def __init__(self, config: AugmentConfig, recipe: IntensityRecipe, seed: int = 0):
         self.config = config
+        self.seed = seed
         self.rng = np.random.default_rng(seed)
         self.clahe = make_clahe(recipe)
         c = config
@@ -71,6 +72,13 @@ class SliceAugmenter:
             ],
             seed=int(self.rng.integers(2**31)),
         )
+
+    def reseed(self, *keys: int) -> None:
+        """Make the next draws depend only on ``keys`` (e.g. seed, epoch, position in the epoch), so a
+        slice is augmented the same way whichever process or resumed run draws it."""
+        self.rng = np.random.default_rng([self.seed, *keys])
+        self.geometry.set_random_seed(int(self.rng.integers(2**31)))
+        self.scanner.set_random_seed(int(self.rng.integers(2**31)))
 
     def window(self, image: np.ndarray) -> np.ndarray:
         """Clip to a random sub-range, as a narrower scanner or export window would."""

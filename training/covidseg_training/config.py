@@ -9,6 +9,7 @@ from typing import Any
 import yaml
 
 from .augment import AugmentConfig
+from .negatives import NegativesConfig
 
 
 @dataclass
@@ -32,8 +33,10 @@ class TrainConfig:
     patience: int = 10
     device: str = "auto"
     threads: int = 0  # 0 = torch default
+    workers: int = 0  # processes preparing augmented batches (0: the training process itself)
     max_train_slices: int = 0  # 0 = all (tests use a handful)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    negatives: NegativesConfig = field(default_factory=NegativesConfig)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
@@ -43,10 +46,14 @@ class TrainConfig:
             raise ValueError(f"unknown config keys: {sorted(unknown)}")
         values = dict(values)
         augment = AugmentConfig(**values.pop("augment", {}) or {})
+        negatives = dict(values.pop("negatives", {}) or {})
+        if "holdout" in negatives:
+            negatives["holdout"] = {int(fold): list(names) for fold, names in negatives["holdout"].items()}
+        negatives = NegativesConfig(**negatives)
         for key in ("scale_range", "downsample_range"):
             if isinstance(getattr(augment, key), list):
                 setattr(augment, key, tuple(getattr(augment, key)))
-        return cls(augment=augment, **values)
+        return cls(augment=augment, negatives=negatives, **values)
 
     @classmethod
     def load(cls, path: str | Path) -> "TrainConfig":

@@ -21,13 +21,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-
 from CovidInfectionSegLib.atomic import write_text_atomic
 
 from .checkpoint import load_checkpoint
 from .config import TrainConfig
-from .evaluate import DEFAULT_PIXEL_MM, METRICS, STRUCTURES, describe, evaluate, evaluated_file, validation_set, write_table
+from .evaluate import METRICS, STRUCTURES, describe, evaluate, write_table
 from .figures import plot_boxplot
+from .model_and_data import DEFAULT_PIXEL_MM, evaluated_file, validation_set
 from .train import run_dir, train
 
 

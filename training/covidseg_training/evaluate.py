@@ -28,20 +28,26 @@ from typing import Any, Iterable
 
 import numpy as np
 import torch
-
 from CovidInfectionSegLib.atomic import write_text_atomic
-from CovidInfectionSegLib.checksums import sha256_of
 
-from .checkpoint import load_network
-from .config import TrainConfig
 from .data import INFECTION, LUNG, SliceDataset
 from .figures import plot_boxplot, plot_curves, plot_examples
-from .metrics import Counts, SurfaceDistances, counts, overlap_metrics, surface_distances, surface_metrics
+from .metrics import (
+    Counts,
+    SurfaceDistances,
+    counts,
+    overlap_metrics,
+    surface_distances,
+    surface_metrics,
+)
+from .model_and_data import (
+    DEFAULT_PIXEL_MM,
+    add_model_arguments,
+    resolve_model_and_data,
+)
 from .predict import Predictions, predict
 from .robustness import robustness_report
 
-DEFAULT_FOV_MM = 350.0
-DEFAULT_PIXEL_MM = DEFAULT_FOV_MM / 256
 TOLERANCE_MM = {"lung": 1.0, "infection": 3.0}
 STRUCTURES = ("lung", "infection")
 METRICS = ("dice", "iou", "precision", "recall", "nsd", "hd95")
@@ -229,54 +235,6 @@ def evaluate(network: torch.nn.Module, dataset: SliceDataset, out_dir: str | Pat
                                          f"{report['degraded_pixel_mm']} mm pixels; target < {report['target_below']}")
     write_text_atomic(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
-
-
-def validation_set(config: TrainConfig) -> SliceDataset:
-    """The slices of ``config.fold`` in the config's patient-grouped split."""
-    from .train import load_dataset, split
-
-    if config.fold is None:
-        raise ValueError(f"config {config.name!r} has no validation fold (fold: null); pass --fold K")
-    _, validation = split(config, load_dataset(config))
-    assert validation is not None
-    return validation
-
-
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments shared by evaluate and robustness: which model, which data, where to write."""
-    parser.add_argument("--checkpoint", required=True, type=Path,
-                        help="best.pt from train, or an exported .pt/.json model package")
-    parser.add_argument("--config", type=Path,
-                        help="experiment YAML (default: the config stored in the checkpoint; required for a package)")
-    parser.add_argument("--fold", type=int, help="validation fold (overrides the config)")
-    parser.add_argument("--data", help="prepared .npz or PNG-export folder (overrides the config)")
-    parser.add_argument("--out", required=True, type=Path, help="output folder")
-    parser.add_argument("--batch-size", type=int, default=16)
-
-
-def evaluated_file(path: Path) -> dict[str, str]:
-    """Which file was evaluated, by path and sha256 (export refuses metrics of a different file)."""
-    return {"evaluated_file": str(path), "evaluated_sha256": sha256_of(Path(path))}
-
-
-def resolve_model_and_data(args: argparse.Namespace) -> tuple[torch.nn.Module, SliceDataset, dict[str, Any]]:
-    network, stored_config, description = load_network(args.checkpoint)
-    if args.config:
-        config = TrainConfig.load(args.config)
-    elif stored_config is not None:
-        config = stored_config
-    else:
-        raise SystemExit(f"{args.checkpoint}: a model package carries no training config; pass --config")
-    if args.fold is not None:
-        config.fold = args.fold
-    if args.data:
-        config.data = args.data
-    dataset = validation_set(config)
-    meta = {"model": description, **evaluated_file(args.checkpoint),
-            "config": str(args.config) if args.config else "stored in the checkpoint",
-            "data": config.data or "shared PNG export (ma2020-covid19-ct-png)", "fold": config.fold,
-            "n_folds": config.n_folds, "split_seed": config.seed}
-    return network, dataset, meta
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -88,6 +88,13 @@ def describe_training_data(config: TrainConfig, record: dict[str, Any]) -> dict[
         "split_seed": config.seed,
         "epochs_trained": record.get("epoch"),
     }
+    if config.negatives.per_epoch:
+        description["negative_scans"] = {
+            "scans": config.negatives.scans_for_fold(config.fold),
+            "slices_per_epoch": config.negatives.per_epoch,
+            "form": "whole CT scans without COVID-19 read from HU through the engine (every level), labelled "
+                    "no infection everywhere and lung from the classical HU lung mask",
+        }
     try:
         dataset = load_dataset(config)
     except (FileNotFoundError, OSError, KeyError) as error:
@@ -122,6 +129,29 @@ def read_metrics(path: Path | None) -> dict[str, Any]:
     return metrics
 
 
+def cross_validation_summary(crossval_summary: dict[str, Any], source: str = "") -> dict[str, Any]:
+    """The manifest's ``cross_validation`` block from ``crossval``'s aggregate ``summary.json``: per
+    metric the mean and sd of the fold means (what ``covidseg info`` shows), and healthy lung called
+    infection, as is and at 3 mm."""
+    over_folds = crossval_summary.get("over_folds")
+    if not isinstance(over_folds, dict) or not over_folds:
+        raise ValueError(f"{source or 'crossval summary'}: no 'over_folds' figures (not a crossval summary.json?)")
+    block: dict[str, Any] = {
+        "folds": list(crossval_summary.get("folds", [])),
+        "mean_of_fold_means": {metric: {"mean": stats["mean"], "sd": stats["sd"]}
+                               for metric, stats in over_folds.items()},
+        "note": "the recipe's patient-grouped cross-validation: each fold's per-case mean on its validation "
+                "slices, then the mean and sd over folds",
+    }
+    healthy = crossval_summary.get("healthy_lung_called_infection")
+    if isinstance(healthy, dict):
+        block["healthy_lung_called_infection"] = {name: {"mean": healthy[name]["mean"], "sd": healthy[name]["sd"]}
+                                                  for name in ("as_is", "degraded") if name in healthy}
+    if source:
+        block["source"] = source
+    return block
+
+
 ALL_DATA_METRICS_NOTE = (
     "these weights were trained on every case, so they have no held-out score of their own; the figures "
     "are a held-out evaluation of the same training recipe with the evaluated cases left out (evaluated_file)"
@@ -146,6 +176,7 @@ def export_checkpoint(
     version: str,
     metrics: dict[str, Any] | None = None,
     training_data: dict[str, Any] | None = None,
+    cross_validation: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``<out_dir>/<name>.pt`` (TorchScript) and ``<name>.json`` (manifest); returns the manifest path."""
     if not isinstance(checkpoint, Checkpoint):
@@ -177,6 +208,7 @@ def export_checkpoint(
         recipe=recipe,
         training_data=training_data if training_data is not None else describe_training_data(config, checkpoint.record),
         metrics={"training_record": checkpoint.record, **metrics},
+        cross_validation=cross_validation,
     )
     manifest_path = out_dir / f"{name}.json"
     write_text_atomic(manifest_path, json.dumps(manifest, indent=2, default=_json_default) + "\n")
@@ -199,8 +231,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", required=True, help="package name and file stem, e.g. covid_unet_v1")
     parser.add_argument("--version", required=True, help="model version, e.g. 1.0.0")
     parser.add_argument("--metrics", type=Path, help="summary.json from `evaluate`, stored as the manifest's metrics")
+    parser.add_argument("--crossval", type=Path,
+                        help="crossval/summary.json of the recipe: its mean of fold means becomes the manifest's "
+                             "cross_validation block")
     args = parser.parse_args(argv)
-    manifest_path = export_checkpoint(args.checkpoint, args.out, args.name, args.version, read_metrics(args.metrics))
+    cross_validation = None
+    if args.crossval:
+        cross_validation = cross_validation_summary(read_metrics(args.crossval), str(args.crossval))
+    manifest_path = export_checkpoint(args.checkpoint, args.out, args.name, args.version, read_metrics(args.metrics),
+                                      cross_validation=cross_validation)
     manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     print(f"wrote {manifest_path.parent / manifest['file']} ({manifest['architecture']['parameters']} parameters, "
           f"sha256 {manifest['sha256'][:12]}) and {manifest_path}")

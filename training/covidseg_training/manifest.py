@@ -1,7 +1,8 @@
 """What a model package's JSON manifest says (ARCHITECTURE.md, "Manifest"), in one place.
 
 The engine only *reads* manifests; the producers are the training export and the test model
-factory, so the canonical label and segment definitions live here and both import them.
+factory, so the network's label definitions live here and both import them. The output segments
+(names, colours, terminology) are the engine's, from ``CovidInfectionSegLib.segments``.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import Any
 
 from CovidInfectionSegLib.checksums import sha256_of
 from CovidInfectionSegLib.preprocessing import IntensityRecipe
+from CovidInfectionSegLib.segments import SEGMENTS
 
 FORMAT_VERSION = 1
 LICENCE = "CC BY-NC-SA 4.0"
@@ -20,27 +22,6 @@ NETWORK_LABELS: list[dict[str, Any]] = [
     {"value": 0, "name": "background"},
     {"value": 1, "name": "lung"},
     {"value": 2, "name": "infection"},
-]
-
-# What the post-processed labelmap holds: colours from Slicer's GenericAnatomyColors,
-# terminology as SNOMED CT (coding scheme "SCT") triplets [scheme, code, meaning].
-SEGMENTS: list[dict[str, Any]] = [
-    {
-        "value": 1, "name": "Right lung", "color": [128, 174, 128], "source_label": 1,
-        "terminology": {"category": ["SCT", "123037004", "Anatomical Structure"], "type": ["SCT", "3341006", "Right lung"]},
-    },
-    {
-        "value": 2, "name": "Left lung", "color": [241, 214, 145], "source_label": 1,
-        "terminology": {"category": ["SCT", "123037004", "Anatomical Structure"], "type": ["SCT", "44029006", "Left lung"]},
-    },
-    {
-        "value": 3, "name": "Infection", "color": [216, 101, 79], "source_label": 2,
-        "terminology": {
-            "category": ["SCT", "49755003", "Morphologically Altered Structure"],
-            "type": ["SCT", "40733004", "Infection"],
-            "anatomic_region": ["SCT", "39607008", "Lung"],
-        },
-    },
 ]
 
 MA2020_DATASET = {
@@ -63,10 +44,12 @@ def build_manifest(
     recipe: IntensityRecipe,
     training_data: dict[str, Any],
     metrics: dict[str, Any] | None = None,
+    cross_validation: dict[str, Any] | None = None,
     licence: str = LICENCE,
 ) -> dict[str, Any]:
-    """The manifest for the TorchScript file at ``weights_path`` (its sha256 is computed here)."""
-    return {
+    """The manifest for the TorchScript file at ``weights_path`` (its sha256 is computed here).
+    ``cross_validation`` (from :func:`export.cross_validation_summary`) is left out when not given."""
+    manifest = {
         "format_version": FORMAT_VERSION,
         "name": name,
         "version": version,
@@ -81,3 +64,6 @@ def build_manifest(
         "metrics": metrics or {},
         "licence": licence,
     }
+    if cross_validation:
+        manifest["cross_validation"] = cross_validation
+    return manifest

@@ -18,11 +18,19 @@ from typing import Any
 import cv2
 import numpy as np
 import torch
-
 from CovidInfectionSegLib.atomic import write_text_atomic
-from CovidInfectionSegLib.preprocessing import IntensityRecipe, make_clahe, minmax_to_uint8
+from CovidInfectionSegLib.preprocessing import (
+    IntensityRecipe,
+    make_clahe,
+    minmax_to_uint8,
+)
 
 from .data import INFECTION, LUNG, SliceDataset
+from .model_and_data import (
+    DEFAULT_PIXEL_MM,
+    add_model_arguments,
+    resolve_model_and_data,
+)
 from .predict import Predictions, predict
 
 DEGRADED_PIXEL_MM = 3.0
@@ -93,8 +101,6 @@ def robustness_report(network: torch.nn.Module, dataset: SliceDataset, pixel_mm:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .evaluate import DEFAULT_PIXEL_MM, add_model_arguments, resolve_model_and_data
-
     parser = argparse.ArgumentParser(prog="covidseg_training robustness", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)

@@ -1,5 +1,6 @@
-"""Train the 2D U-Net on prepared slices: AdamW + warm-up/cosine schedule, early stopping,
-bf16 autocast on CPU and mixed precision on CUDA, and a checkpoint every epoch so a killed run resumes.
+"""Train the 2D U-Net on prepared slices: AdamW + warm-up/cosine schedule, early stopping, mixed
+precision where the hardware has it (:func:`precision_for`), augmented batches prepared by worker
+processes, and a checkpoint every epoch so a killed run resumes where it stopped.
 
     python -m covidseg_training.train training/configs/v1.yaml [--fold K] [--epochs N]
 """
@@ -24,6 +25,7 @@ from .augment import SliceAugmenter
 from .config import TrainConfig
 from .data import INFECTION, LUNG, SliceDataset, load_png_export, patient_folds
 from .losses import segmentation_loss
+from .negatives import NegativeSampler, load_negatives
 from .unet import UNet2D
 
 
@@ -52,9 +54,49 @@ def split(config: TrainConfig, dataset: SliceDataset) -> tuple[SliceDataset, Sli
     return dataset.subset(folds != config.fold), dataset.subset(folds == config.fold)
 
 
+def precision_for(device: torch.device) -> torch.dtype:
+    """Mixed precision where the hardware has it: bf16 on CUDA (fp16 on GPUs without bf16) and on
+    CPUs with native bf16; float32 on other CPUs, where bf16 is emulated and slower than float32."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+
+
 def autocast(device: torch.device):
-    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    return torch.autocast(device.type, dtype=dtype)
+    dtype = precision_for(device)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+class AugmentedSlices(torch.utils.data.Dataset):
+    """One epoch's training slices in training order, each augmented by a generator seeded with (seed,
+    epoch, position): the batches do not depend on how many loader workers draw them, nor on whether
+    the run was resumed."""
+
+    def __init__(self, slices: list[tuple[np.ndarray, np.ndarray]], config: TrainConfig, epoch: int):
+        self.slices = slices
+        self.config = config
+        self.epoch = epoch
+        self._augmenter: SliceAugmenter | None = None
+
+    def __len__(self) -> int:
+        return len(self.slices)
+
+    def __getitem__(self, position: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._augmenter is None:  # one per worker process
+            recipe = IntensityRecipe(input_size=self.config.input_size)
+            self._augmenter = SliceAugmenter(self.config.augment, recipe, seed=self.config.seed)
+        self._augmenter.reseed(self.epoch, position)
+        image, label = self._augmenter(*self.slices[position])
+        return torch.from_numpy(image), torch.from_numpy(label)
+
+
+def epoch_batches(slices: list[tuple[np.ndarray, np.ndarray]], config: TrainConfig, epoch: int,
+                  steps: int) -> torch.utils.data.DataLoader:
+    """``steps`` batches of augmented slices, prepared by ``config.workers`` processes (0: this one)."""
+    dataset = AugmentedSlices(slices[: steps * config.batch_size], config, epoch)
+    return torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, shuffle=False,
+                                       num_workers=config.workers, persistent_workers=False,
+                                       pin_memory=torch.cuda.is_available())
 
 
 @torch.inference_mode()
@@ -94,6 +136,19 @@ def learning_rate_at(config: TrainConfig, step: int, steps_per_epoch: int) -> fl
     return config.learning_rate * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def negative_sampler(config: TrainConfig, log=print) -> NegativeSampler:
+    """The negative slices this run trains on: the config's scans minus the fold's held-out ones
+    (none when ``negatives.per_epoch`` is 0). Prepared slices are cached beside the runs."""
+    if not config.negatives.per_epoch:
+        return NegativeSampler([], 0)
+    names = config.negatives.scans_for_fold(config.fold)
+    recipe = IntensityRecipe(input_size=config.input_size)
+    scans = load_negatives(config.negatives, recipe, names, cache_dir=Path(config.output_dir) / "cache")
+    log(f"negatives: {config.negatives.per_epoch} slices per epoch from {', '.join(names)} "
+        f"({sum(len(scan.slices.images) for scan in scans)} slices)")
+    return NegativeSampler(scans, config.negatives.per_epoch, seed=config.seed)
+
+
 def save_atomic(content: dict, path: Path) -> None:
     """torch.save under a temporary name, then rename: a reader (evaluate, export) never sees half a file."""
     with atomic_path(path) as temporary:
@@ -128,8 +183,7 @@ def train(config: TrainConfig, log=print) -> Path:
     model = UNet2D(num_classes=3, base_channels=config.base_channels, depth=config.depth).to(device)
     model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
-    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda")
-    augmenter = SliceAugmenter(config.augment, IntensityRecipe(input_size=config.input_size), seed=config.seed)
+    scaler = torch.amp.GradScaler("cuda", enabled=precision_for(device) == torch.float16)
 
     state = {"epoch": 0, "step": 0, "best_score": -1.0, "best_epoch": -1, "history": []}
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
@@ -138,27 +192,27 @@ def train(config: TrainConfig, log=print) -> Path:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         state = checkpoint["state"]
-        augmenter.rng = np.random.default_rng(config.seed + state["epoch"])
         log(f"resumed {last_path} at epoch {state['epoch']}")
 
-    steps_per_epoch = max(1, len(train_set.images) // config.batch_size)
+    negatives = negative_sampler(config, log)
+    steps_per_epoch = max(1, (len(train_set.images) + negatives.per_epoch) // config.batch_size)
     order_rng = np.random.default_rng(config.seed)
     for _ in range(state["epoch"]):
-        order_rng.permutation(len(train_set.images))
+        order_rng.permutation(len(train_set.images) + negatives.per_epoch)
     if state.get("stopped_early"):
         log(f"{out_dir}: already finished (early stop at epoch {state['epoch']})")
     while state["epoch"] < config.epochs and not state.get("stopped_early"):
         started = time.time()
         model.train()
-        order = order_rng.permutation(len(train_set.images))
+        slices = [(train_set.images[i], train_set.labels[i]) for i in range(len(train_set.images))]
+        slices += [negatives.slice(*pick) for pick in negatives.epoch(state["epoch"])]
+        order = order_rng.permutation(len(slices))
         losses = []
-        for batch_index in range(steps_per_epoch):
-            indices = order[batch_index * config.batch_size : (batch_index + 1) * config.batch_size]
-            pairs = [augmenter(train_set.images[i], train_set.labels[i]) for i in indices]
-            images = torch.from_numpy(np.stack([p[0] for p in pairs])).float().div(255).unsqueeze(1)
-            labels = torch.from_numpy(np.stack([p[1] for p in pairs])).long()
-            images = images.to(device).contiguous(memory_format=torch.channels_last)
-            labels = labels.to(device)
+        batches = epoch_batches([slices[i] for i in order], config, state["epoch"], steps_per_epoch)
+        for images, labels in batches:
+            images = images.to(device, non_blocking=True).float().div(255).unsqueeze(1)
+            images = images.contiguous(memory_format=torch.channels_last)
+            labels = labels.to(device, non_blocking=True).long()
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate_at(config, state["step"], steps_per_epoch)
             with autocast(device):
@@ -171,7 +225,9 @@ def train(config: TrainConfig, log=print) -> Path:
             losses.append(loss.item())
             state["step"] += 1
         state["epoch"] += 1
-        record = {"epoch": state["epoch"], "loss": float(np.mean(losses)), "seconds": round(time.time() - started, 1)}
+        record = {"epoch": state["epoch"], "loss": float(np.mean(losses)), "seconds": round(time.time() - started, 1),
+                  "slices": {"labelled": len(train_set.images), "negative": negatives.per_epoch},
+                  "precision": str(precision_for(device)).replace("torch.", "")}
         if val_set is not None and len(val_set.images):
             predicted = predict_labels(model, val_set.images, device)
             record.update(per_case_dice(predicted, val_set.labels, val_set.cases))

@@ -26,3 +26,22 @@ def test_config_without_newer_keys_takes_defaults():
 def test_unknown_key_is_an_error():
     with pytest.raises(ValueError, match="unknown config keys: \\['epoch'\\]"):
         TrainConfig.from_dict({"epoch": 3})
+
+
+def test_no_import_cycles_between_training_modules():
+    """Each training module imports others only one way (issue 10 broke evaluate <-> robustness)."""
+    import ast
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parents[1] / "covidseg_training"
+    edges = {}
+    for path in package.glob("*.py"):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        edges[path.stem] = {node.module.split(".")[0] for node in ast.walk(tree)
+                            if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module}
+
+    def reaches(start, goal, seen=()):
+        return any(n == goal or (n not in seen and reaches(n, goal, seen + (n,))) for n in edges.get(start, ()))
+
+    cycles = sorted(module for module in edges if reaches(module, module))
+    assert not cycles, f"import cycles through {cycles}"

@@ -46,7 +46,8 @@ def pipeline(record_archives, tmp_path_factory) -> dict[str, Path]:
     models = root / "models"
     fold0 = root / "runs" / "tiny" / "fold0"
     assert cli(["export", "--checkpoint", str(fold0 / "best.pt"), "--out", str(models), "--name", "tiny_unet",
-                "--version", "0.1.0", "--metrics", str(fold0 / "eval" / "summary.json")]) == 0
+                "--version", "0.1.0", "--metrics", str(fold0 / "eval" / "summary.json"),
+                "--crossval", str(root / "runs" / "tiny" / "crossval" / "summary.json")]) == 0
     return {"root": root, "data": data, "config": config, "runs": root / "runs" / "tiny", "models": models}
 
 
@@ -131,6 +132,26 @@ def test_exported_model_labels_a_volume_in_the_engine(pipeline):
     values = set(np.unique(sitk.GetArrayViewFromImage(result.labelmap)).tolist())
     assert values <= {0, 1, 2, 3} and {1, 2} <= values, f"right and left lung expected, got labels {values}"
     assert [segment.value for segment in result.segments] == [1, 2, 3]
+
+
+def test_manifest_carries_the_cross_validation_that_covidseg_info_shows(pipeline):
+    from CovidInfectionSegLib.cli import describe_model
+
+    package = load_model_package(pipeline["models"] / "tiny_unet.json")
+    block = package.manifest["cross_validation"]
+    aggregate = json.loads((pipeline["runs"] / "crossval" / "summary.json").read_text(encoding="utf-8"))
+    assert block["folds"] == [0, 1]
+    assert block["mean_of_fold_means"]["infection_dice"]["mean"] == aggregate["over_folds"]["infection_dice"]["mean"]
+    assert set(block["healthy_lung_called_infection"]) == {"as_is", "degraded"}
+    text = "\n".join(describe_model(package))
+    assert "cross-validation (2 folds, mean over folds)" in text
+    assert f"lung_dice {aggregate['over_folds']['lung_dice']['mean']:.3f}" in text
+
+
+def test_export_refuses_a_file_that_is_not_a_crossval_summary(pipeline, tmp_path):
+    with pytest.raises(ValueError, match="no 'over_folds' figures"):
+        cli(["export", "--checkpoint", str(pipeline["runs"] / "fold0" / "best.pt"), "--out", str(tmp_path),
+             "--name", "x", "--version", "0.0.1", "--crossval", str(pipeline["runs"] / "fold0" / "eval" / "summary.json")])
 
 
 def test_export_refuses_metrics_of_another_checkpoint(pipeline, tmp_path):

@@ -1,13 +1,19 @@
 """What Python packages the module still needs inside 3D Slicer, and how to install them.
 
-Pure decision logic (no Slicer, no Qt, no torch import): the module panel calls :func:`check` and
-:func:`plan_installation`, shows :meth:`InstallPlan.describe`, asks the user, then :func:`install`
-runs the plan with Slicer's installers passed in (``slicer.util.pip_install`` and the PyTorch
-extension's ``PyTorchUtilsLogic().installTorch``). Nothing is installed at import time.
+Pure decision logic (no Slicer, no Qt, no torch import): the module panel uses a
+:class:`DependencyLogic` made with Slicer's installers (``slicer.util.pip_install`` and the PyTorch
+extension's ``PyTorchUtilsLogic().installTorch``): :meth:`~DependencyLogic.status`, then
+:meth:`~DependencyLogic.plan` whose :meth:`InstallPlan.describe` the user confirms, then
+:meth:`~DependencyLogic.install`. Nothing is installed at import time.
 
 torch is special: the PyTorch extension (PyTorchUtils) picks the build that matches the GPU driver
 (CUDA or CPU), so it is used when present; otherwise torch comes from PyPI with ``pip``, which on
 Windows and macOS is a CPU-only build.
+
+Slicer's own numpy (1.26 in Slicer 5.6 and 5.8, Python 3.9; 2.x from 5.10) must not change under the
+running application: every pip call pins the installed numpy and SimpleITK (:data:`PINNED_DISTRIBUTIONS`),
+so pip picks versions of the other packages that work with them, or fails with a message, instead
+of upgrading them.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import importlib.util
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Optional, Sequence
+from typing import Callable, Iterable, Mapping, Optional, Protocol, Sequence
 
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.version import InvalidVersion, Version
@@ -25,6 +31,8 @@ from packaging.version import InvalidVersion, Version
 REQUIREMENTS_FILE = Path(__file__).resolve().parent.parent / "Resources" / "requirements.txt"
 # The bundled TorchScript model needs a torch that reads its serialization format.
 TORCH_REQUIREMENT = "torch>=2.0"
+# Packages that 3D Slicer ships and that other packages must not upgrade: pinned in every pip call.
+PINNED_DISTRIBUTIONS = ("numpy", "SimpleITK")
 # Distribution name -> the module it provides, where they differ.
 IMPORT_NAMES = {
     "opencv-python-headless": "cv2",
@@ -149,6 +157,7 @@ class InstallPlan:
     torch_requirement: str
     pip_requirements: list[str] = field(default_factory=list)
     restart_reasons: list[str] = field(default_factory=list)
+    pins: list[str] = field(default_factory=list)  # e.g. "numpy==1.26.4": kept as they are
 
     @property
     def nothing_to_do(self) -> bool:
@@ -170,10 +179,22 @@ class InstallPlan:
             lines.append(f"- {self.torch_requirement} from PyPI with pip (the PyTorch extension is not installed; "
                          "install it from the Extensions Manager to get a GPU build matched to your driver)")
         lines.extend(f"- {requirement}" for requirement in self.pip_requirements)
+        if self.pins:
+            lines.append("Kept as they are (3D Slicer's own): " + ", ".join(self.pins))
         lines.append("This downloads from the internet and can take several minutes (torch is about 1-3 GB).")
         if self.restart_needed:
             lines.append("Slicer must be restarted afterwards: " + "; ".join(self.restart_reasons))
         return "\n".join(lines)
+
+
+def pinned_versions(version_of: VersionLookup = installed_version) -> list[str]:
+    """``name==version`` of each installed :data:`PINNED_DISTRIBUTIONS` package."""
+    pins = []
+    for name in PINNED_DISTRIBUTIONS:
+        version = version_of(name)
+        if version is not None:
+            pins.append(f"{name}=={version}")
+    return pins
 
 
 def plan_installation(
@@ -181,15 +202,17 @@ def plan_installation(
     statuses: Sequence[PackageStatus],
     pytorch_utils_available: bool,
     loaded_modules: Mapping[str, object] | None = None,
+    pins: Sequence[str] = (),
 ) -> InstallPlan:
     """Decide what to install. ``loaded_modules`` (default ``sys.modules``) tells which packages are
-    already imported in this process: upgrading one of those only takes effect after a restart."""
+    already imported in this process: upgrading one of those only takes effect after a restart.
+    ``pins`` (see :func:`pinned_versions`) go into every pip call."""
     loaded = sys.modules if loaded_modules is None else loaded_modules
     if torch_status.satisfied:
         torch_method = "none"
     else:
         torch_method = "pytorchutils" if pytorch_utils_available else "pip"
-    plan = InstallPlan(torch_method, str(torch_status.requirement))
+    plan = InstallPlan(torch_method, str(torch_status.requirement), pins=list(pins))
     for status in statuses:
         if status.satisfied:
             continue
@@ -223,15 +246,58 @@ def install(
                 "install it from the PyTorch Utils module, then try again"
             )
     elif plan.torch_method == "pip":
-        _pip(pip_install, plan.torch_requirement, log)
+        _pip(pip_install, plan.torch_requirement, plan.pins, log)
     for requirement in plan.pip_requirements:
-        _pip(pip_install, requirement, log)
+        _pip(pip_install, requirement, plan.pins, log)
     log("Restart Slicer to finish the installation." if plan.restart_needed else "Python packages installed.")
 
 
-def _pip(pip_install: Callable[[list[str]], object], requirement: str, log: Callable[[str], None]) -> None:
+def _pip(pip_install: Callable[[list[str]], object], requirement: str, pins: Sequence[str],
+         log: Callable[[str], None]) -> None:
     log(f"Installing {requirement} with pip...")
     try:
-        pip_install([requirement])  # a list: no shell-style splitting of specifiers like "scipy >= 1.7"
+        # A list: no shell-style splitting of specifiers like "scipy >= 1.7". The pins are already
+        # satisfied, so pip installs nothing for them; they only stop it from replacing them.
+        pip_install([requirement, *pins])
     except Exception as error:  # CalledProcessError from pip, OSError without network
         raise RuntimeError(f"pip could not install {requirement}: {error}") from error
+
+
+# ------------------------------------------------------------------------------- for the widget
+
+
+class DependencyLogicProtocol(Protocol):
+    """What the widget needs to show and install the Python packages."""
+
+    def status(self) -> tuple[bool, list[str]]: ...
+
+    def plan(self) -> InstallPlan: ...
+
+    def install(self, plan: InstallPlan, log: Callable[[str], None]) -> None: ...
+
+
+class DependencyLogic:
+    """:func:`check`, :func:`plan_installation` and :func:`install` with the installers given once."""
+
+    def __init__(
+        self,
+        pip_install: Callable[[list[str]], object],
+        install_torch_with_pytorchutils: Callable[[str], object] | None = None,
+        requirements_file: str | Path = REQUIREMENTS_FILE,
+    ):
+        self._pip_install = pip_install
+        self._install_torch = install_torch_with_pytorchutils
+        self._requirements_file = Path(requirements_file)
+
+    def status(self) -> tuple[bool, list[str]]:
+        """(everything needed is installed, one line per package). Raises OSError/ValueError for a bad file."""
+        torch_status, statuses = check(read_requirements(self._requirements_file))
+        everything = [torch_status, *statuses]
+        return all(status.satisfied for status in everything), [status.describe() for status in everything]
+
+    def plan(self) -> InstallPlan:
+        torch_status, statuses = check(read_requirements(self._requirements_file))
+        return plan_installation(torch_status, statuses, self._install_torch is not None, pins=pinned_versions())
+
+    def install(self, plan: InstallPlan, log: Callable[[str], None]) -> None:
+        install(plan, self._pip_install, self._install_torch, log)

@@ -1,0 +1,125 @@
+"""Output sets all or nothing (atomic.write_output_set), and what killed runs leave behind (recover_output_sets).
+
+Kills of real processes are in test_faults.py; here the staging folders a killed run leaves are laid out
+by hand, and a live writer is a real lock held by this process."""
+
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+
+import pytest
+from filelock import FileLock
+
+from CovidInfectionSegLib.atomic import (
+    COMMIT_LOCK_NAME,
+    OutputError,
+    pause_point,
+    recover_output_sets,
+    remove_stale_parts,
+    write_output_set,
+)
+
+NAMES = ["scan.a.txt", "scan.b.txt", "scan.c.txt"]
+
+
+def writer(text: str, names=NAMES):
+    def write(staging: Path) -> None:
+        for name in names:
+            (staging / name).write_text(f"{text} {name}\n", encoding="utf-8")
+    return write
+
+
+def visible(folder: Path) -> dict[str, str]:
+    return {p.name: p.read_text(encoding="utf-8") for p in folder.iterdir() if not p.name.startswith(".")}
+
+
+def hidden(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+def test_a_set_is_moved_in_complete_and_replaces_the_previous_one(tmp_path):
+    write_output_set(tmp_path, "scan", writer("old"), expected=NAMES)
+    (tmp_path / "other.txt").write_text("not ours", encoding="utf-8")
+    moved = write_output_set(tmp_path, "scan", writer("new", NAMES[:2]), expected=NAMES[:2], obsolete=NAMES)
+    assert [p.name for p in moved] == NAMES[:2]
+    assert visible(tmp_path) == {"scan.a.txt": "new scan.a.txt\n", "scan.b.txt": "new scan.b.txt\n", "other.txt": "not ours"}
+    assert hidden(tmp_path) == [COMMIT_LOCK_NAME]  # no staging folder or staging lock left
+
+
+@pytest.mark.parametrize("failure", [OSError(errno.ENOSPC, "No space left on device"), KeyboardInterrupt(), ValueError("x")])
+def test_a_failure_while_writing_leaves_the_previous_set_untouched(tmp_path, failure):
+    write_output_set(tmp_path, "scan", writer("old"), expected=NAMES)
+    before = visible(tmp_path)
+
+    def write_two_then_fail(staging: Path) -> None:
+        writer("new", NAMES[:2])(staging)
+        raise failure
+
+    with pytest.raises(type(failure)):
+        write_output_set(tmp_path, "scan", write_two_then_fail, expected=NAMES)
+    assert visible(tmp_path) == before
+    assert hidden(tmp_path) == [COMMIT_LOCK_NAME]
+
+
+def test_an_incomplete_set_is_refused(tmp_path):
+    with pytest.raises(OutputError, match=r"scan\.c\.txt of scan were not written"):
+        write_output_set(tmp_path, "scan", writer("new", NAMES[:2]), expected=NAMES)
+    assert visible(tmp_path) == {}
+
+
+def killed_run_leftovers(folder: Path, token: str, kind: str, names=NAMES) -> Path:
+    """What a run killed while writing (partial) or while moving in (complete) leaves."""
+    staging = folder / f".scan.covidseg-{token}.{kind}"
+    staging.mkdir()
+    writer(f"killed-{kind}", names)(staging)
+    (folder / f".scan.covidseg-{token}.lock").touch()
+    return staging
+
+
+def test_the_next_run_removes_partial_and_finishes_complete_leftovers(tmp_path):
+    write_output_set(tmp_path, "scan", writer("old"), expected=NAMES)
+    killed_run_leftovers(tmp_path, "111-0000000a", "partial")
+    handled = recover_output_sets(tmp_path)
+    assert handled == ["removed the partial outputs of a killed run (.scan.covidseg-111-0000000a.partial)"]
+    assert visible(tmp_path) == {name: f"old {name}\n" for name in NAMES}
+
+    # killed half way through moving in: one file is new already, the other two still in staging
+    complete = killed_run_leftovers(tmp_path, "222-0000000b", "complete")
+    (complete / NAMES[0]).replace(tmp_path / NAMES[0])
+    assert recover_output_sets(tmp_path) == [
+        "finished moving in the complete outputs of a killed run: scan.b.txt, scan.c.txt"]
+    assert visible(tmp_path) == {name: f"killed-complete {name}\n" for name in NAMES}
+    assert hidden(tmp_path) == [COMMIT_LOCK_NAME]
+
+
+def test_a_live_writers_staging_is_left_alone(tmp_path):
+    staging = killed_run_leftovers(tmp_path, "333-0000000c", "partial")
+    lock = FileLock(str(tmp_path / ".scan.covidseg-333-0000000c.lock"))
+    lock.acquire(timeout=0)  # the writer is alive
+    try:
+        assert recover_output_sets(tmp_path) == []
+        assert staging.is_dir()
+    finally:
+        lock.release()
+    assert recover_output_sets(tmp_path) != [] and not staging.exists()
+
+
+def test_writing_a_set_cleans_up_first(tmp_path):
+    killed_run_leftovers(tmp_path, "444-0000000d", "partial")
+    write_output_set(tmp_path, "other", writer("x", ["other.txt"]), expected=["other.txt"])
+    assert hidden(tmp_path) == [COMMIT_LOCK_NAME]
+
+
+def test_stale_parts_of_a_single_file_are_removed(tmp_path):
+    (tmp_path / ".summary.csv.abc123.part.csv").write_text("half", encoding="utf-8")
+    (tmp_path / ".other.csv.abc123.part.csv").write_text("not this one", encoding="utf-8")
+    assert [p.name for p in remove_stale_parts(tmp_path / "summary.csv")] == [".summary.csv.abc123.part.csv"]
+    assert hidden(tmp_path) == [".other.csv.abc123.part.csv"]
+
+
+def test_pause_point_is_inert_by_default(monkeypatch):
+    monkeypatch.delenv("COVIDSEG_TEST_PAUSE_AT", raising=False)
+    pause_point("staged:labelmap")  # returns at once
+    monkeypatch.setenv("COVIDSEG_TEST_PAUSE_AT", "elsewhere")
+    pause_point("staged:labelmap")

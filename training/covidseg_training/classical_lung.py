@@ -1,0 +1,163 @@
+"""A classical lung mask from Hounsfield units: the reference for healthy whole scans.
+
+Used twice: as the lung label of negative training slices (scans with no COVID-19 and no expert
+masks) and as the reference of the whole-scan checks (model lung outside it, lung it misses). It is
+the textbook threshold-and-components method with two additions for what the shared scans showed
+(an air-filled stomach touching the lung base, a trachea joined to the lungs), so it is only
+trusted on aerated lungs:
+
+1. air is below ``AIR_HU`` (-320 HU); air connected to a slice's border is outside the body (room
+   air, the table, the padding outside the field of view);
+2. pure gas is found on the smoothed image, relative to what room air reads on this scanner: the
+   trachea and main bronchi, gas in the stomach and bowel. These pockets and their walls are cut
+   out, which separates a stomach from a lung base that it touches through a diaphragm thinner than
+   a slice;
+3. of the remaining air, the lungs are the 3D components of aerated tissue (median above -950 HU)
+   that reach above the middle of the largest one (nothing below the diaphragm does);
+4. lung cut away with the pockets' walls is given back (geodesic dilation that does not enter gas),
+   then vessels at the lung edge are closed and holes filled per slice.
+
+Arrays are (z, y, x) in the engine's canonical LPS orientation (z grows towards the head); spacing is
+(z, y, x) in mm.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+AIR_HU = -320.0
+GAS_MEDIAN_HU = -950.0  # gas in the stomach or bowel is nearly pure air; aerated lung is denser
+GAS_MARGIN_HU = 45.0
+MIN_LUNG_ML = 20.0
+MIN_FRACTION = 0.01
+GAS_SMOOTHING_MM = 2.0
+GAS_WALL_MM = 4.0
+GAS_REGROW_MM = 15.0
+SLIVER_MM = 2.5
+MIN_GAS_POCKET_ML = 2.0
+CLOSING_MM = 3.0
+
+
+def classical_lung_mask(volume_hu: np.ndarray, spacing_zyx: tuple[float, float, float]) -> np.ndarray:
+    """Boolean (z, y, x) lung mask of a CT in HU; empty where the scan holds no lung."""
+    spacing = np.asarray(spacing_zyx, dtype=float)
+    inside = inside_body_air(volume_hu)
+    gas = pure_gas(volume_hu, spacing)
+    pockets = _dilate_in_plane(gas, spacing, GAS_WALL_MM)
+    # Opening drops the slivers of partial volume that line a gas pocket's wall.
+    labels, _ = ndimage.label(_open_in_plane(inside & ~pockets, spacing, SLIVER_MM))
+    lungs = lung_components(labels, volume_hu, spacing)
+    if not lungs.any():
+        return lungs
+    # Give back the lung that the pockets' walls took, without crossing into the gas itself.
+    lungs = _dilate_in_plane(lungs, spacing, GAS_WALL_MM, within=inside & ~gas)
+    return fill_vessels(lungs, spacing)
+
+
+def air_level_hu(volume_hu: np.ndarray) -> float:
+    """What air reads on this scanner: the median of the room air around the body (scanners are
+    calibrated to -1000 HU but read -960 to -1010); values below -1500 are padding outside the field
+    of view, not air."""
+    room_air = volume_hu[(volume_hu > -1500) & (volume_hu < -900)]
+    return float(np.median(room_air)) if room_air.size else -1000.0
+
+
+def pure_gas(volume_hu: np.ndarray, spacing: np.ndarray) -> np.ndarray:
+    """Gas that stays within GAS_MARGIN_HU of air when smoothed over GAS_SMOOTHING_MM, in pockets of at
+    least MIN_GAS_POCKET_ML: the trachea and main bronchi, gas in the stomach and bowel, room air.
+    Aerated lung, smoothed, stays 50 HU or more above air (1st percentile over the shared scans)."""
+    threshold = air_level_hu(volume_hu) + GAS_MARGIN_HU
+    sigma = GAS_SMOOTHING_MM / spacing[1:]
+    gas = np.zeros(volume_hu.shape, dtype=bool)
+    for z in range(volume_hu.shape[0]):
+        gas[z] = ndimage.gaussian_filter(volume_hu[z].astype(np.float32), sigma) < threshold
+    labels, count = ndimage.label(gas)
+    if not count:
+        return gas
+    volumes = np.bincount(labels.ravel(), minlength=count + 1) * (float(np.prod(spacing)) / 1000.0)
+    volumes[0] = 0
+    pockets = (volumes >= MIN_GAS_POCKET_ML)[labels]
+    # Smoothing lifts the gas next to fluid or a wall above the threshold (the corners of an air-fluid
+    # level): grow the pockets back into voxels that are gas themselves. Noise in aerated lung makes
+    # only scattered such voxels, too sparse to carry the growth far.
+    return _dilate_in_plane(pockets, spacing, GAS_REGROW_MM, within=volume_hu < threshold)
+
+
+def _open_in_plane(mask: np.ndarray, spacing: np.ndarray, mm: float) -> np.ndarray:
+    return ndimage.binary_opening(mask, structure=_disk(spacing, mm))
+
+
+def _disk(spacing: np.ndarray, mm: float) -> np.ndarray:
+    """A (1, rows, cols) disk of radius ``mm`` on the in-plane grid."""
+    radius = np.maximum(1, np.round(mm / spacing[1:]).astype(int))
+    yy, xx = np.ogrid[-radius[0] : radius[0] + 1, -radius[1] : radius[1] + 1]
+    return ((yy / radius[0]) ** 2 + (xx / radius[1]) ** 2 <= 1.0)[None]
+
+
+def _dilate_in_plane(mask: np.ndarray, spacing: np.ndarray, mm: float, within: np.ndarray | None = None) -> np.ndarray:
+    """Dilate each slice by ``mm`` (a disk), staying inside ``within`` when given (geodesically)."""
+    if within is not None:
+        steps = max(1, int(round(mm / min(spacing[1:]))))
+        cross = np.zeros((3, 3, 3), dtype=bool)
+        cross[1] = ndimage.generate_binary_structure(2, 1)
+        return ndimage.binary_dilation(mask, structure=cross, iterations=steps, mask=within)
+    return ndimage.binary_dilation(mask, structure=_disk(spacing, mm))
+
+
+def inside_body_air(volume_hu: np.ndarray, air_hu: float = AIR_HU) -> np.ndarray:
+    """Voxels below ``air_hu`` that are not connected, within their slice, to the slice's border."""
+    air = volume_hu < air_hu
+    outside = np.zeros_like(air)
+    for z in range(air.shape[0]):
+        labels, count = ndimage.label(air[z])
+        if not count:
+            continue
+        border = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+        outside[z] = np.isin(labels, border[border > 0])
+    return air & ~outside
+
+
+def lung_components(
+    labels: np.ndarray, volume_hu: np.ndarray, spacing: np.ndarray,
+    min_ml: float = MIN_LUNG_ML, min_fraction: float = MIN_FRACTION,
+) -> np.ndarray:
+    """The components of ``labels`` that are lung: aerated tissue (median above GAS_MEDIAN_HU), at
+    least ``min_ml`` and ``min_fraction`` of the largest such component, and reaching above the middle
+    of that largest one (gas and air below the diaphragm does not)."""
+    count = int(labels.max())
+    if not count:
+        return np.zeros(labels.shape, dtype=bool)
+    index = np.arange(1, count + 1)
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    volumes = ndimage.sum_labels(np.ones(labels.shape, dtype=np.uint8), labels, index) * voxel_ml
+    medians = ndimage.median(volume_hu, labels, index)
+    aerated = (volumes >= min_ml) & (np.asarray(medians) > GAS_MEDIAN_HU)
+    if not aerated.any():
+        return np.zeros(labels.shape, dtype=bool)
+    largest = index[aerated][np.argmax(volumes[aerated])]
+    z = np.arange(labels.shape[0])[:, None, None]
+    middle = ndimage.mean(np.broadcast_to(z, labels.shape), labels, largest)
+    tops = np.asarray(ndimage.maximum(np.broadcast_to(z, labels.shape), labels, index))
+    keep = index[aerated & (volumes >= min_fraction * volumes[largest - 1]) & (tops >= middle)]
+    return np.isin(labels, keep)
+
+
+def fill_vessels(lungs: np.ndarray, spacing: np.ndarray, closing_mm: float = CLOSING_MM) -> np.ndarray:
+    """Close by ``closing_mm`` in-plane (vessels at the lung edge) and fill holes slice by slice."""
+    radius = np.maximum(1, np.round(closing_mm / spacing[1:]).astype(int))
+    yy, xx = np.ogrid[-radius[0] : radius[0] + 1, -radius[1] : radius[1] + 1]
+    disk = (yy / radius[0]) ** 2 + (xx / radius[1]) ** 2 <= 1.0
+    out = np.zeros_like(lungs)
+    for z in np.flatnonzero(lungs.any(axis=(1, 2))):
+        closed = ndimage.binary_closing(lungs[z], structure=disk, border_value=0)
+        out[z] = ndimage.binary_fill_holes(closed | lungs[z])
+    return out
+
+
+def distance_outside_mm(mask: np.ndarray, reference: np.ndarray, spacing_zyx: tuple[float, float, float]) -> np.ndarray:
+    """For each voxel of ``mask``, its distance in mm to the nearest voxel of ``reference`` (0 inside)."""
+    if not reference.any():
+        return np.where(mask, np.inf, 0.0)
+    distance = ndimage.distance_transform_edt(~reference, sampling=spacing_zyx)
+    return np.where(mask, distance, 0.0)

@@ -1,0 +1,161 @@
+"""Negative training slices: whole CT scans without COVID-19, every level from neck to abdomen.
+
+The expert-labelled slices (the PNG export) all come from the middle of infected lungs. Negative
+scans add what the model never saw: apex, bases, upper abdomen, neck, healthy lung, nodules and
+contrast. Each slice is read from HU through the engine exactly as inference reads it
+(``imageio.read_image`` -> canonical orientation -> ``preprocessing.preprocess_slices``), so window
+and CLAHE are applied once. Labels: infection nowhere; lung where the classical HU lung mask
+(:mod:`classical_lung`) says, padded and resized like the image.
+
+Which scans a fold may train on (``NegativesConfig.holdout``): folds 0, 2 and 4 leave
+LIDC-IDRI-0001 out and folds 1 and 3 leave LIDC-IDRI-0003 out, so that every whole-scan check of an
+LIDC scan can use a fold model that never saw it; the released model (no fold) uses them all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import SimpleITK as sitk
+
+from CovidInfectionSegLib.atomic import atomic_path
+from CovidInfectionSegLib.imageio import read_image, to_canonical
+from CovidInfectionSegLib.preprocessing import IntensityRecipe, SliceGeometry, pad_to_square, preprocess_slices
+
+from .classical_lung import classical_lung_mask
+from .data import LUNG, SliceDataset
+
+SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+# Training negatives. Never example-chest-ct or covid-chest-ct: they are the whole-scan checks.
+NEGATIVE_SCANS = {
+    "LIDC-IDRI-0001": "lidc-idri-chest-ct/LIDC-IDRI-0001.nii.gz",
+    "LIDC-IDRI-0003": "lidc-idri-chest-ct/LIDC-IDRI-0003.nii.gz",
+    "abdominal-ct": "example-abdominal-ct/example_ct.nii.gz",
+}
+DEFAULT_HOLDOUT = {0: ["LIDC-IDRI-0001"], 1: ["LIDC-IDRI-0003"], 2: ["LIDC-IDRI-0001"],
+                   3: ["LIDC-IDRI-0003"], 4: ["LIDC-IDRI-0001"]}
+CACHE_VERSION = 1
+
+
+@dataclass
+class NegativesConfig:
+    """The ``negatives`` block of a training config. ``per_epoch`` 0 trains without negatives."""
+
+    scans: list[str] = field(default_factory=lambda: list(NEGATIVE_SCANS))
+    per_epoch: int = 0
+    holdout: dict[int, list[str]] = field(default_factory=lambda: dict(DEFAULT_HOLDOUT))
+    root: str = ""  # folder holding the scans (NEGATIVE_SCANS paths); empty = ../shared/data
+
+    def scans_for_fold(self, fold: int | None) -> list[str]:
+        """The negative scans a model of ``fold`` trains on (all of them when ``fold`` is None)."""
+        left_out = set() if fold is None else set(self.holdout.get(int(fold), []))
+        return [name for name in self.scans if name not in left_out]
+
+    def path_of(self, name: str) -> Path:
+        root = Path(self.root) if self.root else SHARED_DATA
+        return root / NEGATIVE_SCANS.get(name, name)
+
+
+@dataclass
+class NegativeScan:
+    """One scan's slices after the recipe, its lung labels, and where each slice lies: ``levels`` is
+    the slice's height within the classical lung's z extent (0 at its lowest slice, 1 at its highest,
+    below 0 under the lungs, above 1 over them; NaN when the scan has no lung)."""
+
+    name: str
+    slices: SliceDataset
+    levels: np.ndarray
+
+
+def load_negative_scan(path: Path, recipe: IntensityRecipe, name: str | None = None) -> NegativeScan:
+    """Read a CT in HU as the engine does, and make its slices and lung labels (see the module doc)."""
+    image = sitk.Cast(to_canonical(read_image(path)), sitk.sitkFloat32)
+    volume = sitk.GetArrayFromImage(image)
+    spacing = image.GetSpacing()[::-1]
+    lungs = classical_lung_mask(volume, spacing)
+    images = preprocess_slices(volume, recipe)
+    labels = resize_labels(lungs.astype(np.uint8) * LUNG, recipe)
+    in_plane_mm = max(volume.shape[1] * spacing[1], volume.shape[2] * spacing[2]) / recipe.input_size
+    name = name or Path(path).name
+    dataset = SliceDataset(images, labels, np.full(len(images), name), np.full(len(images), in_plane_mm, np.float32))
+    return NegativeScan(name, dataset, lung_levels(lungs))
+
+
+def resize_labels(labels: np.ndarray, recipe: IntensityRecipe) -> np.ndarray:
+    """(z, rows, cols) labels padded and resized (nearest) as ``preprocess_slice`` does the image."""
+    geometry = SliceGeometry.for_shape(labels.shape[1:], recipe.pad_to_square)
+    size = recipe.input_size
+    out = np.empty((len(labels), size, size), dtype=np.uint8)
+    for index, label in enumerate(labels):
+        padded = pad_to_square(label, geometry, fill=0)
+        out[index] = cv2.resize(padded, (size, size), interpolation=cv2.INTER_NEAREST)
+    return out
+
+
+def lung_levels(lungs: np.ndarray) -> np.ndarray:
+    """Each slice's height within the lungs' z extent (see :class:`NegativeScan`)."""
+    with_lung = np.flatnonzero(lungs.any(axis=(1, 2)))
+    z = np.arange(len(lungs), dtype=np.float32)
+    if not len(with_lung):
+        return np.full(len(lungs), np.nan, dtype=np.float32)
+    return (z - with_lung[0]) / max(1, with_lung[-1] - with_lung[0])
+
+
+def load_negatives(config: NegativesConfig, recipe: IntensityRecipe, names: list[str],
+                   cache_dir: Path | None = None) -> list[NegativeScan]:
+    """The named negative scans, from ``cache_dir`` when an up-to-date copy is there (the lung masks
+    take half a minute a scan)."""
+    scans = []
+    for name in names:
+        path = config.path_of(name)
+        if not path.exists():
+            raise FileNotFoundError(f"negative scan {name}: {path} not found (see the training README)")
+        cache = None if cache_dir is None else Path(cache_dir) / f"negative-{name}-{_cache_key(path, recipe)}.npz"
+        if cache is not None and cache.exists():
+            with np.load(cache) as data:
+                dataset = SliceDataset(data["images"], data["labels"], data["cases"].astype(str), data["pixel_mm"])
+                scans.append(NegativeScan(name, dataset, data["levels"]))
+            continue
+        scan = load_negative_scan(path, recipe, name)
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(cache) as temporary:
+                with open(temporary, "wb") as handle:
+                    np.savez_compressed(handle, images=scan.slices.images, labels=scan.slices.labels,
+                                        cases=scan.slices.cases, pixel_mm=scan.slices.pixel_mm, levels=scan.levels)
+        scans.append(scan)
+    return scans
+
+
+def _cache_key(path: Path, recipe: IntensityRecipe) -> str:
+    stat = path.stat()
+    text = json.dumps([CACHE_VERSION, stat.st_size, int(stat.st_mtime), recipe.to_manifest()], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+class NegativeSampler:
+    """Draws ``per_epoch`` negative slices for an epoch, spread evenly over the scans and, within a
+    scan, uniformly over its slices (every level: neck, apex, mid-lung, bases, abdomen). The draw
+    depends only on the seed and the epoch, so a resumed run draws what an uninterrupted one would."""
+
+    def __init__(self, scans: list[NegativeScan], per_epoch: int, seed: int = 0):
+        self.scans = [scan for scan in scans if len(scan.slices.images)]
+        self.per_epoch = per_epoch if self.scans else 0
+        self.seed = seed
+
+    def epoch(self, epoch: int) -> list[tuple[int, int]]:
+        """``per_epoch`` (scan index, slice index) pairs for epoch ``epoch``."""
+        if not self.per_epoch:
+            return []
+        rng = np.random.default_rng([self.seed, epoch])
+        scan_of = rng.permutation(np.arange(self.per_epoch) % len(self.scans))
+        return [(int(s), int(rng.integers(len(self.scans[s].slices.images)))) for s in scan_of]
+
+    def slice(self, scan_index: int, slice_index: int) -> tuple[np.ndarray, np.ndarray]:
+        data = self.scans[scan_index].slices
+        return data.images[slice_index], data.labels[slice_index]

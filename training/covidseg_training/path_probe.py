@@ -1,0 +1,182 @@
+"""Can a small classifier tell the two data paths apart? (A shortcut the segmentation net could learn.)
+
+The labelled positives exist only as the PNG export (made by another program, from other scanners);
+the negatives come from HU volumes through the engine. If non-infected lung of one path looks
+different from non-infected lung of the other, a network trained on both can learn "this look means
+no infection" instead of what infection looks like, and lose infection on real scans read through
+the engine. This probe measures that gap directly:
+
+- patches of ``PATCH`` x ``PATCH`` pixels (at the network's 256 x 256), entirely non-infected lung
+  (at least 95% lung, no infection within ``INFECTION_MARGIN`` pixels), from mid-lung slices of both
+  paths (PNG export: all its slices are mid-lung; negatives: levels 0.2 to 0.8 of the lung extent);
+- a small CNN trained to say which path a patch came from, on one half of the patients of each path
+  and tested on the other half, then the halves swapped (for the negatives: one LIDC scan each);
+- the held-out ROC AUC, 0.5 when the paths cannot be told apart, 1.0 when they always can.
+
+``--augment`` passes every slice through the training augmentation first (what the segmentation
+network actually sees); ``--negatives-look`` chooses how the negatives are rendered.
+
+    python -m covidseg_training path_probe [--augment] [--out probe.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import ndimage
+from torch import nn
+
+from CovidInfectionSegLib.atomic import write_text_atomic
+from CovidInfectionSegLib.preprocessing import IntensityRecipe
+
+from .augment import AugmentConfig, SliceAugmenter
+from .data import INFECTION, LUNG, SliceDataset, load_png_export, patient_folds
+from .negatives import NegativesConfig, load_negatives
+
+PATCH = 32
+INFECTION_MARGIN = 8
+PATCHES_PER_SLICE = 4
+MID_LUNG = (0.2, 0.8)
+
+
+def lung_patches(images: np.ndarray, labels: np.ndarray, rng: np.random.Generator,
+                 per_slice: int = PATCHES_PER_SLICE, size: int = PATCH) -> tuple[np.ndarray, np.ndarray]:
+    """Up to ``per_slice`` random patches per slice that are non-infected lung; returns the patches
+    and the index of the slice each came from."""
+    patches, origin = [], []
+    for index, (image, label) in enumerate(zip(images, labels)):
+        infection = ndimage.binary_dilation(label == INFECTION, iterations=INFECTION_MARGIN)
+        healthy = ((label == LUNG) & ~infection).astype(np.float32)
+        coverage = ndimage.uniform_filter(healthy, size=size, mode="constant")
+        half = size // 2
+        valid = np.argwhere(coverage[half:-half, half:-half] >= 0.95) + half
+        if not len(valid):
+            continue
+        for y, x in valid[rng.permutation(len(valid))[:per_slice]]:
+            patches.append(image[y - half : y + half, x - half : x + half])
+            origin.append(index)
+    if not patches:
+        return np.zeros((0, size, size), np.uint8), np.zeros(0, int)
+    return np.stack(patches), np.asarray(origin)
+
+
+def roc_auc(scores: np.ndarray, truth: np.ndarray) -> float:
+    """Area under the ROC curve (Mann-Whitney U with tied ranks averaged)."""
+    truth = truth.astype(bool)
+    ranks = _average_ranks(scores)
+    positives, negatives = truth.sum(), (~truth).sum()
+    if not positives or not negatives:
+        return float("nan")
+    return float((ranks[truth].sum() - positives * (positives + 1) / 2) / (positives * negatives))
+
+
+def _average_ranks(values: np.ndarray) -> np.ndarray:
+    order = np.argsort(values, kind="mergesort")
+    ranks = np.empty(len(values), dtype=float)
+    ranks[order] = np.arange(1, len(values) + 1)
+    sorted_values = values[order]
+    boundaries = np.flatnonzero(np.diff(sorted_values)) + 1
+    for start, stop in zip(np.r_[0, boundaries], np.r_[boundaries, len(values)]):
+        if stop - start > 1:
+            ranks[order[start:stop]] = ranks[order[start:stop]].mean()
+    return ranks
+
+
+def small_classifier() -> nn.Module:
+    def block(cin: int, cout: int) -> nn.Sequential:
+        return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(), nn.MaxPool2d(2))
+
+    return nn.Sequential(block(1, 16), block(16, 32), block(32, 64), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(64, 1))
+
+
+def train_and_score(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
+                    epochs: int = 6, seed: int = 0) -> float:
+    """Held-out AUC of :func:`small_classifier` trained on balanced batches of the training patches."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    model = small_classifier()
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
+    by_class = [np.flatnonzero(train_y == c) for c in (0, 1)]
+    steps = max(by_class[0].size, by_class[1].size) // 32
+    for _ in range(epochs):
+        model.train()
+        for _ in range(steps):
+            batch = np.concatenate([rng.choice(indices, 32) for indices in by_class])
+            x = torch.from_numpy(train_x[batch]).float().div(255).unsqueeze(1)
+            y = torch.from_numpy(train_y[batch]).float()
+            loss = nn.functional.binary_cross_entropy_with_logits(model(x).squeeze(1), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    model.eval()
+    with torch.inference_mode():
+        scores = torch.cat([model(torch.from_numpy(test_x[i : i + 256]).float().div(255).unsqueeze(1)).squeeze(1)
+                            for i in range(0, len(test_x), 256)]).numpy()
+    return roc_auc(scores, test_y)
+
+
+def augmented(dataset: SliceDataset, seed: int) -> SliceDataset:
+    """Every slice once through the training augmentation (geometry and scanner variation)."""
+    augmenter = SliceAugmenter(AugmentConfig(), IntensityRecipe(), seed=seed)
+    pairs = [augmenter(image, label) for image, label in zip(dataset.images, dataset.labels)]
+    return SliceDataset(np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs]), dataset.cases)
+
+
+def probe(positives: SliceDataset, negatives: list[SliceDataset], augment: bool = False, seed: int = 0,
+          epochs: int = 6) -> dict:
+    """The held-out AUC of the path classifier, for each of the two swaps and their mean."""
+    rng = np.random.default_rng(seed)
+    if augment:
+        positives = augmented(positives, seed)
+        negatives = [augmented(n, seed + 1 + i) for i, n in enumerate(negatives)]
+    halves = patient_folds(positives.cases, 2, seed)
+    positive_patches = [lung_patches(positives.images[halves == h], positives.labels[halves == h], rng)[0]
+                        for h in (0, 1)]
+    negative_patches = [lung_patches(n.images, n.labels, rng)[0] for n in negatives]
+    aucs = []
+    for train_half in (0, 1):
+        test_half = 1 - train_half
+        train_x = np.concatenate([positive_patches[train_half], negative_patches[train_half]])
+        train_y = np.r_[np.zeros(len(positive_patches[train_half])), np.ones(len(negative_patches[train_half]))]
+        test_x = np.concatenate([positive_patches[test_half], negative_patches[test_half]])
+        test_y = np.r_[np.zeros(len(positive_patches[test_half])), np.ones(len(negative_patches[test_half]))]
+        aucs.append(train_and_score(train_x, train_y, test_x, test_y, epochs, seed))
+    return {"auc": float(np.mean(aucs)), "auc_per_swap": aucs, "augment": augment,
+            "patches": {"png_export": [len(p) for p in positive_patches],
+                        "negatives": [len(p) for p in negative_patches]}}
+
+
+def mid_lung(scan) -> SliceDataset:
+    levels = np.nan_to_num(scan.levels, nan=-1.0)
+    return scan.slices.subset((levels >= MID_LUNG[0]) & (levels <= MID_LUNG[1]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--png", default="", help="PNG export folder (default: the shared one)")
+    parser.add_argument("--augment", action="store_true", help="probe what training shows: slices augmented first")
+    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cache", default="data/cache", help="folder for the negatives' prepared slices")
+    parser.add_argument("--out", help="write the result as JSON here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    positives = load_png_export(Path(args.png)) if args.png else load_png_export()
+    config = NegativesConfig()
+    scans = load_negatives(config, IntensityRecipe(), ["LIDC-IDRI-0001", "LIDC-IDRI-0003"], Path(args.cache))
+    result = probe(positives, [mid_lung(scan) for scan in scans], args.augment, args.seed, args.epochs)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        write_text_atomic(Path(args.out), text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

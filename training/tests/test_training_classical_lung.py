@@ -1,0 +1,65 @@
+"""The classical HU lung mask: lungs in, trachea, stomach, bowel gas and room air out."""
+
+from __future__ import annotations
+
+import numpy as np
+import SimpleITK as sitk
+
+from CovidInfectionSegLib.imageio import read_image, to_canonical
+from covidseg_training.classical_lung import classical_lung_mask, distance_outside_mm
+from shared_data_paths import shared_path
+from whole_chest import SPACING_ZYX, whole_chest
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2 * np.logical_and(a, b).sum() / (a.sum() + b.sum())
+
+
+def test_lungs_found_and_gas_below_the_diaphragm_left_out():
+    chest = whole_chest()
+    mask = classical_lung_mask(chest.volume, SPACING_ZYX)
+    assert dice(mask, chest.lungs) > 0.95
+    assert not (mask & chest.stomach).any(), "the air-filled stomach touching the lung base is not lung"
+    assert not (mask & chest.bowel).any()
+    above_lungs = chest.trachea & (np.arange(mask.shape[0]) > 42)[:, None, None]
+    assert not (mask & above_lungs).any(), "the trachea above the lungs is not lung"
+
+
+def test_no_lung_in_a_scan_without_air_inside_the_body():
+    chest = whole_chest()
+    volume = np.where(chest.lungs | chest.trachea, 40.0, chest.volume).astype(np.float32)
+    volume[chest.stomach | chest.bowel] = 40.0
+    assert not classical_lung_mask(volume, SPACING_ZYX).any()
+
+
+def test_distance_outside_in_millimetres():
+    reference = np.zeros((3, 10, 10), dtype=bool)
+    reference[:, :, :5] = True
+    mask = np.zeros_like(reference)
+    mask[1, 5, 8] = True  # 4 voxels right of the reference edge (x = 4)
+    distance = distance_outside_mm(mask, reference, (2.0, 1.0, 0.5))
+    assert distance[1, 5, 8] == 2.0
+    assert distance.sum() == 2.0
+
+
+def _canonical(path):
+    image = sitk.Cast(to_canonical(read_image(path)), sitk.sitkFloat32)
+    return sitk.GetArrayFromImage(image), image.GetSpacing()[::-1]
+
+
+def test_real_covid_scan_stomach_is_not_lung():
+    """covid-chest-ct: its 17 lowest slices hold an air-filled stomach and bowel and no lung."""
+    volume, spacing = _canonical(shared_path("covid-chest-ct", "MIDRC-RICORD-1A-419639-001012.nii.gz"))
+    mask = classical_lung_mask(volume, spacing)
+    voxel_ml = float(np.prod(spacing)) / 1000
+    assert mask[:17].sum() * voxel_ml < 5.0
+    assert 2000 < mask.sum() * voxel_ml < 5000
+
+
+def test_real_abdominal_scan_colon_gas_is_not_lung():
+    """The abdominal NIfTI has lung bases only in its top slices; the colon gas below is not lung."""
+    volume, spacing = _canonical(shared_path("example-abdominal-ct", "example_ct.nii.gz"))
+    mask = classical_lung_mask(volume, spacing)
+    lowest_lung_slice = np.flatnonzero(mask.any(axis=(1, 2)))[0]
+    assert lowest_lung_slice > 0.85 * len(mask)
+    assert mask.sum() * float(np.prod(spacing)) / 1000 < 200
