@@ -301,3 +301,15 @@ def test_unavailable_cuda_is_a_usage_error(tmp_path, scans, tiny_model_manifest,
                  str(tiny_model_manifest), "--device", "cuda"])
     assert code == EXIT_USAGE
     assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_precision_is_recorded_and_an_unsupported_one_is_a_usage_error(tmp_path, scans, tiny_model_manifest, capsys):
+    out = tmp_path / "fp32"
+    assert main(["segment", str(scans / "alpha.nii.gz"), "-o", str(out), "--model", str(tiny_model_manifest),
+                 "--device", "cpu", "--precision", "fp32", "-q"]) == EXIT_OK
+    assert json.loads((out / "alpha.measurements.json").read_text(encoding="utf-8"))["precision"] == "fp32"
+    code = main(["segment", str(scans / "alpha.nii.gz"), "-o", str(tmp_path / "fp16"), "--model",
+                 str(tiny_model_manifest), "--device", "cpu", "--precision", "fp16"])
+    assert code == EXIT_USAGE
+    assert "--precision: precision 'fp16' is for CUDA only" in capsys.readouterr().err
+    assert not (tmp_path / "fp16" / "alpha.labels.nii.gz").exists()

@@ -199,3 +199,11 @@ def test_from_canonical_round_trip_lands_labels_at_the_same_physical_point(direc
         point = canonical.TransformIndexToPhysicalPoint((x, y, z))
         rx, ry, rz = reference.TransformPhysicalPointToIndex(point)
         assert restored_array[rz, ry, rx] == value
+
+
+def test_an_image_already_in_lps_is_not_copied() -> None:
+    lps = sitk.Image([4, 5, 6], sitk.sitkInt16)
+    assert to_canonical(lps) is lps
+    ras = sitk.DICOMOrient(lps, "RAS")
+    assert to_canonical(ras) is not ras
+    assert sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(to_canonical(ras).GetDirection()) == "LPS"

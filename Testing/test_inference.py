@@ -1,5 +1,5 @@
 """Batched slice inference with the real tiny TorchScript model: classes on the slice grid, progress,
-cancel, device choice, batch halving on CUDA out-of-memory."""
+cancel, device and precision choice, the frozen network, batch halving on CUDA out-of-memory."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
 from phantoms import chest_phantom
 from torch import nn
@@ -15,11 +16,21 @@ from torch import nn
 from CovidInfectionSegLib.inference import (
     CPU_BATCH_SIZE,
     SegmentationCancelled,
+    _network_input_table,
     auto_batch_size,
+    cpu_has_native_bf16,
     pick_device,
+    pick_precision,
+    predict_slices,
     predict_volume,
+    prepare_module,
 )
-from CovidInfectionSegLib.model_package import ModelPackage, load_model_package
+from CovidInfectionSegLib.model_package import ModelPackage, default_model_path, load_model_package
+from CovidInfectionSegLib.preprocessing import SliceGeometry, preprocess_slices, to_network_input
+from CovidInfectionSegLib.sample_data import synthetic_chest
+
+CPU = torch.device("cpu")
+NATIVE_BF16 = cpu_has_native_bf16()
 
 
 @pytest.fixture(scope="module")
@@ -152,10 +163,118 @@ def test_out_of_memory_at_batch_one_fails_clearly(tiny_model: ModelPackage) -> N
         predict_volume(chest_phantom(shape=(8, 32, 32)).volume, with_module(tiny_model, module), "cpu", batch_size=2)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_matches_cpu(tiny_model: ModelPackage) -> None:
+# ------------------------------------------------------------------------------------- precision
+
+
+def test_precision_choice_on_cpu() -> None:
+    assert pick_precision("fp32", CPU) == "fp32"
+    assert pick_precision("AUTO", CPU) == ("bf16" if NATIVE_BF16 else "fp32")
+    with pytest.raises(RuntimeError, match="'fp16' is for CUDA only"):
+        pick_precision("fp16", CPU)
+    with pytest.raises(ValueError, match="unknown precision 'int8'"):
+        pick_precision("int8", CPU)
+
+
+@pytest.mark.skipif(NATIVE_BF16, reason="checks the refusal on a CPU without native bf16")
+def test_bf16_on_a_cpu_without_native_bf16_is_refused() -> None:
+    with pytest.raises(RuntimeError, match="no native bf16 .* about 100x slower"):
+        pick_precision("bf16", CPU)
+
+
+def test_native_bf16_is_read_from_the_cpu_flags(tmp_path: Path) -> None:
+    with_bf16 = tmp_path / "bf16"
+    with_bf16.write_text("processor : 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_tile\n\n")
+    without = tmp_path / "avx2"
+    without.write_text("processor : 0\nflags\t\t: fpu sse2 avx2 fma\n\n")
+    assert cpu_has_native_bf16(with_bf16)
+    # PyTorch's own probe answers first, so only a CPU without native bf16 reads the file's "no"
+    assert cpu_has_native_bf16(without) == NATIVE_BF16
+    assert cpu_has_native_bf16(tmp_path / "missing") == NATIVE_BF16
+
+
+def test_the_network_is_frozen_once_per_device_and_precision(tiny_model: ModelPackage) -> None:
+    prepared = prepare_module(tiny_model.module, CPU, "fp32")
+    assert prepared is prepare_module(tiny_model.module, CPU, "fp32")
+    assert prepared is not tiny_model.module
+    assert list(prepared.parameters()) == []  # weights folded into the graph as constants
+    assert list(tiny_model.module.parameters())  # the package's own module is left as it was
+
+
+def test_a_module_in_training_mode_or_not_torchscript_runs_as_it_is(tiny_model: ModelPackage) -> None:
+    training = torch.jit.script(nn.Conv2d(1, 3, 1)).train()
+    assert prepare_module(training, CPU, "fp32") is training
+    eager = nn.Conv2d(1, 3, 1).eval()
+    assert prepare_module(eager, CPU, "fp32") is eager
+
+
+def test_the_network_input_is_the_contract_for_every_pixel_value() -> None:
+    values = np.arange(256, dtype=np.uint8).reshape(1, 16, 16)
+    expected = to_network_input(values).ravel()
+    np.testing.assert_array_equal(_network_input_table(CPU).numpy(), expected)
+
+
+class TiedLogits(nn.Module):
+    """Background 0, lung and infection tied at 1 everywhere: argmax must pick the first, lung."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = torch.ones(x.shape[0], 3, x.shape[2], x.shape[3])
+        logits[:, 0] = 0.0
+        return logits
+
+
+def test_ties_go_to_the_first_class() -> None:
+    geometry = SliceGeometry.for_shape((20, 32), pad_to_square=True)
+    classes = predict_slices(torch.jit.script(TiedLogits()), np.zeros((3, 32, 32), np.uint8), geometry, CPU)
+    assert classes.shape == (3, 20, 32)
+    assert np.all(classes == 1)
+
+
+@pytest.fixture(scope="module")
+def bundled_model() -> ModelPackage:
+    return load_model_package(default_model_path())
+
+
+def test_frozen_and_optimised_bundled_model_gives_the_same_classes(bundled_model: ModelPackage) -> None:
+    chest = synthetic_chest(size=(256, 256, 24))
+    volume = sitk.GetArrayFromImage(chest).astype(np.float32)
+    images = preprocess_slices(volume[8:12], bundled_model.recipe)
+    geometry = SliceGeometry.for_shape(volume.shape[1:], True)
+    plain = predict_slices(bundled_model.module, images, geometry, CPU)
+    fast = predict_slices(prepare_module(bundled_model.module, CPU, "fp32"), images, geometry, CPU)
+    assert np.count_nonzero(plain) > 0.05 * plain.size  # the model found lung: a meaningful comparison
+    assert np.count_nonzero(plain != fast) <= 1e-4 * plain.size
+    batch = torch.from_numpy(to_network_input(images))
+    with torch.inference_mode():
+        torch.testing.assert_close(prepare_module(bundled_model.module, CPU, "fp32")(batch),
+                                   bundled_model.module(batch), atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.skipif(not NATIVE_BF16, reason="this CPU has no native bf16 (AVX-512 BF16 or AMX)")
+def test_bf16_on_cpu_matches_fp32(tiny_model: ModelPackage) -> None:
     phantom = chest_phantom(shape=(8, 48, 48))
-    cpu = predict_volume(phantom.volume, tiny_model, "cpu")
-    gpu = predict_volume(phantom.volume, tiny_model, "cuda")
-    tiny_model.module.to("cpu")
-    assert np.count_nonzero(cpu != gpu) / cpu.size < 0.001  # fp16 autocast may flip boundary pixels
+    fp32 = predict_volume(phantom.volume, tiny_model, "cpu", precision="fp32")
+    bf16 = predict_volume(phantom.volume, tiny_model, "cpu", precision="bf16")
+    assert np.count_nonzero(fp32 != bf16) / fp32.size < 0.001
+
+
+# ------------------------------------------------------------------------------------------ CUDA
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
+def test_cuda_precisions_match_cpu_and_report_every_batch(tiny_model: ModelPackage, precision: str) -> None:
+    if precision == "bf16" and not torch.cuda.is_bf16_supported():
+        pytest.skip("this GPU has no bf16")
+    phantom = chest_phantom(shape=(11, 48, 48))
+    cpu = predict_volume(phantom.volume, tiny_model, "cpu", precision="fp32")
+    seen: list[tuple[int, int]] = []
+    gpu = predict_volume(phantom.volume, tiny_model, "cuda", batch_size=3, precision=precision,
+                         progress=lambda done, total: seen.append((done, total)))
+    assert seen == [(3, 11), (6, 11), (9, 11), (11, 11)]  # in order, though one batch is kept in flight
+    assert np.count_nonzero(cpu != gpu) / cpu.size < 0.001
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_leaves_the_package_module_on_the_cpu(tiny_model: ModelPackage) -> None:
+    predict_volume(chest_phantom(shape=(4, 32, 32)).volume, tiny_model, "cuda")
+    assert all(parameter.device.type == "cpu" for parameter in tiny_model.module.parameters())

@@ -190,3 +190,12 @@ def test_output_paths_names():
     assert {p.name for p in paths.values()} == {
         "scan.seg.nrrd", "scan.labels.nii.gz", "scan.measurements.csv", "scan.measurements.json"
     }
+
+
+def test_seg_nrrd_of_a_wider_integer_labelmap_holds_the_same_uint8_voxels(tmp_path, ct_and_labels, model):
+    _ct, labelmap = ct_and_labels
+    wide = sitk.Cast(labelmap, sitk.sitkInt16)
+    path = write_segmentation_nrrd(wide, model.segments, tmp_path / "wide.seg.nrrd")
+    voxels = slicerio.read_segmentation(str(path))["voxels"]
+    assert voxels.dtype == np.uint8
+    np.testing.assert_array_equal(voxels.transpose(2, 1, 0), sitk.GetArrayFromImage(labelmap))

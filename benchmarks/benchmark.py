@@ -1,35 +1,38 @@
 #!/usr/bin/env python
-"""Speed and memory of the engine, end to end and per stage, against a lungmask-style baseline.
+"""Speed and memory of the engine, end to end and per stage, against the real lungmask on the same volume.
 
-A synthetic chest phantom (default 512 x 512 x 300, 0.7 x 0.7 x 1.0 mm) is written to a temporary
-NIfTI first, so reading is real. Stages, each timed on its own with the engine's functions:
+A synthetic chest phantom (default 512 x 512 x 300, 0.7 x 0.7 x 1.0 mm, int16 HU) is written to a
+temporary NIfTI, so reading is real. Measured, in this order:
 
-    read         imageio.read_image of the .nii.gz
-    preprocess   reorientation + intensity recipe for every slice (preprocessing.preprocess_slices)
-    infer        the network over all slices in batches, upsampling and argmax included
-    post-process 3D post-processing, measurements, mapping back to the input grid
-    write        .seg.nrrd, .nii.gz, CSV, JSON and preview PNG (outputs.write_all)
-    end to end   read + pipeline.segment_image + write_all, as the CLI runs it (the pipeline overlaps
-                 preprocessing with inference, so it can be faster than the sum of the stages)
+    start-up      process start -> first batch of slices out of the network (benchmarks/startup.py, own
+                  process: import, model load, read, preprocessing, network)
+    end to end    ``covidseg segment`` on the NIfTI in its own process, process start -> every output
+                  written; its peak RSS (the child's high-water mark, from wait4) against the memory target
+    stages        in this process, each timed on its own with the engine's functions (after a warm-up):
+                  read, preprocess, network (slices/s), post-process (+ measurements, back to the input
+                  grid), write (.seg.nrrd, .nii.gz, CSV, JSON, preview PNG)
+    lungmask      the real lungmask (``pip install -e ".[benchmark]"``), its R231 U-Net with random weights
+                  (benchmarks/run_lungmask.py), through its own ``LMInferer.apply``, in its own process:
+                  process start -> mask written, and ``apply`` alone; ours as a ratio of its time
 
-The baseline is a lungmask-style pipeline (Hofmanninger et al. 2020): a 2D U-Net with 64 base
-channels and 5 resolution levels (lungmask's ``UNet(depth=5, wf=6)``, 31 M parameters; in this
-project's ``UNet2D`` that is ``depth=4``, which counts poolings), random weights, 256 x 256 slices,
-batch 20. Only its network differs: it shares our read, preprocess, post-process and write times,
-so the end-to-end ratio isolates the network's cost.
+Peak memory of the stages: the resident set's high-water mark (Linux VmHWM, reset before each stage),
+and ``torch.cuda.max_memory_allocated`` on CUDA.
 
-Peak memory: the resident set's high-water mark (Linux VmHWM, reset before each stage; the whole-run
-figure from ``resource.getrusage``), and ``torch.cuda.max_memory_allocated`` on CUDA.
-
-    python benchmarks/benchmark.py                     # full size, bundled model, device auto
-    python benchmarks/benchmark.py --slices 16 --model path/to/model.json --device cpu
+    python benchmarks/benchmark.py --device cpu                 # the README's figures
+    python benchmarks/benchmark.py --device cuda
+    python benchmarks/benchmark.py --slices 1000 --no-lungmask  # the memory target for a long scan
+    python benchmarks/benchmark.py --slices 32 --sweep-batch 1,2,4,8 --no-lungmask
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import json
+import os
 import platform
 import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -42,7 +45,14 @@ import SimpleITK as sitk
 import torch
 
 from CovidInfectionSegLib.imageio import from_canonical, read_image, to_canonical
-from CovidInfectionSegLib.inference import auto_batch_size, pick_device, predict_slices
+from CovidInfectionSegLib.inference import (
+    auto_batch_size,
+    cpu_has_native_bf16,
+    pick_device,
+    pick_precision,
+    predict_slices,
+    prepare_module,
+)
 from CovidInfectionSegLib.measurements import measure
 from CovidInfectionSegLib.model_package import ModelError, ModelPackage, default_model_path, load_model_package
 from CovidInfectionSegLib.outputs import write_all
@@ -51,8 +61,10 @@ from CovidInfectionSegLib.postprocessing import postprocess
 from CovidInfectionSegLib.preprocessing import SliceGeometry, preprocess_slices
 from CovidInfectionSegLib.sample_data import synthetic_chest
 
-BASELINE_BATCH = 20
-BASELINE_SIZE = 256
+HERE = Path(__file__).resolve().parent
+SPACING = (0.7, 0.7, 1.0)
+MEMORY_BASE_BYTES = 1.5e9  # the memory target: 1.5 GB for 512 x 512 x 300 ...
+MEMORY_TARGET_SLICES = 300  # ... and 1.5 GB + twice the int16 volume beyond that
 
 
 @dataclass
@@ -83,12 +95,13 @@ def peak_rss_mb() -> float:
                 return int(line.split()[1]) / 1024.0
     except OSError:
         pass
-    return whole_run_peak_rss_mb()
+    return rusage_mb(resource.getrusage(resource.RUSAGE_SELF))
 
 
-def whole_run_peak_rss_mb() -> float:
-    scale = 1024.0 * 1024.0 if sys.platform == "darwin" else 1024.0  # bytes on macOS, KiB on Linux
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
+def rusage_mb(usage: Any) -> float:
+    """``ru_maxrss`` in MB (bytes on macOS, KiB on Linux)."""
+    scale = 1024.0 * 1024.0 if sys.platform == "darwin" else 1024.0
+    return usage.ru_maxrss / scale
 
 
 def timed(stage: str, device: torch.device, work: Callable[[], Any], slices: int | None = None, note: str = "") -> tuple[Any, Row]:
@@ -111,61 +124,84 @@ def timed(stage: str, device: torch.device, work: Callable[[], Any], slices: int
     return value, row
 
 
+def run_child(command: list[str], log: Path) -> tuple[float, float, str]:
+    """Run ``command`` in its own process; (wall seconds from start to exit, its peak RSS in MB, stdout).
+    Raises RuntimeError with the end of its output when it fails."""
+    with open(log, "w", encoding="utf-8") as output:
+        started = time.perf_counter()
+        child = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
+        _pid, status, usage = os.wait4(child.pid, 0)
+        seconds = time.perf_counter() - started
+    child.returncode = os.waitstatus_to_exitcode(status)
+    text = log.read_text(encoding="utf-8")
+    if child.returncode != 0:
+        raise RuntimeError(f"{' '.join(command[:4])} ... exited {child.returncode}:\n{text[-2000:]}")
+    return seconds, rusage_mb(usage), text
+
+
+def last_json(text: str) -> dict[str, Any]:
+    return json.loads([line for line in text.splitlines() if line.startswith("{")][-1])
+
+
 def classify_all(module: torch.nn.Module, images: np.ndarray, geometry: SliceGeometry, device: torch.device,
-                 batch_size: int) -> np.ndarray:
+                 batch_size: int, precision: str) -> np.ndarray:
     """The network over preprocessed uint8 slices in batches -> classes on the slice grid."""
     return np.concatenate([
-        predict_slices(module, images[start : start + batch_size], geometry, device)
+        predict_slices(module, images[start : start + batch_size], geometry, device, precision)
         for start in range(0, len(images), batch_size)
     ])
 
 
-def baseline_network(device: torch.device) -> torch.nn.Module:
-    """lungmask-style U-Net (64 base channels, 5 levels), random weights."""
-    repo = Path(__file__).resolve().parents[1]
-    sys.path.insert(0, str(repo / "training"))
-    from covidseg_training.unet import UNet2D
-
-    torch.manual_seed(0)
-    return UNet2D(in_channels=1, num_classes=3, base_channels=64, depth=4).eval().to(device)
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def format_table(rows: list[Row]) -> str:
-    header = f"{'stage':<30} {'seconds':>9} {'slices/s':>9} {'peak RSS MB':>12} {'peak CUDA MB':>13}  note"
+    header = f"{'stage':<34} {'seconds':>9} {'slices/s':>9} {'peak RSS MB':>12} {'peak CUDA MB':>13}  note"
     lines = [header, "-" * len(header)]
     for row in rows:
         rate = f"{row.slices_per_second:9.1f}" if row.slices_per_second else f"{'':>9}"
         cuda = f"{row.peak_cuda_mb:13.0f}" if row.peak_cuda_mb is not None else f"{'':>13}"
         rss = f"{row.peak_rss_mb:12.0f}" if row.peak_rss_mb is not None else f"{'':>12}"
-        lines.append(f"{row.stage:<30} {row.seconds:9.2f} {rate} {rss} {cuda}  {row.note}")
+        lines.append(f"{row.stage:<34} {row.seconds:9.2f} {rate} {rss} {cuda}  {row.note}")
     return "\n".join(lines)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    parser.add_argument("--precision", default="auto", help="auto, fp32, bf16 or fp16 (default auto)")
     parser.add_argument("--slices", type=int, default=300, help="axial slices of the phantom (default 300)")
     parser.add_argument("--size", type=int, default=512, help="rows and columns of the phantom (default 512)")
     parser.add_argument("--model", help="model manifest or .pt (default: the bundled model)")
     parser.add_argument("--batch-size", type=int, default=None, help="our batch size (default: the engine's choice)")
-    parser.add_argument("--no-baseline", action="store_true", help="skip the lungmask-style baseline")
+    parser.add_argument("--no-lungmask", action="store_true", help="skip the real lungmask")
+    parser.add_argument("--sweep-batch", metavar="N,N,...", help="also time the network at these batch sizes")
     return parser.parse_args(argv)
 
 
-def time_stages(nifti: Path, model: ModelPackage, device: torch.device, batch_size: int, folder: Path,
-                slices: int) -> tuple[list[Row], np.ndarray]:
-    """Rows for read, preprocess, infer, post-process and write; also the preprocessed slices."""
+def time_stages(nifti: Path, model: ModelPackage, device: torch.device, precision: str, batch_size: int,
+                folder: Path, slices: int) -> tuple[list[Row], np.ndarray]:
+    """Rows for read, preprocess, network, post-process and write; also the preprocessed slices."""
     rows = []
     image, row = timed("read (.nii.gz)", device, lambda: read_image(nifti))
     rows.append(row)
-    canonical = sitk.Cast(to_canonical(image), sitk.sitkFloat32)
-    volume = sitk.GetArrayFromImage(canonical)
+    canonical = to_canonical(image)
+    volume = sitk.GetArrayViewFromImage(canonical)
     images, row = timed("preprocess", device, lambda: preprocess_slices(volume, model.recipe), slices)
     rows.append(row)
     geometry = SliceGeometry.for_shape(volume.shape[1:], model.recipe.pad_to_square)
-    module = model.module.to(device)
-    classes, row = timed("infer (ours)", device, lambda: classify_all(module, images, geometry, device, batch_size),
-                         slices, f"batch {batch_size}")
+    module = prepare_module(model.module, device, precision)
+    classify_all(module, images[: 2 * batch_size], geometry, device, batch_size, precision)  # warm-up
+    classes, row = timed("network (ours)", device,
+                         lambda: classify_all(module, images, geometry, device, batch_size, precision),
+                         slices, f"{precision}, batch {batch_size}, {torch.get_num_threads()} threads")
     rows.append(row)
 
     def post() -> sitk.Image:
@@ -178,40 +214,79 @@ def time_stages(nifti: Path, model: ModelPackage, device: torch.device, batch_si
 
     _labels, row = timed("post-process", device, post)
     rows.append(row)
-    result = segment_image(image, model, device=str(device), batch_size=batch_size)
+    result = segment_image(image, model, device=str(device), batch_size=batch_size, precision=precision)
     _paths, row = timed("write (all outputs)", device, lambda: write_all(result, image, folder / "write", "bench"))
     rows.append(row)
     return rows, images
 
 
-def time_end_to_end(nifti: Path, model: ModelPackage, device: torch.device, batch_size: int, folder: Path,
-                    slices: int) -> Row:
-    """The job as the CLI runs it: read + segment_image + write_all."""
-    def end_to_end() -> None:
-        scan = read_image(nifti)
-        outcome = segment_image(scan, model, device=str(device), batch_size=batch_size)
-        write_all(outcome, scan, folder / "e2e", "bench")
+def time_startup(nifti: Path, args: argparse.Namespace, device: torch.device, folder: Path) -> Row:
+    command = [sys.executable, str(HERE / "startup.py"), str(nifti), "--device", str(device),
+               "--precision", args.precision] + _model_and_batch(args)
+    launched = time.time()
+    _seconds, _rss, text = run_child(command, folder / "startup.log")
+    moments = last_json(text)
+    steps = ", ".join(f"{name} {moments[name] - launched:.2f}" for name in ("imported", "model_loaded", "read"))
+    return Row("start-up (process -> first batch)", moments["first_batch"] - launched,
+               note=f"own process; s from start: {steps}; first batch {moments['first_batch_slices']} slices")
 
-    return timed("end to end (ours)", device, end_to_end, slices, "read + segment_image + write_all")[1]
+
+def time_end_to_end(nifti: Path, args: argparse.Namespace, device: torch.device, folder: Path) -> Row:
+    command = [sys.executable, "-m", "CovidInfectionSegLib.cli", "segment", str(nifti), "-o", str(folder / "e2e"),
+               "-q", "--device", str(device), "--precision", args.precision] + _model_and_batch(args)
+    seconds, rss, _text = run_child(command, folder / "e2e.log")
+    return Row("end to end (covidseg segment)", seconds, args.slices / seconds, rss,
+               note="own process: start -> every output written")
 
 
-def time_baseline(images: np.ndarray, shape: tuple[int, int], device: torch.device, shared_seconds: float) -> list[Row]:
-    """The lungmask-style network over the same slices, and its end-to-end estimate."""
-    baseline = baseline_network(device)
-    geometry = SliceGeometry.for_shape(shape, True)
-    inputs = cv2_resize_stack(images, BASELINE_SIZE)
-    classify_all(baseline, inputs[:BASELINE_BATCH], geometry, device, BASELINE_BATCH)  # warm-up
-    _classes, row = timed("infer (lungmask-style)", device,
-                          lambda: classify_all(baseline, inputs, geometry, device, BASELINE_BATCH),
-                          len(images), f"U-Net 64ch 5 levels, {BASELINE_SIZE}px, batch {BASELINE_BATCH}")
-    total = shared_seconds + row.seconds
-    return [row, Row("end to end (lungmask-style)", total, len(images) / total,
-                     note="our read/preprocess/post/write + its network")]
+def _model_and_batch(args: argparse.Namespace) -> list[str]:
+    return (["--model", args.model] if args.model else []) + (
+        ["--batch-size", str(args.batch_size)] if args.batch_size else [])
+
+
+def time_lungmask(nifti: Path, device: torch.device, folder: Path, slices: int) -> list[Row]:
+    """The real lungmask, own process, random R231 weights: end to end and ``apply`` alone."""
+    weights = folder / "r231-random.pth"
+    run_child([sys.executable, str(HERE / "run_lungmask.py"), "--make-weights", str(weights)], folder / "weights.log")
+    command = [sys.executable, str(HERE / "run_lungmask.py"), str(nifti), str(weights), str(folder / "lungmask.nii.gz"),
+               "--device", "cuda" if device.type == "cuda" else "cpu"]
+    seconds, rss, text = run_child(command, folder / "lungmask.log")
+    report = last_json(text)
+    return [
+        Row("end to end (lungmask)", seconds, slices / seconds, rss,
+            note=f"own process, R231 random weights, {report['device']}, {report['threads']} threads, "
+                 f"lung {report['lung_fraction']:.0%} of voxels"),
+        Row("  of which LMInferer.apply", report["apply_seconds"], slices / report["apply_seconds"],
+            note="preprocess + network (batch 20) + its post-processing"),
+    ]
+
+
+def sweep_batch(images: np.ndarray, model: ModelPackage, device: torch.device, precision: str, sizes: list[int],
+                shape: tuple[int, int]) -> list[Row]:
+    """Network time per batch size on the same slices (for tuning ``CPU_BATCH_SIZE``)."""
+    module = prepare_module(model.module, device, precision)
+    geometry = SliceGeometry.for_shape(shape, model.recipe.pad_to_square)
+    rows = []
+    for size in sizes:
+        classify_all(module, images[: 2 * size], geometry, device, size, precision)
+        _classes, row = timed(f"network, batch {size}", device,
+                              lambda: classify_all(module, images, geometry, device, size, precision), len(images))
+        rows.append(row)
+    return rows
+
+
+def memory_verdict(peak_mb: float, size: int, slices: int) -> str:
+    volume_bytes = size * size * slices * 2
+    budget = MEMORY_BASE_BYTES + (2 * volume_bytes if slices > MEMORY_TARGET_SLICES else 0)
+    rule = "1.5 GB" if slices <= MEMORY_TARGET_SLICES else f"1.5 GB + 2 x {volume_bytes / 1e6:.0f} MB int16 volume"
+    verdict = "within" if peak_mb * 2**20 <= budget else "OVER"
+    return f"peak RSS of covidseg segment: {peak_mb:.0f} MB; target {budget / 2**20:.0f} MB ({rule}): {verdict}"
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = pick_device(args.device)
+    precision = pick_precision(args.precision, device)
     model_path = Path(args.model) if args.model else default_model_path()
     try:
         model = load_model_package(model_path)
@@ -219,47 +294,39 @@ def main(argv: list[str] | None = None) -> int:
         print(f"benchmark: {error}\n(pass --model path/to/model.json)", file=sys.stderr)
         return 3
     batch_size = args.batch_size or auto_batch_size(device, model.input_size)
-    spacing = (0.7, 0.7, 1.0)
-    processor = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
-    print(f"device {device} ({processor}), torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
-    print(f"model {model.describe()}, batch size {batch_size}")
-    print(f"volume {args.size} x {args.size} x {args.slices} synthetic phantom, spacing {spacing} mm")
+    with_lungmask = not args.no_lungmask and importlib.util.find_spec("lungmask") is not None
+    processor = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+    print(f"device {device} ({processor}), {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, "
+          f"native bf16: {'yes' if cpu_has_native_bf16() else 'no'}; torch {torch.__version__}")
+    print(f"model {model.describe()}; precision {args.precision} -> {precision}, batch size {batch_size}")
+    print(f"volume {args.size} x {args.size} x {args.slices} synthetic phantom (int16), spacing {SPACING} mm")
+    if not with_lungmask and not args.no_lungmask:
+        print('lungmask is not installed (pip install -e ".[benchmark]"): no comparison')
 
     with tempfile.TemporaryDirectory(prefix="covidseg-bench-") as temporary:
         folder = Path(temporary)
         nifti = folder / "phantom.nii.gz"
-        sitk.WriteImage(synthetic_chest(size=(args.size, args.size, args.slices), spacing=spacing), str(nifti),
+        sitk.WriteImage(synthetic_chest(size=(args.size, args.size, args.slices), spacing=SPACING), str(nifti),
                         useCompression=True)
-        # Warm-up (TorchScript optimisation passes, CUDA context, cuDNN autotuning): not timed.
-        warm = np.zeros((min(batch_size, args.slices), model.input_size, model.input_size), np.uint8)
-        geometry = SliceGeometry.for_shape((args.size, args.size), model.recipe.pad_to_square)
-        classify_all(model.module.to(device), warm, geometry, device, batch_size)
-
-        rows, images = time_stages(nifti, model, device, batch_size, folder, args.slices)
-        ours_infer = rows[2].seconds
-        rows.append(time_end_to_end(nifti, model, device, batch_size, folder, args.slices))
-        ours_total = rows[-1].seconds
-        if not args.no_baseline:
-            shared = sum(row.seconds for row in rows[:5] if not row.stage.startswith("infer"))
-            rows += time_baseline(images, (args.size, args.size), device, shared)
+        rows = [time_startup(nifti, args, device, folder), time_end_to_end(nifti, args, device, folder)]
+        stages, images = time_stages(nifti, model, device, precision, batch_size, folder, args.slices)
+        rows += stages
+        if with_lungmask:
+            rows += time_lungmask(nifti, device, folder, args.slices)
+        if args.sweep_batch:
+            sizes = [int(size) for size in args.sweep_batch.split(",")]
+            rows += sweep_batch(images, model, device, precision, sizes, (args.size, args.size))
 
     print()
     print(format_table(rows))
     print()
-    print(f"peak RSS over the whole run (resource.getrusage): {whole_run_peak_rss_mb():.0f} MB")
-    if not args.no_baseline:
-        print(f"ours / lungmask-style, network only: {ours_infer / rows[-2].seconds:.2f}x the time")
-        print(f"ours / lungmask-style, end to end:   {ours_total / rows[-1].seconds:.2f}x the time")
+    ours = rows[1]
+    print(memory_verdict(ours.peak_rss_mb or 0.0, args.size, args.slices))
+    if with_lungmask:
+        theirs = next(row for row in rows if row.stage == "end to end (lungmask)")
+        print(f"ours / lungmask, end to end: {ours.seconds / theirs.seconds:.3f}x the time "
+              f"({theirs.seconds / ours.seconds:.1f}x faster)")
     return 0
-
-
-def cv2_resize_stack(images: np.ndarray, size: int) -> np.ndarray:
-    """Resize uint8 slices to size x size (the baseline's input size)."""
-    import cv2
-
-    if images.shape[1:] == (size, size):
-        return images
-    return np.stack([cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA) for image in images])
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ from .batch import (
     scan_stem,
 )
 from .imageio import SUPPORTED_TEXT
-from .inference import ProgressCallback, SegmentationCancelled, pick_device
+from .inference import PRECISIONS, ProgressCallback, SegmentationCancelled, pick_device, pick_precision
 from .model_package import ModelError, ModelPackage, default_model_path, load_model_package
 from .outputs import OutputNotWritableError, ensure_output_dir, write_all, write_files
 from .pipeline import SegmentationResult, segment_file, segment_image
@@ -70,6 +70,7 @@ class Options:
     batch_size: int | None
     preview: bool
     quiet: bool
+    precision: str = "auto"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -116,7 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
                              f"({default_model_path()}) or $COVIDSEG_MODEL")
     run_options.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N (default auto)")
     run_options.add_argument("--batch-size", type=positive_integer, default=None,
-                             help="slices per network batch (default: 4 on CPU, from free memory on CUDA)")
+                             help="slices per network batch (default: 2 on CPU, from free memory on CUDA)")
+    run_options.add_argument("--precision", choices=PRECISIONS, default="auto",
+                             help="network arithmetic: auto (bf16 on a CPU with native bf16, fp16 on CUDA, else fp32), "
+                             "or force fp32, bf16 or fp16 (CUDA only) (default auto)")
     run_options.add_argument("--preview", action=argparse.BooleanOptionalAction, default=True,
                              help="write a PNG montage of axial slices with the segments (default on)")
     run_options.add_argument("-q", "--quiet", action="store_true", help="no progress or informational output")
@@ -154,14 +158,19 @@ def positive_integer(text: str) -> int:
 
 
 def _options(args: argparse.Namespace) -> Options:
-    return Options(device=args.device, batch_size=args.batch_size, preview=args.preview, quiet=args.quiet)
+    return Options(device=args.device, batch_size=args.batch_size, preview=args.preview, quiet=args.quiet,
+                   precision=args.precision)
 
 
-def _check_device(device: str) -> None:
+def _check_device(device: str, precision: str = "auto") -> None:
     try:
-        pick_device(device)
+        torch_device = pick_device(device)
     except (RuntimeError, ValueError) as error:
         raise UsageError(f"--device: {error}") from error
+    try:
+        pick_precision(precision, torch_device)
+    except (RuntimeError, ValueError) as error:
+        raise UsageError(f"--precision: {error}") from error
 
 
 # ----------------------------------------------------------------------------------------- segment
@@ -174,7 +183,7 @@ def run_segment(args: argparse.Namespace) -> int:
         outdir = ensure_output_dir(args.output)
     except OutputError as error:
         raise UsageError(str(error)) from error
-    _check_device(options.device)
+    _check_device(options.device, options.precision)
     model = load_model_package(args.model)
     default = load_default_input() if args.input is None else None
     if default is not None:
@@ -184,7 +193,8 @@ def run_segment(args: argparse.Namespace) -> int:
     _say(options, f"input: {source}\nmodel: {model.describe()}")
     with cancel_on_sigint(options.quiet) as cancel:
         with slice_progress(f"segmenting {stem}", options.quiet) as progress:
-            run = dict(device=options.device, batch_size=options.batch_size, progress=progress, cancel=cancel)
+            run = dict(device=options.device, batch_size=options.batch_size, progress=progress, cancel=cancel,
+                       precision=options.precision)
             try:
                 if default is not None:
                     result = segment_image(default.image, model, name=source, **run)
@@ -215,7 +225,7 @@ def run_batch(args: argparse.Namespace) -> int:
         raise SummaryError(f"cannot write the batch summary: {error}") from error
     except OutputError as error:
         raise UsageError(str(error)) from error
-    _check_device(options.device)
+    _check_device(options.device, options.precision)
     found = discover(input_dir, exclude=outdir)
     if found.ignored_outputs:
         shown = ", ".join(str(path) for path in found.ignored_outputs[:3]) + (", ..." if len(found.ignored_outputs) > 3 else "")
@@ -234,7 +244,7 @@ def run_batch(args: argparse.Namespace) -> int:
         def segment_and_write(scan: Scan, folder: Path, fingerprint: dict) -> SegmentationResult:
             with slice_progress(scan.name, options.quiet or not on_terminal, position=1) as progress:
                 result = segment_file(scan.path, model, device=options.device, batch_size=options.batch_size,
-                                      progress=progress, cancel=cancel)
+                                      progress=progress, cancel=cancel, precision=options.precision)
             result.input_fingerprint = fingerprint
             write_files(result, None, folder, scan.stem, options.preview)
             return result
@@ -286,7 +296,8 @@ def run_info(args: argparse.Namespace) -> int:
         build = "this PyTorch build has no CUDA" if torch.version.cuda is None else "no GPU visible"
         print(f"CUDA:      not available ({build})")
     try:
-        print(f"device:    {args.device} -> {pick_device(args.device)}")
+        device = pick_device(args.device)
+        print(f"device:    {args.device} -> {device}; precision auto -> {pick_precision('auto', device)}")
     except (RuntimeError, ValueError) as error:
         print(f"device:    {args.device} -> unusable: {error}")
     model = load_model_package(args.model)

@@ -244,7 +244,10 @@ def clean_native_messages(text: str) -> list[str]:
 
 
 def to_canonical(image: sitk.Image) -> sitk.Image:
-    """Reorient to LPS by permuting/flipping axes only (no resampling; physical positions unchanged)."""
+    """Reorient to LPS by permuting/flipping axes only (no resampling; physical positions unchanged).
+    An image that is already LPS is returned as it is, not copied (for a CT, hundreds of MB)."""
+    if sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(image.GetDirection()) == CANONICAL_ORIENTATION:
+        return image
     return sitk.DICOMOrient(image, CANONICAL_ORIENTATION)
 
 
@@ -252,10 +255,11 @@ def from_canonical(label_image: sitk.Image, reference: sitk.Image) -> sitk.Image
     """Map a label image on the canonical grid of ``reference`` back onto ``reference``'s exact grid.
 
     The result has ``reference``'s size, spacing, origin and direction (bit for bit, oblique directions
-    included) and every voxel keeps its physical position.
+    included) and every voxel keeps its physical position. When ``reference`` is already LPS, the result
+    is ``label_image`` itself (no copy), its geometry set to the reference's.
     """
     orientation = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(reference.GetDirection())
-    restored = sitk.DICOMOrient(label_image, orientation)
+    restored = label_image if orientation == CANONICAL_ORIENTATION else sitk.DICOMOrient(label_image, orientation)
     same_grid = (
         restored.GetSize() == reference.GetSize()
         and np.allclose(restored.GetDirection(), reference.GetDirection(), atol=1e-6)

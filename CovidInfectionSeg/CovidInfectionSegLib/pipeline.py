@@ -15,7 +15,15 @@ from typing import Any
 import SimpleITK as sitk
 
 from .imageio import SOURCE_KEY, from_canonical, read_image, to_canonical
-from .inference import CancelCheck, ProgressCallback, SegmentationCancelled, is_cancelled, pick_device, predict_volume
+from .inference import (
+    CancelCheck,
+    ProgressCallback,
+    SegmentationCancelled,
+    is_cancelled,
+    pick_device,
+    pick_precision,
+    predict_volume,
+)
 from .measurements import Measurements, measure
 from .model_package import ModelPackage, SegmentInfo
 from .postprocessing import PostprocessingSettings, postprocess
@@ -26,6 +34,9 @@ __all__ = ["SegmentationResult", "SegmentationCancelled", "segment_image", "segm
 # Adult lungs hold litres of air; far less means the scan does not cover the lungs (or is not a chest CT).
 LOW_LUNG_VOLUME_ML = 500.0
 IN_MEMORY_SOURCE = "an image passed in memory (not read from a file by covidseg)"
+# Voxel types the engine reads as they are (slices are converted one at a time); others become float32.
+# CT is int16 or uint16: a float32 copy of the volume would double its memory.
+COMPACT_PIXEL_TYPES = (sitk.sitkInt8, sitk.sitkUInt8, sitk.sitkInt16, sitk.sitkUInt16)
 
 
 @dataclass
@@ -46,6 +57,7 @@ class SegmentationResult:
     input_image: sitk.Image | None = field(default=None, repr=False)
     # What the input was when it was segmented (batch: size, times, content hash), for resuming.
     input_fingerprint: dict[str, Any] | None = None
+    precision: str = "fp32"
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready description of the run (no image data)."""
@@ -53,6 +65,7 @@ class SegmentationResult:
             "source": self.source or IN_MEMORY_SOURCE,
             "model": {"name": self.model_name, "version": self.model_version},
             "device": self.device,
+            "precision": self.precision,
             "measurements": self.measurements.to_dict(),
             "warnings": list(self.warnings),
             "notes": list(self.notes),
@@ -73,12 +86,15 @@ def segment_image(
     cancel: CancelCheck | None = None,
     name: str | None = None,
     settings: PostprocessingSettings | None = None,
+    precision: str = "auto",
 ) -> SegmentationResult:
     """Segment lungs (right, left) and infection in a 3D CT volume.
 
+    ``precision`` is ``"auto"``, ``"fp32"``, ``"bf16"`` or ``"fp16"`` (see :func:`inference.pick_precision`).
     Raises :class:`validation.InputError` for images that cannot be segmented, :class:`SegmentationCancelled`
-    when ``cancel`` fires, ``RuntimeError`` for an unavailable device. ``name`` labels warnings and is the
-    result's ``source``; it defaults to the path :func:`imageio.read_image` recorded in the image, else "image".
+    when ``cancel`` fires, ``RuntimeError`` for an unavailable device or precision. ``name`` labels
+    warnings and is the result's ``source``; it defaults to the path :func:`imageio.read_image` recorded
+    in the image, else "image".
     """
     started = time.perf_counter()
     read_from = image.GetMetaData(SOURCE_KEY) if image.HasMetaDataKey(SOURCE_KEY) else None
@@ -86,12 +102,15 @@ def segment_image(
     name = source or "image"
     warnings = check_image(image, name)
     torch_device = pick_device(device)
-    canonical = sitk.Cast(to_canonical(image), sitk.sitkFloat32)
+    precision = pick_precision(precision, torch_device)
+    canonical = to_canonical(image)
+    if canonical.GetPixelID() not in COMPACT_PIXEL_TYPES:
+        canonical = sitk.Cast(canonical, sitk.sitkFloat32)
     volume = sitk.GetArrayViewFromImage(canonical)
     in_hu = looks_like_hu(volume)
 
     inference_started = time.perf_counter()
-    classes = predict_volume(volume, model, torch_device, batch_size, progress, cancel)
+    classes = predict_volume(volume, model, torch_device, batch_size, progress, cancel, precision)
     inference_seconds = time.perf_counter() - inference_started
     if is_cancelled(cancel):
         raise SegmentationCancelled("cancelled after inference")
@@ -131,6 +150,7 @@ def segment_image(
         model_version=model.version,
         notes=lungs.notes,
         source=source,
+        precision=precision,
     )
 
 

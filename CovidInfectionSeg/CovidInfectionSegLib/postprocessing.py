@@ -14,7 +14,7 @@ results do not depend on resolution. Steps:
    (touching lungs, or lungs joined by the trachea) is cut per slice within ``midline_search_mm`` of the
    midline: at an empty column between the lungs, else at the column with the fewest lung voxels that
    still has a fair share of the slice's lung on both sides.
-3. holes filled per lung, per axial slice (2D) and in 3D.
+3. holes filled per lung, per axial slice (which leaves no 3D hole).
 4. infection kept only inside the lungs dilated by ``infection_margin_mm``; infection components
    under ``min_infection_mm3`` are removed (inside the lungs they become lung).
 5. for CT in HU, infection components with almost no aerated lung around them (less than
@@ -28,6 +28,7 @@ results do not depend on resolution. Steps:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -85,95 +86,206 @@ def postprocess(
     intensities_in_hu: bool = True,
     settings: PostprocessingSettings = PostprocessingSettings(),
 ) -> LungSegmentation:
-    """Network classes (z, y, x) + the CT (same shape) + spacing (x, y, z mm) -> :class:`LungSegmentation`."""
+    """Network classes (z, y, x) + the CT (same shape, any numeric dtype) + spacing (x, y, z mm) ->
+    :class:`LungSegmentation`.
+
+    Every step works inside a box: the lung components inside the box around the network's lung and
+    infection voxels, the rest inside the box around the selected lungs, padded so that nothing the
+    steps can reach lies outside it. That gives the same result as the whole grid, in a fraction of the
+    time and memory.
+    """
     if classes.shape != intensities.shape:
         raise ValueError(f"classes {classes.shape} and intensities {intensities.shape} differ in shape")
     spacing = np.asarray(spacing_xyz, dtype=float)[::-1]  # (z, y, x) like the arrays
     notes: list[str] = []
-    lung_voxels = classes == lung_class
-    lungs = select_lung_components(
-        lung_voxels | (classes == infection_class),
-        lung_voxels,
+    labels = np.zeros(classes.shape, dtype=np.uint8)
+    side = np.zeros(classes.shape, dtype=np.uint8)
+    candidates = candidate_box(classes, lung_class, infection_class)
+    if candidates is None:
+        return LungSegmentation(labels=labels, side=side, notes=notes)
+    boxed_classes = classes[candidates]
+    candidate = boxed_classes == lung_class
+    candidate |= boxed_classes == infection_class
+    lungs = lung_components(
+        candidate, boxed_classes, lung_class, intensities[candidates], spacing, intensities_in_hu, settings, notes
+    )
+    del candidate
+    if not lungs:
+        return LungSegmentation(labels=labels, side=side, notes=notes)
+    lungs = [component.shifted([part.start for part in candidates]) for component in lungs]  # volume indices
+    midline = body_midline_x(
         intensities,
-        spacing,
+        np.unique(np.concatenate([component.indices(0) for component in lungs])),
+        np.unique(np.concatenate([component.indices(2) for component in lungs])),
         intensities_in_hu,
-        settings,
+    )
+    region = lung_region(lungs, classes.shape, lung_region_padding(spacing, settings))
+    lungs = [component.shifted([-part.start for part in region]) for component in lungs]  # region indices
+    region_shape = tuple(part.stop - part.start for part in region)
+    region_side = split_left_right(lungs, region_shape, midline, spacing, settings, x_offset=region[2].start)
+    region_labels = lungs_and_infection(
+        region_side, classes[region] == infection_class, intensities[region], spacing, intensities_in_hu, settings,
         notes,
     )
-    del lung_voxels
-    side = np.zeros(classes.shape, dtype=np.uint8)
-    if lungs.any():
-        midline = body_midline_x(intensities, lungs, intensities_in_hu)
-        side = split_left_right(lungs, midline, spacing, settings)
-        del lungs
-        for value in (RIGHT_LUNG, LEFT_LUNG):
-            filled = fill_holes(side == value)
-            side[filled & (side == 0)] = value
-    infection = keep_infection_near_lungs(classes == infection_class, side, spacing, settings)
-    infection = remove_small_components(infection, settings.min_infection_mm3 / float(np.prod(spacing)))
-    if intensities_in_hu and infection.any():
-        unaerated = unaerated_infection(infection, side, intensities, settings.min_aerated_shell_fraction)
-        if unaerated.any():
-            voxel_ml = float(np.prod(spacing)) / 1000.0
-            notes.append(
-                f"dropped {np.count_nonzero(unaerated) * voxel_ml:.1f} mL of infection with no aerated lung "
-                f"around it (under {settings.min_aerated_shell_fraction:.0%} of its border below {AERATED_HU:g} HU)"
-            )
-            infection &= ~unaerated
-            side[unaerated] = 0
-    labels = side.copy()
-    labels[infection] = INFECTION
+    labels[region] = region_labels
+    side[region] = region_side
     return LungSegmentation(labels=labels, side=side, notes=notes)
 
 
-def select_lung_components(
+@dataclass(frozen=True)
+class Component:
+    """One 3D connected component: its bounding ``box`` in some array, and its ``mask`` inside the box."""
+
+    box: tuple[slice, ...]
+    mask: np.ndarray
+
+    def shifted(self, offset: Sequence[int]) -> "Component":
+        """The same component with its box moved by ``offset`` (into a larger or smaller array)."""
+        return Component(tuple(slice(b.start + o, b.stop + o) for b, o in zip(self.box, offset)), self.mask)
+
+    def indices(self, axis: int) -> np.ndarray:
+        """The indices along ``axis`` that the component occupies."""
+        other = tuple(a for a in range(self.mask.ndim) if a != axis)
+        return np.flatnonzero(self.mask.any(axis=other)) + self.box[axis].start
+
+
+def candidate_box(classes: np.ndarray, lung_class: int, infection_class: int) -> tuple[slice, ...] | None:
+    """The box around the lung and infection voxels, one voxel wider in-plane where the image allows,
+    so that a component touches the box's side exactly where it touches the image's border."""
+    candidate = (classes == lung_class) | (classes == infection_class)
+    return bounding_box(candidate, pad=np.array([0, 1, 1]), shape=classes.shape)
+
+
+def lung_region_padding(spacing_zyx: np.ndarray, settings: PostprocessingSettings) -> np.ndarray:
+    """Margin around the lungs holding every voxel the infection steps can reach: the infection margin
+    (as a voxel ellipsoid's radii) plus the one-voxel shell of :func:`unaerated_infection`."""
+    return np.floor(settings.infection_margin_mm / spacing_zyx).astype(int) + 1
+
+
+def lung_region(lungs: list[Component], shape: tuple[int, ...], pad: np.ndarray) -> tuple[slice, ...]:
+    """The box around ``lungs``, ``pad`` wider, inside an array of ``shape``."""
+    return tuple(
+        slice(
+            max(0, min(c.box[axis].start for c in lungs) - pad[axis]),
+            min(size, max(c.box[axis].stop for c in lungs) + pad[axis]),
+        )
+        for axis, size in enumerate(shape)
+    )
+
+
+def lungs_and_infection(
+    side: np.ndarray,
+    infection: np.ndarray,
+    intensities: np.ndarray,
+    spacing_zyx: np.ndarray,
+    intensities_in_hu: bool,
+    settings: PostprocessingSettings,
+    notes: list[str],
+) -> np.ndarray:
+    """Steps 3 to 5 on the lungs' side map (changed in place) and the network's infection: the labels."""
+    for value in (RIGHT_LUNG, LEFT_LUNG):
+        filled = fill_holes(side == value)
+        side[filled & (side == 0)] = value
+    infection = keep_infection_near_lungs(infection, side, spacing_zyx, settings)
+    infection = remove_small_components(infection, settings.min_infection_mm3 / float(np.prod(spacing_zyx)))
+    if intensities_in_hu:
+        drop_unaerated_infection(infection, side, intensities, spacing_zyx, settings, notes)
+    labels = side.copy()
+    labels[infection] = INFECTION
+    return labels
+
+
+def drop_unaerated_infection(
+    infection: np.ndarray,
+    side: np.ndarray,
+    intensities: np.ndarray,
+    spacing_zyx: np.ndarray,
+    settings: PostprocessingSettings,
+    notes: list[str],
+) -> None:
+    """Step 5, in place: remove the :func:`unaerated_infection` from ``infection`` and from ``side``
+    (it does not become lung), with a note of the volume."""
+    if not infection.any():
+        return
+    unaerated = unaerated_infection(infection, side, intensities, settings.min_aerated_shell_fraction)
+    if unaerated.any():
+        voxel_ml = float(np.prod(spacing_zyx)) / 1000.0
+        notes.append(
+            f"dropped {np.count_nonzero(unaerated) * voxel_ml:.1f} mL of infection with no aerated lung "
+            f"around it (under {settings.min_aerated_shell_fraction:.0%} of its border below {AERATED_HU:g} HU)"
+        )
+        infection &= ~unaerated
+        side[unaerated] = 0
+
+
+def lung_components(
     candidate: np.ndarray,
-    lung_voxels: np.ndarray,
+    classes: np.ndarray,
+    lung_class: int,
     intensities: np.ndarray,
     spacing_zyx: np.ndarray,
     intensities_in_hu: bool,
     settings: PostprocessingSettings,
     notes: list[str] | None = None,
-) -> np.ndarray:
-    """At most the two largest 3D components of ``candidate`` that are inside the body, big and air-filled."""
+) -> list[Component]:
+    """At most the two largest 3D components of ``candidate`` that are inside the body, big and air-filled
+    (median HU of their ``lung_class`` voxels in ``classes``). Clears the border-connected voxels of
+    ``candidate`` in place (it is the largest array here; a copy would add its size to the peak memory)."""
     notes = notes if notes is not None else []
-    selected = np.zeros(candidate.shape, dtype=bool)
     voxel_ml = float(np.prod(spacing_zyx)) / 1000.0
-    candidate = candidate.copy()
     outside = remove_border_connected(candidate)
     if outside:
         notes.append(f"dropped {outside * voxel_ml:.0f} mL connected to the image border (air outside the body)")
     box = bounding_box(candidate)
     if box is None:
-        return selected
-    components, _count = ndimage.label(candidate[box])
-    sizes = np.bincount(components.ravel())
-    sizes[0] = 0
-    min_voxels = settings.min_lung_component_ml / voxel_ml
-    order = [index for index in np.argsort(sizes)[::-1] if sizes[index] >= min_voxels]
-    small = int(np.count_nonzero((sizes > 0) & (sizes < min_voxels)))
-    if small:
-        notes.append(f"dropped {small} lung component(s) under {settings.min_lung_component_ml:g} mL")
+        return []
+    components, _count = label(candidate[box])
+    sizes, order = large_components_first(components, voxel_ml, settings, notes)
     objects = ndimage.find_objects(components)
-    kept = 0
+    kept: list[Component] = []
     for index in order:
-        if kept == 2:
+        if len(kept) == 2:
             break
         sub = objects[index - 1]
         mask = components[sub] == index
         global_sub = tuple(slice(outer.start + inner.start, outer.start + inner.stop) for outer, inner in zip(box, sub))
         if intensities_in_hu:
-            inside_lung = mask & lung_voxels[global_sub]
-            median = float(np.median(intensities[global_sub][inside_lung if inside_lung.any() else mask]))
+            inside_lung = mask & (classes[global_sub] == lung_class)
+            median = exact_median(intensities[global_sub][inside_lung if inside_lung.any() else mask])
             if median > settings.max_lung_median_hu:
                 notes.append(
                     f"dropped a {sizes[index] * voxel_ml:.0f} mL component with median {median:.0f} HU (not "
                     f"air-filled: above {settings.max_lung_median_hu:g} HU, e.g. bowel or soft tissue)"
                 )
                 continue
-        selected[global_sub] |= mask
-        kept += 1
-    return selected
+        kept.append(Component(global_sub, mask))
+    return kept
+
+
+def large_components_first(
+    components: np.ndarray, voxel_ml: float, settings: PostprocessingSettings, notes: list[str]
+) -> tuple[np.ndarray, list[int]]:
+    """(voxels per label, the labels of at least ``min_lung_component_ml`` from the largest down); notes
+    how many smaller ones there were."""
+    sizes = np.bincount(components.ravel())
+    sizes[0] = 0
+    min_voxels = settings.min_lung_component_ml / voxel_ml
+    order = [int(index) for index in np.argsort(sizes)[::-1] if sizes[index] >= min_voxels]
+    small = int(np.count_nonzero((sizes > 0) & (sizes < min_voxels)))
+    if small:
+        notes.append(f"dropped {small} lung component(s) under {settings.min_lung_component_ml:g} mL")
+    return sizes, order
+
+
+def exact_median(values: np.ndarray) -> float:
+    """``np.median(values)``; for integers (CT in HU) from a histogram, several times faster."""
+    if values.dtype.kind not in "iu" or values.size == 0:
+        return float(np.median(values))
+    low = int(values.min())
+    counts = np.cumsum(np.bincount(values.astype(np.intp) - low))  # widened first: int16 - min can overflow
+    lower = int(np.searchsorted(counts, (values.size - 1) // 2, side="right"))  # the middle value(s) by rank
+    upper = int(np.searchsorted(counts, values.size // 2, side="right"))
+    return (lower + upper) / 2.0 + low
 
 
 def remove_border_connected(mask: np.ndarray) -> int:
@@ -192,11 +304,11 @@ def remove_border_connected(mask: np.ndarray) -> int:
     return removed
 
 
-def body_midline_x(intensities: np.ndarray, lungs: np.ndarray, intensities_in_hu: bool) -> float:
-    """The x index of the patient's midline: centre of the body (> -500 HU) in the lung slices, or for
-    non-HU data the centre of the lungs' x extent."""
-    lung_slices = np.flatnonzero(lungs.any(axis=(1, 2)))
-    lung_columns = np.flatnonzero(lungs.any(axis=(0, 1)))
+def body_midline_x(
+    intensities: np.ndarray, lung_slices: np.ndarray, lung_columns: np.ndarray, intensities_in_hu: bool
+) -> float:
+    """The x index of the patient's midline: centre of the body (> -500 HU) in the lung slices (whole
+    slices of ``intensities``), or for non-HU data the centre of the lungs' x extent (``lung_columns``)."""
     fallback = (lung_columns[0] + lung_columns[-1]) / 2.0
     if not intensities_in_hu:
         return float(fallback)
@@ -208,31 +320,32 @@ def body_midline_x(intensities: np.ndarray, lungs: np.ndarray, intensities_in_hu
 
 
 def split_left_right(
-    lungs: np.ndarray, midline_x: float, spacing_zyx: np.ndarray, settings: PostprocessingSettings
+    lungs: list[Component],
+    shape: tuple[int, ...],
+    midline_x: float,
+    spacing_zyx: np.ndarray,
+    settings: PostprocessingSettings,
+    x_offset: int = 0,
 ) -> np.ndarray:
-    """uint8 side map: 1 right lung (x < midline side), 2 left lung, 0 elsewhere.
+    """uint8 side map of ``shape``: 1 right lung (x < midline side), 2 left lung, 0 elsewhere. The array
+    is a box of the volume whose first column is ``x_offset``; ``midline_x`` is in the volume's columns.
 
     A component with at most ``straddle_fraction`` of its voxels across the midline goes wholly to its
     side; a straddling one (touching lungs) is cut per slice, see :func:`_cut_per_slice`.
     """
-    side = np.zeros(lungs.shape, dtype=np.uint8)
-    box = bounding_box(lungs)
-    if box is None:
-        return side
-    components, _count = ndimage.label(lungs[box])
-    boxed_side = side[box]
+    side = np.zeros(shape, dtype=np.uint8)
     search = max(1, int(round(settings.midline_search_mm / spacing_zyx[2])))
-    for index, sub in enumerate(ndimage.find_objects(components), start=1):
-        mask = components[sub] == index
-        x = np.arange(box[2].start + sub[2].start, box[2].start + sub[2].stop)
+    for component in lungs:
+        box, mask = component.box, component.mask
+        x = np.arange(x_offset + box[2].start, x_offset + box[2].stop)
         per_column = mask.sum(axis=(0, 1))
         right_fraction = per_column[x < midline_x].sum() / per_column.sum()
         if right_fraction >= 1.0 - settings.straddle_fraction:
-            boxed_side[sub][mask] = RIGHT_LUNG
+            side[box][mask] = RIGHT_LUNG
         elif right_fraction <= settings.straddle_fraction:
-            boxed_side[sub][mask] = LEFT_LUNG
+            side[box][mask] = LEFT_LUNG
         else:
-            boxed_side[sub][mask] = _cut_per_slice(mask, x, midline_x, search)[mask]
+            side[box][mask] = _cut_per_slice(mask, x, midline_x, search)[mask]
     return side
 
 
@@ -275,16 +388,23 @@ def _cut_per_slice(mask: np.ndarray, x: np.ndarray, midline_x: float, search: in
 
 
 def fill_holes(mask: np.ndarray) -> np.ndarray:
-    """Fill holes per axial slice (2D) and then in 3D (vessels, airways and lesions inside a lung)."""
+    """Fill holes per axial slice (vessels, airways and lesions inside a lung), in the mask's bounding
+    box: what ``ndimage.binary_fill_holes`` of each slice of the box gives, from one labelling of the
+    background instead of a dilation grown slice by slice. (Filling the box in 3D afterwards would add
+    nothing: every background voxel left is connected, within its slice, to the side of the box.)"""
     filled = np.zeros(mask.shape, dtype=bool)
     box = bounding_box(mask)
     if box is None:
         return filled
-    sub = mask[box].copy()
-    for z in range(sub.shape[0]):
-        if sub[z].any():
-            sub[z] = ndimage.binary_fill_holes(sub[z])
-    filled[box] = ndimage.binary_fill_holes(sub)
+    in_plane = np.zeros((3, 3, 3), dtype=bool)
+    in_plane[1] = ndimage.generate_binary_structure(2, 1)
+    background, count = label(~mask[box], in_plane)
+    outside = np.zeros(count + 1, dtype=bool)
+    for axis in (1, 2):
+        for end in (0, -1):
+            outside[np.take(background, end, axis=axis)] = True
+    outside[0] = False  # label 0 is the mask itself
+    filled[box] = ~outside[background]
     return filled
 
 
@@ -301,12 +421,29 @@ def keep_infection_near_lungs(
         return kept
     box = bounding_box(outside, pad=radius, shape=infection.shape)
     structure = ellipsoid_structure(settings.infection_margin_mm, spacing_zyx)
+    neighbourhoods = _neighbourhoods(outside[box], radius)
     for value in (RIGHT_LUNG, LEFT_LUNG):
-        near = ndimage.binary_dilation(side[box] == value, structure=structure) & outside[box]
+        lung = side[box] == value
+        near = np.zeros(lung.shape, dtype=bool)
+        for hood in neighbourhoods:
+            near[hood] |= ndimage.binary_dilation(lung[hood], structure=structure)
+        near &= outside[box]
         side[box][near] = value
         outside[box] &= ~near
         kept[box] |= near
     return kept
+
+
+def _neighbourhoods(mask: np.ndarray, radius: np.ndarray) -> list[tuple[slice, ...]]:
+    """Boxes covering every voxel of ``mask`` together with all voxels within ``radius`` of it: one per
+    26-connected component, grown by ``radius``. Dilating inside these boxes gives the dilation at the
+    mask's voxels (a box cut short at another component only misses, and that component's own box
+    has them all), at a small share of the cost of dilating the whole box around scattered specks."""
+    groups, _count = label(mask, np.ones((3,) * mask.ndim, dtype=bool))
+    return [
+        tuple(slice(max(0, part.start - r), min(size, part.stop + r)) for part, r, size in zip(sub, radius, mask.shape))
+        for sub in ndimage.find_objects(groups)
+    ]
 
 
 def unaerated_infection(
@@ -318,7 +455,7 @@ def unaerated_infection(
     box = bounding_box(infection, pad=np.ones(infection.ndim, dtype=int), shape=infection.shape)
     if box is None:
         return dropped
-    components, _count = ndimage.label(infection[box])
+    components, _count = label(infection[box])
     aerated = (side[box] > 0) & ~infection[box] & (intensities[box] < AERATED_HU)
     for index, sub in enumerate(ndimage.find_objects(components), start=1):
         grown = tuple(slice(max(0, part.start - 1), part.stop + 1) for part in sub)
@@ -334,13 +471,22 @@ def remove_small_components(mask: np.ndarray, min_voxels: float) -> np.ndarray:
     box = bounding_box(mask)
     if box is None or min_voxels <= 1:
         return mask
-    components, _count = ndimage.label(mask[box])
+    components, _count = label(mask[box])
     sizes = np.bincount(components.ravel())
     small = sizes < min_voxels
     small[0] = True
     result = mask.copy()
     result[box] = ~small[components]
     return result
+
+
+def label(mask: np.ndarray, structure: np.ndarray | None = None) -> tuple[np.ndarray, int]:
+    """``ndimage.label`` into uint16 (half the memory of its default int32: 0.5 GB less for the lungs'
+    box of a 1000-slice scan), or int32 when there are more than 65535 components."""
+    try:
+        return ndimage.label(mask, structure, output=np.uint16)
+    except RuntimeError:  # "insufficient bit-depth in requested output type"
+        return ndimage.label(mask, structure)
 
 
 def ellipsoid_structure(radius_mm: float, spacing_zyx: np.ndarray) -> np.ndarray:
@@ -355,13 +501,18 @@ def bounding_box(
     mask: np.ndarray, pad: np.ndarray | None = None, shape: tuple[int, ...] | None = None
 ) -> tuple[slice, ...] | None:
     """Slices of the smallest box holding every true voxel (optionally padded), or None if empty."""
-    if not mask.any():
+    first = np.flatnonzero(mask.any(axis=tuple(range(1, mask.ndim))))
+    if first.size == 0:
         return None
+    # The first axis's extent first, then the others from that slab only: two passes, not one per axis.
+    footprint = mask[first[0] : first[-1] + 1].any(axis=0)
+    extents = [first] + [
+        np.flatnonzero(footprint.any(axis=tuple(a for a in range(footprint.ndim) if a != axis)))
+        for axis in range(footprint.ndim)
+    ]
     shape = shape or mask.shape
     pad = np.zeros(mask.ndim, dtype=int) if pad is None else pad
-    box = []
-    for axis in range(mask.ndim):
-        other = tuple(a for a in range(mask.ndim) if a != axis)
-        present = np.flatnonzero(mask.any(axis=other))
-        box.append(slice(max(0, present[0] - pad[axis]), min(shape[axis], present[-1] + 1 + pad[axis])))
-    return tuple(box)
+    return tuple(
+        slice(max(0, present[0] - pad[axis]), min(shape[axis], present[-1] + 1 + pad[axis]))
+        for axis, present in enumerate(extents)
+    )

@@ -103,9 +103,11 @@ def render_preview(
     title: str = "",
 ) -> np.ndarray:
     """A BGR montage of axial slices across the lungs with overlays, legend and text lines."""
-    ct = sitk.GetArrayFromImage(to_canonical(ct_image))
+    oriented_ct = to_canonical(ct_image)
     oriented_labels = to_canonical(labelmap)
-    labels = sitk.GetArrayFromImage(oriented_labels)
+    # views, not copies: only the dozen slices shown are read (a copy would be the whole CT)
+    ct = sitk.GetArrayViewFromImage(oriented_ct)
+    labels = sitk.GetArrayViewFromImage(oriented_labels)
     if ct.shape != labels.shape:
         raise ValueError(f"CT {ct.shape} and labelmap {labels.shape} differ in size (k, j, i)")
     spacing = oriented_labels.GetSpacing()
