@@ -230,3 +230,46 @@ def test_ellipsoid_structure_is_physical() -> None:
     structure = ellipsoid_structure(3.0, np.array([3.0, 1.0, 1.0]))
     assert structure.shape == (3, 7, 7)
     assert structure[1, 3, 0] and structure[0, 3, 3] and not structure[0, 3, 2]
+
+
+def _stomach_below_left_lung(classes, hu, left):
+    """An air-filled stomach under the left lung, touching its base, that the network called lung."""
+    stomach = ellipsoid(classes.shape, (2, 30, 57), (3.5, 13, 13)) & ~left
+    classes[stomach] = LUNG
+    hu[stomach] = -1000.0
+    return stomach
+
+
+def test_an_air_filled_stomach_touching_the_lung_is_not_lung() -> None:
+    classes, hu, right, left = chest()
+    stomach = _stomach_below_left_lung(classes, hu, left)
+    assert (stomach & ndimage_dilate(left)).any(), "the phantom's stomach touches the lung"
+    result = postprocess(classes, hu, SPACING)
+    assert not np.any(result.labels[stomach])
+    kept_left = result.labels == LEFT_LUNG
+    assert np.count_nonzero(kept_left & ~left) == 0
+    lost = left & ~kept_left
+    from scipy import ndimage
+
+    distance_to_stomach = ndimage.distance_transform_edt(~stomach, sampling=np.array(SPACING)[::-1])
+    assert lost.sum() < 0.05 * left.sum() and np.all(distance_to_stomach[lost] <= 3.0 + 1.5), \
+        "the lung loses only what lies within the 3 mm wall around the stomach (and a voxel cut off by it)"
+    np.testing.assert_array_equal(result.labels == RIGHT_LUNG, right)
+    assert any("gas pockets not surrounded by lung" in note for note in result.notes)
+    kept = postprocess(classes, hu, SPACING, settings=PostprocessingSettings(max_gas_pocket_lung_border=0))
+    assert np.all(kept.labels[stomach] == LEFT_LUNG), "step 0 switched off keeps the old behaviour"
+
+
+def test_a_bulla_inside_the_lung_stays_lung() -> None:
+    classes, hu, right, left = chest()
+    bulla = ellipsoid(classes.shape, (10, 30, 20), (3, 6, 6))
+    assert np.all(right[bulla])
+    hu[bulla] = -1000.0
+    result = postprocess(classes, hu, SPACING)
+    np.testing.assert_array_equal(result.labels == RIGHT_LUNG, right)
+
+
+def ndimage_dilate(mask):
+    from scipy import ndimage
+
+    return ndimage.binary_dilation(mask)
