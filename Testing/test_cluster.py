@@ -239,8 +239,7 @@ def test_a_worker_killed_once_mid_scan_is_replaced_and_the_scan_retried(tmp_path
                                                                        tiny_model_manifest, monkeypatch):
     monkeypatch.setenv(KILL_WORKER_ENV, "example_ct")  # after its outputs are staged, before they are moved in
     monkeypatch.setenv(KILL_WORKER_ONCE_ENV, str(tmp_path / "killed-once"))
-    out = tmp_path / "out"
-    out.mkdir()
+    out = tmp_path / "out"  # created by run_ray_batch
     rows = []
     report = run_ray_batch(discover(small_scans).scans, out, load_model_package(tiny_model_manifest), cpus_per_worker=1,
                            segment_options=FP32, on_row=rows.append)

@@ -45,6 +45,7 @@ from .atomic import pause_point
 from .batch import Scan, batch_summary, decide, expected_outputs, run_scan, segment_and_write_files
 from .inference import SegmentationCancelled, is_cancelled
 from .model_package import ModelError, ModelPackage, load_model_package
+from .outputs import ensure_output_dir
 
 INSTALL_HINT = 'pip install -e ".[distributed]" in the covidseg source folder, or pip install "ray>=2.60"'
 DEFAULT_CPUS_PER_WORKER = 2.0
@@ -298,7 +299,7 @@ def run_ray_batch(
     log: Callable[[str], None] | None = None,
     forward_logs: bool = True,
 ) -> RayBatchReport:
-    """Segment ``scans`` into ``outdir`` (which must exist) on a Ray cluster; the same outputs, skip and
+    """Segment ``scans`` into ``outdir`` (created if needed) on a Ray cluster; the same outputs, skip and
     resume rules and ``summary.csv`` as :func:`batch.run_local_batch`.
 
     Ray: this process's connection when it has one, else :func:`connect` to ``address``
@@ -312,7 +313,8 @@ def run_ray_batch(
     most, then reported ``failed``.
 
     Raises :class:`RayNotInstalledError` / :class:`ClusterError`, :class:`ModelError` (a worker cannot
-    load the model), :class:`batch.FolderLockedError` / :class:`batch.SummaryError`, and
+    load the model), :class:`outputs.OutputError` (``outdir`` not writable),
+    :class:`batch.FolderLockedError` / :class:`batch.SummaryError`, and
     :class:`SegmentationCancelled` when ``cancel`` fires (the workers are stopped at once; their
     half-written outputs are cleaned up by the next run), after writing the summary of the scans done.
     """
@@ -320,7 +322,7 @@ def run_ray_batch(
     if not cpus_per_worker > 0 or gpus_per_worker < 0 or retries < 0 or (workers is not None and workers < 1):
         raise ValueError("cpus_per_worker must be > 0, gpus_per_worker >= 0, retries >= 0 and workers >= 1")
     say = log or (lambda text: None)
-    outdir = Path(os.path.abspath(outdir))  # workers do not share our working folder
+    outdir = ensure_output_dir(os.path.abspath(outdir))  # absolute: workers do not share our working folder
     outputs = tuple(expected_outputs(preview))
     rows: list[dict[str, Any]] = []
     with batch_summary(outdir, scans) as summary:
