@@ -5,6 +5,7 @@ segments without segment_file (as the Slicer batch script does through MRML) to 
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import os
 from pathlib import Path
@@ -28,11 +29,16 @@ from CovidInfectionSegLib.batch import (
     lock_output_folder,
     run_local_batch,
     run_scan,
+    segment_and_write_files,
 )
 from CovidInfectionSegLib.imageio import read_image
 from CovidInfectionSegLib.model_package import load_model_package
-from CovidInfectionSegLib.outputs import write_files, write_measurement_files, write_segmentation_nrrd
-from CovidInfectionSegLib.pipeline import segment_file, segment_image
+from CovidInfectionSegLib.outputs import (
+    write_measurement_files,
+    write_segmentation_nrrd,
+)
+from CovidInfectionSegLib.pipeline import segment_image
+from phantoms import chest_phantom
 
 
 @pytest.fixture(scope="module")
@@ -47,13 +53,8 @@ def write_scan(path: Path, seed_shape=(12, 48, 48)) -> Path:
 
 
 def engine_writer(model, preview: bool = True):
-    """What ``covidseg batch`` does for one scan (the CLI's closure, without progress and cancel)."""
-    def segment_and_write(scan: Scan, folder: Path, fingerprint: dict):
-        result = segment_file(scan.path, model, device="cpu")
-        result.input_fingerprint = fingerprint
-        write_files(result, None, folder, scan.stem, preview)
-        return result
-    return segment_and_write
+    """What ``covidseg batch`` does for one scan (without progress and cancel)."""
+    return functools.partial(segment_and_write_files, model=model, preview=preview, device="cpu")
 
 
 def read_summary(path: Path) -> dict[str, dict[str, str]]:

@@ -27,6 +27,9 @@ SLICER_SIDE = [MODULE_FILE, *sorted(SLICER_DIR.glob("*.py")), BATCH_SCRIPT]
 MODEL_FILES = {"Resources/Models/covid_unet_v1.pt", "Resources/Models/covid_unet_v1.json", "Resources/Models/MODEL_CARD.md"}
 # Third-party modules that 3D Slicer itself provides (torch is checked by dependencies.TORCH_REQUIREMENT).
 PROVIDED_BY_SLICER = {"numpy", "SimpleITK", "vtk", "slicer", "qt", "ctk", "packaging", "torch"}
+# Optional extras of the engine that nothing inside Slicer uses, imported only where they are needed:
+# ray for `covidseg batch --ray` (cluster.py; extra 'distributed').
+OPTIONAL_OUTSIDE_SLICER = {"ray"}
 
 
 def cmake_list(variable: str) -> list[str]:
@@ -257,5 +260,6 @@ def third_party_imports() -> set[str]:
 
 
 def test_requirements_file_covers_every_third_party_import():
-    provided = {import_name(requirement) for requirement in read_requirements()} | PROVIDED_BY_SLICER
+    provided = {import_name(requirement) for requirement in read_requirements()}
+    provided |= PROVIDED_BY_SLICER | OPTIONAL_OUTSIDE_SLICER
     assert third_party_imports() - provided == set(), "add these to CovidInfectionSeg/Resources/requirements.txt"

@@ -2,14 +2,15 @@
 all-or-nothing outputs, and ``summary.csv``.
 
 Three callers share it: ``covidseg batch`` (:func:`run_local_batch`), the Slicer batch script (which
-segments through MRML) and a cluster batch, whose driver does discovery (:func:`find_scans`), holds
-the lock (:func:`lock_output_folder`), decides what to skip (:func:`decide`) and collects rows into a
-:class:`SummaryWriter`, while workers on other nodes each call :func:`run_scan` on shared storage.
+segments through MRML) and a cluster batch (:mod:`.cluster`), whose driver does discovery
+(:func:`find_scans`), holds the lock and the summary (:func:`batch_summary`) and decides what to skip
+(:func:`decide`), while workers on other nodes each call :func:`run_scan` on shared storage.
 How a scan is segmented is the caller's: a ``segment_and_write(scan, folder, fingerprint)`` callable
 that writes the scan's outputs into ``folder`` (with ``fingerprint`` in its ``measurements.json``) and
 returns the :class:`SegmentationResult` (or any result with its ``measurements`` and ``warnings``, as the
-Slicer batch script's engine result read back from a child process). It raises :class:`StopBatch`
-when no later scan can succeed either (model or device unusable).
+Slicer batch script's engine result read back from a child process); :func:`segment_and_write_files`
+is the engine's own. It raises :class:`StopBatch` when no later scan can succeed either (model or
+device unusable).
 
 Layout of an output folder: ``summary.csv``, ``.covidseg-batch.lock`` (and ``.owner``: who holds
 it), and per scan ``<scan name>/<stem>.seg.nrrd``, ``.labels.nii.gz``, ``.measurements.csv``,
@@ -47,8 +48,9 @@ from .atomic import (
 from .imageio import FILE_SUFFIXES, is_dicom_file, native_messages
 from .inference import SegmentationCancelled, is_cancelled
 from .measurements import REGIONS, Measurements
-from .outputs import OUTPUT_SUFFIXES, ensure_output_dir, output_paths
-from .pipeline import SegmentationResult
+from .model_package import ModelPackage
+from .outputs import OUTPUT_SUFFIXES, ensure_output_dir, output_paths, write_files
+from .pipeline import SegmentationResult, segment_file
 from .validation import InputError
 
 SUMMARY_FILE = "summary.csv"
@@ -112,6 +114,11 @@ class Decision:
     redo: bool
     reason: str
     row: dict[str, Any] | None = None
+
+    @property
+    def note(self) -> str:
+        """The summary's ``note`` for a scan segmented again (empty for a new one)."""
+        return "" if self.reason == "new" else f"segmented: {self.reason}"
 
 
 # ---------------------------------------------------------------------------------------- discovery
@@ -339,6 +346,19 @@ def run_scan(
     }
 
 
+def segment_and_write_files(
+    scan: Scan, folder: Path, fingerprint: dict, model: ModelPackage, *, preview: bool = True, **options: Any
+) -> SegmentationResult:
+    """What ``covidseg batch`` does for one scan: :func:`pipeline.segment_file` it with ``model`` and
+    ``options`` (device, batch_size, progress, cancel, ...), record ``fingerprint`` and write every
+    output (:func:`outputs.write_files`) into ``folder``. With ``model`` and the options bound
+    (``functools.partial``) it is a ``segment_and_write`` for :func:`run_scan`."""
+    result = segment_file(scan.path, model, **options)
+    result.input_fingerprint = fingerprint
+    write_files(result, None, folder, scan.stem, preview)
+    return result
+
+
 def measurement_columns(measurements: Measurements) -> dict[str, Any]:
     """Flat summary columns ``<region>_<field>`` (e.g. ``total_percent_infected``)."""
     columns = {}
@@ -382,6 +402,25 @@ def lock_output_folder(outdir: str | Path) -> Iterator[None]:
         yield
     finally:
         lock.release()
+
+
+@contextlib.contextmanager
+def batch_summary(outdir: str | Path, scans: Sequence[Scan]) -> Iterator[SummaryWriter]:
+    """Hold ``outdir``'s lock (:func:`lock_output_folder`) and yield the :class:`SummaryWriter` of its
+    ``summary.csv`` for ``scans``, which is written once more on the way out, also when the batch is
+    cancelled or fails (unless writing it is what failed). Raises :class:`FolderLockedError` and
+    :class:`SummaryError` before any work when either is known at the start."""
+    outdir = Path(outdir)
+    with lock_output_folder(outdir):
+        summary = SummaryWriter(outdir / SUMMARY_FILE, [scan.name for scan in scans])
+        try:
+            yield summary
+        except SummaryError:
+            raise
+        except BaseException:
+            summary.close()
+            raise
+        summary.close()
 
 
 def write_summary(path: str | Path, rows: Sequence[dict[str, Any]], columns: Sequence[str] = SUMMARY_COLUMNS) -> None:
@@ -471,27 +510,18 @@ def run_local_batch(
     inside one) or :class:`StopBatch`, after writing the summary of the scans done."""
     outdir = Path(outdir)
     rows: list[dict[str, Any]] = []
-    with lock_output_folder(outdir):
-        summary = SummaryWriter(outdir / SUMMARY_FILE, [scan.name for scan in scans])
-        try:
-            for scan in scans:
-                if is_cancelled(cancel):
-                    raise SegmentationCancelled("cancelled between scans")
-                decision = decide(scan, outdir, outputs, overwrite, model)
-                pause_point("scan")
-                if decision.redo:
-                    row = run_scan(scan, outdir, segment_and_write, outputs,
-                                   note="" if decision.reason == "new" else f"segmented: {decision.reason}")
-                else:
-                    row = decision.row
-                rows.append(row)
-                summary.add(row)
-                if on_row is not None:
-                    on_row(row)
-        except SummaryError:
-            raise
-        except BaseException:
-            summary.close()
-            raise
-        summary.close()
+    with batch_summary(outdir, scans) as summary:
+        for scan in scans:
+            if is_cancelled(cancel):
+                raise SegmentationCancelled("cancelled between scans")
+            decision = decide(scan, outdir, outputs, overwrite, model)
+            pause_point("scan")
+            if decision.redo:
+                row = run_scan(scan, outdir, segment_and_write, outputs, note=decision.note)
+            else:
+                row = decision.row
+            rows.append(row)
+            summary.add(row)
+            if on_row is not None:
+                on_row(row)
     return rows

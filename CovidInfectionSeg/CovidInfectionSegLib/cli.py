@@ -1,9 +1,11 @@
 """The ``covidseg`` command: ``segment`` one scan, ``batch`` a folder of scans, ``info`` on model and device.
 
 Argument handling and messages only: reading and segmenting is :func:`pipeline.segment_file`, writing
-:func:`outputs.write_all`, and batch discovery, resume, locking and the summary are :mod:`.batch`.
+:func:`outputs.write_all`, batch discovery, resume, locking and the summary are :mod:`.batch`, and a
+batch on a Ray cluster (``batch --ray``) is :mod:`.cluster`.
 
-Exit codes: 0 success; 1 some scans failed (batch); 2 bad input or usage; 3 model error; 4 the output
+Exit codes: 0 success; 1 some scans failed (batch); 2 bad input or usage (with ``--ray`` also: Ray not
+installed, the cluster unreachable or too small for one worker); 3 model error; 4 the output
 folder is in use (another batch holds it) or ``summary.csv`` cannot be written; 130 cancelled (Ctrl-C).
 The first Ctrl-C stops after the slice batch in flight, a second one stops at once; a scan's outputs
 are written all or nothing either way, and a previous result stays until the new one is complete.
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import signal
 import sys
 import threading
@@ -33,11 +36,13 @@ from .batch import (
     expected_outputs,
     run_local_batch,
     scan_stem,
+    segment_and_write_files,
 )
+from .cluster import DEFAULT_CPUS_PER_WORKER, DEFAULT_RETRIES, ClusterError, RayBatchReport, import_ray, run_ray_batch
 from .imageio import SUPPORTED_TEXT
 from .inference import PRECISIONS, ProgressCallback, SegmentationCancelled, pick_device, pick_precision
 from .model_package import ModelError, ModelPackage, default_model_path, load_model_package
-from .outputs import OutputNotWritableError, ensure_output_dir, write_all, write_files
+from .outputs import OutputNotWritableError, ensure_output_dir, write_all
 from .pipeline import SegmentationResult, segment_file, segment_image
 from .preview import measurement_lines
 from .sample_data import load_default_input
@@ -54,6 +59,9 @@ EXIT_USAGE = 2
 EXIT_MODEL = 3
 EXIT_OUTPUT_IN_USE = 4
 EXIT_CANCELLED = 130
+STOPPING_LOCAL = "stopping after the current batch of slices (Ctrl-C again to stop now)"
+STOPPING_RAY = ("stopping the Ray workers now; the scans they were segmenting are left as they were and done by the "
+                "next run")
 # Plain progress lines (not on a terminal) every this many percent of a scan's slices.
 PROGRESS_LINE_PERCENT = 25
 
@@ -85,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         return args.handler(args)
-    except UsageError as error:
+    except (UsageError, ClusterError) as error:
         _error(str(error))
         return EXIT_USAGE
     except (BatchFolderError, OutputLockedError) as error:
@@ -140,6 +148,23 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("input_dir", type=Path, help="folder of scans")
     batch.add_argument("-o", "--output", required=True, type=Path, help="output folder (created if needed)")
     batch.add_argument("--overwrite", action="store_true", help="redo scans whose outputs already exist")
+    cluster = batch.add_argument_group(
+        "Ray cluster", "spread the scans over the workers of a Ray cluster (needs: pip install -e \".[distributed]\"); "
+        "inputs and OUTDIR must be on storage every node sees at the same path")
+    cluster.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                         help="run on Ray: the cluster at ADDRESS (host:port of its head, or 'auto' for one started "
+                         "on this machine with 'ray start'); without ADDRESS the one in $RAY_ADDRESS, else a new local "
+                         "Ray instance. Put it after INPUT_DIR, or write --ray=ADDRESS")
+    cluster.add_argument("--gpus-per-worker", type=non_negative_number, default=None, metavar="G",
+                         help="GPUs per worker, fractions allowed (0.25: four workers share a GPU); default 0: "
+                         "workers on CPUs")
+    cluster.add_argument("--cpus-per-worker", type=positive_number, default=None, metavar="C",
+                         help=f"CPUs per worker (its torch threads); default {DEFAULT_CPUS_PER_WORKER:g}")
+    cluster.add_argument("--workers", type=positive_integer, default=None, metavar="N",
+                         help="at most N workers (default: as many as the cluster holds)")
+    cluster.add_argument("--retries", type=non_negative_integer, default=None, metavar="R",
+                         help="times a scan is tried again after its worker's process died (killed, out of memory), "
+                         f"before it is reported failed (default {DEFAULT_RETRIES})")
     batch.set_defaults(handler=run_batch)
 
     info = commands.add_parser("info", help="show the model and the compute device")
@@ -154,6 +179,27 @@ def positive_integer(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def non_negative_integer(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return value
+
+
+def positive_number(text: str) -> float:
+    value = float(text)
+    if not value > 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def non_negative_number(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
     return value
 
 
@@ -214,8 +260,10 @@ def run_segment(args: argparse.Namespace) -> int:
 
 
 def run_batch(args: argparse.Namespace) -> int:
-    """``covidseg batch``: every scan under ``args.input_dir``; summary.csv in ``args.output``."""
+    """``covidseg batch``: every scan under ``args.input_dir``; summary.csv in ``args.output``. With
+    ``--ray`` the scans are spread over a Ray cluster's workers (:func:`cluster.run_ray_batch`)."""
     options = _options(args)
+    cluster = _cluster_settings(args)
     input_dir: Path = args.input_dir
     if not input_dir.is_dir():
         raise UsageError(f"{input_dir}: not a folder (batch needs a folder of scans; use 'segment' for one file)")
@@ -225,7 +273,8 @@ def run_batch(args: argparse.Namespace) -> int:
         raise SummaryError(f"cannot write the batch summary: {error}") from error
     except OutputError as error:
         raise UsageError(str(error)) from error
-    _check_device(options.device, options.precision)
+    if cluster is None:
+        _check_device(options.device, options.precision)
     found = discover(input_dir, exclude=outdir)
     if found.ignored_outputs:
         shown = ", ".join(str(path) for path in found.ignored_outputs[:3]) + (", ..." if len(found.ignored_outputs) > 3 else "")
@@ -238,36 +287,67 @@ def run_batch(args: argparse.Namespace) -> int:
     summary_path = outdir / SUMMARY_FILE
     rows: list[dict[str, Any]] = []
     on_terminal = _on_terminal()
-    with cancel_on_sigint(options.quiet) as cancel, \
+    report: RayBatchReport | None = None
+    with cancel_on_sigint(options.quiet, STOPPING_LOCAL if cluster is None else STOPPING_RAY) as cancel, \
             tqdm(total=len(scans), desc="scans", unit="scan", disable=options.quiet or not on_terminal) as bar:
 
         def segment_and_write(scan: Scan, folder: Path, fingerprint: dict) -> SegmentationResult:
             with slice_progress(scan.name, options.quiet or not on_terminal, position=1) as progress:
-                result = segment_file(scan.path, model, device=options.device, batch_size=options.batch_size,
-                                      progress=progress, cancel=cancel, precision=options.precision)
-            result.input_fingerprint = fingerprint
-            write_files(result, None, folder, scan.stem, options.preview)
-            return result
+                return segment_and_write_files(scan, folder, fingerprint, model, preview=options.preview,
+                                               device=options.device, batch_size=options.batch_size,
+                                               progress=progress, cancel=cancel, precision=options.precision)
 
-        def report(row: dict[str, Any]) -> None:
+        def on_row(row: dict[str, Any]) -> None:
             rows.append(row)
             bar.update(1)
             if not options.quiet and not on_terminal:
                 print(f"[{len(rows)}/{len(scans)}] {row['scan']}: {row['status']}{_row_detail(row)}", flush=True)
 
+        def say(text: str) -> None:
+            if not options.quiet:
+                tqdm.write(text, file=sys.stdout)  # above the bar on a terminal, a plain line otherwise
+
         try:
-            run_local_batch(scans, outdir, segment_and_write, outputs=expected_outputs(options.preview),
-                            overwrite=args.overwrite, model={"name": model.name, "version": model.version},
-                            cancel=cancel, on_row=report)
+            if cluster is None:
+                run_local_batch(scans, outdir, segment_and_write, outputs=expected_outputs(options.preview),
+                                overwrite=args.overwrite, model={"name": model.name, "version": model.version},
+                                cancel=cancel, on_row=on_row)
+            else:
+                report = run_ray_batch(scans, outdir, model, **cluster, preview=options.preview,
+                                       batch_size=options.batch_size, overwrite=args.overwrite, cancel=cancel,
+                                       segment_options={"precision": options.precision},
+                                       on_row=on_row, log=say, forward_logs=not options.quiet)
         except (SegmentationCancelled, KeyboardInterrupt):
             _error(f"cancelled after {len(rows)} of {len(scans)} scans; summary so far: {summary_path}")
             return EXIT_CANCELLED
     counts = {status: sum(row["status"] == status for row in rows) for status in ("ok", "skipped", "failed")}
     _say(options, f"{counts['ok']} ok, {counts['skipped']} skipped, {counts['failed']} failed; summary: {summary_path}")
+    if report is not None:
+        _say(options, "\n".join(report.lines()))
     for row in rows:
         if row["status"] == "failed":
             _error(f"failed: {row['scan']}: {row['error']}")
     return EXIT_SCANS_FAILED if counts["failed"] else EXIT_OK
+
+
+def _cluster_settings(args: argparse.Namespace) -> dict[str, Any] | None:
+    """``run_ray_batch``'s settings from ``--ray`` and its options; None without ``--ray``. Raises
+    :class:`UsageError` for options that need ``--ray``, and :class:`cluster.RayNotInstalledError`
+    (what to install) when Ray is missing."""
+    ray_only = {"--gpus-per-worker": args.gpus_per_worker, "--cpus-per-worker": args.cpus_per_worker,
+                "--workers": args.workers, "--retries": args.retries}
+    if args.ray is None:
+        given = [name for name, value in ray_only.items() if value is not None]
+        if given:
+            raise UsageError(f"{', '.join(given)}: only with --ray")
+        return None
+    if args.device != "auto":
+        raise UsageError("--device: with --ray each worker uses the device Ray assigns to it (CUDA with "
+                         "--gpus-per-worker, else its CPUs); leave --device out")
+    import_ray()
+    return {"address": args.ray or None, "gpus_per_worker": args.gpus_per_worker or 0.0,
+            "cpus_per_worker": args.cpus_per_worker or DEFAULT_CPUS_PER_WORKER, "workers": args.workers,
+            "retries": DEFAULT_RETRIES if args.retries is None else args.retries}
 
 
 def _row_detail(row: dict[str, Any]) -> str:
@@ -367,9 +447,10 @@ def _key_values(mapping: dict[str, Any]) -> str:
 
 
 @contextlib.contextmanager
-def cancel_on_sigint(quiet: bool = False) -> Iterator[threading.Event]:
-    """Yield an Event that the first Ctrl-C sets (work stops at the next batch); a second Ctrl-C
-    raises KeyboardInterrupt at once. Outside the main thread, Ctrl-C keeps its default behaviour."""
+def cancel_on_sigint(quiet: bool = False, stopping: str = STOPPING_LOCAL) -> Iterator[threading.Event]:
+    """Yield an Event that the first Ctrl-C sets (work stops at the next batch; ``stopping`` is what
+    it tells the user); a second Ctrl-C raises KeyboardInterrupt at once. Outside the main thread,
+    Ctrl-C keeps its default behaviour."""
     cancel = threading.Event()
     if threading.current_thread() is not threading.main_thread():
         yield cancel
@@ -380,7 +461,7 @@ def cancel_on_sigint(quiet: bool = False) -> Iterator[threading.Event]:
             raise KeyboardInterrupt
         cancel.set()
         if not quiet:
-            _error("stopping after the current batch of slices (Ctrl-C again to stop now)")
+            _error(stopping)
 
     previous = signal.signal(signal.SIGINT, handler)
     try:
