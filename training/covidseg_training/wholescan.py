@@ -262,7 +262,8 @@ def _cell(row: dict[str, Any], metric: str, digits: int = 1, unit: str = "") -> 
 
 def table_markdown(rows: Sequence[dict[str, Any]], header_lines: Sequence[str]) -> str:
     """The Markdown table for a model card: values with issue 10's targets, then definitions and notes."""
-    lines = ["# Whole-scan checks", "", *header_lines, "",
+    models = ", ".join(dict.fromkeys(_model_text(row) for row in rows))
+    lines = [f"# Whole-scan checks: {models}", "", *header_lines, "",
              "| scan | model | lung mL (right / left / total) | infection mL | model lung >5 mm outside "
              "classical, mL | classical lung missed >5 mm, mL | lowest slices: lung or infection, mL | "
              "nodule voxels called infection, % |",
@@ -293,7 +294,9 @@ DEFINITIONS = [
     "lung mL include the infection inside the lungs; \"model lung\" is every labelled voxel. The classical "
     "lung is `classical_lung.classical_lung_mask` on the HU volume (air below -320 HU inside the body, gas "
     "pockets cut out, components above the diaphragm). Distances are 3D Euclidean in mm at the voxel "
-    "spacing. \"Lowest slices\": lung or infection in the scan's N lowest axial slices (covid-chest-ct: 17, "
+    "spacing. On covid-chest-ct the classical mask leaves out dense consolidation (it takes air below -320 HU), "
+    "so model lung outside it there is partly real, infected lung; its false lung is measured in its lowest "
+    "slices instead. \"Lowest slices\": lung or infection in the scan's N lowest axial slices (covid-chest-ct: 17, "
     "stomach and bowel, no lung). Nodules: the union of all LIDC readers' outlined nodules (inclusion "
     "contours filled, boundary included), matched to slices by z position. Targets are issue 10's; the "
     "abdominal scans have none there (their README: little or no lung, no infection).",

@@ -104,6 +104,7 @@ def test_markdown_states_values_targets_and_verdicts():
     rows = [_row("example-chest-ct-kernel-L", 1000.0), _row("example-chest-ct-kernel-B", 1030.0),
             {"scan": "broken", "status": "failed: no such file", "model_name": "m", "model_version": "2.0.0"}]
     text = table_markdown(rows, ["Command: `x`"])
+    assert text.startswith("# Whole-scan checks: m 2.0.0\n")
     assert ("| example-chest-ct-kernel-L | m 2.0.0 | 500 / 500 / 1000 | 12.0 (< 30: pass) | 25.0 (< 20: **FAIL**) |"
             in text)
     assert "| broken | m 2.0.0 | failed: no such file |" in text
