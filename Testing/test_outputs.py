@@ -21,7 +21,8 @@ from CovidInfectionSegLib.outputs import (
     write_labelmap,
     write_segmentation_nrrd,
 )
-from CovidInfectionSegLib.preview import choose_preview_slices, write_preview_png
+from CovidInfectionSegLib.imageio import to_canonical
+from CovidInfectionSegLib.preview import Outline, choose_preview_slices, render_preview, write_preview_png
 from CovidInfectionSegLib.pipeline import segment_image
 from CovidInfectionSegLib.sample_data import synthetic_chest
 
@@ -113,6 +114,26 @@ def test_preview_png_decodes_with_montage_size_and_segment_overlays(tmp_path, ct
         with_count = np.all(image == bgr, axis=2).sum()
         without_count = np.all(without_labels == bgr, axis=2).sum()
         assert with_count >= without_count + 20, info.name
+
+
+def test_preview_outlines_are_drawn_and_slices_can_be_chosen(ct_and_labels, model):
+    """Outline-only masks (what the training's whole-scan checks add) appear in their colour and in the
+    legend; explicit slices replace the automatic choice."""
+    ct, labelmap = ct_and_labels
+    shape = sitk.GetArrayFromImage(to_canonical(labelmap)).shape
+    mask = np.zeros(shape, dtype=bool)
+    mask[2:5, 10:30, 10:30] = True
+    color = (1, 250, 3)
+    bgr = np.array(color[::-1], np.uint8)
+    plain = render_preview(ct, labelmap, model.segments, slice_indices=[3, 2])
+    outlined = render_preview(ct, labelmap, model.segments, outlines=[Outline("reference", color, mask)],
+                              slice_indices=[3, 2])
+    assert plain.shape == outlined.shape
+    assert not np.all(plain == bgr, axis=2).any()
+    assert np.all(outlined == bgr, axis=2).sum() > 2 * 40  # two tiles' outlines and the legend swatch
+    wrong = Outline("wrong size", color, mask[:-1])
+    with pytest.raises(ValueError, match="wrong size"):
+        render_preview(ct, labelmap, model.segments, outlines=[wrong])
 
 
 def test_preview_slices_span_the_labelled_range_superior_first():

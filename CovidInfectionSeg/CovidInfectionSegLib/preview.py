@@ -1,9 +1,12 @@
 """The preview PNG: a montage of axial slices across the lungs in a lung window, each segment as a
-translucent colour with an outline, a legend and the key measurements as text.
+translucent colour with an outline, a legend and the key measurements as text. Callers that compare
+the segments with something else (the training's whole-scan checks) can add masks drawn as outlines
+only, and choose the slices.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -21,6 +24,16 @@ PREVIEW_SLICES = 12
 PREVIEW_COLUMNS = 4
 PREVIEW_TILE_PX = 320
 OVERLAY_OPACITY = 0.35
+
+
+@dataclass(frozen=True)
+class Outline:
+    """A mask drawn as an outline only, with a legend entry: ``mask`` is a (k, j, i) boolean array on
+    the canonical LPS grid (:func:`imageio.to_canonical`) of the CT it is drawn on; ``color`` is RGB."""
+
+    name: str
+    color: tuple[int, int, int]
+    mask: np.ndarray
 
 
 def color_255(color: Sequence[int]) -> tuple[int, int, int]:
@@ -66,10 +79,12 @@ def _in_plane_crop(labels: np.ndarray, spacing: Sequence[float], margin_mm: floa
 
 
 def _render_tile(
-    ct_slice: np.ndarray, label_slice: np.ndarray, spacing: Sequence[float], colors: dict[int, tuple[int, int, int]]
+    ct_slice: np.ndarray, label_slice: np.ndarray, spacing: Sequence[float], colors: dict[int, tuple[int, int, int]],
+    outlines: Sequence[tuple[np.ndarray, tuple[int, int, int]]] = (),
 ) -> np.ndarray:
     """One axial slice as a BGR tile with square pixels in millimetres (``PREVIEW_TILE_PX`` wide
-    or high, whichever is longer): windowed CT, translucent segments, outlines."""
+    or high, whichever is longer): windowed CT, translucent segments, outlines, then the outline-only
+    masks ``(mask slice, RGB)``."""
     rows, cols = ct_slice.shape
     width_mm, height_mm = cols * spacing[0], rows * spacing[1]
     scale = PREVIEW_TILE_PX / max(width_mm, height_mm)
@@ -83,9 +98,15 @@ def _render_tile(
             image[mask] = (1 - OVERLAY_OPACITY) * image[mask] + OVERLAY_OPACITY * np.array(rgb[::-1], np.float32)
     image = image.astype(np.uint8)
     for value, rgb in colors.items():
-        contours, _ = cv2.findContours((labels == value).astype(np.uint8), cv2.RETR_LIST, cv2.CHAIN_APPROX_NONE)
-        cv2.drawContours(image, contours, -1, tuple(int(c) for c in rgb[::-1]), 1, lineType=cv2.LINE_8)
+        _draw_outline(image, labels == value, rgb)
+    for mask_slice, rgb in outlines:
+        _draw_outline(image, cv2.resize(mask_slice.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST) > 0, rgb)
     return image
+
+
+def _draw_outline(image: np.ndarray, mask: np.ndarray, rgb: Sequence[int]) -> None:
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_LIST, cv2.CHAIN_APPROX_NONE)
+    cv2.drawContours(image, contours, -1, tuple(int(c) for c in rgb[::-1]), 1, lineType=cv2.LINE_8)
 
 
 def _put_text(image: np.ndarray, text: str, origin: tuple[int, int], scale: float = 0.5,
@@ -101,8 +122,14 @@ def render_preview(
     segments: Sequence[Any],
     summary_lines: Sequence[str] = (),
     title: str = "",
+    *,
+    outlines: Sequence[Outline] = (),
+    slice_indices: Sequence[int] | None = None,
 ) -> np.ndarray:
-    """A BGR montage of axial slices across the lungs with overlays, legend and text lines."""
+    """A BGR montage of axial slices across the lungs with overlays, legend and text lines.
+
+    ``outlines`` are drawn over the segments as outlines only and join the legend; the slices and the
+    crop then cover them too. ``slice_indices`` (canonical k) replaces the automatic choice of slices."""
     oriented_ct = to_canonical(ct_image)
     oriented_labels = to_canonical(labelmap)
     # views, not copies: only the dozen slices shown are read (a copy would be the whole CT)
@@ -110,13 +137,21 @@ def render_preview(
     labels = sitk.GetArrayViewFromImage(oriented_labels)
     if ct.shape != labels.shape:
         raise ValueError(f"CT {ct.shape} and labelmap {labels.shape} differ in size (k, j, i)")
+    for outline in outlines:
+        if outline.mask.shape != labels.shape:
+            raise ValueError(f"outline {outline.name!r} {outline.mask.shape} and labelmap {labels.shape} differ in size")
     spacing = oriented_labels.GetSpacing()
     colors = {int(segment_field(s, "value")): color_255(segment_field(s, "color")) for s in segments}
-    row_crop, col_crop = _in_plane_crop(labels, spacing)
-    slice_indices = choose_preview_slices(labels)
+    footprint = labels > 0
+    for outline in outlines:
+        footprint = footprint | outline.mask
+    row_crop, col_crop = _in_plane_crop(footprint, spacing)
+    if slice_indices is None:
+        slice_indices = choose_preview_slices(footprint)
     tiles = []
     for k in slice_indices:
-        tile = _render_tile(ct[k, row_crop, col_crop], labels[k, row_crop, col_crop], spacing, colors)
+        extra = [(outline.mask[k, row_crop, col_crop], outline.color) for outline in outlines]
+        tile = _render_tile(ct[k, row_crop, col_crop], labels[k, row_crop, col_crop], spacing, colors, extra)
         cv2.rectangle(tile, (0, 0), (108, 22), (0, 0, 0), -1)
         _put_text(tile, f"slice {k + 1}/{labels.shape[0]}", (6, 16), 0.45)
         tiles.append(tile)
@@ -141,6 +176,10 @@ def render_preview(
         name = str(segment_field(segment, "name"))
         _put_text(header, name, (x + 20, legend_y))
         x += 40 + 10 * len(name)
+    for outline in outlines:
+        cv2.rectangle(header, (x, legend_y - 12), (x + 14, legend_y + 2), tuple(int(c) for c in outline.color[::-1]), 2)
+        _put_text(header, outline.name, (x + 20, legend_y))
+        x += 40 + 10 * len(outline.name)
     footer = np.full((26, grid.shape[1], 3), 30, np.uint8)
     _put_text(footer, "Axial, superior first; patient right on image left. Research use only, not for diagnosis.",
               (10, 18), 0.45, (180, 180, 180))
@@ -157,9 +196,14 @@ def write_preview_png(
 ) -> Path:
     """Write a PNG montage of ~12 axial slices across the lungs: CT in a lung window, each segment
     as a translucent colour with an outline, a legend, and the key measurements as text."""
-    path = Path(path)
     montage = render_preview(ct_image, labelmap, segments, measurement_lines(measurements), title)
-    ok, encoded = cv2.imencode(".png", montage)
+    return write_png(montage, path)
+
+
+def write_png(image: np.ndarray, path: str | Path) -> Path:
+    """Encode a BGR image as PNG and write it atomically (all or nothing)."""
+    path = Path(path)
+    ok, encoded = cv2.imencode(".png", image)
     if not ok:
         raise OutputError(f"could not encode preview image for {path}")
     with atomic_path(path) as temporary:

@@ -1,4 +1,5 @@
-"""``python -m covidseg_training COMMAND ...``: download, prepare, train, crossval, evaluate, robustness, export."""
+"""``python -m covidseg_training COMMAND ...``: download, prepare, train, crossval, evaluate, robustness, export,
+path_probe, wholescan."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ COMMANDS = {
     "robustness": ("robustness", "healthy lung called infection, as is and at 3 mm resolution"),
     "export": ("export", "checkpoint -> TorchScript .pt + JSON manifest"),
     "path_probe": ("path_probe", "can a small classifier tell the PNG export from engine-read negatives?"),
+    "wholescan": ("wholescan", "whole real scans through the engine: false lung and infection, missed lung, nodules"),
 }
 
 

@@ -1,0 +1,190 @@
+"""Whole-scan checks: the measurements on volumes with known answers, the table, and the command end
+to end on a synthetic chest with a real (tiny) TorchScript model."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import io
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from CovidInfectionSegLib.imageio import read_image, to_canonical
+from CovidInfectionSegLib.model_package import load_model_package
+from CovidInfectionSegLib.pipeline import segment_file
+from covidseg_training.__main__ import main as training_main
+from covidseg_training.classical_lung import classical_lung_mask
+from covidseg_training.wholescan import (
+    COVID, HEALTHY, LIDC, Target, apply_targets, kernel_agreement_lines, measure_scan, table_csv, table_markdown,
+)
+from synthetic_lidc import nodule, roi, square, write_read_message
+from whole_chest import SPACING_ZYX, whole_chest
+
+_spec = importlib.util.spec_from_file_location(
+    "_engine_model_factory", Path(__file__).resolve().parents[2] / "Testing" / "model_factory.py")
+model_factory = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(model_factory)
+
+SPACING = (2.0, 1.0, 0.5)  # z, y, x mm: one voxel is 1 mm3
+BOX = (slice(5, 15), slice(10, 30), slice(20, 40))
+
+
+def reference_box() -> np.ndarray:
+    classical = np.zeros((20, 40, 80), dtype=bool)
+    classical[BOX] = True
+    return classical
+
+
+def test_model_lung_10_mm_outside_the_reference_counts_3_mm_does_not():
+    classical = reference_box()
+    labels = classical.astype(np.uint8)
+    labels[5:15, 10:30, 45] = 2  # 6 columns right of the box's edge (x 39) at 0.5 mm: 3 mm
+    labels[5:15, 10:30, 59] = 2  # 20 columns: 10 mm
+    labels[16, 10:30, 20:40] = 1  # 2 slices above the box (top slice 14) at 2 mm: 4 mm
+    labels[17, 10:30, 20:40] = 3  # 3 slices: 6 mm (infection is model lung too)
+    row = measure_scan(labels, classical, SPACING)
+    assert row["outside_classical_ml"] == pytest.approx((200 + 400) / 1000)
+    assert row["classical_lung_ml"] == pytest.approx(4.0)
+    assert row["classical_missed_ml"] == 0
+
+
+def test_classical_lung_more_than_5_mm_from_the_model_is_missed():
+    classical = reference_box()
+    labels = classical.astype(np.uint8)
+    labels[11:15] = 0  # the top 4 slices of the box: 2, 4, 6 and 8 mm from the model's lung
+    row = measure_scan(labels, classical, SPACING)
+    assert row["classical_missed_ml"] == pytest.approx(2 * 400 / 1000)
+    assert row["outside_classical_ml"] == 0
+
+
+def test_without_classical_lung_all_model_lung_is_outside():
+    labels = np.zeros((20, 40, 80), dtype=np.uint8)
+    labels[3, 3, 3:8] = 1
+    row = measure_scan(labels, np.zeros_like(labels, dtype=bool), SPACING)
+    assert row["outside_classical_ml"] == pytest.approx(0.005)
+
+
+def test_lowest_slices_and_nodule_share():
+    labels = np.zeros((20, 40, 80), dtype=np.uint8)
+    labels[0, :10, :10] = 1  # 100 voxels of lung in the lowest slice
+    labels[2, :5, :10] = 3  # 50 voxels of infection in the third
+    labels[3, :10, :10] = 1  # above the lowest 3
+    nodules = np.zeros(labels.shape, dtype=bool)
+    nodules[2, :10, :10] = True  # 100 nodule voxels, 50 of them called infection
+    row = measure_scan(labels, reference_box(), SPACING, low_slices=3, nodules=nodules)
+    assert row["low_slices_ml"] == pytest.approx(0.15)
+    assert row["low_slices_infection_ml"] == pytest.approx(0.05)
+    assert (row["nodule_voxels"], row["nodule_infection_voxels"], row["nodule_infection_percent"]) == (100, 50, 50.0)
+    assert "low_slices_ml" not in measure_scan(labels, reference_box(), SPACING)
+
+
+def test_targets_are_issue_10s_limits():
+    assert [(t.metric, t.text()) for t in LIDC] == [
+        ("infection_ml", "< 30"), ("outside_classical_ml", "< 20"), ("nodule_infection_percent", "<= 5")]
+    assert [(t.metric, t.text()) for t in COVID] == [("infection_ml", ">= 200"), ("low_slices_ml", "< 5")]
+    row = apply_targets({"infection_ml": 30.0, "outside_classical_ml": 19.9}, HEALTHY)
+    assert (row["infection_ml_met"], row["outside_classical_ml_met"]) == ("no", "yes")
+    assert Target("nodule_infection_percent", "<=", 5.0).met(5.0)
+    assert "nodule_infection_percent_met" not in apply_targets({"nodule_infection_percent": float("nan")}, LIDC)
+
+
+def _row(scan: str, lung_ml: float, **values) -> dict:
+    row = {"scan": scan, "status": "ok", "model_name": "m", "model_version": "2.0.0", "right_lung_ml": lung_ml / 2,
+           "left_lung_ml": lung_ml / 2, "lung_ml": lung_ml, "infection_ml": 12.0, "classical_lung_ml": lung_ml,
+           "outside_classical_ml": 25.0, "classical_missed_ml": 3.0, "low_slices": "", **values}
+    return apply_targets(row, HEALTHY)
+
+
+def test_markdown_states_values_targets_and_verdicts():
+    rows = [_row("example-chest-ct-kernel-L", 1000.0), _row("example-chest-ct-kernel-B", 1030.0),
+            {"scan": "broken", "status": "failed: no such file", "model_name": "m", "model_version": "2.0.0"}]
+    text = table_markdown(rows, ["Command: `x`"])
+    assert text.startswith("# Whole-scan checks: m 2.0.0\n")
+    assert ("| example-chest-ct-kernel-L | m 2.0.0 | 500 / 500 / 1000 | 12.0 (< 30: pass) | 25.0 (< 20: **FAIL**) |"
+            in text)
+    assert "| broken | m 2.0.0 | failed: no such file |" in text
+    assert "3.0% apart (of the smaller; target within 3%: pass)" in text
+    assert "**FAIL**" in kernel_agreement_lines([_row("example-chest-ct-kernel-L", 1000.0),
+                                                 _row("example-chest-ct-kernel-B", 1031.0)])[0]
+    parsed = list(csv.DictReader(io.StringIO(table_csv(rows))))
+    assert parsed[0]["outside_classical_ml_met"] == "no" and parsed[2]["status"] == "failed: no such file"
+
+
+# ------------------------------------------------------------------------------- end to end, synthetic
+
+
+@pytest.fixture(scope="module")
+def synthetic_scan(tmp_path_factory) -> dict:
+    """The synthetic whole chest as a NIfTI file, a nodule XML outlining 7 x 7 pixels in its right
+    lung, and two tiny real TorchScript packages."""
+    folder = tmp_path_factory.mktemp("wholescan")
+    image = sitk.GetImageFromArray(whole_chest().volume.astype(np.int16))
+    image.SetSpacing(SPACING_ZYX[::-1])
+    image.SetOrigin((-96.0, -96.0, -60.0))
+    sitk.WriteImage(image, str(folder / "chest.nii.gz"))
+    z_mm = -60.0 + 2.5 * 26  # slice 26, the lungs' middle
+    write_read_message(folder / "chest.xml", [[nodule("N", [roi(z_mm, square(34, 58, 40, 64))])]])
+    return {"scan": folder / "chest.nii.gz", "xml": folder / "chest.xml",
+            "model": model_factory.write_model_package(folder / "model"),
+            "other_model": model_factory.write_model_package(folder / "other", name="other")}
+
+
+def test_command_writes_table_and_previews(synthetic_scan, tmp_path):
+    out = tmp_path / "out"
+    scan = synthetic_scan["scan"]
+    code = training_main([
+        "wholescan", "--model", str(synthetic_scan["model"]), "--out", str(out), "--device", "cpu",
+        "--scan", f"chest={scan}", "--scan", f"again={scan}", "--nodules", f"chest={synthetic_scan['xml']}",
+        "--low-slices", "chest=5", "--model-for", f"again={synthetic_scan['other_model']}",
+    ])
+    assert code == 0
+    rows = list(csv.DictReader((out / "wholescan.csv").open()))
+    assert [(r["scan"], r["status"], r["model_name"], r["model_version"]) for r in rows] == [
+        ("chest", "ok", "tiny", "0.0.1"), ("again", "ok", "other", "0.0.1")]
+    chest = rows[0]
+    assert (int(chest["nodule_voxels"]), int(chest["nodule_contours_unmatched"]), chest["low_slices"]) == (49, 0, "5")
+    assert rows[1]["nodule_voxels"] == "" and rows[1]["low_slices"] == ""
+
+    # The table holds what the engine gives users for this scan, measured against the classical mask.
+    result = segment_file(scan, load_model_package(synthetic_scan["model"]), device="cpu")
+    labels = sitk.GetArrayFromImage(to_canonical(result.labelmap))
+    ct = sitk.GetArrayFromImage(to_canonical(read_image(scan))).astype(np.float32)
+    expected = measure_scan(labels, classical_lung_mask(ct, SPACING_ZYX), SPACING_ZYX, low_slices=5)
+    assert float(chest["lung_ml"]) == pytest.approx(result.measurements.total.lung_ml, abs=1e-3)
+    assert float(chest["infection_ml"]) == pytest.approx(result.measurements.total.infection_ml, abs=1e-3)
+    for key in ("outside_classical_ml", "classical_missed_ml", "classical_lung_ml", "low_slices_ml"):
+        assert float(chest[key]) == pytest.approx(expected[key], abs=1e-3), key
+    assert float(chest["classical_lung_ml"]) > 50  # the synthetic lungs were found
+
+    markdown = (out / "wholescan.md").read_text()
+    assert "python -m covidseg_training wholescan --model" in markdown and "Machine: " in markdown
+    assert "| chest | tiny 0.0.1 |" in markdown and "| again | other 0.0.1 |" in markdown
+    assert json.loads((out / "chest.json").read_text())["nodule_voxels"] == 49
+    for name in ("chest", "again"):
+        picture = cv2.imread(str(out / f"{name}.png"))
+        assert picture is not None and picture.shape[0] > 300 and picture.shape[1] >= 640
+
+
+def test_a_scan_that_fails_is_a_row_and_the_exit_code(synthetic_scan, tmp_path):
+    out = tmp_path / "out"
+    code = training_main(["wholescan", "--model", str(synthetic_scan["model"]), "--out", str(out),
+                          "--scan", f"missing={tmp_path / 'nothing.nii.gz'}",
+                          "--scan", f"chest={synthetic_scan['scan']}"])
+    assert code == 1
+    rows = list(csv.DictReader((out / "wholescan.csv").open()))
+    assert rows[0]["status"].startswith("failed: ") and "no such file" in rows[0]["status"]
+    assert rows[1]["status"] == "ok"
+
+
+def test_options_naming_no_scan_are_refused(synthetic_scan, tmp_path):
+    with pytest.raises(SystemExit, match="--model-for: no scan named chset"):
+        training_main(["wholescan", "--out", str(tmp_path), "--scan", f"chest={synthetic_scan['scan']}",
+                       "--model-for", f"chset={synthetic_scan['model']}"])
+    with pytest.raises(SystemExit, match="expected NAME=VALUE"):
+        training_main(["wholescan", "--out", str(tmp_path), "--scan", f"chest={synthetic_scan['scan']}",
+                       "--low-slices", "17"])
