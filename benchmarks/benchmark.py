@@ -136,11 +136,19 @@ def run_child(command: list[str], log: Path) -> tuple[float, float, str]:
     text = log.read_text(encoding="utf-8")
     if child.returncode != 0:
         raise RuntimeError(f"{' '.join(command[:4])} ... exited {child.returncode}:\n{text[-2000:]}")
-    return seconds, rusage_mb(usage), text
+    own = [json.loads(line)["own_peak_rss_mb"] for line in text.splitlines() if line.startswith('{"own_peak_rss_mb"')]
+    return seconds, own[-1] if own else rusage_mb(usage), text
+
+
+def own_process(command: list[str]) -> list[str]:
+    """``command`` (``python -m ...`` or ``python script ...``) run through ``own_peak.py``, so that its
+    peak memory is its own (see that file for why the parent's rusage is not)."""
+    return [command[0], str(HERE / "own_peak.py"), *command[1:]]
 
 
 def last_json(text: str) -> dict[str, Any]:
-    return json.loads([line for line in text.splitlines() if line.startswith("{")][-1])
+    return json.loads([line for line in text.splitlines()
+                       if line.startswith("{") and not line.startswith('{"own_peak_rss_mb"')][-1])
 
 
 def classify_all(module: torch.nn.Module, images: np.ndarray, geometry: SliceGeometry, device: torch.device,
@@ -234,7 +242,7 @@ def time_startup(nifti: Path, args: argparse.Namespace, device: torch.device, fo
 def time_end_to_end(nifti: Path, args: argparse.Namespace, device: torch.device, folder: Path) -> Row:
     command = [sys.executable, "-m", "CovidInfectionSegLib.cli", "segment", str(nifti), "-o", str(folder / "e2e"),
                "-q", "--device", str(device), "--precision", args.precision] + _model_and_batch(args)
-    seconds, rss, _text = run_child(command, folder / "e2e.log")
+    seconds, rss, _text = run_child(own_process(command), folder / "e2e.log")
     return Row("end to end (covidseg segment)", seconds, args.slices / seconds, rss,
                note="own process: start -> every output written")
 
@@ -250,7 +258,7 @@ def time_lungmask(nifti: Path, device: torch.device, folder: Path, slices: int) 
     run_child([sys.executable, str(HERE / "run_lungmask.py"), "--make-weights", str(weights)], folder / "weights.log")
     command = [sys.executable, str(HERE / "run_lungmask.py"), str(nifti), str(weights), str(folder / "lungmask.nii.gz"),
                "--device", "cuda" if device.type == "cuda" else "cpu"]
-    seconds, rss, text = run_child(command, folder / "lungmask.log")
+    seconds, rss, text = run_child(own_process(command), folder / "lungmask.log")
     report = last_json(text)
     return [
         Row("end to end (lungmask)", seconds, slices / seconds, rss,
