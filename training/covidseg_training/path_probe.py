@@ -42,7 +42,9 @@ from .negatives import NegativesConfig, load_negatives
 
 PATCH = 32
 INFECTION_MARGIN = 8
-PATCHES_PER_SLICE = 4
+# Patches per slice: the export has 1614 slices, a negative scan about 70 mid-lung ones, so that
+# each path gives the classifier a few thousand patches.
+PATCHES_PER_SLICE = {"png_export": 2, "scan": 16}
 MID_LUNG = (0.2, 0.8)
 # Real scans read through the engine that no training run uses (the whole-scan checks).
 CHECK_SCANS = ("covid-chest-ct/MIDRC-RICORD-1A-419639-001012.nii.gz", "example-chest-ct/Lung_Dx-A0001_kernel-L.nii.gz",
@@ -50,7 +52,7 @@ CHECK_SCANS = ("covid-chest-ct/MIDRC-RICORD-1A-419639-001012.nii.gz", "example-c
 
 
 def lung_patches(images: np.ndarray, labels: np.ndarray, rng: np.random.Generator,
-                 per_slice: int = PATCHES_PER_SLICE, size: int = PATCH) -> tuple[np.ndarray, np.ndarray]:
+                 per_slice: int = PATCHES_PER_SLICE["png_export"], size: int = PATCH) -> tuple[np.ndarray, np.ndarray]:
     """Up to ``per_slice`` random patches per slice that are non-infected lung; returns the patches
     and the index of the slice each came from."""
     patches, origin = [], []
@@ -100,7 +102,7 @@ def small_classifier() -> nn.Module:
                          nn.Linear(64, 1))
 
 
-def train_classifier(train_x: np.ndarray, train_y: np.ndarray, epochs: int = 6, seed: int = 0) -> nn.Module:
+def train_classifier(train_x: np.ndarray, train_y: np.ndarray, epochs: int = 4, seed: int = 0) -> nn.Module:
     """:func:`small_classifier` trained on balanced batches of patches (label 1: the negative-scan path)."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -130,26 +132,28 @@ def negative_path_probability(model: nn.Module, patches: np.ndarray) -> np.ndarr
 
 
 def train_and_score(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
-                    epochs: int = 6, seed: int = 0) -> float:
+                    epochs: int = 4, seed: int = 0) -> float:
     """Held-out AUC of :func:`small_classifier` trained on balanced batches of the training patches."""
     model = train_classifier(train_x, train_y, epochs, seed)
     return roc_auc(negative_path_probability(model, test_x), test_y)
 
 
 def score_other_scans(positives: SliceDataset, negatives: list[SliceDataset], others: dict[str, SliceDataset],
-                      epochs: int = 6, seed: int = 0) -> dict[str, dict[str, float]]:
+                      epochs: int = 4, seed: int = 0) -> dict[str, dict[str, float]]:
     """Train on all patches of both paths, then say which path the lung of other scans looks like:
     for each, the mean probability of "negative-scan path" over its mid-lung patches and the share
     above 0.5. A scan read through the engine that looks like the negatives (near 1) is one where a
     network trained with "no infection" on the negatives' lungs could learn to see no infection."""
     rng = np.random.default_rng(seed)
     positive_patches = lung_patches(positives.images, positives.labels, rng)[0]
-    negative_patches = np.concatenate([lung_patches(n.images, n.labels, rng)[0] for n in negatives])
+    negative_patches = np.concatenate([lung_patches(n.images, n.labels, rng, PATCHES_PER_SLICE["scan"])[0]
+                                       for n in negatives])
     model = train_classifier(np.concatenate([positive_patches, negative_patches]),
                              np.r_[np.zeros(len(positive_patches)), np.ones(len(negative_patches))], epochs, seed)
     result = {}
     for name, dataset in others.items():
-        probability = negative_path_probability(model, lung_patches(dataset.images, dataset.labels, rng)[0])
+        patches = lung_patches(dataset.images, dataset.labels, rng, PATCHES_PER_SLICE["scan"])[0]
+        probability = negative_path_probability(model, patches)
         result[name] = {"patches": int(len(probability)),
                         "mean_negative_path_probability": float(probability.mean()) if len(probability) else float("nan"),
                         "share_above_half": float((probability > 0.5).mean()) if len(probability) else float("nan")}
@@ -164,7 +168,7 @@ def augmented(dataset: SliceDataset, seed: int) -> SliceDataset:
 
 
 def probe(positives: SliceDataset, negatives: list[SliceDataset], augment: bool = False, seed: int = 0,
-          epochs: int = 6) -> dict:
+          epochs: int = 4) -> dict:
     """The held-out AUC of the path classifier, for each of the two swaps and their mean."""
     rng = np.random.default_rng(seed)
     if augment:
@@ -173,7 +177,7 @@ def probe(positives: SliceDataset, negatives: list[SliceDataset], augment: bool 
     halves = patient_folds(positives.cases, 2, seed)
     positive_patches = [lung_patches(positives.images[halves == h], positives.labels[halves == h], rng)[0]
                         for h in (0, 1)]
-    negative_patches = [lung_patches(n.images, n.labels, rng)[0] for n in negatives]
+    negative_patches = [lung_patches(n.images, n.labels, rng, PATCHES_PER_SLICE["scan"])[0] for n in negatives]
     aucs = []
     for train_half in (0, 1):
         test_half = 1 - train_half
@@ -196,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--png", default="", help="PNG export folder (default: the shared one)")
     parser.add_argument("--augment", action="store_true", help="probe what training shows: slices augmented first")
-    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache", default="data/cache", help="folder for the negatives' prepared slices")
     parser.add_argument("--score", nargs="*", default=list(CHECK_SCANS), metavar="SCAN",
