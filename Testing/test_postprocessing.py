@@ -104,7 +104,8 @@ def test_small_components_are_dropped_and_only_two_largest_kept() -> None:
 def test_components_that_are_not_air_filled_are_rejected() -> None:
     classes, hu, right, left = chest()
     hu[left] = -100.0  # e.g. bowel or soft tissue called lung
-    result = postprocess(classes, hu, SPACING)
+    assert not np.any(postprocess(classes, hu, SPACING).labels[left])  # step 0 takes it (dense, far from air)
+    result = postprocess(classes, hu, SPACING, settings=PostprocessingSettings(max_dense_lung_border=0))
     assert not np.any(result.labels[left])
     np.testing.assert_array_equal(result.labels == RIGHT_LUNG, right)
     assert any("median -100 HU (not air-filled" in note for note in result.notes)
@@ -232,6 +233,17 @@ def test_ellipsoid_structure_is_physical() -> None:
     assert structure[1, 3, 0] and structure[0, 3, 3] and not structure[0, 3, 2]
 
 
+def taken_out(classes, hu, region, note, **switched_off):
+    """Post-processes with default settings, asserting that ``region`` is not lung and the step said
+    ``note``; asserts that the region stays lung (all of it) with the step switched off."""
+    result = postprocess(classes, hu, SPACING)
+    assert not np.any(result.labels[region])
+    assert any(note in text for text in result.notes), result.notes
+    kept = postprocess(classes, hu, SPACING, settings=PostprocessingSettings(**switched_off))
+    assert np.all(kept.labels[region] > 0), f"with {switched_off} the region stays lung"
+    return result
+
+
 def _stomach_below_left_lung(classes, hu, left):
     """An air-filled stomach under the left lung, touching its base, that the network called lung."""
     stomach = ellipsoid(classes.shape, (2, 30, 57), (3.5, 13, 13)) & ~left
@@ -244,8 +256,7 @@ def test_an_air_filled_stomach_touching_the_lung_is_not_lung() -> None:
     classes, hu, right, left = chest()
     stomach = _stomach_below_left_lung(classes, hu, left)
     assert (stomach & ndimage_dilate(left)).any(), "the phantom's stomach touches the lung"
-    result = postprocess(classes, hu, SPACING)
-    assert not np.any(result.labels[stomach])
+    result = taken_out(classes, hu, stomach, "gas pockets not surrounded by lung", max_gas_pocket_lung_border=0)
     kept_left = result.labels == LEFT_LUNG
     assert np.count_nonzero(kept_left & ~left) == 0
     lost = left & ~kept_left
@@ -255,9 +266,6 @@ def test_an_air_filled_stomach_touching_the_lung_is_not_lung() -> None:
     assert lost.sum() < 0.05 * left.sum() and np.all(distance_to_stomach[lost] <= 3.0 + 1.5), \
         "the lung loses only what lies within the 3 mm wall around the stomach (and a voxel cut off by it)"
     np.testing.assert_array_equal(result.labels == RIGHT_LUNG, right)
-    assert any("gas pockets not surrounded by lung" in note for note in result.notes)
-    kept = postprocess(classes, hu, SPACING, settings=PostprocessingSettings(max_gas_pocket_lung_border=0))
-    assert np.all(kept.labels[stomach] == LEFT_LUNG), "step 0 switched off keeps the old behaviour"
 
 
 def test_a_bulla_inside_the_lung_stays_lung() -> None:
@@ -273,3 +281,43 @@ def ndimage_dilate(mask):
     from scipy import ndimage
 
     return ndimage.binary_dilation(mask)
+
+
+def test_a_contrast_filled_stomach_joined_to_the_lung_is_not_lung() -> None:
+    classes, hu, right, left = chest(shape=(30, 60, 80))
+    below = np.zeros(classes.shape, dtype=bool)
+    below[:12] = True  # the lungs end at z = 12; the stomach lies under the left one, below the diaphragm
+    classes[below], hu[below] = 0, 40.0
+    right &= ~below
+    left &= ~below
+    stomach = ellipsoid(classes.shape, (4, 30, 57), (4, 12, 12))
+    through_diaphragm = ellipsoid(classes.shape, (10, 30, 57), (2.5, 4, 4)) & below & ~stomach
+    classes[stomach], hu[stomach] = LUNG, 150.0  # oral contrast: dense, not gas
+    classes[through_diaphragm] = LUNG  # the network's lung runs on into it, as on LIDC-IDRI-0003
+    result = taken_out(classes, hu, stomach, "dense tissue called lung", max_dense_lung_border=0)
+    assert np.all(result.labels[left] == LEFT_LUNG)
+    np.testing.assert_array_equal(result.labels == RIGHT_LUNG, right)
+
+
+def test_dense_tissue_inside_the_lung_stays_lung() -> None:
+    classes, hu, right, left = chest()
+    consolidation = ellipsoid(classes.shape, (10, 30, 20), (3, 8, 8))  # 9 x 12 x 12 mm radii, in the right lung
+    assert np.all(right[consolidation])
+    hu[consolidation] = 30.0  # solid, and called lung rather than infection
+    result = postprocess(classes, hu, SPACING)
+    np.testing.assert_array_equal(result.labels == RIGHT_LUNG, right)
+    assert not any("dense tissue" in note for note in result.notes)
+
+
+def test_air_and_a_cushion_between_the_back_and_the_table_are_not_lung() -> None:
+    classes, hu, right, left = chest(gap=-4)  # the lungs are one component, so a second one would be kept
+    gap = np.zeros(classes.shape, dtype=bool)
+    gap[:, 54:59, 5:75] = True  # room air under the back, closed in by the table
+    hu[gap] = -1000.0
+    cushion = np.zeros(classes.shape, dtype=bool)
+    cushion[:, 55:58, 10:70] = True  # foam: as light as lung, not gas
+    hu[cushion] = -900.0
+    classes[cushion] = LUNG
+    assert not (cushion & (right | left)).any()
+    result = taken_out(classes, hu, cushion, "not wrapped in tissue", max_light_shell_fraction=1.0)
+    assert np.all(result.labels[right | left] > 0)

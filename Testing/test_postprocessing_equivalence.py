@@ -38,8 +38,9 @@ from CovidInfectionSegLib.postprocessing import (
 from shared_data import shared_path
 
 LUNG, INFECTED = 1, 2
-# The plain algorithm predates step 0 (gas pockets); the speed work is compared without it.
-WITHOUT_GAS_STEP = {"max_gas_pocket_lung_border": 0.0}
+# The plain algorithm predates step 0 (gas pockets, dense false lung) and the wrapped-in-tissue check of
+# step 1; the speed work is compared without them.
+WITHOUT_GAS_STEP = {"max_gas_pocket_lung_border": 0.0, "max_dense_lung_border": 0.0, "max_light_shell_fraction": 1.0}
 
 
 def whole_grid_postprocess(classes, intensities, spacing_xyz, intensities_in_hu=True, settings=PostprocessingSettings()):
