@@ -14,11 +14,12 @@ the engine. This probe measures that gap directly:
 - the held-out ROC AUC, 0.5 when the paths cannot be told apart, 1.0 when they always can.
 
 ``--augment`` passes every slice through the training augmentation first (what the segmentation
-network actually sees). ``--score`` then asks a classifier trained on all patches of both paths
-which path the lung of other real scans read through the engine looks like (default: the COVID-19
-scan and the two kernels of the chest CT that the whole-scan checks use).
+network actually sees). Then a classifier trained on all patches of both paths says which path the
+lung of other real scans read through the engine looks like (default: the COVID-19 scan and the two
+kernels of the chest CT that the whole-scan checks use; ``--score SCAN ...`` picks others,
+``--no-score`` skips this).
 
-    python -m covidseg_training path_probe [--augment] [--score SCAN ...] [--out probe.json]
+    python -m covidseg_training path_probe [--augment] [--score SCAN ... | --no-score] [--out probe.json]
 """
 
 from __future__ import annotations
@@ -203,9 +204,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache", default="data/cache", help="folder for the negatives' prepared slices")
-    parser.add_argument("--score", nargs="*", default=list(CHECK_SCANS), metavar="SCAN",
+    parser.add_argument("--score", nargs="*", metavar="SCAN",
                         help="other scans (paths under ../shared/data or absolute) whose lung is scored by a "
-                             "classifier trained on all patches of both paths (default: the whole-scan checks)")
+                             "classifier trained on all patches of both paths (default, also for a bare --score: "
+                             "the whole-scan checks)")
+    parser.add_argument("--no-score", action="store_true", help="only the held-out AUC, no other scans scored")
     parser.add_argument("--out", help="write the result as JSON here")
     args = parser.parse_args(argv)
     positives = load_png_export(Path(args.png)) if args.png else load_png_export()
@@ -213,9 +216,10 @@ def main(argv: list[str] | None = None) -> int:
     scans = load_negatives(config, IntensityRecipe(), ["LIDC-IDRI-0001", "LIDC-IDRI-0003"], Path(args.cache))
     negatives = [mid_lung(scan) for scan in scans]
     result = probe(positives, negatives, args.augment, args.seed, args.epochs)
-    if args.score:
+    score_scans = [] if args.no_score else (args.score or list(CHECK_SCANS))
+    if score_scans:
         others = {name: mid_lung(scan) for name, scan in
-                  zip(args.score, load_negatives(config, IntensityRecipe(), args.score, Path(args.cache)))}
+                  zip(score_scans, load_negatives(config, IntensityRecipe(), score_scans, Path(args.cache)))}
         if args.augment:
             others = {name: augmented(dataset, args.seed + 10 + i) for i, (name, dataset) in enumerate(others.items())}
             positives = augmented(positives, args.seed)
