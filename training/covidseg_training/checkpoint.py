@@ -79,3 +79,22 @@ def load_network(path: str | Path) -> tuple[torch.nn.Module, TrainConfig | None,
         return package.module, None, f"model package {package.describe()}"
     checkpoint = load_checkpoint(path)
     return checkpoint.model, checkpoint.config, f"checkpoint {path} ({checkpoint.record})"
+
+
+def initial_state(path: str | Path, config: TrainConfig) -> dict[str, torch.Tensor]:
+    """The weights a run starts from (the config's ``init_from``): a training checkpoint or an exported
+    TorchScript ``.pt`` of the architecture that ``config`` builds."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"init_from: {path} not found")
+    if is_torchscript_file(path):
+        state = torch.jit.load(str(path), map_location="cpu").state_dict()
+    else:
+        state = load_checkpoint(path).model.state_dict()
+    model = build_model(config)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        raise ValueError(f"init_from: {path}: weights do not fit a UNet2D(base_channels={config.base_channels}, "
+                         f"depth={config.depth}): {str(error).splitlines()[0]}") from error
+    return model.state_dict()

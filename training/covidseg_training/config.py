@@ -35,6 +35,7 @@ class TrainConfig:
     threads: int = 0  # 0 = torch default
     workers: int = 0  # processes preparing augmented batches (0: the training process itself)
     max_train_slices: int = 0  # 0 = all (tests use a handful)
+    init_from: str = ""  # start from these weights (best.pt or an exported TorchScript .pt); empty = random
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     negatives: NegativesConfig = field(default_factory=NegativesConfig)
 

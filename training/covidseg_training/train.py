@@ -22,6 +22,7 @@ from CovidInfectionSegLib.atomic import atomic_path, write_text_atomic
 from CovidInfectionSegLib.preprocessing import IntensityRecipe
 
 from .augment import SliceAugmenter
+from .checkpoint import initial_state
 from .config import TrainConfig
 from .data import INFECTION, LUNG, SliceDataset, load_png_export, patient_folds
 from .losses import segmentation_loss
@@ -193,6 +194,9 @@ def train(config: TrainConfig, log=print) -> Path:
         optimizer.load_state_dict(checkpoint["optimizer"])
         state = checkpoint["state"]
         log(f"resumed {last_path} at epoch {state['epoch']}")
+    elif config.init_from:
+        model.load_state_dict(initial_state(config.init_from, config))
+        log(f"starting from the weights of {config.init_from}")
 
     negatives = negative_sampler(config, log)
     steps_per_epoch = max(1, (len(train_set.images) + negatives.per_epoch) // config.batch_size)

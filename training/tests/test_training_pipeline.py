@@ -161,3 +161,33 @@ def test_export_refuses_metrics_of_another_checkpoint(pipeline, tmp_path):
         cli(["export", "--checkpoint", str(pipeline["runs"] / "fold0" / "best.pt"), "--out", str(tmp_path),
              "--name", "x", "--version", "0.0.1", "--metrics", str(fold1_summary)])
     assert not list(tmp_path.iterdir()), "nothing written"
+
+
+@pytest.mark.parametrize("start", ["tiny_unet.pt", "best.pt"])
+def test_a_run_starts_from_exported_or_checkpoint_weights(pipeline, tmp_path, start):
+    import torch
+
+    weights = pipeline["models"] / start if start.endswith("unet.pt") else pipeline["runs"] / "fold0" / start
+    expected = torch.jit.load(str(pipeline["models"] / "tiny_unet.pt"), map_location="cpu").state_dict()
+    config = tmp_path / "finetune.yaml"
+    # learning rate 0: one epoch leaves the starting weights exactly as they were (batch-norm running
+    # statistics still follow the data, so they are not compared)
+    config.write_text(yaml.safe_dump({**TINY_CONFIG, "name": "finetune", "data": str(pipeline["data"]),
+                                      "output_dir": str(tmp_path), "epochs": 1, "learning_rate": 0.0,
+                                      "init_from": str(weights)}))
+    assert cli(["train", str(config)]) == 0
+    trained = torch.load(tmp_path / "finetune" / "fold0" / "best.pt", weights_only=False)["model"]
+    assert trained.keys() == expected.keys()
+    learned = [name for name in expected if not name.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert len(learned) > 10
+    for name in learned:
+        torch.testing.assert_close(trained[name], expected[name], rtol=0, atol=0, msg=name)
+
+
+def test_init_from_weights_of_another_architecture_is_refused(pipeline, tmp_path):
+    config = tmp_path / "wide.yaml"
+    config.write_text(yaml.safe_dump({**TINY_CONFIG, "name": "wide", "base_channels": 8, "data": str(pipeline["data"]),
+                                      "output_dir": str(tmp_path), "epochs": 1,
+                                      "init_from": str(pipeline["models"] / "tiny_unet.pt")}))
+    with pytest.raises(ValueError, match=r"init_from: .*tiny_unet.pt: weights do not fit a UNet2D\(base_channels=8"):
+        cli(["train", str(config)])
