@@ -310,14 +310,23 @@ def test_dense_tissue_inside_the_lung_stays_lung() -> None:
 
 
 def test_air_and_a_cushion_between_the_back_and_the_table_are_not_lung() -> None:
-    classes, hu, right, left = chest(gap=-4)  # the lungs are one component, so a second one would be kept
+    classes, hu, right, left = chest(shape=(30, 80, 100), gap=-4)  # one component: a second would be kept
     gap = np.zeros(classes.shape, dtype=bool)
-    gap[:, 54:59, 5:75] = True  # room air under the back, closed in by the table
+    gap[:, 74:79, 5:95] = True  # room air under the back, closed in by the table
     hu[gap] = -1000.0
     cushion = np.zeros(classes.shape, dtype=bool)
-    cushion[:, 55:58, 10:70] = True  # foam: as light as lung, not gas
+    cushion[:, 76:78, 10:90] = True  # foam: as light as lung, not gas; 32 mL against 360 mL of lungs
     hu[cushion] = -900.0
     classes[cushion] = LUNG
     assert not (cushion & (right | left)).any()
     result = taken_out(classes, hu, cushion, "not wrapped in tissue", max_light_shell_fraction=1.0)
     assert np.all(result.labels[right | left] > 0)
+
+
+def test_two_lungs_the_network_under_segmented_are_both_kept() -> None:
+    classes, hu, right, left = chest()
+    around = ndimage_dilate(ndimage_dilate(right | left)) & ~(right | left)
+    hu[around] = -850.0  # aerated lung the network left out: each lung's border is light
+    result = postprocess(classes, hu, SPACING)
+    np.testing.assert_array_equal(result.labels == RIGHT_LUNG, right)
+    np.testing.assert_array_equal(result.labels == LEFT_LUNG, left)

@@ -17,10 +17,10 @@ results do not depend on resolution. Steps:
    the body and are removed (a lung cut by a field of view smaller than the body loses those slices);
    then 3D components of (lung | infection): drop those under ``min_lung_component_ml`` and, for CT
    in HU, those that are not air-filled (median HU of their lung voxels above ``max_lung_median_hu``:
-   bowel, soft tissue) and those not wrapped in tissue (over ``max_light_shell_fraction`` of their
-   in-plane one-voxel shell lighter than ``AERATED_HU``: a lung is wrapped in chest wall, mediastinum
-   and diaphragm; room air or a foam cushion between the back and the table is not); keep at most
-   the two largest.
+   bowel, soft tissue) and a second component under ``SMALL_SECOND_COMPONENT`` of the first that is not
+   wrapped in tissue (over ``max_light_shell_fraction`` of its in-plane one-voxel shell lighter than
+   ``AERATED_HU``: a lung is wrapped in chest wall, mediastinum and diaphragm; room air or a foam
+   cushion between the back and the table is not); keep at most the two largest.
 2. left/right: a component lying on one side of the body midline goes to that side; one straddling it
    (touching lungs, or lungs joined by the trachea) is cut per slice within ``midline_search_mm`` of the
    midline: at an empty column between the lungs, else at the column with the fewest lung voxels that
@@ -63,6 +63,7 @@ AERATED_HU = -500.0
 MIN_AERATED_SHELL_FRACTION = 0.1
 MAX_GAS_POCKET_LUNG_BORDER = 0.5
 MAX_LIGHT_SHELL_FRACTION = 0.5
+SMALL_SECOND_COMPONENT = 0.1
 MAX_DENSE_LUNG_BORDER = 0.1
 DENSE_CORE_MM = 5.0
 DENSE_RING_MM = 10.0
@@ -406,7 +407,10 @@ def lung_components(
                     f"air-filled: above {settings.max_lung_median_hu:g} HU, e.g. bowel or soft tissue)"
                 )
                 continue
-            light = light_shell_fraction(global_sub, mask, intensities)
+            # Only a small second component is questioned: a lung the network under-segmented has a light
+            # border too, and two lungs are never both dropped this way.
+            small = bool(kept) and sizes[index] < SMALL_SECOND_COMPONENT * np.count_nonzero(kept[0].mask)
+            light = light_shell_fraction(global_sub, mask, intensities) if small else 0.0
             if light > settings.max_light_shell_fraction:
                 notes.append(
                     f"dropped a {sizes[index] * voxel_ml:.0f} mL component not wrapped in tissue ({light:.0%} of "
