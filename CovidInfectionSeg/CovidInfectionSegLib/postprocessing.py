@@ -278,20 +278,9 @@ def drop_gas_pockets(
     raw_gas = intensities < air_hu + GAS_MARGIN_HU
     regrow = np.zeros((3, 3, 3), dtype=bool)
     regrow[1] = ndimage.generate_binary_structure(2, 1)
-    gas_candidate = candidate & gas
-    pockets, count = label(gas_candidate)
-    if not count:
-        return
-    sizes = np.bincount(pockets[gas_candidate], minlength=count + 1)
-    large = np.flatnonzero(sizes[1:] * voxel_ml >= MIN_GAS_POCKET_ML) + 1
-    if not large.size:
-        return
-    pad = np.floor(GAS_RING_MM / spacing_zyx).astype(int) + 1
-    objects = ndimage.find_objects(pockets)
+    pockets, large = large_components(candidate & gas, voxel_ml, np.floor(GAS_RING_MM / spacing_zyx).astype(int) + 1)
     dropped = 0
-    for index in large:
-        box = tuple(slice(max(0, part.start - margin), min(size, part.stop + margin))
-                    for part, margin, size in zip(objects[index - 1], pad, pockets.shape))
+    for index, box in large:
         # The averaging pulled the pocket's edge in; its own gas voxels there belong to it.
         pocket = ndimage.binary_dilation(pockets[box] == index, structure=regrow, iterations=int(width.max()),
                                          mask=raw_gas[box])
@@ -339,17 +328,10 @@ def drop_dense_false_lung(
         return
     lung_here = candidate[grid] & lung[grid] & ~aerated
     core = lung_here & (ndimage.distance_transform_edt(~aerated, sampling=coarse_spacing) > DENSE_CORE_MM)
-    cores, count = label(core)
-    if not count:
-        return
-    coarse_ml = float(np.prod(coarse_spacing)) / 1000.0
-    sizes = np.bincount(cores[core], minlength=count + 1)
-    pad = np.floor(DENSE_RING_MM / coarse_spacing).astype(int) + 1
-    objects = ndimage.find_objects(cores)
+    cores, large = large_components(core, float(np.prod(coarse_spacing)) / 1000.0,
+                                    np.floor(DENSE_RING_MM / coarse_spacing).astype(int) + 1)
     dropped_coarse = np.zeros(core.shape, dtype=bool)
-    for index in np.flatnonzero(sizes[1:] * coarse_ml >= MIN_GAS_POCKET_ML) + 1:
-        box = tuple(slice(max(0, part.start - margin), min(size, part.stop + margin))
-                    for part, margin, size in zip(objects[index - 1], pad, core.shape))
+    for index, box in large:
         distance = ndimage.distance_transform_edt(cores[box] != index, sampling=coarse_spacing)
         ring = (distance > DENSE_CORE_MM) & (distance <= DENSE_RING_MM)
         if ring.any() and aerated[box][ring].mean() >= settings.max_dense_lung_border:
@@ -617,10 +599,26 @@ def _neighbourhoods(mask: np.ndarray, radius: np.ndarray) -> list[tuple[slice, .
     mask's voxels (a box cut short at another component only misses, and that component's own box
     has them all), at a small share of the cost of dilating the whole box around scattered specks."""
     groups, _count = label(mask, np.ones((3,) * mask.ndim, dtype=bool))
-    return [
-        tuple(slice(max(0, part.start - r), min(size, part.stop + r)) for part, r, size in zip(sub, radius, mask.shape))
-        for sub in ndimage.find_objects(groups)
-    ]
+    return [grown_box(sub, radius, mask.shape) for sub in ndimage.find_objects(groups)]
+
+
+def grown_box(box: tuple[slice, ...], margin: Sequence[int], shape: tuple[int, ...]) -> tuple[slice, ...]:
+    """``box`` grown by ``margin`` voxels per axis, clipped to ``shape``."""
+    return tuple(slice(max(0, part.start - m), min(size, part.stop + m)) for part, m, size in zip(box, margin, shape))
+
+
+def large_components(
+    mask: np.ndarray, voxel_ml: float, margin: np.ndarray
+) -> tuple[np.ndarray, list[tuple[int, tuple[slice, ...]]]]:
+    """The 3D components of ``mask`` of at least ``MIN_GAS_POCKET_ML``: (their label array, and for each
+    its label and its bounding box grown by ``margin`` voxels)."""
+    components, count = label(mask)
+    if not count:
+        return components, []
+    sizes = np.bincount(components[mask], minlength=count + 1)
+    objects = ndimage.find_objects(components)
+    return components, [(int(index), grown_box(objects[index - 1], margin, mask.shape))
+                        for index in np.flatnonzero(sizes[1:] * voxel_ml >= MIN_GAS_POCKET_ML) + 1]
 
 
 def unaerated_infection(
