@@ -408,8 +408,7 @@ def light_shell_fraction(box: tuple[slice, ...], mask: np.ndarray, intensities: 
     ``intensities``) that reads lighter than ``AERATED_HU``. Real lungs measured 0.04-0.06 on the shared
     chest CTs (their shell is chest wall, mediastinum and diaphragm); the air and foam between a
     patient's back and the table that v1 called lung, 0.57 and 0.86."""
-    grown = tuple(slice(part.start, part.stop) if axis == 0 else slice(max(0, part.start - 1), part.stop + 1)
-                  for axis, part in enumerate(box))
+    grown = grown_box(box, (0, 1, 1), intensities.shape)
     inner = tuple(slice(part.start - outer.start, part.stop - outer.start) for part, outer in zip(box, grown))
     padded = np.zeros(tuple(part.stop - part.start for part in grown), dtype=bool)
     padded[inner] = mask
