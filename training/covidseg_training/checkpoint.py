@@ -49,12 +49,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             "last.pt holds no config: use best.pt"
         )
     config = TrainConfig.from_dict(content["config"])
-    model = build_model(config)
-    try:
-        model.load_state_dict(content["model"])
-    except RuntimeError as error:
-        raise ValueError(f"{path}: weights do not fit a UNet2D(base_channels={config.base_channels}, "
-                         f"depth={config.depth}): {str(error).splitlines()[0]}") from error
+    model = model_with_weights(content["model"], config, str(path))
     model.eval()
     return Checkpoint(path=path, model=model, config=config, record=dict(content.get("record", {})))
 
@@ -91,10 +86,15 @@ def initial_state(path: str | Path, config: TrainConfig) -> dict[str, torch.Tens
         state = torch.jit.load(str(path), map_location="cpu").state_dict()
     else:
         state = load_checkpoint(path).model.state_dict()
+    return model_with_weights(state, config, f"init_from: {path}").state_dict()
+
+
+def model_with_weights(state: dict[str, torch.Tensor], config: TrainConfig, source: str) -> UNet2D:
+    """The network ``config`` builds, holding ``state``; a ValueError naming ``source`` when they do not fit."""
     model = build_model(config)
     try:
         model.load_state_dict(state)
     except RuntimeError as error:
-        raise ValueError(f"init_from: {path}: weights do not fit a UNet2D(base_channels={config.base_channels}, "
+        raise ValueError(f"{source}: weights do not fit a UNet2D(base_channels={config.base_channels}, "
                          f"depth={config.depth}): {str(error).splitlines()[0]}") from error
-    return model.state_dict()
+    return model
