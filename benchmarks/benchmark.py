@@ -30,7 +30,6 @@ import argparse
 import importlib.util
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -48,6 +47,7 @@ from CovidInfectionSegLib.imageio import from_canonical, read_image, to_canonica
 from CovidInfectionSegLib.inference import (
     auto_batch_size,
     cpu_has_native_bf16,
+    cpu_name,
     pick_device,
     pick_precision,
     predict_slices,
@@ -158,16 +158,6 @@ def classify_all(module: torch.nn.Module, images: np.ndarray, geometry: SliceGeo
         predict_slices(module, images[start : start + batch_size], geometry, device, precision)
         for start in range(0, len(images), batch_size)
     ])
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def format_table(rows: list[Row]) -> str:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import platform
 import threading
 import warnings
 import weakref
@@ -75,6 +76,17 @@ def pick_device(requested: str | torch.device = "auto") -> torch.device:
     if text == "cpu":
         return torch.device("cpu")
     raise ValueError(f"unknown device {requested!r}: use 'auto', 'cuda', 'cuda:N' or 'cpu'")
+
+
+def cpu_name(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
+    """This CPU's model name, for reports of where a figure was measured."""
+    try:
+        for line in Path(cpuinfo).read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
 
 
 def cpu_has_native_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:

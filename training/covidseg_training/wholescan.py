@@ -32,10 +32,9 @@ import datetime
 import io
 import json
 import os
-import platform
 import shlex
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -46,7 +45,7 @@ from scipy import ndimage
 
 from CovidInfectionSegLib.atomic import write_text_atomic
 from CovidInfectionSegLib.imageio import to_canonical
-from CovidInfectionSegLib.inference import pick_device
+from CovidInfectionSegLib.inference import cpu_name, pick_device
 from CovidInfectionSegLib.model_package import ModelError, ModelPackage, default_model_path, load_model_package
 from CovidInfectionSegLib.pipeline import SegmentationResult, segment_file
 from CovidInfectionSegLib.postprocessing import INFECTION
@@ -351,16 +350,6 @@ def display_path(path: str | Path) -> str:
         except ValueError:
             continue
     return str(path)
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
 
 
 # ---------------------------------------------------------------------------------------------- CLI
