@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,7 +38,7 @@ NEGATIVE_SCANS = {
 }
 DEFAULT_HOLDOUT = {0: ["LIDC-IDRI-0001"], 1: ["LIDC-IDRI-0003"], 2: ["LIDC-IDRI-0001"],
                    3: ["LIDC-IDRI-0003"], 4: ["LIDC-IDRI-0001"]}
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: each cache records its recipe, so a machine without the scans can use it
 LUNG_LABELS = ("lung", "lung_or_infection")
 
 
@@ -125,8 +126,12 @@ def load_negatives(config: NegativesConfig, recipe: IntensityRecipe, names: list
     for name in names:
         path = config.path_of(name)
         if not path.exists():
-            raise FileNotFoundError(f"negative scan {name}: {path} not found (see the training README)")
-        cache = None if cache_dir is None else Path(cache_dir) / f"negative-{name}-{_cache_key(path, recipe)}.npz"
+            cache = None if cache_dir is None else cache_without_scan(Path(cache_dir), name, recipe)
+            if cache is None:
+                raise FileNotFoundError(f"negative scan {name}: {path} not found, and no cache of it for this recipe "
+                                        f"in {cache_dir} (see the training README)")
+        else:
+            cache = None if cache_dir is None else Path(cache_dir) / f"negative-{name}-{_cache_key(path, recipe)}.npz"
         if cache is not None and cache.exists():
             with np.load(cache) as data:
                 dataset = SliceDataset(data["images"], data["labels"], data["cases"].astype(str), data["pixel_mm"])
@@ -138,9 +143,31 @@ def load_negatives(config: NegativesConfig, recipe: IntensityRecipe, names: list
             with atomic_path(cache) as temporary:
                 with open(temporary, "wb") as handle:
                     np.savez_compressed(handle, images=scan.slices.images, labels=scan.slices.labels,
-                                        cases=scan.slices.cases, pixel_mm=scan.slices.pixel_mm, levels=scan.levels)
+                                        cases=scan.slices.cases, pixel_mm=scan.slices.pixel_mm, levels=scan.levels,
+                                        recipe=_recipe_key(recipe))
         scans.append(scan)
     return scans
+
+
+def cache_without_scan(cache_dir: Path, name: str, recipe: IntensityRecipe) -> Path | None:
+    """The cached slices of ``name`` made for ``recipe`` when the scan itself is not on this machine (a
+    GPU machine gets the cache, not the scans): the one cache file of that name that records this
+    recipe. None when there is none; an error when several do (made from different copies of the scan)."""
+    pattern = re.compile(rf"negative-{re.escape(name)}-[0-9a-f]{{12}}\.npz")
+    matches = []
+    for candidate in sorted(cache_dir.glob(f"negative-{name}-*.npz")):
+        if pattern.fullmatch(candidate.name):
+            with np.load(candidate) as data:
+                if "recipe" in data.files and str(data["recipe"]) == _recipe_key(recipe):
+                    matches.append(candidate)
+    if len(matches) > 1:
+        raise ValueError(f"negative scan {name} is not here and {len(matches)} caches of it fit this recipe "
+                         f"({', '.join(m.name for m in matches)}): keep the one made from the scan you mean")
+    return matches[0] if matches else None
+
+
+def _recipe_key(recipe: IntensityRecipe) -> str:
+    return json.dumps([CACHE_VERSION, recipe.to_manifest()], sort_keys=True)
 
 
 def _cache_key(path: Path, recipe: IntensityRecipe) -> str:

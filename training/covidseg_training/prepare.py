@@ -3,6 +3,11 @@
     python -m covidseg_training prepare --png ../../shared/data/ma2020-covid19-ct-png --out data/ma2020.npz
     python -m covidseg_training prepare --zenodo data/zenodo --out data/zenodo.npz [--input-size 256]
         [--middle 0.6 | --middle 1] [--all-slices] [--orientation engine|png-export]
+    python -m covidseg_training prepare --negatives-for configs/v2.yaml --out runs/cache
+
+``--negatives-for`` reads every negative scan of a training config through the engine into that
+config's cache folder (``<output_dir>/cache``, or ``--out``), the form in which a machine without the
+scans (a GPU machine) trains from them (:mod:`negatives`).
 
 From the Zenodo volumes (``download`` unpacks them into COVID-19-CT-Seg_20cases/, Lung_Mask/,
 Infection_Mask/ and Lung_and_Infection_Mask/) the slices are made as the shared PNG export made its
@@ -42,7 +47,9 @@ from CovidInfectionSegLib.atomic import atomic_path, write_text_atomic
 from CovidInfectionSegLib.imageio import read_image, to_canonical
 from CovidInfectionSegLib.preprocessing import IntensityRecipe, SliceGeometry, pad_to_square, preprocess_slices
 
+from .config import TrainConfig
 from .data import SliceDataset, labels_from_masks, load_png_export
+from .negatives import load_negatives
 
 IMAGE_DIR = "COVID-19-CT-Seg_20cases"
 LUNG_DIR = "Lung_Mask"
@@ -224,19 +231,38 @@ def save_dataset(dataset: SliceDataset, out: Path, facts: dict[str, Any]) -> Non
         {**facts, "slices": int(len(dataset.images)), "n_cases": int(len(set(dataset.cases.tolist())))}, indent=2) + "\n")
 
 
+def cache_negatives(config_path: Path, cache_dir: Path | None) -> int:
+    """Every negative scan of the config (all folds' scans) read once into ``cache_dir``."""
+    config = TrainConfig.load(config_path)
+    names = config.negatives.scans_for_fold(None)
+    cache_dir = cache_dir or Path(config.output_dir) / "cache"
+    scans = load_negatives(config.negatives, IntensityRecipe(input_size=config.input_size), names, cache_dir=cache_dir)
+    for scan in scans:
+        print(f"{scan.name}: {len(scan.slices.images)} slices")
+    print(f"cached in {cache_dir}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="covidseg_training prepare", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--png", type=Path, help="the shared PNG export folder (recipe already applied)")
     source.add_argument("--zenodo", type=Path, help="folder with the unpacked Zenodo 3757476 archives")
-    parser.add_argument("--out", type=Path, required=True, help="output .npz")
+    source.add_argument("--negatives-for", type=Path, metavar="CONFIG",
+                        help="a training config: cache the slices of all its negative scans (--out: a folder)")
+    parser.add_argument("--out", type=Path, help="output .npz (with --negatives-for: the cache folder, "
+                                                 "default the config's <output_dir>/cache)")
     parser.add_argument("--input-size", type=int, default=256, help="slice size (Zenodo only; the PNGs are 256)")
     parser.add_argument("--middle", type=float, default=0.6, help="fraction of central slices kept (Zenodo only)")
     parser.add_argument("--all-slices", action="store_true", help="keep slices without infection (Zenodo only)")
     parser.add_argument("--orientation", choices=ORIENTATIONS, default="engine",
                         help="engine: canonical LPS like inference (default); png-export: rot90 like the PNG export")
     args = parser.parse_args(argv)
+    if args.negatives_for:
+        return cache_negatives(args.negatives_for, args.out)
+    if args.out is None:
+        parser.error("--out is required with --png or --zenodo")
     if args.png:
         dataset = load_png_export(args.png)
         facts: dict[str, Any] = {"source": str(args.png), "input_size": int(dataset.images.shape[-1]),

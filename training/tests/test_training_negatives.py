@@ -61,6 +61,24 @@ def test_cache_gives_the_same_slices(chest_file, tmp_path):
     np.testing.assert_array_equal(cached.levels, fresh.levels)
 
 
+def test_cache_serves_a_machine_without_the_scan(chest_file, tmp_path):
+    """A GPU machine gets the cache, not the scans: the cache made for this recipe stands in for the
+    missing scan; a cache made for another recipe does not, and two that fit are refused."""
+    here = NegativesConfig(root=str(chest_file.parent))
+    (fresh,) = load_negatives(here, RECIPE, [chest_file.name], cache_dir=tmp_path / "cache")
+    load_negatives(here, IntensityRecipe(input_size=32), [chest_file.name], cache_dir=tmp_path / "cache")
+    elsewhere = NegativesConfig(root=str(tmp_path / "no-scans-here"))
+    (cached,) = load_negatives(elsewhere, RECIPE, [chest_file.name], cache_dir=tmp_path / "cache")
+    np.testing.assert_array_equal(cached.slices.images, fresh.slices.images)
+    np.testing.assert_array_equal(cached.slices.labels, fresh.slices.labels)
+    with pytest.raises(FileNotFoundError, match="no cache of it for this recipe"):
+        load_negatives(elsewhere, IntensityRecipe(input_size=128), [chest_file.name], cache_dir=tmp_path / "cache")
+    (only,) = [p for p in (tmp_path / "cache").iterdir() if np.load(p)["images"].shape[1] == 64]
+    (tmp_path / "cache" / "negative-chest.nii.gz-0123456789ab.npz").write_bytes(only.read_bytes())
+    with pytest.raises(ValueError, match="2 caches of it fit this recipe"):
+        load_negatives(elsewhere, RECIPE, [chest_file.name], cache_dir=tmp_path / "cache")
+
+
 def test_missing_scan_is_a_clear_error(tmp_path):
     config = NegativesConfig(root=str(tmp_path))
     with pytest.raises(FileNotFoundError, match="LIDC-IDRI-0001"):
@@ -216,3 +234,20 @@ def test_kernel_augmentation_softens_or_sharpens_and_keeps_the_label():
         roughness.append(np.abs(np.diff(out.astype(float), axis=1)).mean())
     base = np.abs(np.diff(image.astype(float), axis=1)).mean()
     assert min(roughness) < 0.8 * base and max(roughness) > 1.2 * base, "both softer and sharper slices occur"
+
+
+def test_prepare_caches_a_configs_negatives_for_a_machine_without_them(chest_file, tmp_path):
+    """`prepare --negatives-for CONFIG` fills the config's cache; a config whose scans are not on the
+    machine then trains from that cache alone."""
+    from covidseg_training.__main__ import main as cli
+
+    settings = {"input_size": 64, "output_dir": str(tmp_path / "runs"),
+                "negatives": {"scans": [chest_file.name], "per_epoch": 4, "root": str(chest_file.parent)}}
+    config_file = tmp_path / "negatives.json"
+    config_file.write_text(json.dumps(settings), encoding="utf-8")
+    assert cli(["prepare", "--negatives-for", str(config_file)]) == 0
+    assert len(list((tmp_path / "runs" / "cache").glob("negative-chest.nii.gz-*.npz"))) == 1
+    settings["negatives"]["root"] = str(tmp_path / "elsewhere")
+    sampler = negative_sampler(TrainConfig.from_dict(settings), log=lambda line: None)
+    image, labels = sampler.slice(0, 0)
+    assert image.shape == (64, 64) and not (labels == INFECTION).any()
