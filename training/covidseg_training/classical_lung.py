@@ -15,7 +15,9 @@ trusted on aerated lungs:
 3. of the remaining air, the lungs are the 3D components of aerated tissue (median above -950 HU)
    that reach above the middle of the largest one (nothing below the diaphragm does);
 4. lung cut away with the pockets' walls is given back (geodesic dilation that does not enter gas),
-   then vessels at the lung edge are closed and holes filled per slice.
+   then vessels at the lung edge are closed and holes up to ``MAX_HOLE_CM2`` filled per slice:
+   vessels and nodules, but not the dome of the liver or spleen seen as an island in the lung base,
+   nor the mediastinum where the two lungs touch in front and behind it.
 
 Arrays are (z, y, x) in the engine's canonical LPS orientation (z grows towards the head); spacing is
 (z, y, x) in mm.
@@ -35,6 +37,9 @@ MIN_FRACTION = 0.01
 GAS_WALL_MM = 4.0
 SLIVER_MM = 2.5
 CLOSING_MM = 3.0
+# Holes in a slice's lung mask on the shared scans: vessels and nodules up to 4.4 cm2; the liver or
+# spleen dome inside the lung base 6.7-57 cm2; the mediastinum between touching lungs 50 cm2.
+MAX_HOLE_CM2 = 5.0
 
 
 def classical_lung_mask(volume_hu: np.ndarray, spacing_zyx: tuple[float, float, float]) -> np.ndarray:
@@ -95,15 +100,21 @@ def lung_components(
     return np.isin(labels, keep)
 
 
-def fill_vessels(lungs: np.ndarray, spacing: np.ndarray, closing_mm: float = CLOSING_MM) -> np.ndarray:
-    """Close by ``closing_mm`` in-plane (vessels at the lung edge) and fill holes slice by slice."""
+def fill_vessels(lungs: np.ndarray, spacing: np.ndarray, closing_mm: float = CLOSING_MM,
+                 max_hole_cm2: float = MAX_HOLE_CM2) -> np.ndarray:
+    """Close by ``closing_mm`` in-plane (vessels at the lung edge) and fill holes of up to
+    ``max_hole_cm2`` slice by slice."""
     radius = np.maximum(1, np.round(closing_mm / spacing[1:]).astype(int))
     yy, xx = np.ogrid[-radius[0] : radius[0] + 1, -radius[1] : radius[1] + 1]
     disk = (yy / radius[0]) ** 2 + (xx / radius[1]) ** 2 <= 1.0
+    max_hole_pixels = max_hole_cm2 * 100.0 / float(spacing[1] * spacing[2])
     out = np.zeros_like(lungs)
     for z in np.flatnonzero(lungs.any(axis=(1, 2))):
-        closed = ndimage.binary_closing(lungs[z], structure=disk, border_value=0)
-        out[z] = ndimage.binary_fill_holes(closed | lungs[z])
+        closed = ndimage.binary_closing(lungs[z], structure=disk, border_value=0) | lungs[z]
+        holes, count = ndimage.label(ndimage.binary_fill_holes(closed) & ~closed)
+        small = np.bincount(holes.ravel(), minlength=count + 1) <= max_hole_pixels
+        small[0] = False
+        out[z] = closed | small[holes]
     return out
 
 

@@ -25,6 +25,24 @@ def test_lungs_found_and_gas_below_the_diaphragm_left_out():
     assert not (mask & above_lungs).any(), "the trachea above the lungs is not lung"
 
 
+def test_vessels_are_filled_but_not_an_organ_dome_inside_the_lung():
+    """A dense island the size of a vessel or nodule is lung; one the size of the liver dome seen in
+    the lung base (or the mediastinum between touching lungs) is not."""
+    chest = whole_chest()
+    volume = chest.volume.copy()
+    z, y, x = np.ogrid[: volume.shape[0], : volume.shape[1], : volume.shape[2]]
+    left = chest.lungs & (x > 64)
+    vessel = (z == 26) & ((y - 62) ** 2 + (x - 90) ** 2 <= 1)  # 5 pixels, 0.1 cm2: a vessel seen end on
+    dome = (z == 26) & ((y - 62) ** 2 + (x - 38) ** 2 <= 100)  # 317 pixels, 7 cm2, inside the right lung
+    volume[vessel | dome] = 40.0
+    spacing_yx_cm2 = SPACING_ZYX[1] * SPACING_ZYX[2] / 100.0
+    assert dome.sum() * spacing_yx_cm2 > 5.0 > vessel.sum() * spacing_yx_cm2
+    mask = classical_lung_mask(volume, SPACING_ZYX)
+    assert mask[vessel].all(), "a vessel inside the lung is lung"
+    assert not mask[dome].any(), "an organ's dome inside the lung base is not lung"
+    assert mask[26][left[26] & ~vessel[26]].mean() > 0.95
+
+
 def test_no_lung_in_a_scan_without_air_inside_the_body():
     chest = whole_chest()
     volume = np.where(chest.lungs | chest.trachea, 40.0, chest.volume).astype(np.float32)
