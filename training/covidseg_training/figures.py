@@ -117,3 +117,38 @@ def plot_examples(images: np.ndarray, truth: np.ndarray, predicted: np.ndarray,
     figure.suptitle("validation slices by infection Dice (lung outlined, infection filled)", fontsize=9)
     figure.tight_layout()
     _save_figure(figure, path)
+
+
+def plot_negative_labels(scans: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]], lung_label: str,
+                         path: Path) -> None:
+    """What the negatives teach, one row per scan: (name, images, labels, levels) as the training
+    sampler hands them out. Two slices each: the mid-lung slice with the most "lung, no infection"
+    (else the most lung), and a slice at the lung base. Lung, no infection in blue; "lung or
+    infection" (the loss takes either) in green; background uncoloured."""
+    from .data import LUNG_UNKNOWN
+
+    plt = _pyplot()
+    figure, axes = plt.subplots(len(scans), 2, figsize=(6.4, 3.2 * len(scans)), squeeze=False)
+    for row_axes, (name, images, labels, levels) in zip(axes, scans):
+        mid = np.flatnonzero((levels >= 0.3) & (levels <= 0.8))
+        base = np.flatnonzero((levels >= 0.0) & (levels <= 0.1))
+        no_infection = (labels == LUNG).sum(axis=(1, 2))
+        lung_any = no_infection + (labels == LUNG_UNKNOWN).sum(axis=(1, 2))
+        picks = []
+        for candidates in (mid, base):
+            if len(candidates):
+                score = no_infection[candidates] if no_infection[candidates].any() else lung_any[candidates]
+                picks.append(int(candidates[np.argmax(score)]))
+        for axis, index in zip(row_axes, picks):
+            overlay = np.zeros((*labels[index].shape, 4))
+            overlay[labels[index] == LUNG_UNKNOWN] = (*LUNG_COLOUR, 0.35)
+            overlay[labels[index] == LUNG] = (0.2, 0.4, 1.0, 0.9)
+            axis.imshow(images[index], cmap="gray")
+            axis.imshow(overlay)
+            axis.set_title(f"{name}, slice {index} (level {levels[index]:.2f})", fontsize=7)
+        for axis in row_axes:
+            axis.axis("off")
+    figure.suptitle(f"negatives as trained (lung_label: {lung_label}): blue lung, no infection; "
+                    "green lung or infection", fontsize=8)
+    figure.tight_layout()
+    _save_figure(figure, path)

@@ -5,7 +5,10 @@ scans add what the model never saw: apex, bases, upper abdomen, neck, healthy lu
 contrast. Each slice is read from HU through the engine exactly as inference reads it
 (``imageio.read_image`` -> canonical orientation -> ``preprocessing.preprocess_slices``), so window
 and CLAHE are applied once. Labels: infection nowhere; lung where the classical HU lung mask
-(:mod:`classical_lung`) says, padded and resized like the image.
+(:mod:`classical_lung`) says, padded and resized like the image. Beside them each scan keeps a
+``dense`` mask: lung denser than ``DENSE_LUNG_HU`` (vessels, nodules, atelectasis) and, for LIDC
+scans, the radiologists' nodules (the XML beside the scan), which ``lung_label:
+no_infection_where_dense`` alone labels "lung, no infection".
 
 Which scans a fold may train on (``NegativesConfig.holdout``): folds 0, 2 and 4 leave
 LIDC-IDRI-0001 out and folds 1 and 3 leave LIDC-IDRI-0003 out, so that every whole-scan check of an
@@ -38,8 +41,11 @@ NEGATIVE_SCANS = {
 }
 DEFAULT_HOLDOUT = {0: ["LIDC-IDRI-0001"], 1: ["LIDC-IDRI-0003"], 2: ["LIDC-IDRI-0001"],
                    3: ["LIDC-IDRI-0003"], 4: ["LIDC-IDRI-0001"]}
-CACHE_VERSION = 2  # 2: each cache records its recipe, so a machine without the scans can use it
-LUNG_LABELS = ("lung", "lung_or_infection")
+CACHE_VERSION = 3  # 2: each cache records its recipe, so a machine without the scans can use it; 3: dense
+LUNG_LABELS = ("lung", "lung_or_infection", "no_infection_where_dense")
+# Healthy lung denser than this is what a model trained on infected slices mistakes for infection
+# (vessels, nodules, dependent atelectasis); aerated healthy lung lies well below it.
+DENSE_LUNG_HU = -500.0
 
 
 @dataclass
@@ -52,7 +58,9 @@ class NegativesConfig:
     root: str = ""  # folder holding the scans (NEGATIVE_SCANS paths); empty = ../shared/data
     # Inside the classical lung mask: "lung" teaches lung and no infection there; "lung_or_infection"
     # teaches only lung-or-infection against background, so a negative scan's lung never says "no
-    # infection" (outside the lungs, "no infection" is taught either way).
+    # infection" (outside the lungs, "no infection" is taught either way); "no_infection_where_dense"
+    # says "lung, no infection" on the scan's dense lung and nodules and "lung or infection" on the
+    # aerated rest, so "no infection" is taught only where healthy tissue looks like infection.
     lung_label: str = "lung"
 
     def __post_init__(self) -> None:
@@ -73,11 +81,13 @@ class NegativesConfig:
 class NegativeScan:
     """One scan's slices after the recipe, its lung labels, and where each slice lies: ``levels`` is
     the slice's height within the classical lung's z extent (0 at its lowest slice, 1 at its highest,
-    below 0 under the lungs, above 1 over them; NaN when the scan has no lung)."""
+    below 0 under the lungs, above 1 over them; NaN when the scan has no lung). ``dense``: per pixel,
+    lung denser than ``DENSE_LUNG_HU`` or a radiologist's nodule (see the module doc)."""
 
     name: str
     slices: SliceDataset
     levels: np.ndarray
+    dense: np.ndarray
 
 
 def load_negative_scan(path: Path, recipe: IntensityRecipe, name: str | None = None) -> NegativeScan:
@@ -86,16 +96,31 @@ def load_negative_scan(path: Path, recipe: IntensityRecipe, name: str | None = N
 
     from CovidInfectionSegLib.imageio import read_image, to_canonical
 
-    image = sitk.Cast(to_canonical(read_image(path)), sitk.sitkFloat32)
+    from .lidc_nodules import nodule_mask, parse_nodule_xml
+
+    original = read_image(path)
+    image = sitk.Cast(to_canonical(original), sitk.sitkFloat32)
     volume = sitk.GetArrayFromImage(image)
     spacing = image.GetSpacing()[::-1]
     lungs = classical_lung_mask(volume, spacing)
     images = preprocess_slices(volume, recipe)
     labels = resize_labels(lungs.astype(np.uint8) * LUNG, recipe)
+    dense = lungs & (volume > DENSE_LUNG_HU)
+    reads = nodule_reads_beside(Path(path))
+    if reads is not None:
+        dense |= nodule_mask(parse_nodule_xml(reads), original).mask
+    dense = resize_labels(dense.astype(np.uint8), recipe).astype(bool)
     in_plane_mm = max(volume.shape[1] * spacing[1], volume.shape[2] * spacing[2]) / recipe.input_size
     name = name or Path(path).name
     dataset = SliceDataset(images, labels, np.full(len(images), name), np.full(len(images), in_plane_mm, np.float32))
-    return NegativeScan(name, dataset, lung_levels(lungs))
+    return NegativeScan(name, dataset, lung_levels(lungs), dense)
+
+
+def nodule_reads_beside(path: Path) -> Path | None:
+    """The LIDC readers' XML beside a scan (``X.nii.gz`` -> ``X.nodules.xml``), if there is one."""
+    stem = path.name[: -len(".nii.gz")] if path.name.endswith(".nii.gz") else path.stem
+    reads = path.with_name(f"{stem}.nodules.xml")
+    return reads if reads.exists() else None
 
 
 def resize_labels(labels: np.ndarray, recipe: IntensityRecipe) -> np.ndarray:
@@ -135,7 +160,7 @@ def load_negatives(config: NegativesConfig, recipe: IntensityRecipe, names: list
         if cache is not None and cache.exists():
             with np.load(cache) as data:
                 dataset = SliceDataset(data["images"], data["labels"], data["cases"].astype(str), data["pixel_mm"])
-                scans.append(NegativeScan(name, dataset, data["levels"]))
+                scans.append(NegativeScan(name, dataset, data["levels"], data["dense"]))
             continue
         scan = load_negative_scan(path, recipe, name)
         if cache is not None:
@@ -144,7 +169,7 @@ def load_negatives(config: NegativesConfig, recipe: IntensityRecipe, names: list
                 with open(temporary, "wb") as handle:
                     np.savez_compressed(handle, images=scan.slices.images, labels=scan.slices.labels,
                                         cases=scan.slices.cases, pixel_mm=scan.slices.pixel_mm, levels=scan.levels,
-                                        recipe=_recipe_key(recipe))
+                                        dense=scan.dense, recipe=_recipe_key(recipe))
         scans.append(scan)
     return scans
 
@@ -183,9 +208,12 @@ class NegativeSampler:
 
     def __init__(self, scans: list[NegativeScan], per_epoch: int, seed: int = 0, lung_label: str = "lung"):
         self.scans = [scan for scan in scans if len(scan.slices.images)]
-        if lung_label == "lung_or_infection":
+        if lung_label in ("lung_or_infection", "no_infection_where_dense"):
             for scan in self.scans:
-                scan.slices.labels = np.where(scan.slices.labels == LUNG, LUNG_UNKNOWN, scan.slices.labels).astype(np.uint8)
+                labels = np.where(scan.slices.labels == LUNG, LUNG_UNKNOWN, scan.slices.labels).astype(np.uint8)
+                if lung_label == "no_infection_where_dense":
+                    labels[scan.dense] = LUNG
+                scan.slices.labels = labels
         self.per_epoch = per_epoch if self.scans else 0
         self.seed = seed
 

@@ -3,7 +3,7 @@
     python -m covidseg_training prepare --png ../../shared/data/ma2020-covid19-ct-png --out data/ma2020.npz
     python -m covidseg_training prepare --zenodo data/zenodo --out data/zenodo.npz [--input-size 256]
         [--middle 0.6 | --middle 1] [--all-slices] [--orientation engine|png-export]
-    python -m covidseg_training prepare --negatives-for configs/v2.yaml --out runs/cache
+    python -m covidseg_training prepare --negatives-for configs/v2.yaml [--out runs/cache] [--preview labels.png]
 
 ``--negatives-for`` reads every negative scan of a training config through the engine into that
 config's cache folder (``<output_dir>/cache``, or ``--out``), the form in which a machine without the
@@ -49,7 +49,8 @@ from CovidInfectionSegLib.preprocessing import IntensityRecipe, SliceGeometry, p
 
 from .config import TrainConfig
 from .data import SliceDataset, labels_from_masks, load_png_export
-from .negatives import load_negatives
+from .figures import plot_negative_labels
+from .negatives import NegativeSampler, load_negatives
 
 IMAGE_DIR = "COVID-19-CT-Seg_20cases"
 LUNG_DIR = "Lung_Mask"
@@ -231,8 +232,9 @@ def save_dataset(dataset: SliceDataset, out: Path, facts: dict[str, Any]) -> Non
         {**facts, "slices": int(len(dataset.images)), "n_cases": int(len(set(dataset.cases.tolist())))}, indent=2) + "\n")
 
 
-def cache_negatives(config_path: Path, cache_dir: Path | None) -> int:
-    """Every negative scan of the config (all folds' scans) read once into ``cache_dir``."""
+def cache_negatives(config_path: Path, cache_dir: Path | None, preview: Path | None = None) -> int:
+    """Every negative scan of the config (all folds' scans) read once into ``cache_dir``; ``preview``:
+    a PNG of what they teach under the config's ``negatives.lung_label``."""
     config = TrainConfig.load(config_path)
     names = config.negatives.scans_for_fold(None)
     cache_dir = cache_dir or Path(config.output_dir) / "cache"
@@ -240,6 +242,11 @@ def cache_negatives(config_path: Path, cache_dir: Path | None) -> int:
     for scan in scans:
         print(f"{scan.name}: {len(scan.slices.images)} slices")
     print(f"cached in {cache_dir}")
+    if preview is not None:
+        sampler = NegativeSampler(scans, per_epoch=1, lung_label=config.negatives.lung_label)
+        plot_negative_labels([(scan.name, scan.slices.images, scan.slices.labels, scan.levels) for scan in sampler.scans],
+                             config.negatives.lung_label, preview)
+        print(f"wrote {preview}")
     return 0
 
 
@@ -253,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="a training config: cache the slices of all its negative scans (--out: a folder)")
     parser.add_argument("--out", type=Path, help="output .npz (with --negatives-for: the cache folder, "
                                                  "default the config's <output_dir>/cache)")
+    parser.add_argument("--preview", type=Path, help="with --negatives-for: a PNG of what the negatives teach")
     parser.add_argument("--input-size", type=int, default=256, help="slice size (Zenodo only; the PNGs are 256)")
     parser.add_argument("--middle", type=float, default=0.6, help="fraction of central slices kept (Zenodo only)")
     parser.add_argument("--all-slices", action="store_true", help="keep slices without infection (Zenodo only)")
@@ -260,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="engine: canonical LPS like inference (default); png-export: rot90 like the PNG export")
     args = parser.parse_args(argv)
     if args.negatives_for:
-        return cache_negatives(args.negatives_for, args.out)
+        return cache_negatives(args.negatives_for, args.out, args.preview)
     if args.out is None:
         parser.error("--out is required with --png or --zenodo")
     if args.png:

@@ -14,6 +14,7 @@ from CovidInfectionSegLib.preprocessing import IntensityRecipe, preprocess_slice
 from covidseg_training.classical_lung import classical_lung_mask
 from covidseg_training.config import TrainConfig
 from covidseg_training.data import INFECTION, LUNG
+from covidseg_training.lidc_nodules import nodule_mask, parse_nodule_xml
 from covidseg_training.negatives import NegativesConfig, NegativeSampler, load_negatives, lung_levels
 from covidseg_training.train import negative_sampler
 from whole_chest import SPACING_ZYX, whole_chest
@@ -109,7 +110,8 @@ def test_config_block_round_trips_through_json():
 
 def test_sampler_spreads_over_scans_and_levels_and_is_reproducible(chest_file):
     (scan,) = load_negatives(NegativesConfig(root=str(chest_file.parent)), RECIPE, [chest_file.name])
-    small = type(scan)("small", scan.slices.subset(np.arange(len(scan.slices.images)) < 10), scan.levels[:10])
+    small = type(scan)("small", scan.slices.subset(np.arange(len(scan.slices.images)) < 10), scan.levels[:10],
+                       scan.dense[:10])
     sampler = NegativeSampler([scan, small], per_epoch=400, seed=3)
     picks = sampler.epoch(0)
     assert len(picks) == 400
@@ -245,9 +247,49 @@ def test_prepare_caches_a_configs_negatives_for_a_machine_without_them(chest_fil
                 "negatives": {"scans": [chest_file.name], "per_epoch": 4, "root": str(chest_file.parent)}}
     config_file = tmp_path / "negatives.json"
     config_file.write_text(json.dumps(settings), encoding="utf-8")
-    assert cli(["prepare", "--negatives-for", str(config_file)]) == 0
+    assert cli(["prepare", "--negatives-for", str(config_file), "--preview", str(tmp_path / "taught.png")]) == 0
     assert len(list((tmp_path / "runs" / "cache").glob("negative-chest.nii.gz-*.npz"))) == 1
+    assert (tmp_path / "taught.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     settings["negatives"]["root"] = str(tmp_path / "elsewhere")
     sampler = negative_sampler(TrainConfig.from_dict(settings), log=lambda line: None)
     image, labels = sampler.slice(0, 0)
     assert image.shape == (64, 64) and not (labels == INFECTION).any()
+
+
+def test_dense_is_dense_lung_and_the_readers_nodules(chest_file, tmp_path):
+    """``dense``: classical lung denser than DENSE_LUNG_HU (the chest's vessels), and the readers'
+    nodules from an LIDC XML beside the scan, also where the HU rule alone would not mark them."""
+    from covidseg_training.negatives import DENSE_LUNG_HU, resize_labels
+    from synthetic_lidc import nodule, roi, square, write_read_message
+
+    original = read_image(chest_file)
+    canonical = sitk.Cast(to_canonical(original), sitk.sitkFloat32)
+    volume = sitk.GetArrayFromImage(canonical)
+    lungs = classical_lung_mask(volume, canonical.GetSpacing()[::-1])
+    (plain,) = load_negatives(NegativesConfig(root=str(chest_file.parent)), RECIPE, [chest_file.name])
+    expected = resize_labels((lungs & (volume > DENSE_LUNG_HU)).astype(np.uint8), RECIPE).astype(bool)
+    assert expected.any(), "the synthetic chest has vessels"
+    np.testing.assert_array_equal(plain.dense, expected)
+
+    with_reads = tmp_path / "LIDC-like.nii.gz"
+    with_reads.write_bytes(chest_file.read_bytes())
+    z_mm = original.TransformIndexToPhysicalPoint((0, 0, 20))[2]
+    write_read_message(tmp_path / "LIDC-like.nodules.xml", [[nodule("N", [roi(z_mm, square(30, 30, 60, 60))])]])
+    (scan,) = load_negatives(NegativesConfig(root=str(tmp_path)), RECIPE, [with_reads.name])
+    reads = nodule_mask(parse_nodule_xml(tmp_path / "LIDC-like.nodules.xml"), original).mask
+    outlined = resize_labels(reads.astype(np.uint8), RECIPE).astype(bool)
+    assert (outlined & ~expected).any(), "the nodule adds pixels the HU rule does not mark"
+    np.testing.assert_array_equal(scan.dense, expected | outlined)
+
+
+def test_no_infection_where_dense_relabels_only_the_aerated_lung(chest_file):
+    from covidseg_training.data import LUNG_UNKNOWN
+
+    (scan,) = load_negatives(NegativesConfig(root=str(chest_file.parent)), RECIPE, [chest_file.name])
+    lung = scan.slices.labels == LUNG
+    sampler = NegativeSampler([scan], per_epoch=4, lung_label="no_infection_where_dense")
+    labels = sampler.scans[0].slices.labels
+    np.testing.assert_array_equal(labels == LUNG, scan.dense)
+    np.testing.assert_array_equal(labels == LUNG_UNKNOWN, lung & ~scan.dense)
+    assert (labels == LUNG_UNKNOWN).sum() > (labels == LUNG).sum() > 0
+    assert not (labels == INFECTION).any()
