@@ -153,8 +153,8 @@ def load_negatives(config: NegativesConfig, recipe: IntensityRecipe, names: list
         if not path.exists():
             cache = None if cache_dir is None else cache_without_scan(Path(cache_dir), name, recipe)
             if cache is None:
-                raise FileNotFoundError(f"negative scan {name}: {path} not found, and no cache of it for this recipe "
-                                        f"in {cache_dir} (see the training README)")
+                where = f", and no cache of it for this recipe in {cache_dir}" if cache_dir is not None else ""
+                raise FileNotFoundError(f"negative scan {name}: {path} not found{where} (see the training README)")
         else:
             cache = None if cache_dir is None else Path(cache_dir) / f"negative-{name}-{_cache_key(path, recipe)}.npz"
         if cache is not None and cache.exists():
@@ -196,8 +196,9 @@ def _recipe_key(recipe: IntensityRecipe) -> str:
 
 
 def _cache_key(path: Path, recipe: IntensityRecipe) -> str:
-    stat = path.stat()
-    text = json.dumps([CACHE_VERSION, stat.st_size, int(stat.st_mtime), recipe.to_manifest()], sort_keys=True)
+    files = [path] + [reads for reads in [nodule_reads_beside(path)] if reads is not None]
+    stats = [(file.stat().st_size, int(file.stat().st_mtime)) for file in files]
+    text = json.dumps([CACHE_VERSION, stats, recipe.to_manifest()], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
