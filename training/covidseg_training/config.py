@@ -35,6 +35,9 @@ class TrainConfig:
     threads: int = 0  # 0 = torch default
     workers: int = 0  # processes preparing augmented batches (0: the training process itself)
     max_train_slices: int = 0  # 0 = all (tests use a handful)
+    # Per-case weighting by sampling: each epoch draws as many labelled slices as there are, with
+    # replacement, each case equally likely (a case with many infected slices no longer dominates).
+    case_balanced: bool = False
     init_from: str = ""  # start from these weights (best.pt or an exported TorchScript .pt); empty = random
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     negatives: NegativesConfig = field(default_factory=NegativesConfig)

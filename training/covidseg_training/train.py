@@ -128,6 +128,17 @@ def per_case_dice(predicted: np.ndarray, labels: np.ndarray, cases: np.ndarray) 
     return {"lung_dice": float(np.mean(lung)), "infection_dice": float(np.mean(infection))}
 
 
+def labelled_indices(cases: np.ndarray, config: TrainConfig, epoch: int) -> np.ndarray:
+    """The labelled slices of an epoch: each once, or with ``case_balanced`` as many drawn with
+    replacement so that every case is equally likely (the draw depends only on seed and epoch)."""
+    if not config.case_balanced:
+        return np.arange(len(cases))
+    _names, case_of, per_case = np.unique(cases, return_inverse=True, return_counts=True)
+    weights = 1.0 / per_case[case_of]
+    rng = np.random.default_rng([config.seed, epoch, 1])
+    return rng.choice(len(cases), size=len(cases), replace=True, p=weights / weights.sum())
+
+
 def learning_rate_at(config: TrainConfig, step: int, steps_per_epoch: int) -> float:
     warmup = max(1, config.warmup_epochs * steps_per_epoch)
     total = max(warmup + 1, config.epochs * steps_per_epoch)
@@ -208,7 +219,8 @@ def train(config: TrainConfig, log=print) -> Path:
     while state["epoch"] < config.epochs and not state.get("stopped_early"):
         started = time.time()
         model.train()
-        slices = [(train_set.images[i], train_set.labels[i]) for i in range(len(train_set.images))]
+        labelled = labelled_indices(train_set.cases, config, state["epoch"])
+        slices = [(train_set.images[i], train_set.labels[i]) for i in labelled]
         slices += [negatives.slice(*pick) for pick in negatives.epoch(state["epoch"])]
         order = order_rng.permutation(len(slices))
         losses = []

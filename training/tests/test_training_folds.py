@@ -94,3 +94,22 @@ def test_export_cases_11_and_12_are_one_patient_by_their_images():
     others = {pair: value for pair, value in best.items() if pair != ("11", "12")}
     assert max(others.values()) < 0.9, max(others, key=others.get)
     assert PNG_EXPORT_SAME_PATIENT == {"12": "11"}
+
+
+def test_case_balanced_epochs_draw_every_case_about_equally():
+    """case_balanced: as many labelled slices per epoch as there are, each case equally likely (a case
+    with 10 times the slices is drawn about as often as the others), the same draw for the same
+    epoch and another for the next; off, every slice once in order."""
+    from covidseg_training.config import TrainConfig
+    from covidseg_training.train import labelled_indices
+
+    cases = np.array(["big"] * 800 + ["small_a"] * 80 + ["small_b"] * 80 + ["small_c"] * 40)
+    plain = TrainConfig()
+    np.testing.assert_array_equal(labelled_indices(cases, plain, 0), np.arange(len(cases)))
+    balanced = TrainConfig(case_balanced=True)
+    drawn = labelled_indices(cases, balanced, 0)
+    assert len(drawn) == len(cases)
+    counts = {name: int((cases[drawn] == name).sum()) for name in np.unique(cases)}
+    assert all(200 <= count <= 300 for count in counts.values()), counts  # 250 each expected
+    np.testing.assert_array_equal(labelled_indices(cases, balanced, 0), drawn)
+    assert not np.array_equal(labelled_indices(cases, balanced, 1), drawn)
