@@ -18,7 +18,8 @@ rm -rf data/gpu
 mkdir -p data/gpu/a data/gpu/b/cache data/gpu/b/wheels
 "$PYTHON" -m covidseg_training prepare --negatives-for configs/v2_all.yaml --out data/gpu/b/cache
 # Python 3.12 on the GPU image; versions as installed here (pyproject's training extra).
-for package in albumentations albucore pydantic pydantic-core annotated-types typing-inspection simsimd stringzilla; do
+for package in albumentations albucore pydantic pydantic-core annotated-types typing-inspection typing-extensions \
+        simsimd stringzilla; do
     version=$("$PYTHON" -m pip show "$package" 2>/dev/null | sed -n 's/^Version: //p')
     "$PYTHON" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
@@ -36,7 +37,7 @@ with np.load("data/ma2020.npz") as data:
 raw = buffer.getvalue()
 packed = lzma.compress(raw, preset=9)
 others = sum(path.stat().st_size for path in Path("data/gpu/b").rglob("*") if path.is_file())
-cut = max(0, (len(packed) + others) // 2 - others)
+cut = (len(packed) + others) // 2  # a: half of everything; b: the rest of the slices and the others
 Path("data/gpu/a/ma2020.npz.xz.0").write_bytes(packed[:cut])
 Path("data/gpu/b/ma2020.npz.xz.1").write_bytes(packed[cut:])
 Path("data/gpu/b/ma2020.npz.sha256").write_text(hashlib.sha256(raw).hexdigest() + "\n")

@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # Model v2 on one GPU machine (issue 10), in one call of the device tool: the five folds of
 # configs/v2.yaml (each trained, then evaluated on its held-out patients), the all-data model
-# (configs/v2_all.yaml) and the fold-1 screens (a wider network; "no infection" only on dense lung),
-# side by side on the one GPU; then the cross-validation aggregate. Resumable: run it again on the
-# same machine and finished folds are skipped, interrupted ones resume from their last.pt.
+# (configs/v2_all.yaml) and the fold-1 screens (a wider network; "no infection" only on dense lung;
+# per-case weighting), side by side on the one GPU; then the cross-validation aggregate. Resumable:
+# run it again on the same machine and finished folds are skipped, interrupted ones resume from their
+# last.pt.
 #
 #   bash training/gpu/run_v2.sh            (from the repository root; see training/README.md)
 #
 # Needs training/data/gpu/a and training/data/gpu/b from `bash training/gpu/pack.sh` (two calls carry
 # them: a first, then b with this command). Settings (environment):
-#   JOBS      runs as CONFIG[:FOLD] (default: v2:0 .. v2:4, v2_all, and the screens v2_wide:1, v2_dense:1)
+#   JOBS      runs as CONFIG[:FOLD] (default: v2:0 .. v2:4, v2_all, and the screens v2_wide:1,
+#             v2_dense:1, v2_casebalanced:1)
 #   DEVICE    cuda (default) or cpu;  WORKERS  augmenting processes per run (default 2)
 #   EPOCHS    overrides the configs' epochs;  EXTRA  YAML lines added to every config (a smoke test)
 #   BUDGET_S  seconds the runs may take before they are stopped to be resumed (default 450)
@@ -20,7 +22,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu-out}
-JOBS=${JOBS:-"v2:0 v2:1 v2:2 v2:3 v2:4 v2_all v2_wide:1 v2_dense:1"}
+JOBS=${JOBS:-"v2:0 v2:1 v2:2 v2:3 v2:4 v2_all v2_wide:1 v2_dense:1 v2_casebalanced:1"}
 DEVICE=${DEVICE:-cuda}
 WORKERS=${WORKERS:-2}
 BUDGET_S=${BUDGET_S:-450}
@@ -76,13 +78,14 @@ if ls "$RUNS"/v2/fold{0,1,2,3,4}/eval/summary.json > /dev/null 2>&1; then
     python3 -m covidseg_training crossval "$RUNS/v2.gpu.yaml" --device "$DEVICE" || status=1
 fi
 
-tar -czf "$OUT/results.tar.gz" --exclude='*.pt' --exclude='cache' --exclude='*.npz' --exclude=gpu-out "$RUNS" || status=1
+# Paths inside the archives start at the runs' folder (v2/fold0/..., whatever RUNS is called).
+tar -czf "$OUT/results.tar.gz" -C "$RUNS" --exclude='*.pt' --exclude='cache' --exclude='*.npz' --exclude=gpu-out . || status=1
 checkpoints=()
 for name in $KEEP; do
-    for file in "$RUNS/$name"/*/best.pt; do [ -f "$file" ] && checkpoints+=("$file"); done
+    for file in "$RUNS/$name"/*/best.pt; do [ -f "$file" ] && checkpoints+=("${file#"$RUNS"/}"); done
 done
 for ((i = 0; i < ${#checkpoints[@]}; i += 2)); do
-    tar -cf "$OUT/checkpoints-$((i / 2 + 1)).tar" "${checkpoints[@]:i:2}"
+    tar -cf "$OUT/checkpoints-$((i / 2 + 1)).tar" -C "$RUNS" "${checkpoints[@]:i:2}"
 done
 ls -la "$OUT"
 echo "finished after $(( $(date +%s) - started )) s"

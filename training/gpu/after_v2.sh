@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Here, after run_v2.sh came back from the GPU machine (this machine has ../shared/data): unpack it,
+# export each fold model and the all-data model (covid_unet_v2 2.0.0, with the cross-validation in
+# its manifest), run the whole-scan checks (each fold model on the check scans and on the LIDC scan
+# it did not train on; the all-data model on every scan, each LIDC scan scored by a fold model that
+# did not train on it) and copy the small tables into results/v2/, ready to commit.
+#
+#   bash training/gpu/after_v2.sh FILES_AT     (the folder holding results.tar.gz and checkpoints-N.tar)
+#
+# Settings (environment): DEST (default training/runs/gpu), SCANS (wholescan scan names for the fold
+# models; default the checks), RESULTS (default training/results/v2), PYTHON.
+set -euo pipefail
+FROM=$(cd "${1:?usage: after_v2.sh FOLDER_WITH_RESULTS}" && pwd)
+cd "$(dirname "$0")/.."
+DEST=${DEST:-runs/gpu}
+RESULTS=${RESULTS:-results/v2}
+PYTHON=${PYTHON:-python}
+SCANS=${SCANS:-"covid-chest-ct example-chest-ct-kernel-L example-chest-ct-kernel-B"}
+runs=$DEST/runs
+mkdir -p "$runs" "$RESULTS"
+tar -xzf "$FROM/results.tar.gz" -C "$runs"
+for file in "$FROM"/checkpoints-*.tar; do tar -xf "$file" -C "$runs"; done
+packages=$DEST/packages
+held_out=(LIDC-IDRI-0001 LIDC-IDRI-0003 LIDC-IDRI-0001 LIDC-IDRI-0003 LIDC-IDRI-0001)  # negatives.holdout
+
+for k in 0 1 2 3 4; do
+    [ -f "$runs/v2/fold$k/best.pt" ] || { echo "fold $k: no checkpoint came back"; continue; }
+    "$PYTHON" -m covidseg_training export --checkpoint "$runs/v2/fold$k/best.pt" --out "$packages" \
+        --name "covid_unet_v2_fold$k" --version "2.0.0-fold$k" --metrics "$runs/v2/fold$k/eval/summary.json"
+    scans=()
+    for scan in $SCANS "${held_out[$k]}"; do scans+=(--scan "$scan"); done
+    "$PYTHON" -m covidseg_training wholescan --device cpu --model "$packages/covid_unet_v2_fold$k.json" "${scans[@]}" \
+        --out "$DEST/wholescan-fold$k"
+    mkdir -p "$RESULTS/fold$k"
+    cp "$runs/v2/fold$k/eval/summary.json" "$runs/v2/fold$k/eval/per_case.csv" "$runs/v2/fold$k/history.json" \
+        "$RESULTS/fold$k/"
+    cp "$DEST/wholescan-fold$k/wholescan.md" "$DEST/wholescan-fold$k/wholescan.csv" "$RESULTS/fold$k/"
+done
+if [ -d "$runs/v2/crossval" ]; then
+    mkdir -p "$RESULTS/crossval"
+    cp "$runs/v2/crossval/"{summary.json,summary.csv,folds.csv,per_case.csv} "$RESULTS/crossval/"
+fi
+for screen in "$runs"/v2_*/fold*/eval/summary.json; do
+    [ -f "$screen" ] || continue
+    name=$(basename "$(dirname "$(dirname "$(dirname "$screen")")")")
+    mkdir -p "$RESULTS/$name"
+    cp "$screen" "$(dirname "$screen")/per_case.csv" "$RESULTS/$name/"
+done
+
+if [ -f "$runs/v2_all/all/best.pt" ] && [ -f "$runs/v2/crossval/summary.json" ]; then
+    "$PYTHON" -m covidseg_training export --checkpoint "$runs/v2_all/all/best.pt" --out "$packages" \
+        --name covid_unet_v2 --version 2.0.0 --metrics "$runs/v2/fold0/eval/summary.json" \
+        --crossval "$runs/v2/crossval/summary.json"
+    "$PYTHON" -m covidseg_training wholescan --device cpu --model "$packages/covid_unet_v2.json" \
+        --model-for "LIDC-IDRI-0001=$packages/covid_unet_v2_fold0.json" \
+        --model-for "LIDC-IDRI-0003=$packages/covid_unet_v2_fold1.json" --out "$DEST/wholescan-v2.0.0"
+    cp "$DEST/wholescan-v2.0.0/wholescan.md" "$RESULTS/wholescan_v2.0.0.md"
+    cp "$DEST/wholescan-v2.0.0/wholescan.csv" "$RESULTS/wholescan_v2.0.0.csv"
+    echo "release candidate: $packages/covid_unet_v2.{pt,json} (bundle it by hand after reading the tables)"
+fi
+ls -R "$RESULTS"
