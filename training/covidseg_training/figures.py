@@ -13,7 +13,7 @@ import numpy as np
 
 from CovidInfectionSegLib.atomic import atomic_path
 
-from .data import INFECTION, LUNG
+from .data import INFECTION, LUNG, LUNG_UNKNOWN
 
 BOXPLOT_COLUMNS = ("lung_dice", "lung_nsd", "infection_dice", "infection_nsd")
 # The segments' colours in the manifest (Slicer's GenericAnatomyColors), as matplotlib RGB.
@@ -125,8 +125,6 @@ def plot_negative_labels(scans: list[tuple[str, np.ndarray, np.ndarray, np.ndarr
     sampler hands them out. Two slices each: the mid-lung slice with the most "lung, no infection"
     (else the most lung), and a slice at the lung base. Lung, no infection in blue; "lung or
     infection" (the loss takes either) in green; background uncoloured."""
-    from .data import LUNG_UNKNOWN
-
     plt = _pyplot()
     figure, axes = plt.subplots(len(scans), 2, figsize=(6.4, 3.2 * len(scans)), squeeze=False)
     for row_axes, (name, images, labels, levels) in zip(axes, scans):

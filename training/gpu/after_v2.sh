@@ -21,7 +21,10 @@ mkdir -p "$runs" "$RESULTS"
 tar -xzf "$FROM/results.tar.gz" -C "$runs"
 for file in "$FROM"/checkpoints-*.tar; do tar -xf "$file" -C "$runs"; done
 packages=$DEST/packages
-held_out=(LIDC-IDRI-0001 LIDC-IDRI-0003 LIDC-IDRI-0001 LIDC-IDRI-0003 LIDC-IDRI-0001)  # negatives.holdout
+# The negative scan each fold left out, from the config that trained the folds.
+read -r -a held_out <<< "$("$PYTHON" -c "from covidseg_training.config import TrainConfig
+holdout = TrainConfig.load('configs/v2.yaml').negatives.holdout
+print(' '.join(holdout[fold][0] for fold in range(5)))")"
 
 for k in 0 1 2 3 4; do
     [ -f "$runs/v2/fold$k/best.pt" ] || { echo "fold $k: no checkpoint came back"; continue; }
@@ -51,9 +54,10 @@ if [ -f "$runs/v2_all/all/best.pt" ] && [ -f "$runs/v2/crossval/summary.json" ];
     "$PYTHON" -m covidseg_training export --checkpoint "$runs/v2_all/all/best.pt" --out "$packages" \
         --name covid_unet_v2 --version 2.0.0 --metrics "$runs/v2/fold0/eval/summary.json" \
         --crossval "$runs/v2/crossval/summary.json"
+    # Fold 0 left LIDC-IDRI-0001 out and fold 1 LIDC-IDRI-0003 (held_out above).
     "$PYTHON" -m covidseg_training wholescan --device cpu --model "$packages/covid_unet_v2.json" \
-        --model-for "LIDC-IDRI-0001=$packages/covid_unet_v2_fold0.json" \
-        --model-for "LIDC-IDRI-0003=$packages/covid_unet_v2_fold1.json" --out "$DEST/wholescan-v2.0.0"
+        --model-for "${held_out[0]}=$packages/covid_unet_v2_fold0.json" \
+        --model-for "${held_out[1]}=$packages/covid_unet_v2_fold1.json" --out "$DEST/wholescan-v2.0.0"
     cp "$DEST/wholescan-v2.0.0/wholescan.md" "$RESULTS/wholescan_v2.0.0.md"
     cp "$DEST/wholescan-v2.0.0/wholescan.csv" "$RESULTS/wholescan_v2.0.0.csv"
     echo "release candidate: $packages/covid_unet_v2.{pt,json} (bundle it by hand after reading the tables)"
