@@ -313,3 +313,11 @@ def test_precision_is_recorded_and_an_unsupported_one_is_a_usage_error(tmp_path,
     assert code == EXIT_USAGE
     assert "--precision: precision 'fp16' is for CUDA only" in capsys.readouterr().err
     assert not (tmp_path / "fp16" / "alpha.labels.nii.gz").exists()
+
+
+def test_flip_tta_is_recorded(tmp_path, scans, tiny_model_manifest):
+    for flag, expected in (([], False), (["--flip-tta"], True)):
+        out = tmp_path / str(expected)
+        assert main(["segment", str(scans / "alpha.nii.gz"), "-o", str(out), "--model", str(tiny_model_manifest),
+                     "--device", "cpu", "-q", "--no-preview", *flag]) == EXIT_OK
+        assert json.loads((out / "alpha.measurements.json").read_text(encoding="utf-8"))["flip_tta"] is expected

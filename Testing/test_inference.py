@@ -249,6 +249,51 @@ def test_frozen_and_optimised_bundled_model_gives_the_same_classes(bundled_model
                                    bundled_model.module(batch), atol=1e-3, rtol=1e-4)
 
 
+class SidedLogits(nn.Module):
+    """Ignores its input: infection, confidently, on the left half of the image; lung, weakly, on the right."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = torch.zeros(x.shape[0], 3, x.shape[2], x.shape[3])
+        half = x.shape[3] // 2
+        logits[:, 2, :, :half] = 5.0
+        logits[:, 1, :, half:] = 1.0
+        return logits
+
+
+def test_flip_tta_averages_the_slice_with_its_mirror() -> None:
+    # Mirrored and flipped back, the right half sees the confident infection of the left half:
+    # softmax mean there is 0.60 infection against 0.29 lung. Forgetting to flip back would leave
+    # each half as it was.
+    geometry = SliceGeometry.for_shape((32, 32), pad_to_square=True)
+    images = np.zeros((2, 32, 32), np.uint8)
+    module = torch.jit.script(SidedLogits())
+    plain = predict_slices(module, images, geometry, CPU)
+    assert np.all(plain[:, :, :16] == 2) and np.all(plain[:, :, 16:] == 1)
+    assert np.all(predict_slices(module, images, geometry, CPU, flip_tta=True) == 2)
+
+
+def test_flip_tta_is_mirror_symmetric_with_the_bundled_model(bundled_model: ModelPackage) -> None:
+    # With flip averaging, the result of a mirrored slice is the mirrored result.
+    chest = synthetic_chest(size=(256, 256, 24))
+    volume = sitk.GetArrayFromImage(chest).astype(np.float32)
+    images = preprocess_slices(volume[8:12], bundled_model.recipe)
+    images[:, :, :100] = np.clip(images[:, :, :100].astype(int) + 40, 0, 255).astype(np.uint8)  # break the symmetry
+    geometry = SliceGeometry.for_shape(volume.shape[1:], True)
+    module = prepare_module(bundled_model.module, CPU, "fp32")
+    once = predict_slices(module, images, geometry, CPU, flip_tta=True)
+    mirrored = predict_slices(module, np.ascontiguousarray(images[:, :, ::-1]), geometry, CPU, flip_tta=True)
+    assert np.count_nonzero(once) > 0.05 * once.size
+    assert np.count_nonzero(once != mirrored[:, :, ::-1]) <= 1e-4 * once.size
+    plain = predict_slices(module, images, geometry, CPU)
+    assert np.count_nonzero(plain != once) > 0  # the second pass changed something: not a no-op
+
+
+def test_predict_volume_with_flip_tta_finds_the_phantom_lungs(tiny_model: ModelPackage) -> None:
+    phantom = chest_phantom()
+    classes = predict_volume(phantom.volume, tiny_model, "cpu", batch_size=3, flip_tta=True)
+    np.testing.assert_array_equal(classes == 1, phantom.right_lung | phantom.left_lung)
+
+
 @pytest.mark.skipif(not NATIVE_BF16, reason="this CPU has no native bf16 (AVX-512 BF16 or AMX)")
 def test_bf16_on_cpu_matches_fp32(tiny_model: ModelPackage) -> None:
     phantom = chest_phantom(shape=(8, 48, 48))

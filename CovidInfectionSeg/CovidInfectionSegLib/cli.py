@@ -138,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
                                   "(downloaded once), or on a synthetic phantom when offline (said plainly).")
     segment.add_argument("input", nargs="?", type=Path, help=f"CT file or DICOM folder: {SUPPORTED_TEXT}")
     segment.add_argument("-o", "--output", required=True, type=Path, help="output folder (created if needed)")
+    segment.add_argument("--flip-tta", action="store_true",
+                         help="test-time augmentation: average each slice with its left-right mirror "
+                         "(twice the network time; the model card says what it changes)")
     segment.set_defaults(handler=run_segment)
 
     batch = commands.add_parser("batch", parents=[run_options], help="segment every scan in a folder",
@@ -240,7 +243,7 @@ def run_segment(args: argparse.Namespace) -> int:
     with cancel_on_sigint(options.quiet) as cancel:
         with slice_progress(f"segmenting {stem}", options.quiet) as progress:
             run = dict(device=options.device, batch_size=options.batch_size, progress=progress, cancel=cancel,
-                       precision=options.precision)
+                       precision=options.precision, flip_tta=args.flip_tta)
             try:
                 if default is not None:
                     result = segment_image(default.image, model, name=source, **run)

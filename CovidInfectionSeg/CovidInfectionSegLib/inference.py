@@ -12,6 +12,11 @@ fp32 on CPU, optimised for inference (oneDNN convolutions with pre-packed weight
 device and precision (:func:`prepare_module`). Only uint8 images cross to the device. On CUDA the
 host side is pinned, copies are non-blocking and one batch stays in flight while the next is
 launched, so the GPU does not wait for Python or for the preprocessing.
+
+Flip test-time augmentation (``flip_tta``) runs each slice a second time mirrored left-right and
+averages the two softmax maps (as nnU-Net mirrors): the network output is three classes (background,
+lung, infection) with right and left decided later, so a mirrored slice needs no class swap. It costs
+a second network pass per slice.
 """
 
 from __future__ import annotations
@@ -200,13 +205,15 @@ def predict_volume(
     progress: ProgressCallback | None = None,
     cancel: CancelCheck | None = None,
     precision: str = "auto",
+    flip_tta: bool = False,
 ) -> np.ndarray:
     """Network classes for every axial slice of a canonical volume.
 
     ``volume`` is (z, y, x), HU or any scalar, any numeric dtype (slices are converted one by one);
     returns uint8 (z, y, x) with the network's label values. ``precision`` is ``"auto"``, ``"fp32"``,
-    ``"bf16"`` or ``"fp16"`` (see :func:`pick_precision`). ``progress(done, total)`` is called after
-    each batch; ``cancel`` is checked before each batch and raises :class:`SegmentationCancelled`.
+    ``"bf16"`` or ``"fp16"`` (see :func:`pick_precision`). ``flip_tta`` averages each slice's softmax
+    with that of its left-right mirror (twice the network time). ``progress(done, total)`` is called
+    after each batch; ``cancel`` is checked before each batch and raises :class:`SegmentationCancelled`.
     """
     if volume.ndim != 3:
         raise ValueError(f"predict_volume needs a (z, y, x) volume, got shape {volume.shape}")
@@ -217,7 +224,7 @@ def predict_volume(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     geometry = SliceGeometry.for_shape(volume.shape[1:], model.recipe.pad_to_square)
-    network = _Network(prepare_module(model.module, device, precision), geometry, device, precision)
+    network = _Network(prepare_module(model.module, device, precision), geometry, device, precision, flip_tta)
     output = np.zeros(volume.shape, dtype=np.uint8)
     preparer = _BatchPreparer(volume, model.recipe)
     # CPU work is done when the call returns; CUDA work is queued, so one batch may stay in flight.
@@ -296,11 +303,13 @@ class _BatchResult:
 class _Network:
     """The prepared network for one volume's slice geometry; remembers the batch size OOM halving left."""
 
-    def __init__(self, module: torch.nn.Module, geometry: SliceGeometry, device: torch.device, precision: str):
+    def __init__(self, module: torch.nn.Module, geometry: SliceGeometry, device: torch.device, precision: str,
+                 flip_tta: bool = False):
         self.module = module
         self.geometry = geometry
         self.device = device
         self.precision = precision
+        self.flip_tta = flip_tta
         self.batch_size = 0
 
     def launch_with_oom_halving(self, images: np.ndarray, batch_size: int) -> list[tuple[int, _BatchResult]]:
@@ -311,7 +320,8 @@ class _Network:
         while index < len(images):
             chunk = images[index : index + batch_size]
             try:
-                results.append((index, _BatchResult(classify(self.module, chunk, self.geometry, self.device, self.precision))))
+                classes = classify(self.module, chunk, self.geometry, self.device, self.precision, self.flip_tta)
+                results.append((index, _BatchResult(classes)))
             except torch.cuda.OutOfMemoryError as error:
                 if batch_size == 1:
                     raise RuntimeError(
@@ -332,19 +342,21 @@ def predict_slices(
     geometry: SliceGeometry,
     device: torch.device,
     precision: str = "fp32",
+    flip_tta: bool = False,
 ) -> np.ndarray:
     """Preprocessed uint8 images (n, size, size) -> uint8 classes (n, rows, cols) on the slice grid.
 
     ``module`` runs as given (pass it through :func:`prepare_module` for speed); ``precision`` is a
-    name :func:`pick_precision` returns. Logits are upsampled bilinearly (on the device) to the padded
-    square, reduced by argmax and cropped, the inverse of :func:`preprocessing.preprocess_slice`'s
-    padding and resize.
+    name :func:`pick_precision` returns. Logits (with ``flip_tta``, the mean softmax of the slice and
+    its left-right mirror) are upsampled bilinearly (on the device) to the padded square, reduced by
+    argmax and cropped, the inverse of :func:`preprocessing.preprocess_slice`'s padding and resize.
     """
-    return _BatchResult(classify(module, images, geometry, device, precision)).numpy()
+    return _BatchResult(classify(module, images, geometry, device, precision, flip_tta)).numpy()
 
 
 def classify(
-    module: torch.nn.Module, images: np.ndarray, geometry: SliceGeometry, device: torch.device, precision: str
+    module: torch.nn.Module, images: np.ndarray, geometry: SliceGeometry, device: torch.device, precision: str,
+    flip_tta: bool = False,
 ) -> torch.Tensor:
     """Like :func:`predict_slices`, but returns the uint8 classes as a tensor on ``device`` (on CUDA
     possibly still being computed)."""
@@ -355,6 +367,9 @@ def classify(
         batch = _network_input_table(device)[pixels.long()].unsqueeze(1)
         with autocast(device, precision):
             logits = module(batch)
+            if flip_tta:
+                mirrored = module(batch.flip(-1)).flip(-1)
+                logits = logits.float().softmax(dim=1) + mirrored.float().softmax(dim=1)  # argmax as of the mean
         target = _target_shape(geometry)
         if tuple(logits.shape[-2:]) != target:
             logits = F.interpolate(logits.float(), size=target, mode="bilinear", align_corners=False)

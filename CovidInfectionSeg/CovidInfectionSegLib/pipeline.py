@@ -58,6 +58,7 @@ class SegmentationResult:
     # What the input was when it was segmented (batch: size, times, content hash), for resuming.
     input_fingerprint: dict[str, Any] | None = None
     precision: str = "fp32"
+    flip_tta: bool = False
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready description of the run (no image data)."""
@@ -66,6 +67,7 @@ class SegmentationResult:
             "model": {"name": self.model_name, "version": self.model_version},
             "device": self.device,
             "precision": self.precision,
+            "flip_tta": self.flip_tta,
             "measurements": self.measurements.to_dict(),
             "warnings": list(self.warnings),
             "notes": list(self.notes),
@@ -87,10 +89,12 @@ def segment_image(
     name: str | None = None,
     settings: PostprocessingSettings | None = None,
     precision: str = "auto",
+    flip_tta: bool = False,
 ) -> SegmentationResult:
     """Segment lungs (right, left) and infection in a 3D CT volume.
 
     ``precision`` is ``"auto"``, ``"fp32"``, ``"bf16"`` or ``"fp16"`` (see :func:`inference.pick_precision`).
+    ``flip_tta`` averages each slice with its left-right mirror (twice the network time).
     Raises :class:`validation.InputError` for images that cannot be segmented, :class:`SegmentationCancelled`
     when ``cancel`` fires, ``RuntimeError`` for an unavailable device or precision. ``name`` labels
     warnings and is the result's ``source``; it defaults to the path :func:`imageio.read_image` recorded
@@ -110,7 +114,7 @@ def segment_image(
     in_hu = looks_like_hu(volume)
 
     inference_started = time.perf_counter()
-    classes = predict_volume(volume, model, torch_device, batch_size, progress, cancel, precision)
+    classes = predict_volume(volume, model, torch_device, batch_size, progress, cancel, precision, flip_tta)
     inference_seconds = time.perf_counter() - inference_started
     if is_cancelled(cancel):
         raise SegmentationCancelled("cancelled after inference")
@@ -151,6 +155,7 @@ def segment_image(
         notes=lungs.notes,
         source=source,
         precision=precision,
+        flip_tta=flip_tta,
     )
 
 

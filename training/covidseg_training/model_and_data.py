@@ -13,6 +13,7 @@ from CovidInfectionSegLib.checksums import sha256_of
 from .checkpoint import load_network
 from .config import TrainConfig
 from .data import SliceDataset
+from .predict import FlipAveraged
 from .train import load_dataset, split
 
 # The PNG export dropped the pixel size: assume a 350 mm field of view over 256 pixels.
@@ -39,6 +40,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", help="prepared .npz or PNG-export folder (overrides the config)")
     parser.add_argument("--out", required=True, type=Path, help="output folder")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--flip-tta", action="store_true",
+                        help="flip test-time augmentation: each slice averaged with its left-right mirror, as "
+                             "covidseg segment --flip-tta does")
 
 
 def evaluated_file(path: Path) -> dict[str, str]:
@@ -59,7 +63,9 @@ def resolve_model_and_data(args: argparse.Namespace) -> tuple[torch.nn.Module, S
     if args.data:
         config.data = args.data
     dataset = validation_set(config)
-    meta = {"model": description, **evaluated_file(args.checkpoint),
+    if args.flip_tta:
+        network = FlipAveraged(network)
+    meta = {"model": description, **evaluated_file(args.checkpoint), "flip_tta": args.flip_tta,
             "config": str(args.config) if args.config else "stored in the checkpoint",
             "data": config.data or "shared PNG export (ma2020-covid19-ct-png)", "fold": config.fold,
             "n_folds": config.n_folds, "split_seed": config.seed}

@@ -20,6 +20,19 @@ class Predictions:
     infection_probability: np.ndarray
 
 
+class FlipAveraged(torch.nn.Module):
+    """``network`` with flip test-time augmentation: the log of the mean softmax of each slice and its
+    left-right mirror, so that its softmax and argmax are what the engine's ``flip_tta`` averages."""
+
+    def __init__(self, network: torch.nn.Module):
+        super().__init__()
+        self.network = network
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean = (self.network(x).float().softmax(dim=1) + self.network(x.flip(-1)).float().softmax(dim=1).flip(-1)) / 2
+        return mean.clamp_min(1e-12).log()
+
+
 @torch.inference_mode()
 def predict(network: torch.nn.Module, images: np.ndarray, batch_size: int = 16) -> Predictions:
     """Float32 inference on the CPU, as the runtime engine runs the exported model."""

@@ -150,10 +150,11 @@ def trained_on(model: ModelPackage, scan_name: str) -> bool:
 
 
 def check_scan(spec: ScanSpec, model: ModelPackage, device: str, preview_path: Path | None = None,
-               preview_slices: int = PREVIEW_SLICES) -> dict[str, Any]:
-    """Segment one scan as users do, measure it, and write its preview; returns its table row."""
+               preview_slices: int = PREVIEW_SLICES, flip_tta: bool = False) -> dict[str, Any]:
+    """Segment one scan as users do (with ``flip_tta`` as ``covidseg segment --flip-tta`` does), measure
+    it, and write its preview; returns its table row (``network_s``: seconds of preprocessing and network)."""
     reads = parse_nodule_xml(spec.nodules) if spec.nodules is not None else None  # bad XML: fail before the work
-    result = segment_file(spec.path, model, device=device)
+    result = segment_file(spec.path, model, device=device, flip_tta=flip_tta)
     ct = sitk.Cast(to_canonical(result.input_image), sitk.sitkFloat32)
     volume = sitk.GetArrayFromImage(ct)
     spacing = ct.GetSpacing()[::-1]
@@ -176,6 +177,7 @@ def check_scan(spec: ScanSpec, model: ModelPackage, device: str, preview_path: P
         "infection_ml": m.total.infection_ml,
         **measure_scan(labels, classical, spacing, low_slices=spec.low_slices, nodules=nodules),
         "low_slices": spec.low_slices or "", **nodule_row, "notes": "; ".join(notes),
+        "flip_tta": "yes" if flip_tta else "no", "network_s": result.timings["preprocess_infer"],
     }
     if preview_path is not None:
         write_scan_preview(result, spec, row, labels, classical, nodules, preview_path, preview_slices)
@@ -222,6 +224,7 @@ COLUMNS = (
     "low_slices_infection_ml", "nodule_voxels", "nodule_ml", "nodule_infection_voxels",
     "nodule_infection_percent", "nodule_infection_percent_target", "nodule_infection_percent_met",
     "nodule_readers", "nodule_outlines", "nodule_contours_unmatched", "nodule_marks_left_out", "notes",
+    "flip_tta", "network_s",
 )
 
 
@@ -426,11 +429,13 @@ def parse_arguments(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--preview-slices", type=int, default=PREVIEW_SLICES, choices=range(1, 65), metavar="N",
                         help="slices per montage, 1 to 64, besides each nodule's largest slice (default %(default)s)")
     parser.add_argument("--note", default="", help="added to the table's machine line (e.g. 'shared, busy CPU')")
+    parser.add_argument("--flip-tta", action="store_true",
+                        help="segment with flip test-time augmentation (covidseg segment --flip-tta)")
     return parser.parse_args(list(argv))
 
 
 def run_one(spec: ScanSpec, model: ModelPackage, model_path: str | None, device: str, out: Path,
-            preview_slices: int) -> dict[str, Any]:
+            preview_slices: int, flip_tta: bool = False) -> dict[str, Any]:
     """One scan's row (a failure is a row too), its targets, and its record ``<scan>.json`` in ``out``."""
     row: dict[str, Any] = {
         "scan": spec.name, "path": display_path(spec.path), "model_name": model.name,
@@ -438,7 +443,7 @@ def run_one(spec: ScanSpec, model: ModelPackage, model_path: str | None, device:
         "model_trained_on_scan": "yes" if trained_on(model, spec.name) else "no",
     }
     try:
-        row.update(check_scan(spec, model, device, out / f"{spec.name}.png", preview_slices), status="ok")
+        row.update(check_scan(spec, model, device, out / f"{spec.name}.png", preview_slices, flip_tta), status="ok")
     except (InputError, ValueError, OSError) as error:
         row.update(status=f"failed: {error}")
     apply_targets(row, spec.targets)
@@ -472,7 +477,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for index, spec in enumerate(specs, 1):
             model = models[str(model_paths[spec.name])]
             print(f"[{index}/{len(specs)}] {spec.name}: {spec.path} with {model.name} {model.version}", flush=True)
-            row = run_one(spec, model, model_paths[spec.name], device, out, args.preview_slices)
+            row = run_one(spec, model, model_paths[spec.name], device, out, args.preview_slices, args.flip_tta)
             print(f"    {row['status']}" + ("" if row["status"] != "ok" else
                   f": lung {row['lung_ml']:.0f} mL, infection {row['infection_ml']:.1f} mL, outside classical "
                   f"{row['outside_classical_ml']:.1f} mL, missed {row['classical_missed_ml']:.1f} mL"), flush=True)

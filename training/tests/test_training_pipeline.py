@@ -119,6 +119,14 @@ def test_package_evaluates_like_its_checkpoint(pipeline):
     assert "robustness" not in package_summary
 
 
+def test_evaluate_with_flip_tta_records_it(pipeline):
+    out = pipeline["root"] / "eval_flip"
+    assert cli(["evaluate", "--checkpoint", str(pipeline["models"] / "tiny_unet.json"), "--config",
+                str(pipeline["config"]), "--out", str(out), "--no-robustness", "--flip-tta"]) == 0
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    assert summary["flip_tta"] is True and summary["per_case"]["lung"]["dice"]["mean"] > 0.5
+
+
 def test_exported_model_labels_a_volume_in_the_engine(pipeline):
     pipeline_module = pytest.importorskip("CovidInfectionSegLib.pipeline")
     package = load_model_package(pipeline["models"] / "tiny_unet.json")

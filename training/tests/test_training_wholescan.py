@@ -170,6 +170,18 @@ def test_command_writes_table_and_previews(synthetic_scan, tmp_path):
         assert picture is not None and picture.shape[0] > 300 and picture.shape[1] >= 640
 
 
+def test_flip_tta_is_passed_to_the_engine_and_recorded(synthetic_scan, tmp_path):
+    out = tmp_path / "out"
+    scan = synthetic_scan["scan"]
+    assert training_main(["wholescan", "--model", str(synthetic_scan["model"]), "--out", str(out), "--device", "cpu",
+                          "--scan", f"chest={scan}", "--flip-tta"]) == 0
+    row = next(csv.DictReader((out / "wholescan.csv").open()))
+    result = segment_file(scan, load_model_package(synthetic_scan["model"]), device="cpu", flip_tta=True)
+    assert row["flip_tta"] == "yes" and float(row["network_s"]) > 0
+    assert float(row["lung_ml"]) == pytest.approx(result.measurements.total.lung_ml, abs=1e-3)
+    assert "--flip-tta" in (out / "wholescan.md").read_text()
+
+
 def test_a_scan_that_fails_is_a_row_and_the_exit_code(synthetic_scan, tmp_path):
     out = tmp_path / "out"
     code = training_main(["wholescan", "--model", str(synthetic_scan["model"]), "--out", str(out),
