@@ -29,7 +29,8 @@ class Checkpoint:
 
 
 def build_model(config: TrainConfig) -> UNet2D:
-    """The network a config describes (3 classes: background, lung, infection)."""
+    """The network a config describes (3 classes: background, lung, infection), as it is exported and
+    evaluated: without the deep-supervision heads that only training uses."""
     return UNet2D(num_classes=3, base_channels=config.base_channels, depth=config.depth)
 
 
@@ -92,6 +93,7 @@ def initial_state(path: str | Path, config: TrainConfig) -> dict[str, torch.Tens
 def model_with_weights(state: dict[str, torch.Tensor], config: TrainConfig, source: str) -> UNet2D:
     """The network ``config`` builds, holding ``state``; a ValueError naming ``source`` when they do not fit."""
     model = build_model(config)
+    state = {name: value for name, value in state.items() if not name.startswith("auxiliary.")}
     try:
         model.load_state_dict(state)
     except RuntimeError as error:

@@ -30,6 +30,9 @@ class TrainConfig:
     warmup_epochs: int = 1
     dice_weight: float = 1.0
     tv_weight: float = 0.0
+    # Deep supervision: auxiliary heads on the decoder's coarser outputs, trained against subsampled
+    # labels (0: none); training only, an exported model has none (see unet.UNet2D).
+    deep_supervision: int = 0
     patience: int = 10
     device: str = "auto"
     threads: int = 0  # 0 = torch default

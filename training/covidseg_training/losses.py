@@ -57,3 +57,15 @@ def segmentation_loss(
     if tv_weight:
         loss = loss + tv_weight * total_variation(probabilities)
     return loss
+
+
+def deep_supervision_loss(outputs: list[torch.Tensor], target: torch.Tensor, dice_weight: float = 1.0,
+                          tv_weight: float = 0.0) -> torch.Tensor:
+    """:func:`segmentation_loss` of the full-size logits and of each coarser auxiliary output (against
+    the labels subsampled to its size), weighted 1, 1/2, 1/4, ... and normalised to sum 1 (nnU-Net)."""
+    weights = [0.5**level for level in range(len(outputs))]
+    total = outputs[0].new_zeros((), dtype=torch.float32)
+    for level, (logits, weight) in enumerate(zip(outputs, weights)):
+        step = 2**level
+        total = total + weight * segmentation_loss(logits, target[..., ::step, ::step], dice_weight, tv_weight)
+    return total / sum(weights)

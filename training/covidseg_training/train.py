@@ -25,7 +25,7 @@ from .augment import SliceAugmenter
 from .checkpoint import initial_state
 from .config import TrainConfig
 from .data import INFECTION, LUNG, SliceDataset, load_png_export, patient_folds
-from .losses import segmentation_loss
+from .losses import deep_supervision_loss
 from .negatives import NegativeSampler, load_negatives
 from .unet import UNet2D
 
@@ -192,7 +192,8 @@ def train(config: TrainConfig, log=print) -> Path:
     train_set, val_set = split(config, dataset)
     if config.max_train_slices:
         train_set = train_set.subset(np.arange(len(train_set.images)) < config.max_train_slices)
-    model = UNet2D(num_classes=3, base_channels=config.base_channels, depth=config.depth).to(device)
+    model = UNet2D(num_classes=3, base_channels=config.base_channels, depth=config.depth,
+                   auxiliary_heads=config.deep_supervision).to(device)
     model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=precision_for(device) == torch.float16)
@@ -206,7 +207,7 @@ def train(config: TrainConfig, log=print) -> Path:
         state = checkpoint["state"]
         log(f"resumed {last_path} at epoch {state['epoch']}")
     elif config.init_from:
-        model.load_state_dict(initial_state(config.init_from, config))
+        model.load_state_dict(initial_state(config.init_from, config), strict=not config.deep_supervision)
         log(f"starting from the weights of {config.init_from}")
 
     negatives = negative_sampler(config, log)
@@ -232,8 +233,8 @@ def train(config: TrainConfig, log=print) -> Path:
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate_at(config, state["step"], steps_per_epoch)
             with autocast(device):
-                logits = model(images)
-            loss = segmentation_loss(logits, labels, config.dice_weight, config.tv_weight)
+                outputs = model.forward_deep(images) if config.deep_supervision else [model(images)]
+            loss = deep_supervision_loss(outputs, labels, config.dice_weight, config.tv_weight)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)

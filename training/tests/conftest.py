@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -28,3 +29,19 @@ def record_server(record_archives):
                          "api/records/3757476": record_listing(record_archives)})
     yield server
     server.close()
+
+
+@pytest.fixture()
+def labelled_slices(tmp_path) -> Path:
+    """12 random 64 x 64 slices of 6 cases, each with a lung square holding an infection square, as
+    the .npz that ``prepare`` writes."""
+    from covidseg_training.data import INFECTION, LUNG, SliceDataset
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (12, 64, 64), dtype=np.uint8)
+    labels = np.zeros((12, 64, 64), dtype=np.uint8)
+    labels[:, 20:40, 10:30] = LUNG
+    labels[:, 25:30, 15:20] = INFECTION
+    path = tmp_path / "labelled.npz"
+    SliceDataset(images, labels, np.repeat(np.array(["a", "b", "c", "d", "e", "f"]), 2)).save(path)
+    return path

@@ -134,21 +134,13 @@ def test_lung_levels_without_lung_are_nan():
     assert np.isnan(lung_levels(np.zeros((4, 3, 3), dtype=bool))).all()
 
 
-def test_training_mixes_the_negatives_into_every_epoch(chest_file, tmp_path):
+def test_training_mixes_the_negatives_into_every_epoch(chest_file, tmp_path, labelled_slices):
     """A tiny run on synthetic labelled slices plus the negative scan: each epoch trains on both, the
     history says how many of each, and a held-out scan is not loaded."""
-    from covidseg_training.data import SliceDataset
     from covidseg_training.train import train
 
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 255, (12, 64, 64), dtype=np.uint8)
-    labels = np.zeros((12, 64, 64), dtype=np.uint8)
-    labels[:, 20:40, 10:30] = LUNG
-    labels[:, 25:30, 15:20] = INFECTION
-    data = tmp_path / "labelled.npz"
-    SliceDataset(images, labels, np.repeat(np.array(["a", "b", "c", "d", "e", "f"]), 2)).save(data)
     config = TrainConfig.from_dict({
-        "name": "mix", "data": str(data), "output_dir": str(tmp_path / "runs"), "fold": 0, "n_folds": 3,
+        "name": "mix", "data": str(labelled_slices), "output_dir": str(tmp_path / "runs"), "fold": 0, "n_folds": 3,
         "input_size": 64, "base_channels": 4, "depth": 2, "epochs": 2, "batch_size": 4, "threads": 1,
         "device": "cpu",
         "negatives": {"scans": [chest_file.name, "not-there.nii.gz"], "per_epoch": 6, "root": str(chest_file.parent),
