@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Here, after run_v2.sh came back from the GPU machine (this machine has ../shared/data): unpack it,
 # export each fold model and the all-data model (covid_unet_v2 2.0.0, with the cross-validation in
-# its manifest), run the whole-scan checks (each fold model on the check scans and on the LIDC scan
-# it did not train on; the all-data model on every scan, each LIDC scan scored by a fold model that
-# did not train on it) and copy the small tables into results/v2/, ready to commit.
+# its manifest), evaluate each fold model again with flip test-time augmentation, run the whole-scan
+# checks (each fold model on the check scans and on the LIDC scan it did not train on; the all-data
+# model on every scan, each LIDC scan scored by a fold model that did not train on it) and copy the
+# small tables into results/v2/, ready to commit.
 #
 #   bash training/gpu/after_v2.sh FILES_AT     (the folder holding results.tar.gz and checkpoints-N.tar)
 #
@@ -34,9 +35,12 @@ for k in 0 1 2 3 4; do
     for scan in $SCANS "${held_out[$k]}"; do scans+=(--scan "$scan"); done
     "$PYTHON" -m covidseg_training wholescan --device cpu --model "$packages/covid_unet_v2_fold$k.json" "${scans[@]}" \
         --out "$DEST/wholescan-fold$k"
-    mkdir -p "$RESULTS/fold$k"
+    "$PYTHON" -m covidseg_training evaluate --checkpoint "$packages/covid_unet_v2_fold$k.json" \
+        --config configs/v2.yaml --fold "$k" --flip-tta --out "$DEST/eval-flip-tta-fold$k"
+    mkdir -p "$RESULTS/fold$k/flip_tta"
     cp "$runs/v2/fold$k/eval/summary.json" "$runs/v2/fold$k/eval/per_case.csv" "$runs/v2/fold$k/history.json" \
         "$RESULTS/fold$k/"
+    cp "$DEST/eval-flip-tta-fold$k/summary.json" "$DEST/eval-flip-tta-fold$k/per_case.csv" "$RESULTS/fold$k/flip_tta/"
     cp "$DEST/wholescan-fold$k/wholescan.md" "$DEST/wholescan-fold$k/wholescan.csv" "$RESULTS/fold$k/"
 done
 if [ -d "$runs/v2/crossval" ]; then
