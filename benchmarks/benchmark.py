@@ -22,6 +22,7 @@ and ``torch.cuda.max_memory_allocated`` on CUDA.
     python benchmarks/benchmark.py --device cuda
     python benchmarks/benchmark.py --slices 1000 --no-lungmask  # the memory target for a long scan
     python benchmarks/benchmark.py --slices 32 --sweep-batch 1,2,4,8 --no-lungmask
+    python benchmarks/benchmark.py --slices 64 --flip-tta --no-lungmask  # the cost of flip TTA
 """
 
 from __future__ import annotations
@@ -152,10 +153,10 @@ def last_json(text: str) -> dict[str, Any]:
 
 
 def classify_all(module: torch.nn.Module, images: np.ndarray, geometry: SliceGeometry, device: torch.device,
-                 batch_size: int, precision: str) -> np.ndarray:
+                 batch_size: int, precision: str, flip_tta: bool = False) -> np.ndarray:
     """The network over preprocessed uint8 slices in batches -> classes on the slice grid."""
     return np.concatenate([
-        predict_slices(module, images[start : start + batch_size], geometry, device, precision)
+        predict_slices(module, images[start : start + batch_size], geometry, device, precision, flip_tta)
         for start in range(0, len(images), batch_size)
     ])
 
@@ -181,11 +182,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=None, help="our batch size (default: the engine's choice)")
     parser.add_argument("--no-lungmask", action="store_true", help="skip the real lungmask")
     parser.add_argument("--sweep-batch", metavar="N,N,...", help="also time the network at these batch sizes")
+    parser.add_argument("--flip-tta", action="store_true",
+                        help="also time the network with flip test-time augmentation (segment --flip-tta)")
     return parser.parse_args(argv)
 
 
 def time_stages(nifti: Path, model: ModelPackage, device: torch.device, precision: str, batch_size: int,
-                folder: Path, slices: int) -> tuple[list[Row], np.ndarray]:
+                folder: Path, slices: int, flip_tta: bool = False) -> tuple[list[Row], np.ndarray]:
     """Rows for read, preprocess, network, post-process and write; also the preprocessed slices."""
     rows = []
     image, row = timed("read (.nii.gz)", device, lambda: read_image(nifti))
@@ -201,6 +204,11 @@ def time_stages(nifti: Path, model: ModelPackage, device: torch.device, precisio
                          lambda: classify_all(module, images, geometry, device, batch_size, precision),
                          slices, f"{precision}, batch {batch_size}, {torch.get_num_threads()} threads")
     rows.append(row)
+    if flip_tta:
+        _flipped, row = timed("network (ours, flip TTA)", device,
+                              lambda: classify_all(module, images, geometry, device, batch_size, precision, True),
+                              slices, f"{precision}, batch {batch_size}, each slice also mirrored")
+        rows.append(row)
 
     def post() -> sitk.Image:
         lungs = postprocess(classes, volume, canonical.GetSpacing(), lung_class=model.label_value("lung"),
@@ -307,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         sitk.WriteImage(synthetic_chest(size=(args.size, args.size, args.slices), spacing=SPACING), str(nifti),
                         useCompression=True)
         rows = [time_startup(nifti, args, device, folder), time_end_to_end(nifti, args, device, folder)]
-        stages, images = time_stages(nifti, model, device, precision, batch_size, folder, args.slices)
+        stages, images = time_stages(nifti, model, device, precision, batch_size, folder, args.slices, args.flip_tta)
         rows += stages
         if with_lungmask:
             rows += time_lungmask(nifti, device, folder, args.slices)
