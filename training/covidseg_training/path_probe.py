@@ -14,12 +14,14 @@ the engine. This probe measures that gap directly:
 - the held-out ROC AUC, 0.5 when the paths cannot be told apart, 1.0 when they always can.
 
 ``--augment`` passes every slice through the training augmentation first (what the segmentation
-network actually sees). Then a classifier trained on all patches of both paths says which path the
+network actually sees): ``AugmentConfig()``'s defaults, or with ``--augment-config CONFIG`` the
+augmentation of that experiment YAML (for example v2's, which adds the kernel augmentation). Then a classifier trained on all patches of both paths says which path the
 lung of other real scans read through the engine looks like (default: the COVID-19 scan and the two
 kernels of the chest CT that the whole-scan checks use; ``--score SCAN ...`` picks others,
 ``--no-score`` skips this).
 
-    python -m covidseg_training path_probe [--augment] [--score SCAN ... | --no-score] [--out probe.json]
+    python -m covidseg_training path_probe [--augment | --augment-config CONFIG] [--score SCAN ... | --no-score]
+                                           [--out probe.json]
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +41,7 @@ from CovidInfectionSegLib.atomic import write_text_atomic
 from CovidInfectionSegLib.preprocessing import IntensityRecipe
 
 from .augment import AugmentConfig, SliceAugmenter
+from .config import TrainConfig
 from .data import INFECTION, LUNG, SliceDataset, load_png_export, patient_folds
 from .negatives import NegativesConfig, load_negatives
 
@@ -161,20 +165,21 @@ def score_other_scans(positives: SliceDataset, negatives: list[SliceDataset], ot
     return result
 
 
-def augmented(dataset: SliceDataset, seed: int) -> SliceDataset:
-    """Every slice once through the training augmentation (geometry and scanner variation)."""
-    augmenter = SliceAugmenter(AugmentConfig(), IntensityRecipe(), seed=seed)
+def augmented(dataset: SliceDataset, seed: int, config: AugmentConfig) -> SliceDataset:
+    """Every slice once through the training augmentation ``config`` (geometry and scanner variation)."""
+    augmenter = SliceAugmenter(config, IntensityRecipe(), seed=seed)
     pairs = [augmenter(image, label) for image, label in zip(dataset.images, dataset.labels)]
     return SliceDataset(np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs]), dataset.cases)
 
 
-def probe(positives: SliceDataset, negatives: list[SliceDataset], augment: bool = False, seed: int = 0,
-          epochs: int = 4) -> dict:
-    """The held-out AUC of the path classifier, for each of the two swaps and their mean."""
+def probe(positives: SliceDataset, negatives: list[SliceDataset], augment: AugmentConfig | None = None,
+          seed: int = 0, epochs: int = 4) -> dict:
+    """The held-out AUC of the path classifier, for each of the two swaps and their mean; with
+    ``augment`` every slice passes through that training augmentation first."""
     rng = np.random.default_rng(seed)
-    if augment:
-        positives = augmented(positives, seed)
-        negatives = [augmented(n, seed + 1 + i) for i, n in enumerate(negatives)]
+    if augment is not None:
+        positives = augmented(positives, seed, augment)
+        negatives = [augmented(n, seed + 1 + i, augment) for i, n in enumerate(negatives)]
     halves = patient_folds(positives.cases, 2, seed)
     positive_patches = [lung_patches(positives.images[halves == h], positives.labels[halves == h], rng)[0]
                         for h in (0, 1)]
@@ -187,7 +192,8 @@ def probe(positives: SliceDataset, negatives: list[SliceDataset], augment: bool 
         test_x = np.concatenate([positive_patches[test_half], negative_patches[test_half]])
         test_y = np.r_[np.zeros(len(positive_patches[test_half])), np.ones(len(negative_patches[test_half]))]
         aucs.append(train_and_score(train_x, train_y, test_x, test_y, epochs, seed))
-    return {"auc": float(np.mean(aucs)), "auc_per_swap": aucs, "augment": augment,
+    return {"auc": float(np.mean(aucs)), "auc_per_swap": aucs,
+            "augment": None if augment is None else asdict(augment),
             "patches": {"png_export": [len(p) for p in positive_patches],
                         "negatives": [len(p) for p in negative_patches]}}
 
@@ -200,7 +206,10 @@ def mid_lung(scan) -> SliceDataset:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--png", default="", help="PNG export folder (default: the shared one)")
-    parser.add_argument("--augment", action="store_true", help="probe what training shows: slices augmented first")
+    parser.add_argument("--augment", action="store_true",
+                        help="probe what training shows: slices augmented first (AugmentConfig defaults)")
+    parser.add_argument("--augment-config", type=Path, metavar="CONFIG",
+                        help="like --augment, with the augmentation of this experiment YAML")
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache", default="data/cache", help="folder for the negatives' prepared slices")
@@ -211,19 +220,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-score", action="store_true", help="only the held-out AUC, no other scans scored")
     parser.add_argument("--out", help="write the result as JSON here")
     args = parser.parse_args(argv)
+    augment = None
+    if args.augment_config:
+        augment = TrainConfig.load(args.augment_config).augment
+    elif args.augment:
+        augment = AugmentConfig()
     positives = load_png_export(Path(args.png)) if args.png else load_png_export()
     config = NegativesConfig()
     scans = load_negatives(config, IntensityRecipe(), ["LIDC-IDRI-0001", "LIDC-IDRI-0003"], Path(args.cache))
     negatives = [mid_lung(scan) for scan in scans]
-    result = probe(positives, negatives, args.augment, args.seed, args.epochs)
+    result = probe(positives, negatives, augment, args.seed, args.epochs)
     score_scans = [] if args.no_score else (args.score or list(CHECK_SCANS))
     if score_scans:
         others = {name: mid_lung(scan) for name, scan in
                   zip(score_scans, load_negatives(config, IntensityRecipe(), score_scans, Path(args.cache)))}
-        if args.augment:
-            others = {name: augmented(dataset, args.seed + 10 + i) for i, (name, dataset) in enumerate(others.items())}
-            positives = augmented(positives, args.seed)
-            negatives = [augmented(n, args.seed + 1 + i) for i, n in enumerate(negatives)]
+        if augment is not None:
+            others = {name: augmented(dataset, args.seed + 10 + i, augment)
+                      for i, (name, dataset) in enumerate(others.items())}
+            positives = augmented(positives, args.seed, augment)
+            negatives = [augmented(n, args.seed + 1 + i, augment) for i, n in enumerate(negatives)]
         result["other_scans"] = score_other_scans(positives, negatives, others, args.epochs, args.seed)
     text = json.dumps(result, indent=2)
     print(text)

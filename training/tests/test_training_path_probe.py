@@ -62,3 +62,15 @@ def test_other_scans_are_placed_on_the_path_they_look_like():
     assert scores["noisy"]["mean_negative_path_probability"] > 0.8
     assert scores["smooth"]["mean_negative_path_probability"] < 0.2
     assert scores["noisy"]["patches"] > 0
+
+
+def test_probe_records_the_augmentation_it_applied():
+    from covidseg_training.augment import AugmentConfig
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    positives = _slices(rng, 12, 10.0, [f"p{i % 6}" for i in range(12)])
+    negatives = [_slices(rng, 6, 40.0, ["n1"] * 6), _slices(rng, 6, 40.0, ["n2"] * 6)]
+    assert probe(positives, negatives, epochs=1)["augment"] is None
+    result = probe(positives, negatives, augment=AugmentConfig(kernel_p=1.0), epochs=1)
+    assert result["augment"]["kernel_p"] == 1.0 and result["augment"]["flip_p"] == AugmentConfig().flip_p
