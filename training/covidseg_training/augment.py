@@ -35,6 +35,46 @@ class AugmentConfig:
     # Reconstruction kernel: half of the drawn slices softened (blur), half sharpened (unsharp mask and
     # fine noise), so that neither texture goes with one data path only (see path_probe.py).
     kernel_p: float = 0.0
+    # Harmonise: the slice re-rendered in a random reconstruction kernel (blurred down to a low common
+    # detail level, then fine noise up to a random one) and its lung brought to a random gray level and
+    # contrast, so that neither texture nor gray level says which data path a slice came from (with it
+    # on every slice the path probe's AUC is at chance; see results/path_probe.md).
+    harmonise_p: float = 0.0
+
+
+# Lung texture and gray level of the network's uint8 input, measured 2026-11-30 (ad hoc, AMD EPYC here):
+# detail (std of the image minus its Gaussian blur at sigma 1, inside the eroded lung), 5th-95th
+# percentile per slice: PNG export 19-42, the sharp kernel L of example-chest-ct 17-31, the soft scans
+# read by the engine (LIDC-IDRI-0001/0003, covid-chest-ct, kernel B) 10-20. Mean and std of 32 x 32
+# lung patches: export 64-104 and 35-60 per case, engine-read scans 57-84 and 31-41.
+BASE_DETAIL_RANGE = (6.0, 9.0)  # blurred down to this, below every scan's
+DETAIL_RANGE = (11.0, 32.0)  # then noise up to this, soft to sharp
+LUNG_MEAN_RANGE = (55.0, 105.0)
+LUNG_STD_RANGE = (30.0, 55.0)
+MIN_LUNG_PIXELS = 500
+
+
+def lung_detail(image: np.ndarray, region: np.ndarray) -> float | None:
+    """How sharp the texture is inside ``region`` (non-zero pixels, eroded by 2): the std of the image
+    minus its Gaussian blur at sigma 1; None where the region is too small to say."""
+    inside = cv2.erode((region != 0).astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
+    if np.count_nonzero(inside) < MIN_LUNG_PIXELS:
+        return None
+    pixels = image.astype(np.float32)
+    return float((pixels - cv2.GaussianBlur(pixels, (0, 0), 1.0))[inside].std())
+
+
+def blur_to_detail(pixels: np.ndarray, region: np.ndarray, target: float) -> np.ndarray:
+    """``pixels`` Gaussian-blurred just enough that :func:`lung_detail` in ``region`` falls to ``target``
+    (bisection over sigma 0.2 to 3)."""
+    low, high = 0.2, 3.0
+    for _ in range(8):
+        sigma = (low + high) / 2
+        if (lung_detail(cv2.GaussianBlur(pixels, (0, 0), sigma), region) or 0.0) > target:
+            low = sigma
+        else:
+            high = sigma
+    return cv2.GaussianBlur(pixels, (0, 0), high)
 
 
 class SliceAugmenter:
@@ -99,9 +139,26 @@ class SliceAugmenter:
         noise *= self.rng.uniform(3.0, 10.0) / max(float(noise.std()), 1e-6)
         return np.clip(pixels + self.rng.uniform(0.5, 1.5) * detail + noise, 0, 255)
 
+    def harmonise(self, image: np.ndarray, label: np.ndarray) -> np.ndarray:
+        """The slice re-rendered in a random kernel, its lung (labelled pixels; the whole slice when
+        there is too little lung) at a random gray level and contrast (one affine map of the slice)."""
+        pixels = image.astype(np.float32)
+        region = label if lung_detail(image, label) is not None else np.ones_like(label)
+        base = blur_to_detail(pixels, region, self.rng.uniform(*BASE_DETAIL_RANGE))
+        noise = cv2.GaussianBlur(self.rng.normal(0.0, 1.0, pixels.shape).astype(np.float32), (0, 0), 0.6)
+        have, unit = lung_detail(base, region) or 0.0, lung_detail(noise, region) or 1.0
+        target = self.rng.uniform(*DETAIL_RANGE)
+        rendered = base + np.sqrt(max(0.0, target**2 - have**2)) / max(unit, 1e-6) * noise  # detail adds in squares
+        inside = region != 0
+        mean, std = float(rendered[inside].mean()), float(rendered[inside].std())
+        gain = self.rng.uniform(*LUNG_STD_RANGE) / max(std, 1e-3)
+        return np.clip((rendered - mean) * gain + self.rng.uniform(*LUNG_MEAN_RANGE), 0, 255)
+
     def __call__(self, image: np.ndarray, label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         out = self.geometry(image=image, mask=label)
         image, label = out["image"], out["mask"]
+        if self.rng.random() < self.config.harmonise_p:
+            image = self.harmonise(image, label).astype(np.uint8)
         if self.rng.random() < self.config.kernel_p:
             image = np.clip(self.kernel(image), 0, 255).astype(np.uint8)
         if self.rng.random() < self.config.scanner_p:
