@@ -2,16 +2,16 @@
 # Model v2 on one GPU machine (issue 10), in one call of the device tool: the five folds of
 # configs/v2.yaml (each trained, then evaluated on its held-out patients), the all-data model
 # (configs/v2_all.yaml) and the fold-1 screens (a wider network; "no infection" only on dense lung;
-# per-case weighting; deep supervision), side by side on the one GPU; then the cross-validation aggregate. Resumable:
-# run it again on the same machine and finished folds are skipped, interrupted ones resume from their
-# last.pt.
+# per-case weighting; deep supervision; harmonised data paths), side by side on the one GPU; then the
+# cross-validation aggregate. Resumable: run it again on the same machine and finished folds are
+# skipped, interrupted ones resume from their last.pt.
 #
 #   bash training/gpu/run_v2.sh            (from the repository root; see training/README.md)
 #
 # Needs training/data/gpu/a and training/data/gpu/b from `bash training/gpu/pack.sh` (two calls carry
 # them: a first, then b with this command). Settings (environment):
 #   JOBS      runs as CONFIG[:FOLD] (default: v2:0 .. v2:4, v2_all, and the screens v2_wide:1,
-#             v2_dense:1, v2_casebalanced:1, v2_deepsup:1)
+#             v2_dense:1, v2_casebalanced:1, v2_deepsup:1, v2_harmonised:1)
 #   DEVICE    cuda (default) or cpu;  WORKERS  augmenting processes per run (default 2)
 #   EPOCHS    overrides the configs' epochs;  EXTRA  YAML lines added to every config (a smoke test)
 #   BUDGET_S  seconds the runs may take before they are stopped to be resumed (default 450)
@@ -22,7 +22,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu-out}
-JOBS=${JOBS:-"v2:0 v2:1 v2:2 v2:3 v2:4 v2_all v2_wide:1 v2_dense:1 v2_casebalanced:1 v2_deepsup:1"}
+JOBS=${JOBS:-"v2:0 v2:1 v2:2 v2:3 v2:4 v2_all v2_wide:1 v2_dense:1 v2_casebalanced:1 v2_deepsup:1 v2_harmonised:1"}
 DEVICE=${DEVICE:-cuda}
 WORKERS=${WORKERS:-2}
 BUDGET_S=${BUDGET_S:-450}
