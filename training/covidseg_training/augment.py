@@ -54,23 +54,33 @@ LUNG_STD_RANGE = (30.0, 55.0)
 MIN_LUNG_PIXELS = 500
 
 
-def lung_detail(image: np.ndarray, region: np.ndarray) -> float | None:
-    """How sharp the texture is inside ``region`` (non-zero pixels, eroded by 2): the std of the image
-    minus its Gaussian blur at sigma 1; None where the region is too small to say."""
+def detail_region(region: np.ndarray) -> np.ndarray | None:
+    """Where :func:`lung_detail` measures: the non-zero pixels of ``region`` eroded by 2, or None
+    where too few remain to say."""
     inside = cv2.erode((region != 0).astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
-    if np.count_nonzero(inside) < MIN_LUNG_PIXELS:
-        return None
+    return inside if np.count_nonzero(inside) >= MIN_LUNG_PIXELS else None
+
+
+def detail_in(image: np.ndarray, inside: np.ndarray) -> float:
+    """The std of the image minus its Gaussian blur at sigma 1, over the pixels of ``inside``."""
     pixels = image.astype(np.float32)
     return float((pixels - cv2.GaussianBlur(pixels, (0, 0), 1.0))[inside].std())
 
 
-def blur_to_detail(pixels: np.ndarray, region: np.ndarray, target: float) -> np.ndarray:
-    """``pixels`` Gaussian-blurred just enough that :func:`lung_detail` in ``region`` falls to ``target``
-    (bisection over sigma 0.2 to 3)."""
+def lung_detail(image: np.ndarray, region: np.ndarray) -> float | None:
+    """How sharp the texture is inside ``region`` (:func:`detail_region`, :func:`detail_in`); None
+    where the region is too small to say."""
+    inside = detail_region(region)
+    return None if inside is None else detail_in(image, inside)
+
+
+def blur_to_detail(pixels: np.ndarray, inside: np.ndarray, target: float) -> np.ndarray:
+    """``pixels`` Gaussian-blurred just enough that their detail over ``inside`` (:func:`detail_in`)
+    falls to ``target`` (bisection over sigma 0.2 to 3)."""
     low, high = 0.2, 3.0
     for _ in range(8):
         sigma = (low + high) / 2
-        if (lung_detail(cv2.GaussianBlur(pixels, (0, 0), sigma), region) or 0.0) > target:
+        if detail_in(cv2.GaussianBlur(pixels, (0, 0), sigma), inside) > target:
             low = sigma
         else:
             high = sigma
@@ -143,14 +153,17 @@ class SliceAugmenter:
         """The slice re-rendered in a random kernel, its lung (labelled pixels; the whole slice when
         there is too little lung) at a random gray level and contrast (one affine map of the slice)."""
         pixels = image.astype(np.float32)
-        region = label if lung_detail(image, label) is not None else np.ones_like(label)
-        base = blur_to_detail(pixels, region, self.rng.uniform(*BASE_DETAIL_RANGE))
+        inside = detail_region(label)
+        region = label != 0
+        if inside is None:  # too little lung: the whole slice
+            region = np.ones(label.shape, dtype=bool)
+            inside = detail_region(region)
+        base = blur_to_detail(pixels, inside, self.rng.uniform(*BASE_DETAIL_RANGE))
         noise = cv2.GaussianBlur(self.rng.normal(0.0, 1.0, pixels.shape).astype(np.float32), (0, 0), 0.6)
-        have, unit = lung_detail(base, region) or 0.0, lung_detail(noise, region) or 1.0
+        have, unit = detail_in(base, inside), detail_in(noise, inside)
         target = self.rng.uniform(*DETAIL_RANGE)
         rendered = base + np.sqrt(max(0.0, target**2 - have**2)) / max(unit, 1e-6) * noise  # detail adds in squares
-        inside = region != 0
-        mean, std = float(rendered[inside].mean()), float(rendered[inside].std())
+        mean, std = float(rendered[region].mean()), float(rendered[region].std())
         gain = self.rng.uniform(*LUNG_STD_RANGE) / max(std, 1e-3)
         return np.clip((rendered - mean) * gain + self.rng.uniform(*LUNG_MEAN_RANGE), 0, 255)
 
