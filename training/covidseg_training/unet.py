@@ -49,15 +49,16 @@ class UNet2D(nn.Module):
                                        for level in range(1, auxiliary_heads + 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.decoded(x)[-1])
+        return self.head(self.decoded(x, every_level=False)[-1])
 
     def forward_deep(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Logits at full size, then from each auxiliary head at half, quarter, ... size."""
-        decoded = self.decoded(x)
+        decoded = self.decoded(x, every_level=True)
         return [self.head(decoded[-1])] + [head(decoded[-2 - k]) for k, head in enumerate(self.auxiliary)]
 
-    def decoded(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """The decoder's outputs, coarsest first, the full-size one last."""
+    def decoded(self, x: torch.Tensor, every_level: bool) -> list[torch.Tensor]:
+        """The decoder's outputs, coarsest first and the full-size one last; only that one unless
+        ``every_level`` (inference keeps no coarser maps alive)."""
         skips: list[torch.Tensor] = []
         for index, encoder in enumerate(self.encoders):
             x = encoder(x)
@@ -65,8 +66,11 @@ class UNet2D(nn.Module):
                 skips.append(x)
                 x = self.pool(x)
         outputs: list[torch.Tensor] = []
+        level = len(self.decoders)
         for upsample, decoder in zip(self.upsamplers, self.decoders):
             x = upsample(x)
             x = decoder(torch.cat([x, skips.pop()], dim=1))
-            outputs.append(x)
+            level -= 1
+            if every_level or level == 0:
+                outputs.append(x)
         return outputs

@@ -4,7 +4,9 @@
 # its manifest), evaluate each fold model again with flip test-time augmentation, run the whole-scan
 # checks (each fold model on the check scans and on the LIDC scan it did not train on; the all-data
 # model on every scan, each LIDC scan scored by a fold model that did not train on it) and copy the
-# small tables into results/v2/, ready to commit.
+# small tables into results/v2/, ready to commit. A fold that the GPU machine's time limit stopped
+# before its evaluation is evaluated here as it is (its history.json says after how many epochs), and
+# the cross-validation is aggregated here when it was not there.
 #
 #   bash training/gpu/after_v2.sh FILES_AT     (the folder holding results.tar.gz and checkpoints-N.tar)
 #
@@ -29,6 +31,11 @@ print(' '.join(holdout[fold][0] for fold in range(5)))")"
 
 for k in 0 1 2 3 4; do
     [ -f "$runs/v2/fold$k/best.pt" ] || { echo "fold $k: no checkpoint came back"; continue; }
+    if [ ! -f "$runs/v2/fold$k/eval/summary.json" ]; then  # the GPU machine's budget stopped it first
+        epochs=$("$PYTHON" -c "import json, sys; print(len(json.load(open(sys.argv[1]))))" "$runs/v2/fold$k/history.json")
+        echo "fold $k: not evaluated on the GPU machine (stopped after $epochs epochs): evaluating its best.pt here"
+        "$PYTHON" -m covidseg_training evaluate --checkpoint "$runs/v2/fold$k/best.pt" --out "$runs/v2/fold$k/eval"
+    fi
     "$PYTHON" -m covidseg_training export --checkpoint "$runs/v2/fold$k/best.pt" --out "$packages" \
         --name "covid_unet_v2_fold$k" --version "2.0.0-fold$k" --metrics "$runs/v2/fold$k/eval/summary.json"
     scans=()
@@ -36,13 +43,17 @@ for k in 0 1 2 3 4; do
     "$PYTHON" -m covidseg_training wholescan --device cpu --model "$packages/covid_unet_v2_fold$k.json" "${scans[@]}" \
         --out "$DEST/wholescan-fold$k"
     "$PYTHON" -m covidseg_training evaluate --checkpoint "$packages/covid_unet_v2_fold$k.json" \
-        --config configs/v2.yaml --fold "$k" --flip-tta --out "$DEST/eval-flip-tta-fold$k"
+        --config configs/v2.yaml --fold "$k" --flip-tta --no-robustness --out "$DEST/eval-flip-tta-fold$k"
     mkdir -p "$RESULTS/fold$k/flip_tta"
     cp "$runs/v2/fold$k/eval/summary.json" "$runs/v2/fold$k/eval/per_case.csv" "$runs/v2/fold$k/history.json" \
         "$RESULTS/fold$k/"
     cp "$DEST/eval-flip-tta-fold$k/summary.json" "$DEST/eval-flip-tta-fold$k/per_case.csv" "$RESULTS/fold$k/flip_tta/"
     cp "$DEST/wholescan-fold$k/wholescan.md" "$DEST/wholescan-fold$k/wholescan.csv" "$RESULTS/fold$k/"
 done
+if [ ! -d "$runs/v2/crossval" ] && ls "$runs"/v2/fold{0,1,2,3,4}/eval/summary.json > /dev/null 2>&1; then
+    "$PYTHON" -c "import sys; from pathlib import Path; from covidseg_training.crossval import aggregate
+runs = Path(sys.argv[1]); aggregate({k: runs / f'fold{k}' / 'eval' for k in range(5)}, runs / 'crossval')" "$runs/v2"
+fi
 if [ -d "$runs/v2/crossval" ]; then
     mkdir -p "$RESULTS/crossval"
     cp "$runs/v2/crossval/"{summary.json,summary.csv,folds.csv,per_case.csv} "$RESULTS/crossval/"
