@@ -129,6 +129,8 @@ def test_resume_decisions(tmp_path, model):
     assert decision.row["total_lung_ml"] == row["total_lung_ml"]
     assert decide(scan, out, outputs, overwrite=True, model=identity).reason == "--overwrite"
     assert "made by model" in decide(scan, out, outputs, model={"name": "other", "version": "9"}).reason
+    assert decide(scan, out, outputs, model=identity, flip_tta=True).reason == (
+        "previous outputs were made without --flip-tta")
 
     write_scan(scan.path, seed_shape=(13, 48, 48))  # replaced by another scan
     assert decide(scan, out, outputs).reason.startswith("input changed since the previous run")

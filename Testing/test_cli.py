@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import signal
 import socket
 from pathlib import Path
@@ -321,3 +322,17 @@ def test_flip_tta_is_recorded(tmp_path, scans, tiny_model_manifest):
         assert main(["segment", str(scans / "alpha.nii.gz"), "-o", str(out), "--model", str(tiny_model_manifest),
                      "--device", "cpu", "-q", "--no-preview", *flag]) == EXIT_OK
         assert json.loads((out / "alpha.measurements.json").read_text(encoding="utf-8"))["flip_tta"] is expected
+
+
+def test_batch_with_flip_tta_redoes_scans_made_without_it(tmp_path, scans, tiny_model_manifest):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(scans / "alpha.nii.gz", folder / "alpha.nii.gz")
+    out = tmp_path / "batch"
+    args = ["batch", str(folder), "-o", str(out), "--model", str(tiny_model_manifest), "-q", "--no-preview"]
+    assert main(args) == EXIT_OK
+    assert main([*args, "--flip-tta"]) == EXIT_OK
+    assert read_summary(out / "summary.csv")["alpha"]["status"] == "ok"  # redone, not skipped
+    assert json.loads((out / "alpha" / "alpha.measurements.json").read_text(encoding="utf-8"))["flip_tta"] is True
+    assert main([*args, "--flip-tta"]) == EXIT_OK
+    assert read_summary(out / "summary.csv")["alpha"]["status"] == "skipped"

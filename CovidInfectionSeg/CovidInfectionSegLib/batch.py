@@ -268,11 +268,12 @@ def expected_outputs(preview: bool = True) -> list[str]:
 
 def decide(
     scan: Scan, outdir: str | Path, outputs: Sequence[str], overwrite: bool = False,
-    model: dict[str, Any] | None = None,
+    model: dict[str, Any] | None = None, flip_tta: bool = False,
 ) -> Decision:
     """Whether ``scan`` must be segmented into ``outdir``: not when every output in ``outputs`` (keys
     of :data:`outputs.OUTPUT_SUFFIXES`) is there, its ``measurements.json`` records this input's
-    fingerprint, and (when given) the same ``model`` (``{"name", "version"}``). What killed runs left
+    fingerprint, (when given) the same ``model`` (``{"name", "version"}``) and the same ``flip_tta``
+    (outputs that do not record it were made without). What killed runs left
     in the scan's folder is finished or removed first. Cheap: reads file metadata, and the input's
     bytes only when its size or times changed. The caller holds the folder lock."""
     scan_dir = Path(outdir) / scan.name
@@ -302,6 +303,8 @@ def decide(
         return Decision(True, f"input changed since the previous run ({changed})")
     if model is not None and record.get("model") != model:
         return Decision(True, f"previous outputs were made by model {record.get('model')}")
+    if bool(record.get("flip_tta", False)) != flip_tta:
+        return Decision(True, f"previous outputs were made {'without' if flip_tta else 'with'} --flip-tta")
     row = {
         "scan": scan.name, "status": "skipped", "error": "",
         **measurement_columns(measurements),
@@ -498,6 +501,7 @@ def run_local_batch(
     outputs: Sequence[str],
     overwrite: bool = False,
     model: dict[str, Any] | None = None,
+    flip_tta: bool = False,
     cancel: Callable[[], bool] | Any = None,
     on_row: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
@@ -514,7 +518,7 @@ def run_local_batch(
         for scan in scans:
             if is_cancelled(cancel):
                 raise SegmentationCancelled("cancelled between scans")
-            decision = decide(scan, outdir, outputs, overwrite, model)
+            decision = decide(scan, outdir, outputs, overwrite, model, flip_tta)
             pause_point("scan")
             if decision.redo:
                 row = run_scan(scan, outdir, segment_and_write, outputs, note=decision.note)

@@ -79,6 +79,7 @@ class Options:
     preview: bool
     quiet: bool
     precision: str = "auto"
+    flip_tta: bool = False
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -129,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     run_options.add_argument("--precision", choices=PRECISIONS, default="auto",
                              help="network arithmetic: auto (bf16 on a CPU with native bf16, fp16 on CUDA, else fp32), "
                              "or force fp32, bf16 or fp16 (CUDA only) (default auto)")
+    run_options.add_argument("--flip-tta", action="store_true",
+                             help="test-time augmentation: average each slice with its left-right mirror "
+                             "(twice the network time; the model card says what it changes)")
     run_options.add_argument("--preview", action=argparse.BooleanOptionalAction, default=True,
                              help="write a PNG montage of axial slices with the segments (default on)")
     run_options.add_argument("-q", "--quiet", action="store_true", help="no progress or informational output")
@@ -138,9 +142,6 @@ def build_parser() -> argparse.ArgumentParser:
                                   "(downloaded once), or on a synthetic phantom when offline (said plainly).")
     segment.add_argument("input", nargs="?", type=Path, help=f"CT file or DICOM folder: {SUPPORTED_TEXT}")
     segment.add_argument("-o", "--output", required=True, type=Path, help="output folder (created if needed)")
-    segment.add_argument("--flip-tta", action="store_true",
-                         help="test-time augmentation: average each slice with its left-right mirror "
-                         "(twice the network time; the model card says what it changes)")
     segment.set_defaults(handler=run_segment)
 
     batch = commands.add_parser("batch", parents=[run_options], help="segment every scan in a folder",
@@ -208,7 +209,7 @@ def non_negative_number(text: str) -> float:
 
 def _options(args: argparse.Namespace) -> Options:
     return Options(device=args.device, batch_size=args.batch_size, preview=args.preview, quiet=args.quiet,
-                   precision=args.precision)
+                   precision=args.precision, flip_tta=args.flip_tta)
 
 
 def _check_device(device: str, precision: str = "auto") -> None:
@@ -243,7 +244,7 @@ def run_segment(args: argparse.Namespace) -> int:
     with cancel_on_sigint(options.quiet) as cancel:
         with slice_progress(f"segmenting {stem}", options.quiet) as progress:
             run = dict(device=options.device, batch_size=options.batch_size, progress=progress, cancel=cancel,
-                       precision=options.precision, flip_tta=args.flip_tta)
+                       precision=options.precision, flip_tta=options.flip_tta)
             try:
                 if default is not None:
                     result = segment_image(default.image, model, name=source, **run)
@@ -298,7 +299,8 @@ def run_batch(args: argparse.Namespace) -> int:
             with slice_progress(scan.name, options.quiet or not on_terminal, position=1) as progress:
                 return segment_and_write_files(scan, folder, fingerprint, model, preview=options.preview,
                                                device=options.device, batch_size=options.batch_size,
-                                               progress=progress, cancel=cancel, precision=options.precision)
+                                               progress=progress, cancel=cancel, precision=options.precision,
+                                               flip_tta=options.flip_tta)
 
         def on_row(row: dict[str, Any]) -> None:
             rows.append(row)
@@ -314,11 +316,12 @@ def run_batch(args: argparse.Namespace) -> int:
             if cluster is None:
                 run_local_batch(scans, outdir, segment_and_write, outputs=expected_outputs(options.preview),
                                 overwrite=args.overwrite, model={"name": model.name, "version": model.version},
+                                flip_tta=options.flip_tta,
                                 cancel=cancel, on_row=on_row)
             else:
                 report = run_ray_batch(scans, outdir, model, **cluster, preview=options.preview,
                                        batch_size=options.batch_size, overwrite=args.overwrite, cancel=cancel,
-                                       segment_options={"precision": options.precision},
+                                       segment_options={"precision": options.precision, "flip_tta": options.flip_tta},
                                        on_row=on_row, log=say, forward_logs=not options.quiet)
         except (SegmentationCancelled, KeyboardInterrupt):
             _error(f"cancelled after {len(rows)} of {len(scans)} scans; summary so far: {summary_path}")
