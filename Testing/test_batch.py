@@ -38,7 +38,6 @@ from CovidInfectionSegLib.outputs import (
     write_segmentation_nrrd,
 )
 from CovidInfectionSegLib.pipeline import segment_image
-from phantoms import chest_phantom
 
 
 @pytest.fixture(scope="module")
