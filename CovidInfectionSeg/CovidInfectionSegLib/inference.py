@@ -366,10 +366,7 @@ def classify(
     with torch.inference_mode():
         batch = _network_input_table(device)[pixels.long()].unsqueeze(1)
         with autocast(device, precision):
-            logits = module(batch)
-            if flip_tta:
-                mirrored = module(batch.flip(-1)).flip(-1)
-                logits = logits.float().softmax(dim=1) + mirrored.float().softmax(dim=1)  # argmax as of the mean
+            logits = flip_averaged_softmax(module, batch) if flip_tta else module(batch)
         target = _target_shape(geometry)
         if tuple(logits.shape[-2:]) != target:
             logits = F.interpolate(logits.float(), size=target, mode="bilinear", align_corners=False)
@@ -380,6 +377,13 @@ def classify(
         rows, cols = geometry.shape
         classes = classes[:, top : top + rows, left : left + cols]
     return classes
+
+
+def flip_averaged_softmax(module: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """Flip test-time augmentation: the mean of the softmax of ``batch`` (N, 1, H, W) and of its
+    left-right mirror, mirrored back (float32, N x classes x H x W)."""
+    mirrored = module(batch.flip(-1)).flip(-1)
+    return (module(batch).float().softmax(dim=1) + mirrored.float().softmax(dim=1)) / 2
 
 
 def autocast(device: torch.device, precision: str) -> ContextManager[object]:

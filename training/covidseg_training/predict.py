@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from CovidInfectionSegLib.inference import flip_averaged_softmax
 from CovidInfectionSegLib.preprocessing import to_network_input
 
 from .data import INFECTION
@@ -29,8 +30,7 @@ class FlipAveraged(torch.nn.Module):
         self.network = network
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mean = (self.network(x).float().softmax(dim=1) + self.network(x.flip(-1)).float().softmax(dim=1).flip(-1)) / 2
-        return mean.clamp_min(1e-12).log()
+        return flip_averaged_softmax(self.network, x).clamp_min(1e-12).log()
 
 
 @torch.inference_mode()
