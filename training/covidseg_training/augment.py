@@ -55,8 +55,8 @@ MIN_LUNG_PIXELS = 500
 
 
 def detail_region(region: np.ndarray) -> np.ndarray | None:
-    """Where :func:`lung_detail` measures: the non-zero pixels of ``region`` eroded by 2, or None
-    where too few remain to say."""
+    """Where the texture's detail is measured (:func:`detail_in`): the non-zero pixels of ``region``
+    eroded by 2, or None where too few remain to say."""
     inside = cv2.erode((region != 0).astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
     return inside if np.count_nonzero(inside) >= MIN_LUNG_PIXELS else None
 
@@ -65,13 +65,6 @@ def detail_in(image: np.ndarray, inside: np.ndarray) -> float:
     """The std of the image minus its Gaussian blur at sigma 1, over the pixels of ``inside``."""
     pixels = image.astype(np.float32)
     return float((pixels - cv2.GaussianBlur(pixels, (0, 0), 1.0))[inside].std())
-
-
-def lung_detail(image: np.ndarray, region: np.ndarray) -> float | None:
-    """How sharp the texture is inside ``region`` (:func:`detail_region`, :func:`detail_in`); None
-    where the region is too small to say."""
-    inside = detail_region(region)
-    return None if inside is None else detail_in(image, inside)
 
 
 def blur_to_detail(pixels: np.ndarray, inside: np.ndarray, target: float) -> np.ndarray:

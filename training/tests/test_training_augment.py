@@ -14,7 +14,8 @@ from covidseg_training.augment import (
     LUNG_STD_RANGE,
     AugmentConfig,
     SliceAugmenter,
-    lung_detail,
+    detail_in,
+    detail_region,
 )
 from covidseg_training.data import LUNG, SliceDataset
 from covidseg_training.path_probe import probe
@@ -39,7 +40,7 @@ def test_harmonised_lung_lands_in_the_ranges_and_the_label_stays():
             out, out_label = augmenter(image, label)
             np.testing.assert_array_equal(out_label, label)
             lung = out[label == LUNG].astype(float)
-            assert DETAIL_RANGE[0] - 3 <= lung_detail(out, label) <= DETAIL_RANGE[1] + 3
+            assert DETAIL_RANGE[0] - 3 <= detail_in(out, detail_region(label)) <= DETAIL_RANGE[1] + 3
             assert LUNG_MEAN_RANGE[0] - 3 <= lung.mean() <= LUNG_MEAN_RANGE[1] + 3
             assert LUNG_STD_RANGE[0] - 5 <= lung.std() <= LUNG_STD_RANGE[1] + 5
 
