@@ -172,14 +172,19 @@ def augmented(dataset: SliceDataset, seed: int, config: AugmentConfig) -> SliceD
     return SliceDataset(np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs]), dataset.cases)
 
 
+def augmented_paths(positives: SliceDataset, negatives: list[SliceDataset], seed: int,
+                    augment: AugmentConfig) -> tuple[SliceDataset, list[SliceDataset]]:
+    """Both paths through the training augmentation ``augment``, each slice drawn from ``seed``."""
+    return augmented(positives, seed, augment), [augmented(n, seed + 1 + i, augment) for i, n in enumerate(negatives)]
+
+
 def probe(positives: SliceDataset, negatives: list[SliceDataset], augment: AugmentConfig | None = None,
           seed: int = 0, epochs: int = 4) -> dict:
     """The held-out AUC of the path classifier, for each of the two swaps and their mean; with
     ``augment`` every slice passes through that training augmentation first."""
     rng = np.random.default_rng(seed)
     if augment is not None:
-        positives = augmented(positives, seed, augment)
-        negatives = [augmented(n, seed + 1 + i, augment) for i, n in enumerate(negatives)]
+        positives, negatives = augmented_paths(positives, negatives, seed, augment)
     halves = patient_folds(positives.cases, 2, seed)
     positive_patches = [lung_patches(positives.images[halves == h], positives.labels[halves == h], rng)[0]
                         for h in (0, 1)]
@@ -229,7 +234,10 @@ def main(argv: list[str] | None = None) -> int:
     config = NegativesConfig()
     scans = load_negatives(config, IntensityRecipe(), ["LIDC-IDRI-0001", "LIDC-IDRI-0003"], Path(args.cache))
     negatives = [mid_lung(scan) for scan in scans]
-    result = probe(positives, negatives, augment, args.seed, args.epochs)
+    if augment is not None:  # once, for the probe and for scoring the other scans
+        positives, negatives = augmented_paths(positives, negatives, args.seed, augment)
+    result = probe(positives, negatives, seed=args.seed, epochs=args.epochs)
+    result["augment"] = None if augment is None else asdict(augment)
     score_scans = [] if args.no_score else (args.score or list(CHECK_SCANS))
     if score_scans:
         others = {name: mid_lung(scan) for name, scan in
@@ -237,8 +245,6 @@ def main(argv: list[str] | None = None) -> int:
         if augment is not None:
             others = {name: augmented(dataset, args.seed + 10 + i, augment)
                       for i, (name, dataset) in enumerate(others.items())}
-            positives = augmented(positives, args.seed, augment)
-            negatives = [augmented(n, args.seed + 1 + i, augment) for i, n in enumerate(negatives)]
         result["other_scans"] = score_other_scans(positives, negatives, others, args.epochs, args.seed)
     text = json.dumps(result, indent=2)
     print(text)
