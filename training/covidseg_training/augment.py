@@ -163,7 +163,8 @@ class SliceAugmenter:
     def __call__(self, image: np.ndarray, label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         out = self.geometry(image=image, mask=label)
         image, label = out["image"], out["mask"]
-        if self.rng.random() < self.config.harmonise_p:
+        # Drawn only when on, so that configs without it augment exactly as before it existed.
+        if self.config.harmonise_p and self.rng.random() < self.config.harmonise_p:
             image = self.harmonise(image, label).astype(np.uint8)
         if self.rng.random() < self.config.kernel_p:
             image = np.clip(self.kernel(image), 0, 255).astype(np.uint8)
