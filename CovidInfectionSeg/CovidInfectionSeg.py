@@ -51,7 +51,9 @@ class CovidInfectionSeg(ScriptedLoadableModule):
             "consolidation) in a chest CT, and measures lung and infection volumes, the percentage of lung "
             "infected and a severity grade (0 none to 5 critical).<br><br>"
             "<b>Usage:</b> choose the chest CT, keep <i>Create new segmentation</i> or pick one to overwrite, "
-            "choose the device and click <i>Segment</i> (click again to cancel). The results table lists the "
+            "choose the device and click <i>Segment</i> (click again to cancel). <i>Mirror averaging</i> runs each "
+            "slice a second time mirrored left-right: twice the time, fewer false infections on healthy scans. "
+            "The results table lists the "
             "volumes; <i>Show 3D</i> builds surfaces. The same logic runs from the Python console and in "
             "batch mode (see docs/slicer.md).<br><br>"
             "<b>Research use only, not for clinical use.</b> The model is a 2D U-Net trained on a small public "
@@ -79,6 +81,7 @@ class CovidInfectionSegParameterNode:
     inputVolume: slicer.vtkMRMLScalarVolumeNode
     outputSegmentation: slicer.vtkMRMLSegmentationNode
     device: Device = Device.AUTO
+    flipTTA: bool = False
 
 
 class CovidInfectionSegLogic(ScriptedLoadableModuleLogic):
@@ -223,7 +226,8 @@ class CovidInfectionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         inputVolume = self._parameterNode.inputVolume
         with slicer.util.tryWithErrorDisplay(_("Cannot start the segmentation."), waitCursor=True):
             self._run = self.segmentationLogic.start(
-                inputVolume, self._parameterNode.outputSegmentation, self._parameterNode.device.value)
+                inputVolume, self._parameterNode.outputSegmentation, self._parameterNode.device.value,
+                self._parameterNode.flipTTA)
             self._runInput = inputVolume
             self.ui.segmentButton.text = _("Cancel")
             self.ui.progressBar.setRange(0, 0)  # busy until the child reports the slice count

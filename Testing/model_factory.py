@@ -32,6 +32,22 @@ class ThresholdNet(nn.Module):
         return self.conv(x)
 
 
+class HalfBlindNet(nn.Module):
+    """ThresholdNet that doubts the left half of every image (lung and infection logits lowered by
+    ``penalty`` there): its output is not mirror-symmetric, so flip test-time augmentation changes it."""
+
+    def __init__(self, penalty: float = 4.0):
+        super().__init__()
+        self.threshold = ThresholdNet(lung_below=0.3, infection_above=0.75)
+        self.penalty = penalty
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.threshold(x)
+        bias = torch.zeros_like(logits)
+        bias[:, 1:, :, : x.shape[3] // 2] = -self.penalty
+        return logits + bias
+
+
 def write_model_package(
     folder: Path, module: nn.Module | None = None, name: str = "tiny", recipe: IntensityRecipe | None = None
 ) -> Path:

@@ -120,13 +120,14 @@ def test_parameter_node_fields_match_the_ui_parameter_names():
         if isinstance(node, ast.ClassDef) and any(getattr(d, "id", None) == "parameterNodeWrapper" for d in node.decorator_list)
     )
     fields = {statement.target.id for statement in wrapper.body if isinstance(statement, ast.AnnAssign)}
-    assert fields == {"inputVolume", "outputSegmentation", "device"}
+    assert fields == {"inputVolume", "outputSegmentation", "device", "flipTTA"}
     bound = {}
     for name, widget in ui_widgets().items():
         prop = ui_property(widget, "SlicerParameterName")
         if prop is not None:
             bound[prop.find("string").text] = widget.get("class")
-    assert bound == {"inputVolume": "qMRMLNodeComboBox", "outputSegmentation": "qMRMLNodeComboBox", "device": "QComboBox"}
+    assert bound == {"inputVolume": "qMRMLNodeComboBox", "outputSegmentation": "qMRMLNodeComboBox", "device": "QComboBox",
+                     "flipTTA": "QCheckBox"}
 
 
 def test_ui_node_selectors_take_the_right_node_types():

@@ -21,7 +21,7 @@ slicer = pytest.importorskip("slicer", reason="slicer-core (real MRML in plain P
 vtk = pytest.importorskip("vtk")
 from vtk.util import numpy_support  # noqa: E402
 
-from model_factory import write_model_package  # noqa: E402
+from model_factory import HalfBlindNet, write_model_package  # noqa: E402
 from phantoms import chest_phantom, lung_and_infection_net  # noqa: E402
 
 from CovidInfectionSegLib import worker  # noqa: E402
@@ -150,6 +150,24 @@ def test_blocking_process_is_the_same_path_and_cleans_up(scene, model_path, phan
     assert applied.segmentationNode.GetSegmentation().GetNumberOfSegments() == 3
     assert applied.result.device == "cpu"
     assert list(tmp_path.iterdir()) == []  # the temporary input and result files are gone
+
+
+def test_mirror_averaging_reaches_the_child_and_is_recorded_on_the_node(scene, phantom, tmp_path):
+    # HalfBlindNet misses the lung on the image's left half; averaged with the mirror it finds it.
+    manifest = write_model_package(tmp_path / "model", HalfBlindNet(), "halfblind")
+    image = phantom.image(origin=ORIGIN)
+    package = load_model_package(manifest)
+    expected = {flip: sitk.GetArrayFromImage(segment_image(image, package, flip_tta=flip).labelmap) for flip in (False, True)}
+    assert np.count_nonzero(expected[True] != expected[False]) > 1000  # the option matters for this network
+    volume = imageToVolumeNode(image, scene, "chest")
+    for flip in (False, True):
+        applied = logic_for(manifest).process(volume, device="cpu", flipTTA=flip)
+        node = applied.segmentationNode
+        labelmap = node.GetSegmentation().GetSegment("Left_lung").GetRepresentation("Binary labelmap")
+        voxels = numpy_support.vtk_to_numpy(labelmap.GetPointData().GetScalars()).reshape(labelmap.GetDimensions()[::-1])
+        assert np.array_equal(voxels, expected[flip])
+        assert applied.result.flip_tta is flip
+        assert node.GetAttribute("CovidInfectionSeg.flipTTA") == ("true" if flip else "false")
 
 
 # ----------------------------------------------------------------------------------------- cancel

@@ -1,6 +1,6 @@
 """The engine in a child process: the entry point the 3D Slicer module starts, and its protocol.
 
-    python -m CovidInfectionSegLib.worker segment --input CT.nrrd --output-dir DIR [--device D]
+    python -m CovidInfectionSegLib.worker segment --input CT.nrrd --output-dir DIR [--device D] [--flip-tta]
                                                   [--batch-size N] [--model M] [--name TEXT]
     python -m CovidInfectionSegLib.worker device [--device D]
 
@@ -88,6 +88,10 @@ class WorkerResult:
         return str(self.summary.get("device", ""))
 
     @property
+    def flip_tta(self) -> bool:
+        return bool(self.summary.get("flip_tta", False))
+
+    @property
     def model_name(self) -> str:
         return str(self.summary.get("model", {}).get("name", ""))
 
@@ -136,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--batch-size", type=int, default=None)
     segment.add_argument("--model", default=None, help="model manifest or .pt (default: the bundled model)")
     segment.add_argument("--name", default=None, help="how messages name the input (default: its path)")
+    segment.add_argument("--flip-tta", action="store_true",
+                         help="average each slice with its left-right mirror (twice the network time)")
     device = commands.add_parser("device", help="report torch, CUDA and the device 'auto' picks")
     device.add_argument("--device", default="auto")
     return parser
@@ -188,7 +194,8 @@ def _segment(args: argparse.Namespace) -> int:
             _emit("stage", stage="postprocessing")
 
     try:
-        result = segment_image(image, model, device=args.device, batch_size=args.batch_size, progress=progress, name=name)
+        result = segment_image(image, model, device=args.device, batch_size=args.batch_size, progress=progress, name=name,
+                               flip_tta=args.flip_tta)
     except InputError as error:
         return _fail("input", str(error), EXIT_INPUT)
     result.warnings[:0] = warnings

@@ -85,7 +85,8 @@ class DeviceQueryProtocol(Protocol):
 class SegmentationLogicProtocol(Protocol):
     """What the widget needs from the segmentation logic."""
 
-    def start(self, inputVolume: Any, outputSegmentation: Any = None, device: str = "auto") -> SegmentationRunProtocol: ...
+    def start(self, inputVolume: Any, outputSegmentation: Any = None, device: str = "auto",
+              flipTTA: bool = False) -> SegmentationRunProtocol: ...
 
     def queryDevice(self, device: str = "auto") -> DeviceQueryProtocol: ...
 
@@ -252,8 +253,12 @@ class SegmentationLogic:
         self.model = model
         self.batchSize = batchSize
 
-    def start(self, inputVolume: Any, outputSegmentation: Any = None, device: str = "auto") -> SegmentationRun:
-        """Check and write ``inputVolume``, start the child; raises InputError before starting for a bad volume."""
+    def start(self, inputVolume: Any, outputSegmentation: Any = None, device: str = "auto",
+              flipTTA: bool = False) -> SegmentationRun:
+        """Check and write ``inputVolume``, start the child; raises InputError before starting for a bad volume.
+
+        ``flipTTA`` averages each slice with its left-right mirror: twice the network time, fewer false
+        infections on healthy scans (``training/results/flip_tta_v1.md``)."""
         image = volumeNodeToImage(inputVolume)
         if outputSegmentation is not None and outputSegmentation.GetScene() is not inputVolume.GetScene():
             raise InputError(f"segmentation '{outputSegmentation.GetName()}': the node is not in the input's scene")
@@ -264,6 +269,8 @@ class SegmentationLogic:
             del image
             arguments = ["segment", "--input", folder / INPUT_FILE, "--output-dir", folder, "--device", device,
                          "--name", nodeLabel(inputVolume)]
+            if flipTTA:
+                arguments.append("--flip-tta")
             if self.batchSize:
                 arguments += ["--batch-size", self.batchSize]
             if self.model is not None:
@@ -275,14 +282,14 @@ class SegmentationLogic:
         return SegmentationRun(process, inputVolume, outputSegmentation, folder)
 
     def process(self, inputVolume: Any, outputSegmentation: Any = None, device: str = "auto",
-                timeout: float | None = None) -> AppliedSegmentation:
+                timeout: float | None = None, flipTTA: bool = False) -> AppliedSegmentation:
         """Segment ``inputVolume`` into ``outputSegmentation`` (a new node when None) and wait.
 
         Returns the nodes and measurements. Raises InputError, :class:`EngineError` (the engine's
         message; ``kind`` says input, device, model or internal) or TimeoutError; the scene is
         unchanged when it raises. Ctrl-C (KeyboardInterrupt) kills the child first.
         """
-        run = self.start(inputVolume, outputSegmentation, device)
+        run = self.start(inputVolume, outputSegmentation, device, flipTTA)
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
             while not run.poll():

@@ -213,6 +213,7 @@ def _fillSegmentationNode(segmentationNode: Any, inputVolume: Any, result: Any, 
         segmentationNode.SetAndObserveTransformNodeID(inputVolume.GetTransformNodeID())
         segmentationNode.SetAttribute(ATTRIBUTE_PREFIX + "model", f"{result.model_name} {result.model_version}")
         segmentationNode.SetAttribute(ATTRIBUTE_PREFIX + "device", result.device)
+        segmentationNode.SetAttribute(ATTRIBUTE_PREFIX + "flipTTA", "true" if result.flip_tta else "false")
         segmentationNode.SetAttribute(ATTRIBUTE_PREFIX + "warnings", "\n".join(result.warnings))
     finally:
         segmentationNode.EndModify(wasModifying)
