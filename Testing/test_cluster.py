@@ -14,6 +14,7 @@ import inspect
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -23,6 +24,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from model_factory import HalfBlindNet, write_model_package
+from phantoms import chest_phantom
 from shared_data import shared_path
 from test_faults import kill_9, leftovers, read_summary, start_paused, visible
 
@@ -232,6 +235,39 @@ def test_ray_batch_with_the_bundled_model_matches_the_local_batch(tmp_path, ray_
     assert [row["status"] for row in report.rows] == ["ok"] and report.processed == 1 and report.pool_size == 1
     assert report.workers[0].device == "cpu" and report.workers[0].threads == 1
     assert_same_results(local, clustered)
+
+
+@needs_ray
+def test_ray_batch_with_flip_tta_matches_the_local_batch_and_redoes_scans_made_without_it(tmp_path, ray_address,
+                                                                                          capsys):
+    """--flip-tta reaches the Ray workers: the local batch's results, and the resume rule of the local batch."""
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    sitk.WriteImage(chest_phantom(shape=(20, 112, 112), spacing=(0.8, 0.8, 2.5), infection_in_right=True).image(),
+                    str(scans / "alpha.nii.gz"))
+    # HalfBlindNet misses the lung on the image's left half; averaged with the mirror it finds it.
+    common = ["--model", str(write_model_package(tmp_path / "model", HalfBlindNet(), "halfblind")), *FP32_ARGS]
+    ray_args = ["--ray", "--cpus-per-worker", "1"]
+    plain, local, clustered = tmp_path / "plain", tmp_path / "local", tmp_path / "ray"
+    assert main(["batch", str(scans), "-o", str(plain), "--device", "cpu", *common]) == EXIT_OK
+    assert main(["batch", str(scans), "-o", str(local), "--device", "cpu", *common, "--flip-tta"]) == EXIT_OK
+    mirrored = labels(local / "alpha", "alpha")[".labels.nii.gz"]
+    assert np.count_nonzero(labels(plain / "alpha", "alpha")[".labels.nii.gz"] != mirrored) > 1000
+
+    assert main(["batch", str(scans), "-o", str(clustered), *common, *ray_args, "--flip-tta"]) == EXIT_OK
+    assert_same_results(local, clustered)
+    assert json.loads((clustered / "alpha" / "alpha.measurements.json").read_text())["flip_tta"] is True
+    capsys.readouterr()
+    assert main(["batch", str(scans), "-o", str(clustered), *common, *ray_args, "--flip-tta"]) == EXIT_OK
+    assert "no worker started" in capsys.readouterr().out
+
+    redo = tmp_path / "redo"  # outputs made without the flag: a Ray run with it segments the scan again
+    shutil.copytree(plain, redo)
+    assert main(["batch", str(scans), "-o", str(redo), *common, *ray_args, "--flip-tta"]) == EXIT_OK
+    row = read_summary(redo / "summary.csv")["alpha"]
+    assert (row["status"], row["note"]) == ("ok", "segmented: previous outputs were made without --flip-tta")
+    np.testing.assert_array_equal(labels(redo / "alpha", "alpha")[".labels.nii.gz"], mirrored)
+    assert leftovers(redo) == []
 
 
 @needs_ray
