@@ -454,8 +454,12 @@ class CovidInfectionSegTest(ScriptedLoadableModuleTest):
         self.assertIsNone(widget._run)
         self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), nodesBefore)
 
+        widget.ui.flipTTACheckBox.checked = True  # the check box reaches the parameter node and the engine
+        self.assertTrue(widget.logic.getParameterNode().flipTTA)
         widget.ui.segmentButton.click()
-        self.assertTrue(waitFor(lambda: widget._run is None, 600), "segmentation did not finish within 10 minutes")
+        self.assertTrue(waitFor(lambda: widget._run is None, 900), "segmentation did not finish within 15 minutes")
         self.assertEqual(widget.ui.segmentButton.text, "Segment")
         self.assertIsNotNone(widget.ui.resultsTableView.mrmlTableNode())
+        output = widget.logic.getParameterNode().outputSegmentation
+        self.assertEqual(output.GetAttribute("CovidInfectionSeg.flipTTA"), "true")
         self.assertEqual(widget.ui.resultsTableView.mrmlTableNode().GetNumberOfRows(), 3)

@@ -105,7 +105,7 @@ ALLOWED: dict[str, list] = {
     "slicer.vtkSegment.GetTerminologyEntryTagName": [(SEG + "vtkSegment.h", "GetTerminologyEntryTagName")],
     # methods of MRML nodes, the scene and segmentations
     **_methods(SCENE, "AddNewNodeByClass", "GenerateUniqueName", "GetFirstNodeByClass", "RemoveNode"),
-    **_methods(NODE, "EndModify", "GetID", "GetNodeReference", "GetScene", "SetAttribute", "SetNodeReferenceID",
+    **_methods(NODE, "EndModify", "GetAttribute", "GetID", "GetNodeReference", "GetScene", "SetAttribute", "SetNodeReferenceID",
                "StartModify"),
     "*.GetName": [(NODE, "GetName"), (SEG + "vtkSegment.h", "GetName")],
     "*.SetName": [(NODE, "SetName"), (SEG + "vtkSegment.h", "SetName"), VTK],
@@ -150,7 +150,7 @@ ALLOWED: dict[str, list] = {
             "ui.installDependenciesButton.connect", "ui.installDependenciesButton.enabled", "ui.segmentButton.connect",
             "ui.segmentButton.enabled", "ui.segmentButton.text", "ui.segmentButton.click", "ui.show3DButton.connect",
             "ui.show3DButton.enabled", "ui.progressBar.hide", "ui.progressBar.setRange", "ui.progressBar.show",
-            "ui.progressBar.value"),
+            "ui.progressBar.value", "ui.flipTTACheckBox.checked"),
 }
 
 
