@@ -9,6 +9,8 @@
 # the cross-validation is aggregated here when it was not there.
 #
 #   bash training/gpu/after_v2.sh FILES_AT     (the folder holding results.tar.gz and checkpoints-N.tar)
+#   bash training/gpu/after_v2.sh RUNS         (a runs folder holding v2/foldK/, e.g. training/runs for
+#                                               folds trained on this machine: used in place, not copied)
 #
 # Settings (environment): DEST (default training/runs/gpu), SCANS (wholescan scan names for the fold
 # models; default the checks), RESULTS (default training/results/v2), PYTHON.
@@ -19,10 +21,18 @@ DEST=${DEST:-runs/gpu}
 RESULTS=${RESULTS:-results/v2}
 PYTHON=${PYTHON:-python}
 SCANS=${SCANS:-"covid-chest-ct example-chest-ct-kernel-L example-chest-ct-kernel-B"}
-runs=$DEST/runs
-mkdir -p "$runs" "$RESULTS"
-tar -xzf "$FROM/results.tar.gz" -C "$runs"
-for file in "$FROM"/checkpoints-*.tar; do tar -xf "$file" -C "$runs"; done
+if [ -f "$FROM/results.tar.gz" ]; then
+    runs=$DEST/runs
+    mkdir -p "$runs"
+    tar -xzf "$FROM/results.tar.gz" -C "$runs"
+    for file in "$FROM"/checkpoints-*.tar; do tar -xf "$file" -C "$runs"; done
+elif [ -d "$FROM/v2" ]; then
+    runs=$FROM
+else
+    echo "$FROM: neither results.tar.gz (from run_v2.sh) nor a runs folder with v2/" >&2
+    exit 2
+fi
+mkdir -p "$RESULTS"
 packages=$DEST/packages
 # The negative scan each fold left out, from the config that trained the folds.
 read -r -a held_out <<< "$("$PYTHON" -c "from covidseg_training.config import TrainConfig
@@ -30,10 +40,10 @@ holdout = TrainConfig.load('configs/v2.yaml').negatives.holdout
 print(' '.join(holdout[fold][0] for fold in range(5)))")"
 
 for k in 0 1 2 3 4; do
-    [ -f "$runs/v2/fold$k/best.pt" ] || { echo "fold $k: no checkpoint came back"; continue; }
-    if [ ! -f "$runs/v2/fold$k/eval/summary.json" ]; then  # the GPU machine's budget stopped it first
+    [ -f "$runs/v2/fold$k/best.pt" ] || { echo "fold $k: no checkpoint"; continue; }
+    if [ ! -f "$runs/v2/fold$k/eval/summary.json" ]; then  # a time limit stopped it before its evaluation
         epochs=$("$PYTHON" -c "import json, sys; print(len(json.load(open(sys.argv[1]))))" "$runs/v2/fold$k/history.json")
-        echo "fold $k: not evaluated on the GPU machine (stopped after $epochs epochs): evaluating its best.pt here"
+        echo "fold $k: not evaluated where it trained (stopped after $epochs epochs): evaluating its best.pt here"
         "$PYTHON" -m covidseg_training evaluate --checkpoint "$runs/v2/fold$k/best.pt" --out "$runs/v2/fold$k/eval"
     fi
     "$PYTHON" -m covidseg_training export --checkpoint "$runs/v2/fold$k/best.pt" --out "$packages" \
