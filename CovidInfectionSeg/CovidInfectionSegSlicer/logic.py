@@ -257,8 +257,8 @@ class SegmentationLogic:
               flipTTA: bool = False) -> SegmentationRun:
         """Check and write ``inputVolume``, start the child; raises InputError before starting for a bad volume.
 
-        ``flipTTA`` averages each slice with its left-right mirror: twice the network time, fewer false
-        infections on healthy scans (``training/results/flip_tta_v1.md``)."""
+        ``flipTTA`` averages each slice with its left-right mirror: twice the network time; with model v1,
+        less false infection on three of four healthy scans (``training/results/flip_tta_v1.md``)."""
         image = volumeNodeToImage(inputVolume)
         if outputSegmentation is not None and outputSegmentation.GetScene() is not inputVolume.GetScene():
             raise InputError(f"segmentation '{outputSegmentation.GetName()}': the node is not in the input's scene")
