@@ -281,9 +281,12 @@ class CovidInfectionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.ui.resultsCollapsibleButton.collapsed = False
         self.ui.warningsLabel.text = "\n".join(_("Warning: {text}").format(text=text) for text in applied.warnings)
         total = applied.measurements.total
+        device = applied.result.device
+        if applied.result.flip_tta:
+            device = _("{device} with mirror averaging").format(device=device)
         self.ui.statusLabel.text = _(
             "Done in {seconds} s on {device}: {lung} mL lung, {percent}% infected, severity grade {grade} ({name})."
-        ).format(seconds=f"{seconds:.1f}", device=applied.result.device, lung=f"{total.lung_ml:.0f}",
+        ).format(seconds=f"{seconds:.1f}", device=device, lung=f"{total.lung_ml:.0f}",
                  percent=f"{total.percent_infected:.1f}", grade=total.grade, name=total.grade_name)
         slicer.util.setSliceViewerLayers(background=inputVolume, fit=True)
         self.onParameterNodeModified()
@@ -463,4 +466,5 @@ class CovidInfectionSegTest(ScriptedLoadableModuleTest):
         self.assertIsNotNone(widget.ui.resultsTableView.mrmlTableNode())
         output = widget.logic.getParameterNode().outputSegmentation
         self.assertEqual(output.GetAttribute("CovidInfectionSeg.flipTTA"), "true")
+        self.assertIn("with mirror averaging", widget.ui.statusLabel.text)
         self.assertEqual(widget.ui.resultsTableView.mrmlTableNode().GetNumberOfRows(), 3)
