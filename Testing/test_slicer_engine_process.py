@@ -23,6 +23,7 @@ from vtk.util import numpy_support  # noqa: E402
 
 from model_factory import HalfBlindNet, write_model_package  # noqa: E402
 from phantoms import chest_phantom, lung_and_infection_net  # noqa: E402
+from test_slicer_logic import labelmap_of  # noqa: E402
 
 from CovidInfectionSegLib import worker  # noqa: E402
 from CovidInfectionSegLib.model_package import load_model_package  # noqa: E402
@@ -163,9 +164,7 @@ def test_mirror_averaging_reaches_the_child_and_is_recorded_on_the_node(scene, p
     for flip in (False, True):
         applied = logic_for(manifest).process(volume, device="cpu", flipTTA=flip)
         node = applied.segmentationNode
-        labelmap = node.GetSegmentation().GetSegment("Left_lung").GetRepresentation("Binary labelmap")
-        voxels = numpy_support.vtk_to_numpy(labelmap.GetPointData().GetScalars()).reshape(labelmap.GetDimensions()[::-1])
-        assert np.array_equal(voxels, expected[flip])
+        assert np.array_equal(labelmap_of(node, "Left_lung")[0], expected[flip])
         assert applied.result.flip_tta is flip
         assert node.GetAttribute("CovidInfectionSeg.flipTTA") == ("true" if flip else "false")
 
