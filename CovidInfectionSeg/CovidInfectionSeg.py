@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 # Packages of this module that Reload must re-import (they are not reloaded with this file otherwise).
 PACKAGES = ("CovidInfectionSegLib", "CovidInfectionSegSlicer")
 DEVICE_SETTINGS_KEY = "CovidInfectionSeg/Device"
+FLIP_TTA_SETTINGS_KEY = "CovidInfectionSeg/FlipTTA"
 POLL_INTERVAL_MS = 200
 
 
@@ -193,6 +194,9 @@ class CovidInfectionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         remembered = qt.QSettings().value(DEVICE_SETTINGS_KEY)
         if remembered in {device.value for device in Device}:
             parameterNode.device = Device(remembered)
+        rememberedFlip = qt.QSettings().value(FLIP_TTA_SETTINGS_KEY)
+        if rememberedFlip is not None:  # QSettings gives back "true"/"false" from its file, a bool before
+            parameterNode.flipTTA = str(rememberedFlip).lower() == "true"
         self.setParameterNode(parameterNode)
 
     def setParameterNode(self, parameterNode) -> None:
@@ -209,6 +213,7 @@ class CovidInfectionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         if self._parameterNode is None:
             return
         qt.QSettings().setValue(DEVICE_SETTINGS_KEY, self._parameterNode.device.value)
+        qt.QSettings().setValue(FLIP_TTA_SETTINGS_KEY, self._parameterNode.flipTTA)
         if self._run is None:
             self.ui.segmentButton.enabled = self._parameterNode.inputVolume is not None
         segmentation = self._parameterNode.outputSegmentation or self._lastSegmentation
@@ -458,8 +463,10 @@ class CovidInfectionSegTest(ScriptedLoadableModuleTest):
         self.assertIsNone(widget._run)
         self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), nodesBefore)
 
+        userFlip = widget.ui.flipTTACheckBox.checked
         widget.ui.flipTTACheckBox.checked = True  # the check box reaches the parameter node and the engine
         self.assertTrue(widget.logic.getParameterNode().flipTTA)
+        self.assertEqual(str(qt.QSettings().value(FLIP_TTA_SETTINGS_KEY)).lower(), "true")  # remembered
         widget.ui.segmentButton.click()
         self.assertTrue(waitFor(lambda: widget._run is None, 900), "segmentation did not finish within 15 minutes")
         self.assertEqual(widget.ui.segmentButton.text, "Segment")
@@ -468,3 +475,4 @@ class CovidInfectionSegTest(ScriptedLoadableModuleTest):
         self.assertEqual(output.GetAttribute("CovidInfectionSeg.flipTTA"), "true")
         self.assertIn("with mirror averaging", widget.ui.statusLabel.text)
         self.assertEqual(widget.ui.resultsTableView.mrmlTableNode().GetNumberOfRows(), 3)
+        widget.ui.flipTTACheckBox.checked = userFlip  # the self-test leaves the user's choice as it found it
