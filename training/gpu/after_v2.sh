@@ -41,9 +41,9 @@ print(' '.join(holdout[fold][0] for fold in range(5)))")"
 
 for k in 0 1 2 3 4; do
     [ -f "$runs/v2/fold$k/best.pt" ] || { echo "fold $k: no checkpoint"; continue; }
-    if [ ! -f "$runs/v2/fold$k/eval/summary.json" ]; then  # a time limit stopped it before its evaluation
+    if [ ! -f "$runs/v2/fold$k/eval/summary.json" ]; then  # a GPU time limit stopped it, or `train` (no evaluation) made it
         epochs=$("$PYTHON" -c "import json, sys; print(len(json.load(open(sys.argv[1]))))" "$runs/v2/fold$k/history.json")
-        echo "fold $k: not evaluated where it trained (stopped after $epochs epochs): evaluating its best.pt here"
+        echo "fold $k: no evaluation yet (trained $epochs epochs): evaluating its best.pt here"
         "$PYTHON" -m covidseg_training evaluate --checkpoint "$runs/v2/fold$k/best.pt" --out "$runs/v2/fold$k/eval"
     fi
     "$PYTHON" -m covidseg_training export --checkpoint "$runs/v2/fold$k/best.pt" --out "$packages" \
