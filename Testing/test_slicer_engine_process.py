@@ -19,7 +19,6 @@ import SimpleITK as sitk
 
 slicer = pytest.importorskip("slicer", reason="slicer-core (real MRML in plain Python) is not installed")
 vtk = pytest.importorskip("vtk")
-from vtk.util import numpy_support  # noqa: E402
 
 from model_factory import HalfBlindNet, write_model_package  # noqa: E402
 from phantoms import chest_phantom, lung_and_infection_net  # noqa: E402
@@ -117,11 +116,8 @@ def test_child_reports_progress_and_its_result_lands_in_the_scene(scene, model_p
     segmentation = node.GetSegmentation()
     assert [segmentation.GetSegment(i).GetName() for i in segmentation.GetSegmentIDs()] == [s["name"] for s in SEGMENTS]
     # The labelmap is on the input's grid: same IJK-to-RAS, same voxels as the engine gives in-process.
-    labelmap = segmentation.GetSegment("Right_lung").GetRepresentation("Binary labelmap")
-    matrix = vtk.vtkMatrix4x4()
-    labelmap.GetImageToWorldMatrix(matrix)
-    np.testing.assert_allclose(slicer.util.arrayFromVTKMatrix(matrix), ijkToRasArray(volume), atol=1e-9)
-    voxels = numpy_support.vtk_to_numpy(labelmap.GetPointData().GetScalars()).reshape(labelmap.GetDimensions()[::-1])
+    voxels, imageToWorld, _ = labelmap_of(node, "Right_lung")
+    np.testing.assert_allclose(imageToWorld, ijkToRasArray(volume), atol=1e-9)
     assert np.array_equal(voxels, sitk.GetArrayViewFromImage(expected.labelmap))
     assert node.GetNodeReference(node.GetReferenceImageGeometryReferenceRole()) is volume
     # Terminology through SetTag, as Slicer 5.6 to current read it.

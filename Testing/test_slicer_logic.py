@@ -69,7 +69,7 @@ def ijk_to_ras(node) -> np.ndarray:
 
 
 def labelmap_of(segmentation_node, segment_id: str):
-    """(voxels (k, j, i), image-to-world 4x4) of a segment's binary labelmap representation."""
+    """(voxels (k, j, i), image-to-world 4x4, the vtkOrientedImageData) of a segment's binary labelmap."""
     labelmap = segmentation_node.GetSegmentation().GetSegment(segment_id).GetRepresentation("Binary labelmap")
     matrix = vtk.vtkMatrix4x4()
     labelmap.GetImageToWorldMatrix(matrix)
