@@ -6,19 +6,26 @@
 # model on every scan, each LIDC scan scored by a fold model that did not train on it) and copy the
 # small tables into results/v2/, ready to commit. A fold that the GPU machine's time limit stopped
 # before its evaluation is evaluated here as it is (its history.json says after how many epochs), and
-# the cross-validation is aggregated here when it was not there.
+# the cross-validation is aggregated here when it was not there. The whole-scan previews come along as
+# JPEG (about 300 kB each; the PNGs are 2-3 MB).
 #
 #   bash training/gpu/after_v2.sh FILES_AT     (the folder holding results.tar.gz and checkpoints-N.tar)
 #   bash training/gpu/after_v2.sh RUNS         (a runs folder holding v2/foldK/, e.g. training/runs for
 #                                               folds trained on this machine: used in place, not copied)
+#   RECIPE=v2_dense bash training/gpu/after_v2.sh training/runs
+#                                              (the folds of configs/v2_dense.yaml, in v2_dense/foldK/;
+#                                               results in results/v2/v2_dense/, the all-data model
+#                                               from v2_dense_all/all/)
 #
-# Settings (environment): DEST (default training/runs/gpu), SCANS (wholescan scan names for the fold
-# models; default the checks), RESULTS (default training/results/v2), PYTHON.
+# Settings (environment): RECIPE (the config name, default v2), DEST (default training/runs/gpu), SCANS
+# (wholescan scan names for the fold models; default the checks), RESULTS (default training/results/v2
+# for v2, training/results/v2/RECIPE otherwise), PYTHON.
 set -euo pipefail
 FROM=$(cd "${1:?usage: after_v2.sh FOLDER_WITH_RESULTS}" && pwd)
 cd "$(dirname "$0")/.."
+RECIPE=${RECIPE:-v2}
 DEST=${DEST:-runs/gpu}
-RESULTS=${RESULTS:-results/v2}
+if [ "$RECIPE" = v2 ]; then RESULTS=${RESULTS:-results/v2}; else RESULTS=${RESULTS:-results/v2/$RECIPE}; fi
 PYTHON=${PYTHON:-python}
 SCANS=${SCANS:-"covid-chest-ct example-chest-ct-kernel-L example-chest-ct-kernel-B"}
 if [ -f "$FROM/results.tar.gz" ]; then
@@ -26,65 +33,75 @@ if [ -f "$FROM/results.tar.gz" ]; then
     mkdir -p "$runs"
     tar -xzf "$FROM/results.tar.gz" -C "$runs"
     for file in "$FROM"/checkpoints-*.tar; do tar -xf "$file" -C "$runs"; done
-elif [ -d "$FROM/v2" ]; then
+elif [ -d "$FROM/$RECIPE" ]; then
     runs=$FROM
 else
-    echo "$FROM: neither results.tar.gz (from run_v2.sh) nor a runs folder with v2/" >&2
+    echo "$FROM: neither results.tar.gz (from run_v2.sh) nor a runs folder with $RECIPE/" >&2
     exit 2
 fi
 mkdir -p "$RESULTS"
 packages=$DEST/packages
 # The negative scan each fold left out, from the config that trained the folds.
 read -r -a held_out <<< "$("$PYTHON" -c "from covidseg_training.config import TrainConfig
-holdout = TrainConfig.load('configs/v2.yaml').negatives.holdout
+holdout = TrainConfig.load('configs/$RECIPE.yaml').negatives.holdout
 print(' '.join(holdout[fold][0] for fold in range(5)))")"
 
+# The whole-scan previews of folder $1 as JPEG in folder $2.
+jpeg_previews() {
+    "$PYTHON" -c "import sys, cv2; from pathlib import Path
+for png in sorted(Path(sys.argv[1]).glob('*.png')):
+    cv2.imwrite(str(Path(sys.argv[2]) / (png.stem + '.jpg')), cv2.imread(str(png)), [cv2.IMWRITE_JPEG_QUALITY, 85])" "$1" "$2"
+}
+
 for k in 0 1 2 3 4; do
-    [ -f "$runs/v2/fold$k/best.pt" ] || { echo "fold $k: no checkpoint"; continue; }
-    if [ ! -f "$runs/v2/fold$k/eval/summary.json" ]; then  # a GPU time limit stopped it, or `train` (no evaluation) made it
-        epochs=$("$PYTHON" -c "import json, sys; print(len(json.load(open(sys.argv[1]))))" "$runs/v2/fold$k/history.json")
+    [ -f "$runs/$RECIPE/fold$k/best.pt" ] || { echo "fold $k: no checkpoint"; continue; }
+    if [ ! -f "$runs/$RECIPE/fold$k/eval/summary.json" ]; then  # a GPU time limit stopped it, or `train` (no evaluation) made it
+        epochs=$("$PYTHON" -c "import json, sys; print(len(json.load(open(sys.argv[1]))))" "$runs/$RECIPE/fold$k/history.json")
         echo "fold $k: no evaluation yet (trained $epochs epochs): evaluating its best.pt here"
-        "$PYTHON" -m covidseg_training evaluate --checkpoint "$runs/v2/fold$k/best.pt" --out "$runs/v2/fold$k/eval"
+        "$PYTHON" -m covidseg_training evaluate --checkpoint "$runs/$RECIPE/fold$k/best.pt" --out "$runs/$RECIPE/fold$k/eval"
     fi
-    "$PYTHON" -m covidseg_training export --checkpoint "$runs/v2/fold$k/best.pt" --out "$packages" \
-        --name "covid_unet_v2_fold$k" --version "2.0.0-fold$k" --metrics "$runs/v2/fold$k/eval/summary.json"
+    "$PYTHON" -m covidseg_training export --checkpoint "$runs/$RECIPE/fold$k/best.pt" --out "$packages" \
+        --name "covid_unet_${RECIPE}_fold$k" --version "2.0.0-fold$k" --metrics "$runs/$RECIPE/fold$k/eval/summary.json"
     scans=()
     for scan in $SCANS "${held_out[$k]}"; do scans+=(--scan "$scan"); done
-    "$PYTHON" -m covidseg_training wholescan --device cpu --model "$packages/covid_unet_v2_fold$k.json" "${scans[@]}" \
-        --out "$DEST/wholescan-fold$k"
-    "$PYTHON" -m covidseg_training evaluate --checkpoint "$packages/covid_unet_v2_fold$k.json" \
-        --config configs/v2.yaml --fold "$k" --flip-tta --no-robustness --out "$DEST/eval-flip-tta-fold$k"
+    "$PYTHON" -m covidseg_training wholescan --device cpu --model "$packages/covid_unet_${RECIPE}_fold$k.json" "${scans[@]}" \
+        --out "$DEST/wholescan-$RECIPE-fold$k"
+    "$PYTHON" -m covidseg_training evaluate --checkpoint "$packages/covid_unet_${RECIPE}_fold$k.json" \
+        --config "configs/$RECIPE.yaml" --fold "$k" --flip-tta --no-robustness --out "$DEST/eval-flip-tta-$RECIPE-fold$k"
     mkdir -p "$RESULTS/fold$k/flip_tta"
-    cp "$runs/v2/fold$k/eval/summary.json" "$runs/v2/fold$k/eval/per_case.csv" "$runs/v2/fold$k/history.json" \
+    cp "$runs/$RECIPE/fold$k/eval/summary.json" "$runs/$RECIPE/fold$k/eval/per_case.csv" "$runs/$RECIPE/fold$k/history.json" \
         "$RESULTS/fold$k/"
-    cp "$DEST/eval-flip-tta-fold$k/summary.json" "$DEST/eval-flip-tta-fold$k/per_case.csv" "$RESULTS/fold$k/flip_tta/"
-    cp "$DEST/wholescan-fold$k/wholescan.md" "$DEST/wholescan-fold$k/wholescan.csv" "$RESULTS/fold$k/"
+    cp "$DEST/eval-flip-tta-$RECIPE-fold$k/summary.json" "$DEST/eval-flip-tta-$RECIPE-fold$k/per_case.csv" "$RESULTS/fold$k/flip_tta/"
+    cp "$DEST/wholescan-$RECIPE-fold$k/wholescan.md" "$DEST/wholescan-$RECIPE-fold$k/wholescan.csv" "$RESULTS/fold$k/"
+    jpeg_previews "$DEST/wholescan-$RECIPE-fold$k" "$RESULTS/fold$k"
 done
-if [ ! -d "$runs/v2/crossval" ] && ls "$runs"/v2/fold{0,1,2,3,4}/eval/summary.json > /dev/null 2>&1; then
+if [ ! -d "$runs/$RECIPE/crossval" ] && ls "$runs"/$RECIPE/fold{0,1,2,3,4}/eval/summary.json > /dev/null 2>&1; then
     "$PYTHON" -c "import sys; from pathlib import Path; from covidseg_training.crossval import aggregate
-runs = Path(sys.argv[1]); aggregate({k: runs / f'fold{k}' / 'eval' for k in range(5)}, runs / 'crossval')" "$runs/v2"
+runs = Path(sys.argv[1]); aggregate({k: runs / f'fold{k}' / 'eval' for k in range(5)}, runs / 'crossval')" "$runs/$RECIPE"
 fi
-if [ -d "$runs/v2/crossval" ]; then
+if [ -d "$runs/$RECIPE/crossval" ]; then
     mkdir -p "$RESULTS/crossval"
-    cp "$runs/v2/crossval/"{summary.json,summary.csv,folds.csv,per_case.csv} "$RESULTS/crossval/"
+    cp "$runs/$RECIPE/crossval/"{summary.json,summary.csv,folds.csv,per_case.csv} "$RESULTS/crossval/"
 fi
-for screen in "$runs"/v2_*/fold*/eval/summary.json; do
-    [ -f "$screen" ] || continue
+for screen in "$runs"/v2_*/fold*/eval/summary.json; do  # single-fold screens, beside v2's folds
+    [ -f "$screen" ] && [ "$RECIPE" = v2 ] || continue
     name=$(basename "$(dirname "$(dirname "$(dirname "$screen")")")")
     mkdir -p "$RESULTS/$name"
     cp "$screen" "$(dirname "$screen")/per_case.csv" "$RESULTS/$name/"
 done
 
-if [ -f "$runs/v2_all/all/best.pt" ] && [ -f "$runs/v2/crossval/summary.json" ]; then
-    "$PYTHON" -m covidseg_training export --checkpoint "$runs/v2_all/all/best.pt" --out "$packages" \
-        --name covid_unet_v2 --version 2.0.0 --metrics "$runs/v2/fold0/eval/summary.json" \
-        --crossval "$runs/v2/crossval/summary.json"
+if [ -f "$runs/${RECIPE}_all/all/best.pt" ] && [ -f "$runs/$RECIPE/crossval/summary.json" ]; then
+    "$PYTHON" -m covidseg_training export --checkpoint "$runs/${RECIPE}_all/all/best.pt" --out "$packages" \
+        --name covid_unet_v2 --version 2.0.0 --metrics "$runs/$RECIPE/fold0/eval/summary.json" \
+        --crossval "$runs/$RECIPE/crossval/summary.json"
     # Fold 0 left LIDC-IDRI-0001 out and fold 1 LIDC-IDRI-0003 (held_out above).
     "$PYTHON" -m covidseg_training wholescan --device cpu --model "$packages/covid_unet_v2.json" \
-        --model-for "${held_out[0]}=$packages/covid_unet_v2_fold0.json" \
-        --model-for "${held_out[1]}=$packages/covid_unet_v2_fold1.json" --out "$DEST/wholescan-v2.0.0"
+        --model-for "${held_out[0]}=$packages/covid_unet_${RECIPE}_fold0.json" \
+        --model-for "${held_out[1]}=$packages/covid_unet_${RECIPE}_fold1.json" --out "$DEST/wholescan-v2.0.0"
     cp "$DEST/wholescan-v2.0.0/wholescan.md" "$RESULTS/wholescan_v2.0.0.md"
     cp "$DEST/wholescan-v2.0.0/wholescan.csv" "$RESULTS/wholescan_v2.0.0.csv"
+    mkdir -p "$RESULTS/wholescan_v2.0.0"
+    jpeg_previews "$DEST/wholescan-v2.0.0" "$RESULTS/wholescan_v2.0.0"
     echo "release candidate: $packages/covid_unet_v2.{pt,json} (bundle it by hand after reading the tables)"
 fi
 ls -R "$RESULTS"
