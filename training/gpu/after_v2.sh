@@ -83,12 +83,14 @@ if [ -d "$runs/$RECIPE/crossval" ]; then
     mkdir -p "$RESULTS/crossval"
     cp "$runs/$RECIPE/crossval/"{summary.json,summary.csv,folds.csv,per_case.csv} "$RESULTS/crossval/"
 fi
-for screen in "$runs"/v2_*/fold*/eval/summary.json; do  # single-fold screens, beside v2's folds
-    [ -f "$screen" ] && [ "$RECIPE" = v2 ] || continue
-    name=$(basename "$(dirname "$(dirname "$(dirname "$screen")")")")
-    mkdir -p "$RESULTS/$name"
-    cp "$screen" "$(dirname "$screen")/per_case.csv" "$RESULTS/$name/"
-done
+if [ "$RECIPE" = v2 ]; then  # the single-fold screens, beside v2's folds
+    for screen in "$runs"/v2_*/fold*/eval/summary.json; do
+        [ -f "$screen" ] || continue
+        name=$(basename "$(dirname "$(dirname "$(dirname "$screen")")")")
+        mkdir -p "$RESULTS/$name"
+        cp "$screen" "$(dirname "$screen")/per_case.csv" "$RESULTS/$name/"
+    done
+fi
 
 if [ -f "$runs/${RECIPE}_all/all/best.pt" ] && [ -f "$runs/$RECIPE/crossval/summary.json" ]; then
     "$PYTHON" -m covidseg_training export --checkpoint "$runs/${RECIPE}_all/all/best.pt" --out "$packages" \
