@@ -20,7 +20,11 @@ results do not depend on resolution. Steps:
    bowel, soft tissue) and a second component under ``SMALL_SECOND_COMPONENT`` of the first that is not
    wrapped in tissue (over ``max_light_shell_fraction`` of its in-plane one-voxel shell lighter than
    ``AERATED_HU``: a lung is wrapped in chest wall, mediastinum and diaphragm; room air or a foam
-   cushion between the back and the table is not); keep at most the two largest.
+   cushion between the back and the table is not), and any component after the largest that lies
+   mostly (over ``max_outside_air_share`` of its voxels) in air outside the body: air lighter than
+   ``AERATED_HU`` that reaches the image border within its axial slice (a cushion under the neck that
+   the network called lung, of any size; a lung, collapsed or not, is walled in by the chest in every
+   slice); keep at most the two largest.
 2. left/right: a component lying on one side of the body midline goes to that side; one straddling it
    (touching lungs, or lungs joined by the trachea) is cut per slice within ``midline_search_mm`` of the
    midline: at an empty column between the lungs, else at the column with the fewest lung voxels that
@@ -39,7 +43,7 @@ results do not depend on resolution. Steps:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -63,6 +67,7 @@ AERATED_HU = -500.0
 MIN_AERATED_SHELL_FRACTION = 0.1
 MAX_GAS_POCKET_LUNG_BORDER = 0.5
 MAX_LIGHT_SHELL_FRACTION = 0.5
+MAX_OUTSIDE_AIR_SHARE = 0.5
 SMALL_SECOND_COMPONENT = 0.1
 MAX_DENSE_LUNG_BORDER = 0.1
 DENSE_CORE_MM = 5.0
@@ -86,6 +91,7 @@ class PostprocessingSettings:
     min_aerated_shell_fraction: float = MIN_AERATED_SHELL_FRACTION
     max_gas_pocket_lung_border: float = MAX_GAS_POCKET_LUNG_BORDER  # 0 turns step 0 off
     max_light_shell_fraction: float = MAX_LIGHT_SHELL_FRACTION  # 1 turns the check off
+    max_outside_air_share: float = MAX_OUTSIDE_AIR_SHARE  # 1 turns the check off
     max_dense_lung_border: float = MAX_DENSE_LUNG_BORDER  # 0 turns the dense part of step 0 off
 
 
@@ -138,7 +144,8 @@ def postprocess(
     if intensities_in_hu and settings.max_dense_lung_border > 0:
         drop_dense_false_lung(candidate, boxed_classes == lung_class, intensities[candidates], spacing, settings, notes)
     lungs = lung_components(
-        candidate, boxed_classes, lung_class, intensities[candidates], spacing, intensities_in_hu, settings, notes
+        candidate, boxed_classes, lung_class, intensities[candidates], spacing, intensities_in_hu, settings, notes,
+        outside_air=lambda box: outside_air(intensities, shifted_box(box, candidates)),
     )
     del candidate
     if not lungs:
@@ -358,10 +365,13 @@ def lung_components(
     intensities_in_hu: bool,
     settings: PostprocessingSettings,
     notes: list[str] | None = None,
+    outside_air: Callable[[tuple[slice, ...]], np.ndarray] | None = None,
 ) -> list[Component]:
     """At most the two largest 3D components of ``candidate`` that are inside the body, big and air-filled
     (median HU of their ``lung_class`` voxels in ``classes``). Clears the border-connected voxels of
-    ``candidate`` in place (it is the largest array here; a copy would add its size to the peak memory)."""
+    ``candidate`` in place (it is the largest array here; a copy would add its size to the peak memory).
+    ``outside_air(box)``: the :func:`outside_air` mask over a box of ``candidate``; without it (or with
+    ``settings.max_outside_air_share`` 1) components are not checked for lying outside the body."""
     notes = notes if notes is not None else []
     voxel_ml = float(np.prod(spacing_zyx)) / 1000.0
     outside = remove_border_connected(candidate)
@@ -379,7 +389,7 @@ def lung_components(
             break
         sub = objects[index - 1]
         mask = components[sub] == index
-        global_sub = tuple(slice(outer.start + inner.start, outer.start + inner.stop) for outer, inner in zip(box, sub))
+        global_sub = shifted_box(sub, box)
         if intensities_in_hu:
             inside_lung = mask & (classes[global_sub] == lung_class)
             median = exact_median(intensities[global_sub][inside_lung if inside_lung.any() else mask])
@@ -399,8 +409,37 @@ def lung_components(
                     f"its border lighter than {AERATED_HU:g} HU: air or a cushion outside the body)"
                 )
                 continue
+            # The largest component is left to the checks above: it spans the whole chest, and on whole
+            # slices this check costs about 4 ms a slice.
+            if kept and outside_air is not None and settings.max_outside_air_share < 1:
+                share = float(np.mean(outside_air(global_sub)[mask]))
+                if share > settings.max_outside_air_share:
+                    notes.append(
+                        f"dropped a {sizes[index] * voxel_ml:.0f} mL component lying in air outside the body "
+                        f"({share:.0%} of it: a cushion, blanket or room air around the patient)"
+                    )
+                    continue
         kept.append(Component(global_sub, mask))
     return kept
+
+
+def outside_air(intensities: np.ndarray, box: tuple[slice, ...]) -> np.ndarray:
+    """Within ``box`` of ``intensities`` (z, y, x, in HU): the voxels lighter than ``AERATED_HU`` that
+    reach the image border through such voxels in their axial slice (air and foam around the body; the
+    lungs, airways and bowel gas are walled in). Computed on whole slices, returned for ``box``."""
+    inside = box[1:]
+    found = np.zeros(tuple(part.stop - part.start for part in box), dtype=bool)
+    for index, z in enumerate(range(box[0].start, box[0].stop)):
+        light = intensities[z] < AERATED_HU
+        walled_in = light.copy()
+        remove_border_connected(walled_in[np.newaxis])
+        found[index] = (light & ~walled_in)[inside]
+    return found
+
+
+def shifted_box(box: tuple[slice, ...], outer: tuple[slice, ...]) -> tuple[slice, ...]:
+    """``box``, given inside the box ``outer`` of an array, in that array's indices."""
+    return tuple(slice(o.start + b.start, o.start + b.stop) for b, o in zip(box, outer))
 
 
 def light_shell_fraction(box: tuple[slice, ...], mask: np.ndarray, intensities: np.ndarray) -> float:
