@@ -333,9 +333,9 @@ def test_two_lungs_the_network_under_segmented_are_both_kept() -> None:
     np.testing.assert_array_equal(result.labels == LEFT_LUNG, left)
 
 
-def _patient_on_a_cushion(cushion_rows: slice):
+def _patient_on_a_cushion():
     """A chest (40 HU) in room air, its lungs joined in one component, and a foam cushion (-900 HU) under
-    it in ``cushion_rows`` that the network called lung."""
+    it that the network called lung."""
     shape = (20, 90, 100)
     classes = np.zeros(shape, dtype=np.uint8)
     hu = np.full(shape, -1000.0, dtype=np.float32)
@@ -343,20 +343,20 @@ def _patient_on_a_cushion(cushion_rows: slice):
     lungs = ellipsoid(shape, (10, 32, 32), (9, 22, 20)) | ellipsoid(shape, (10, 32, 68), (9, 22, 20))
     classes[lungs], hu[lungs] = LUNG, -850.0
     cushion = np.zeros(shape, dtype=bool)
-    cushion[:, cushion_rows, 30:70] = True
+    cushion[:, 64:72, 30:70] = True
     classes[cushion], hu[cushion] = LUNG, -900.0
     return classes, hu, lungs, cushion
 
 
 def test_a_cushion_outside_the_body_is_not_lung_whatever_its_size() -> None:
-    classes, hu, lungs, cushion = _patient_on_a_cushion(slice(64, 72))
+    classes, hu, lungs, cushion = _patient_on_a_cushion()
     assert cushion.sum() > 1.5 * SMALL_SECOND_COMPONENT * lungs.sum(), "too large for the check of small components"
     result = taken_out(classes, hu, cushion, "lying in air outside the body", max_outside_air_share=1.0)
     assert np.all(result.labels[lungs] > 0)
 
 
 def test_a_component_walled_in_by_the_body_is_not_taken_for_outside_air() -> None:
-    classes, hu, lungs, cushion = _patient_on_a_cushion(slice(64, 72))
+    classes, hu, lungs, cushion = _patient_on_a_cushion()
     hu[:, 62:90, 5:95] = 40.0  # the same "cushion", now inside the body (an air-filled lung-like space)
     hu[cushion] = -900.0
     result = postprocess(classes, hu, SPACING)

@@ -38,8 +38,8 @@ from CovidInfectionSegLib.postprocessing import (
 from shared_data import shared_path
 
 LUNG, INFECTED = 1, 2
-# The plain algorithm predates step 0 (gas pockets, dense false lung) and the wrapped-in-tissue check of
-# step 1; the speed work is compared without them.
+# The plain algorithm predates step 0 (gas pockets, dense false lung) and the wrapped-in-tissue and
+# outside-the-body checks of step 1; the speed work is compared without them.
 WITHOUT_GAS_STEP = {"max_gas_pocket_lung_border": 0.0, "max_dense_lung_border": 0.0, "max_light_shell_fraction": 1.0,
                     "max_outside_air_share": 1.0}
 
