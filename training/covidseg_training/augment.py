@@ -1,4 +1,5 @@
-"""Training augmentation: geometry, and what real scanners vary (window, resolution, noise).
+"""Training augmentation: geometry, what real scanners vary (window, resolution, noise), and synthetic
+solid masses (masses.py).
 
 The shared slices already carry the intensity recipe (min-max + CLAHE). To show the network what a
 different scanner looks like *after* the recipe, a degraded slice is passed through the recipe's last
@@ -14,6 +15,8 @@ import cv2
 import numpy as np
 
 from CovidInfectionSegLib.preprocessing import IntensityRecipe, make_clahe, minmax_to_uint8
+
+from .masses import paint_masses
 
 
 @dataclass
@@ -40,6 +43,9 @@ class AugmentConfig:
     # contrast, so that neither texture nor gray level says which data path a slice came from (with it
     # on every slice the path probe's AUC is at chance; see results/path_probe.md).
     harmonise_p: float = 0.0
+    # Synthetic solid masses painted into the lung and labelled "lung, no infection" (masses.py), so
+    # that nodules and tumours are not called infection.
+    mass_p: float = 0.0
 
 
 # Lung texture and gray level of the network's uint8 input, measured 2026-11-30 (ad hoc, AMD EPYC here):
@@ -161,9 +167,12 @@ class SliceAugmenter:
         return np.clip((rendered - mean) * gain + self.rng.uniform(*LUNG_MEAN_RANGE), 0, 255)
 
     def __call__(self, image: np.ndarray, label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        # Masses and harmonisation are drawn only when on, so that configs without them augment
+        # exactly as before they existed. Masses come first: geometry and scanner then act on them too.
+        if self.config.mass_p and self.rng.random() < self.config.mass_p:
+            image, label = paint_masses(image, label, self.rng)
         out = self.geometry(image=image, mask=label)
         image, label = out["image"], out["mask"]
-        # Drawn only when on, so that configs without it augment exactly as before it existed.
         if self.config.harmonise_p and self.rng.random() < self.config.harmonise_p:
             image = self.harmonise(image, label).astype(np.uint8)
         if self.rng.random() < self.config.kernel_p:

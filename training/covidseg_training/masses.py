@@ -1,0 +1,121 @@
+"""Synthetic solid masses (nodules, tumours) painted into a slice's lung and labelled "lung, no infection".
+
+Issue 10's healthy scans show the network calling solid masses infection: the tumour of
+example-chest-ct, LIDC-IDRI-0003's large nodule (60% of its nodule voxels for v2_dense's fold 1).
+The training data hold almost none (the labelled slices are all infected; the negatives' nodules are
+few and small), so the network never learns that a round solid lump in clear lung is not infection.
+Painting such lumps into every kind of training slice, labelled lung, teaches it on both data paths
+alike (so the mass does not become a path cue, see path_probe.py).
+
+A mass is a lobulated disc (a few low harmonics on its radius, stretched and turned), sometimes
+with spicules, its edge softened as partial volume would. Its gray level is the slice's own soft
+tissue (the median of a ring just outside the lung: chest wall and mediastinum; 157-193 in the
+labelled slices and about 180 on kernel B of example-chest-ct, whose tumour reads 124-164, measured
+2026-11-30 ad hoc) times 0.8-1.0, with fine noise. It sits away from any infection and mostly inside
+the lung: its centre at least 0.6 of its radius from the lung's edge, so a juxtapleural mass meets
+the pleura but a pleural-based band that looks like subpleural consolidation is not drawn.
+
+    python -m covidseg_training.masses OUT.png [--data data/ma2020.npz]   # a preview of painted slices
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from .data import INFECTION, LUNG, LUNG_UNKNOWN
+
+RADIUS_PX = (2.5, 18.0)  # 256-pixel slices of 1.2-1.7 mm: masses of about 6 to 55 mm across
+COUNT = (1, 3)
+GRAY_OF_SOFT_TISSUE = (0.8, 1.0)
+MIN_LUNG_PIXELS = 1500
+INFECTION_CLEARANCE_PX = 4  # between a mass's outline and any infection
+
+
+def soft_tissue_gray(image: np.ndarray, lung: np.ndarray) -> float:
+    """The median gray level of a ring 3-8 pixels outside the lung (chest wall and mediastinum)."""
+    near = cv2.dilate(lung.astype(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (17, 17))) > 0
+    touching = cv2.dilate(lung.astype(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5))) > 0
+    ring = near & ~touching
+    return float(np.median(image[ring])) if ring.any() else 170.0
+
+
+def mass_shape(shape: tuple[int, int], centre: tuple[float, float], radius: float,
+               rng: np.random.Generator) -> np.ndarray:
+    """A float32 coverage map (0-1) of one mass: a lobulated, stretched disc, spiculated one time in
+    three, its edge blurred by 0.4-1.2 pixels."""
+    rows, cols = np.mgrid[: shape[0], : shape[1]].astype(np.float32)
+    angle = rng.uniform(0, np.pi)
+    stretch = rng.uniform(0.7, 1.0)
+    dy, dx = rows - centre[0], cols - centre[1]
+    u = dx * np.cos(angle) + dy * np.sin(angle)
+    v = (-dx * np.sin(angle) + dy * np.cos(angle)) / stretch
+    theta = np.arctan2(v, u)
+    outline = np.ones_like(theta)
+    for harmonic in range(2, 6):
+        outline += rng.uniform(0, 0.12) * np.cos(harmonic * theta + rng.uniform(0, 2 * np.pi))
+    coverage = (np.hypot(u, v) <= radius * outline).astype(np.float32)
+    if rng.random() < 1 / 3:
+        for direction in rng.uniform(0, 2 * np.pi, int(rng.integers(3, 9))):
+            length = radius * rng.uniform(1.3, 2.0)
+            end = (centre[1] + length * np.cos(direction), centre[0] + length * np.sin(direction))
+            cv2.line(coverage, (round(centre[1]), round(centre[0])), (round(end[0]), round(end[1])), 1.0, 1)
+    return cv2.GaussianBlur(coverage, (0, 0), rng.uniform(0.4, 1.2))
+
+
+def paint_masses(image: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """``image`` (uint8) with 1-3 solid masses painted into its lung and ``label`` with "lung, no
+    infection" (``LUNG``) under them; both unchanged where the slice has too little clear lung."""
+    lung = (label == LUNG) | (label == LUNG_UNKNOWN)
+    if np.count_nonzero(lung) < MIN_LUNG_PIXELS:
+        return image, label
+    from_edge = cv2.distanceTransform(lung.astype(np.uint8), cv2.DIST_L2, 5)
+    from_infection = cv2.distanceTransform((label != INFECTION).astype(np.uint8), cv2.DIST_L2, 5)
+    gray = soft_tissue_gray(image, lung)
+    painted, new_label = image.astype(np.float32), label.copy()
+    for _ in range(int(rng.integers(COUNT[0], COUNT[1] + 1))):
+        radius = float(np.exp(rng.uniform(*np.log(RADIUS_PX))))
+        # Spicules reach up to 2 radii: the clearance keeps them off the infection too.
+        room = (from_edge >= 0.6 * radius) & (from_infection >= 2.2 * radius + INFECTION_CLEARANCE_PX)
+        candidates = np.flatnonzero(room)
+        if not len(candidates):
+            continue
+        centre = np.unravel_index(int(rng.choice(candidates)), label.shape)
+        coverage = mass_shape(label.shape, centre, radius, rng) * lung
+        noise = cv2.GaussianBlur(rng.normal(0, 1, label.shape).astype(np.float32), (0, 0), 0.7)
+        texture = gray * rng.uniform(*GRAY_OF_SOFT_TISSUE) + rng.uniform(3, 10) * noise / max(float(noise.std()), 1e-6)
+        painted = painted * (1 - coverage) + texture * coverage
+        new_label[(coverage > 0.5) & lung] = LUNG
+    return np.clip(painted, 0, 255).astype(np.uint8), new_label
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .data import SliceDataset
+    from .figures import plot_painted_masses
+
+    parser = argparse.ArgumentParser(prog="python -m covidseg_training.masses", description=__doc__.split("\n")[0])
+    parser.add_argument("out", type=Path, help="the preview PNG")
+    parser.add_argument("--data", type=Path, default=Path("data/ma2020.npz"), help="a prepared .npz of slices")
+    parser.add_argument("--count", type=int, default=6, help="slices shown")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if not args.data.is_file():
+        print(f"error: no prepared slices at {args.data} (python -m covidseg_training prepare writes them)",
+              file=sys.stderr)
+        return 2
+    slices = SliceDataset.load(args.data)
+    rng = np.random.default_rng(args.seed)
+    lung_pixels = (slices.labels == LUNG).sum(axis=(1, 2))
+    chosen = rng.choice(np.flatnonzero(lung_pixels >= 2 * MIN_LUNG_PIXELS), args.count, replace=False)
+    rows = [(int(i), slices.images[i], *paint_masses(slices.images[i], slices.labels[i], rng)) for i in sorted(chosen)]
+    plot_painted_masses(rows, args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

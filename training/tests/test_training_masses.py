@@ -1,0 +1,94 @@
+"""Synthetic solid masses: painted only into clear lung, away from infection, at the slice's soft-tissue
+gray level, and labelled "lung, no infection" (issue 10: nodules and tumours called infection)."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from CovidInfectionSegLib.preprocessing import IntensityRecipe
+from covidseg_training import masses
+from covidseg_training.augment import AugmentConfig, SliceAugmenter
+from covidseg_training.data import INFECTION, LUNG, LUNG_UNKNOWN, SliceDataset
+from covidseg_training.masses import GRAY_OF_SOFT_TISSUE, INFECTION_CLEARANCE_PX, paint_masses
+
+SOFT_TISSUE = 170
+ONLY_MASSES = dict(flip_p=0, rotate90_p=0, affine_p=0, elastic_p=0, scanner_p=0, kernel_p=0, mass_p=1)
+
+
+def chest_slice(lung_value: int = LUNG, with_infection: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """A 128 x 128 slice: air outside, a soft-tissue body, two lungs of noisy dark gray, and (on the
+    right lung) a patch of infection."""
+    rng = np.random.default_rng(1)
+    image = np.full((128, 128), 10, np.uint8)
+    cv2.ellipse(image, (64, 64), (60, 50), 0, 0, 360, SOFT_TISSUE, -1)
+    label = np.zeros((128, 128), np.uint8)
+    label[30:100, 14:58] = lung_value
+    label[30:100, 70:114] = lung_value
+    if with_infection:
+        label[70:90, 90:110] = INFECTION
+    lung = label != 0
+    image[lung] = np.clip(rng.normal(50, 8, np.count_nonzero(lung)), 0, 255).astype(np.uint8)
+    image[label == INFECTION] = 120
+    return image, label
+
+
+@pytest.mark.parametrize("lung_value", [LUNG, LUNG_UNKNOWN])
+def test_masses_go_into_clear_lung_at_soft_tissue_gray_and_are_labelled_lung(lung_value):
+    image, label = chest_slice(lung_value)
+    lung = (label == LUNG) | (label == LUNG_UNKNOWN)
+    infection = label == INFECTION
+    from_infection = cv2.distanceTransform((~infection).astype(np.uint8), cv2.DIST_L2, 5)
+    painted_any = 0
+    for seed in range(12):
+        out, out_label = paint_masses(image, label, np.random.default_rng(seed))
+        changed = out != image
+        assert not (changed & ~lung).any(), "a mass reached outside the lung"
+        np.testing.assert_array_equal(out_label[infection], INFECTION)
+        assert set(np.unique(out_label[out_label != label])) <= {LUNG}
+        mass = (out_label == LUNG) & (label != LUNG)
+        if lung_value == LUNG:  # the label cannot show it: the image changes where masses lie
+            mass = changed & (out.astype(int) > 110)
+        if not mass.any():
+            continue
+        painted_any += 1
+        assert from_infection[mass].min() >= INFECTION_CLEARANCE_PX
+        low, high = (SOFT_TISSUE * f for f in GRAY_OF_SOFT_TISSUE)
+        assert low - 20 <= float(np.percentile(out[mass], 90)) <= high + 20
+    assert painted_any >= 10
+
+
+def test_a_slice_with_too_little_lung_is_left_alone():
+    image, label = chest_slice()
+    label[label == LUNG] = 0
+    label[40:50, 20:40] = LUNG
+    out, out_label = paint_masses(image, label, np.random.default_rng(0))
+    assert out is image and out_label is label
+
+
+def test_the_augmenter_paints_masses_only_when_asked():
+    image, label = chest_slice(LUNG_UNKNOWN, with_infection=False)
+    recipe = IntensityRecipe(input_size=128)
+    painting = SliceAugmenter(AugmentConfig(**ONLY_MASSES), recipe, seed=0)
+    plain = SliceAugmenter(AugmentConfig(**{**ONLY_MASSES, "mass_p": 0}), recipe, seed=0)
+    for position in range(4):
+        painting.reseed(0, position)
+        plain.reseed(0, position)
+        out, out_label = painting(image, label)
+        assert (out_label == LUNG).any() and (out != image).any()
+        same, same_label = plain(image, label)
+        np.testing.assert_array_equal(same, image)
+        np.testing.assert_array_equal(same_label, label)
+
+
+def test_preview_writes_a_picture_and_refuses_missing_data(tmp_path, capsys):
+    slices = [chest_slice() for _ in range(3)]
+    data = tmp_path / "slices.npz"
+    SliceDataset(np.stack([s[0] for s in slices]), np.stack([s[1] for s in slices]), np.array(["a", "b", "c"])).save(data)
+    out = tmp_path / "masses.png"
+    assert masses.main([str(out), "--data", str(data), "--count", "2"]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert masses.main([str(tmp_path / "other.png"), "--data", str(tmp_path / "none.npz")]) == 2
+    assert "no prepared slices" in capsys.readouterr().err
+    assert not (tmp_path / "other.png").exists()
