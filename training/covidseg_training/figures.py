@@ -19,6 +19,7 @@ BOXPLOT_COLUMNS = ("lung_dice", "lung_nsd", "infection_dice", "infection_nsd")
 # The segments' colours in the manifest (Slicer's GenericAnatomyColors), as matplotlib RGB.
 LUNG_COLOUR = (128 / 255, 174 / 255, 128 / 255)
 INFECTION_COLOUR = (216 / 255, 101 / 255, 79 / 255)
+NO_INFECTION_COLOUR = (0.2, 0.4, 1.0)  # "lung, no infection" in the training-label figures
 EXAMPLE_QUANTILES = (("worst", 0.0), ("lower quartile", 0.25), ("median", 0.5), ("best", 1.0))
 
 
@@ -140,7 +141,7 @@ def plot_negative_labels(scans: list[tuple[str, np.ndarray, np.ndarray, np.ndarr
         for axis, index in zip(row_axes, picks):
             overlay = np.zeros((*labels[index].shape, 4))
             overlay[labels[index] == LUNG_UNKNOWN] = (*LUNG_COLOUR, 0.35)
-            overlay[labels[index] == LUNG] = (0.2, 0.4, 1.0, 0.9)
+            overlay[labels[index] == LUNG] = (*NO_INFECTION_COLOUR, 0.9)
             axis.imshow(images[index], cmap="gray")
             axis.imshow(overlay)
             axis.set_title(f"{name}, slice {index} (level {levels[index]:.2f})", fontsize=7)
@@ -162,7 +163,7 @@ def plot_painted_masses(rows: list[tuple[int, np.ndarray, np.ndarray, np.ndarray
         _show_slice(row_axes[1], painted, labels, "with masses")
         new = (painted != image) & (labels == LUNG)
         if new.any():
-            row_axes[1].contour(new, levels=[0.5], colors=[(0.2, 0.4, 1.0)], linewidths=0.8)
+            row_axes[1].contour(new, levels=[0.5], colors=[NO_INFECTION_COLOUR], linewidths=0.8)
     figure.suptitle("synthetic masses (outlined in blue: lung, no infection); lung outlined, infection filled",
                     fontsize=8)
     figure.tight_layout()
