@@ -1,6 +1,9 @@
 """The fast path agrees with fp32 on real scans: the bundled model run with ``precision="auto"`` (bf16
 autocast on a CPU with native bf16, fp16 on CUDA) against ``precision="fp32"``, end to end, on the
-real chest CTs in shared data: per-label Dice at least 0.99, every volume within 1%.
+real chest CTs in shared data: per-label Dice at least 0.99, every lung volume within 1%, every
+infection volume within 1% plus 0.1% of its lung's volume (on a scan with a millilitre of infection
+a few boundary voxels are more than 1% of it, yet move the percent of lung affected by far less than
+0.1 point).
 
 Skips, with the reason, on a CPU without native bf16 (there the fast path is fp32 itself), without
 CUDA for the GPU case, and when the real data is absent.
@@ -27,6 +30,7 @@ SCANS = [
 ]
 MIN_DICE = 0.99
 MAX_VOLUME_DIFFERENCE = 0.01
+MAX_INFECTION_DIFFERENCE_OF_LUNG = 0.001
 LABELS = {1: "right lung", 2: "left lung", 3: "infection"}
 
 
@@ -62,8 +66,15 @@ def test_fast_path_matches_fp32_on_real_scans(device: str, scan: tuple[str, str]
         assert score >= MIN_DICE, f"{name}: Dice {score:.4f} between {precision} and fp32"
     fast_volumes, full_volumes = fast.measurements.to_dict(), full.measurements.to_dict()
     for region in REGIONS:
-        for quantity in ("lung_ml", "infection_ml"):
-            ours, reference = fast_volumes[region][quantity], full_volumes[region][quantity]
-            assert abs(ours - reference) <= MAX_VOLUME_DIFFERENCE * reference, (
-                f"{region} {quantity}: {ours:.1f} mL in {precision}, {reference:.1f} mL in fp32"
-            )
+        ours, reference = fast_volumes[region], full_volumes[region]
+        lung_difference = abs(ours["lung_ml"] - reference["lung_ml"])
+        assert lung_difference <= MAX_VOLUME_DIFFERENCE * reference["lung_ml"], (
+            f"{region} lung: {ours['lung_ml']:.1f} mL in {precision}, {reference['lung_ml']:.1f} mL in fp32"
+        )
+        infection_difference = abs(ours["infection_ml"] - reference["infection_ml"])
+        allowed = (MAX_VOLUME_DIFFERENCE * reference["infection_ml"]
+                   + MAX_INFECTION_DIFFERENCE_OF_LUNG * reference["lung_ml"])
+        assert infection_difference <= allowed, (
+            f"{region} infection: {ours['infection_ml']:.2f} mL in {precision}, "
+            f"{reference['infection_ml']:.2f} mL in fp32 (allowed {allowed:.2f} mL)"
+        )
