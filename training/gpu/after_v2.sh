@@ -17,7 +17,8 @@
 #                                               results in results/v2/v2_dense/, the all-data model
 #                                               from v2_dense_all/all/)
 #
-# Settings (environment): RECIPE (the config name, default v2), DEST (default training/runs/gpu), SCANS
+# Settings (environment): RECIPE (the config name, default v2), FOLDS (the folds to export, check and
+# copy, default "0 1 2 3 4": FOLDS=2 after a fold trained here, so the others are not redone), DEST (default training/runs/gpu), SCANS
 # (wholescan scan names for the fold models; default the checks), RESULTS (default training/results/v2
 # for v2, training/results/v2/RECIPE otherwise), PYTHON.
 set -euo pipefail
@@ -27,6 +28,7 @@ RECIPE=${RECIPE:-v2}
 DEST=${DEST:-runs/gpu}
 if [ "$RECIPE" = v2 ]; then RESULTS=${RESULTS:-results/v2}; else RESULTS=${RESULTS:-results/v2/$RECIPE}; fi
 PYTHON=${PYTHON:-python}
+FOLDS=${FOLDS:-"0 1 2 3 4"}
 SCANS=${SCANS:-"covid-chest-ct example-chest-ct-kernel-L example-chest-ct-kernel-B"}
 if [ -f "$FROM/results.tar.gz" ]; then
     runs=$DEST/runs
@@ -53,7 +55,7 @@ for png in sorted(Path(sys.argv[1]).glob('*.png')):
     cv2.imwrite(str(Path(sys.argv[2]) / (png.stem + '.jpg')), cv2.imread(str(png)), [cv2.IMWRITE_JPEG_QUALITY, 85])" "$1" "$2"
 }
 
-for k in 0 1 2 3 4; do
+for k in $FOLDS; do
     [ -f "$runs/$RECIPE/fold$k/best.pt" ] || { echo "fold $k: no checkpoint"; continue; }
     if [ ! -f "$runs/$RECIPE/fold$k/eval/summary.json" ]; then  # a GPU time limit stopped it, or `train` (no evaluation) made it
         epochs=$("$PYTHON" -c "import json, sys; print(len(json.load(open(sys.argv[1]))))" "$runs/$RECIPE/fold$k/history.json")
