@@ -77,9 +77,17 @@ for k in $FOLDS; do
     cp "$DEST/wholescan-$RECIPE-fold$k/wholescan.md" "$DEST/wholescan-$RECIPE-fold$k/wholescan.csv" "$RESULTS/fold$k/"
     jpeg_previews "$DEST/wholescan-$RECIPE-fold$k" "$RESULTS/fold$k"
 done
-if [ ! -d "$runs/$RECIPE/crossval" ] && ls "$runs"/$RECIPE/fold{0,1,2,3,4}/eval/summary.json > /dev/null 2>&1; then
+# The cross-validation, once every fold's evaluation is here: from the run folder, or from the copies
+# committed in $RESULTS/foldK/ for a fold whose run folder went with an earlier machine.
+eval_dirs=()
+for k in 0 1 2 3 4; do
+    if [ -f "$runs/$RECIPE/fold$k/eval/summary.json" ]; then eval_dirs+=("$runs/$RECIPE/fold$k/eval")
+    elif [ -f "$RESULTS/fold$k/summary.json" ] && [ -f "$RESULTS/fold$k/per_case.csv" ]; then eval_dirs+=("$RESULTS/fold$k")
+    fi
+done
+if [ ! -d "$runs/$RECIPE/crossval" ] && [ ${#eval_dirs[@]} -eq 5 ]; then
     "$PYTHON" -c "import sys; from pathlib import Path; from covidseg_training.crossval import aggregate
-runs = Path(sys.argv[1]); aggregate({k: runs / f'fold{k}' / 'eval' for k in range(5)}, runs / 'crossval')" "$runs/$RECIPE"
+aggregate({k: Path(d) for k, d in enumerate(sys.argv[2:])}, Path(sys.argv[1]))" "$runs/$RECIPE/crossval" "${eval_dirs[@]}"
 fi
 if [ -d "$runs/$RECIPE/crossval" ]; then
     mkdir -p "$RESULTS/crossval"
@@ -96,12 +104,21 @@ fi
 
 if [ -f "$runs/${RECIPE}_all/all/best.pt" ] && [ -f "$runs/$RECIPE/crossval/summary.json" ]; then
     "$PYTHON" -m covidseg_training export --checkpoint "$runs/${RECIPE}_all/all/best.pt" --out "$packages" \
-        --name covid_unet_v2 --version 2.0.0 --metrics "$runs/$RECIPE/fold0/eval/summary.json" \
+        --name covid_unet_v2 --version 2.0.0 --metrics "$RESULTS/fold0/summary.json" \
         --crossval "$runs/$RECIPE/crossval/summary.json"
-    # Fold 0 left LIDC-IDRI-0001 out and fold 1 LIDC-IDRI-0003 (held_out above).
+    # Each held-out LIDC scan is scored by the first fold model here that left it out (held_out above:
+    # folds 0, 2, 4 left out one scan, folds 1, 3 the other; a fold's package can be gone with its machine).
+    model_for=()
+    for scan in $(printf '%s\n' "${held_out[@]}" | sort -u); do
+        for k in 0 1 2 3 4; do
+            if [ "${held_out[$k]}" = "$scan" ] && [ -f "$packages/covid_unet_${RECIPE}_fold$k.json" ]; then
+                model_for+=(--model-for "$scan=$packages/covid_unet_${RECIPE}_fold$k.json"); break
+            fi
+        done
+    done
+    [ ${#model_for[@]} -eq 4 ] || { echo "no fold model here for each held-out LIDC scan: ${model_for[*]}" >&2; exit 2; }
     "$PYTHON" -m covidseg_training wholescan --device cpu --model "$packages/covid_unet_v2.json" \
-        --model-for "${held_out[0]}=$packages/covid_unet_${RECIPE}_fold0.json" \
-        --model-for "${held_out[1]}=$packages/covid_unet_${RECIPE}_fold1.json" --out "$DEST/wholescan-v2.0.0"
+        "${model_for[@]}" --out "$DEST/wholescan-v2.0.0"
     cp "$DEST/wholescan-v2.0.0/wholescan.md" "$RESULTS/wholescan_v2.0.0.md"
     cp "$DEST/wholescan-v2.0.0/wholescan.csv" "$RESULTS/wholescan_v2.0.0.csv"
     mkdir -p "$RESULTS/wholescan_v2.0.0"
