@@ -215,6 +215,11 @@ def train(config: TrainConfig, log=print) -> Path:
     order_rng = np.random.default_rng(config.seed)
     for _ in range(state["epoch"]):
         order_rng.permutation(len(train_set.images) + negatives.per_epoch)
+    if state.get("stopped_early") and state["epoch"] - state["best_epoch"] < config.patience:
+        # Stopped under a smaller patience than the config's now: train on to config.epochs.
+        log(f"{out_dir}: stopped early at epoch {state['epoch']} (best {state['best_epoch']}); "
+            f"a patience of {config.patience} lets it go on")
+        state["stopped_early"] = False
     if state.get("stopped_early"):
         log(f"{out_dir}: already finished (early stop at epoch {state['epoch']})")
     while state["epoch"] < config.epochs and not state.get("stopped_early"):

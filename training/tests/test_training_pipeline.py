@@ -199,3 +199,19 @@ def test_init_from_weights_of_another_architecture_is_refused(pipeline, tmp_path
                                       "init_from": str(pipeline["models"] / "tiny_unet.pt")}))
     with pytest.raises(ValueError, match=r"init_from: .*tiny_unet.pt: weights do not fit a UNet2D\(base_channels=8"):
         cli(["train", str(config)])
+
+
+def test_a_run_stopped_early_goes_on_under_a_larger_patience_only(pipeline, tmp_path, capsys):
+    def train(patience: int) -> list[dict]:
+        config = tmp_path / f"patience{patience}.yaml"
+        config.write_text(yaml.safe_dump({**TINY_CONFIG, "name": "stopper", "data": str(pipeline["data"]),
+                                          "output_dir": str(tmp_path), "epochs": 3, "patience": patience,
+                                          "max_train_slices": 8}))
+        assert cli(["train", str(config)]) == 0
+        return json.loads((tmp_path / "stopper" / "fold0" / "history.json").read_text())
+
+    assert len(train(patience=0)) == 1, "a patience of 0 stops after the first epoch"
+    assert len(train(patience=0)) == 1, "rerun under the same patience: already finished, not trained further"
+    assert "already finished" in capsys.readouterr().out
+    assert [record["epoch"] for record in train(patience=30)] == [1, 2, 3]
+    assert "a patience of 30 lets it go on" in capsys.readouterr().out
