@@ -172,6 +172,11 @@ def run_dir(config: TrainConfig) -> Path:
     return Path(config.output_dir) / config.name / suffix
 
 
+def out_of_patience(state: dict, config: TrainConfig) -> bool:
+    """Whether early stopping ends the run: no better validation score for config.patience epochs."""
+    return state["epoch"] - state["best_epoch"] >= config.patience
+
+
 def train(config: TrainConfig, log=print) -> Path:
     """Train one model as ``config`` says; returns the run folder holding ``best.pt`` and ``history.json``.
 
@@ -215,7 +220,7 @@ def train(config: TrainConfig, log=print) -> Path:
     order_rng = np.random.default_rng(config.seed)
     for _ in range(state["epoch"]):
         order_rng.permutation(len(train_set.images) + negatives.per_epoch)
-    if state.get("stopped_early") and state["epoch"] - state["best_epoch"] < config.patience:
+    if state.get("stopped_early") and not out_of_patience(state, config):
         # Stopped under a smaller patience than the config's now: train on to config.epochs.
         log(f"{out_dir}: stopped early at epoch {state['epoch']} (best {state['best_epoch']}); "
             f"a patience of {config.patience} lets it go on")
@@ -264,7 +269,7 @@ def train(config: TrainConfig, log=print) -> Path:
         save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state}, last_path)
         write_text_atomic(out_dir / "history.json", json.dumps(state["history"], indent=2))
         log(json.dumps(record) + (" *" if improved else ""))
-        if val_set is not None and state["epoch"] - state["best_epoch"] >= config.patience:
+        if val_set is not None and out_of_patience(state, config):
             log(f"early stop: no improvement for {config.patience} epochs")
             state["stopped_early"] = True  # a rerun (crossval resuming) must not train this fold further
             save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state}, last_path)
