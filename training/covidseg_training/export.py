@@ -29,6 +29,7 @@ from .config import TrainConfig
 from .data import patient_folds
 
 from .manifest import MA2020_DATASET, build_manifest
+from .negatives import LUNG_LABEL_MEANS, NEGATIVE_SCAN_SOURCES
 
 TOLERANCE = 1e-4  # max |scripted - eager| logit difference accepted (float32, same CPU kernels)
 
@@ -92,8 +93,12 @@ def describe_training_data(config: TrainConfig, record: dict[str, Any]) -> dict[
         description["negative_scans"] = {
             "scans": config.negatives.scans_for_fold(config.fold),
             "slices_per_epoch": config.negatives.per_epoch,
-            "form": "whole CT scans without COVID-19 read from HU through the engine (every level), labelled "
-                    "no infection everywhere and lung from the classical HU lung mask",
+            "form": "whole CT scans without COVID-19 read from HU through the engine (every level), no infection "
+                    "outside the classical HU lung mask",
+            "lung_label": config.negatives.lung_label,
+            "lung_label_means": LUNG_LABEL_MEANS[config.negatives.lung_label],
+            "sources": {scan: NEGATIVE_SCAN_SOURCES[scan] for scan in config.negatives.scans_for_fold(config.fold)
+                        if scan in NEGATIVE_SCAN_SOURCES},
         }
     try:
         dataset = load_dataset(config)

@@ -42,10 +42,23 @@ NEGATIVE_SCANS = {
 DEFAULT_HOLDOUT = {0: ["LIDC-IDRI-0001"], 1: ["LIDC-IDRI-0003"], 2: ["LIDC-IDRI-0001"],
                    3: ["LIDC-IDRI-0003"], 4: ["LIDC-IDRI-0001"]}
 CACHE_VERSION = 3  # 2: each cache records its recipe, so a machine without the scans can use it; 3: dense
-LUNG_LABELS = ("lung", "lung_or_infection", "no_infection_where_dense")
+# Where they come from (the README beside each scan), for the model manifest.
+NEGATIVE_SCAN_SOURCES = {
+    "LIDC-IDRI-0001": "LIDC-IDRI (Armato III SG et al., TCIA, doi:10.7937/K9/TCIA.2015.LO9QL9SX), CC BY 3.0",
+    "LIDC-IDRI-0003": "LIDC-IDRI (Armato III SG et al., TCIA, doi:10.7937/K9/TCIA.2015.LO9QL9SX), CC BY 3.0",
+    "abdominal-ct": "example_ct.nii.gz of the TotalSegmentator tests' reference files, Apache-2.0",
+}
 # Healthy lung denser than this is what a model trained on infected slices mistakes for infection
 # (vessels, nodules, dependent atelectasis); aerated healthy lung lies well below it.
 DENSE_LUNG_HU = -500.0
+# What each ``negatives.lung_label`` teaches inside a negative scan's classical lung mask.
+LUNG_LABEL_MEANS = {
+    "lung": "lung, no infection, everywhere in the classical lung mask",
+    "lung_or_infection": "lung or infection (no loss between the two) in the classical lung mask",
+    "no_infection_where_dense": f"lung, no infection, on lung denser than {DENSE_LUNG_HU:g} HU and on the "
+                                "radiologists' nodules; lung or infection on the aerated rest of the classical lung mask",
+}
+LUNG_LABELS = tuple(LUNG_LABEL_MEANS)
 
 
 @dataclass

@@ -10,7 +10,7 @@ import torch
 from CovidInfectionSegLib.model_package import load_model_package
 from covidseg_training.checkpoint import build_model, load_checkpoint, load_network
 from covidseg_training.config import TrainConfig
-from covidseg_training.export import export_checkpoint, main as export_main, verify_same_output
+from covidseg_training.export import describe_training_data, export_checkpoint, main as export_main, verify_same_output
 from covidseg_training.manifest import SEGMENTS
 
 
@@ -75,6 +75,21 @@ def test_all_data_checkpoint_carries_the_held_out_estimate_of_its_recipe(checkpo
     assert metrics["per_case"]["lung"]["dice"]["mean"] == 0.98 and metrics["fold"] == 0
     assert "trained on every case" in metrics["estimate_of_recipe"]
 
+
+
+def test_manifest_says_what_the_negative_scans_taught_and_where_they_come_from(checkpoint_path):
+    """An all-data model trained with negatives names every negative scan, its licence and what its lung taught."""
+    stored = torch.load(checkpoint_path, weights_only=False)
+    config = TrainConfig.from_dict({**stored["config"], "fold": None,
+                                    "negatives": {"per_epoch": 400, "lung_label": "no_infection_where_dense"}})
+    negatives = describe_training_data(config, {"epoch": 30})["negative_scans"]
+    assert negatives["scans"] == ["LIDC-IDRI-0001", "LIDC-IDRI-0003", "abdominal-ct"]
+    assert negatives["slices_per_epoch"] == 400 and negatives["lung_label"] == "no_infection_where_dense"
+    assert "denser than -500 HU" in negatives["lung_label_means"] and "nodules" in negatives["lung_label_means"]
+    assert "CC BY 3.0" in negatives["sources"]["LIDC-IDRI-0003"] and "Apache-2.0" in negatives["sources"]["abdominal-ct"]
+    fold_1 = describe_training_data(TrainConfig.from_dict({**config.to_dict(), "fold": 1}), {"epoch": 30})
+    assert fold_1["negative_scans"]["scans"] == ["LIDC-IDRI-0001", "abdominal-ct"]
+    assert set(fold_1["negative_scans"]["sources"]) == {"LIDC-IDRI-0001", "abdominal-ct"}
 
 def test_load_network_tells_checkpoints_from_packages(checkpoint_path, tmp_path):
     manifest_path = export_checkpoint(checkpoint_path, tmp_path, "pkg", "1.0.0", training_data={"note": "test"})
