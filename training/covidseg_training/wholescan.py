@@ -48,7 +48,7 @@ from CovidInfectionSegLib.imageio import to_canonical
 from CovidInfectionSegLib.inference import cpu_name, pick_device
 from CovidInfectionSegLib.model_package import ModelError, ModelPackage, default_model_path, load_model_package
 from CovidInfectionSegLib.pipeline import SegmentationResult, segment_file
-from CovidInfectionSegLib.postprocessing import INFECTION
+from CovidInfectionSegLib.postprocessing import INFECTION, WITHOUT_ANATOMY_CHECKS, PostprocessingSettings
 from CovidInfectionSegLib.preview import Outline, choose_preview_slices, render_preview, write_png
 from CovidInfectionSegLib.validation import InputError
 
@@ -150,11 +150,13 @@ def trained_on(model: ModelPackage, scan_name: str) -> bool:
 
 
 def check_scan(spec: ScanSpec, model: ModelPackage, device: str, preview_path: Path | None = None,
-               preview_slices: int = PREVIEW_SLICES, flip_tta: bool = False) -> dict[str, Any]:
-    """Segment one scan as users do (with ``flip_tta`` as ``covidseg segment --flip-tta`` does), measure
-    it, and write its preview; returns its table row (``network_s``: seconds of preprocessing and network)."""
+               preview_slices: int = PREVIEW_SLICES, flip_tta: bool = False,
+               settings: PostprocessingSettings | None = None) -> dict[str, Any]:
+    """Segment one scan as users do (with ``flip_tta`` as ``covidseg segment --flip-tta`` does; ``settings``
+    other than the engine's post-processing defaults), measure it, and write its preview; returns its table
+    row (``network_s``: seconds of preprocessing and network)."""
     reads = parse_nodule_xml(spec.nodules) if spec.nodules is not None else None  # bad XML: fail before the work
-    result = segment_file(spec.path, model, device=device, flip_tta=flip_tta)
+    result = segment_file(spec.path, model, device=device, flip_tta=flip_tta, settings=settings)
     ct = sitk.Cast(to_canonical(result.input_image), sitk.sitkFloat32)
     volume = sitk.GetArrayFromImage(ct)
     spacing = ct.GetSpacing()[::-1]
@@ -177,7 +179,8 @@ def check_scan(spec: ScanSpec, model: ModelPackage, device: str, preview_path: P
         "infection_ml": m.total.infection_ml,
         **measure_scan(labels, classical, spacing, low_slices=spec.low_slices, nodules=nodules),
         "low_slices": spec.low_slices or "", **nodule_row, "notes": "; ".join(notes),
-        "flip_tta": "yes" if flip_tta else "no", "network_s": result.timings["preprocess_infer"],
+        "flip_tta": "yes" if flip_tta else "no",
+        "anatomy_checks": "no" if settings == WITHOUT_ANATOMY_CHECKS else "yes", "network_s": result.timings["preprocess_infer"],
     }
     if preview_path is not None:
         write_scan_preview(result, spec, row, labels, classical, nodules, preview_path, preview_slices)
@@ -224,7 +227,7 @@ COLUMNS = (
     "low_slices_infection_ml", "nodule_voxels", "nodule_ml", "nodule_infection_voxels",
     "nodule_infection_percent", "nodule_infection_percent_target", "nodule_infection_percent_met",
     "nodule_readers", "nodule_outlines", "nodule_contours_unmatched", "nodule_marks_left_out", "notes",
-    "flip_tta", "network_s",
+    "flip_tta", "anatomy_checks", "network_s",
 )
 
 
@@ -281,7 +284,11 @@ def table_markdown(rows: Sequence[dict[str, Any]], header_lines: Sequence[str]) 
         lines.append(f"| {row['scan']} | {_model_text(row)} | {lungs} | {_cell(row, 'infection_ml')} | "
                      f"{_cell(row, 'outside_classical_ml')} | {_cell(row, 'classical_missed_ml', 0)} | {low} | "
                      f"{nodules} |")
-    lines += ["", *kernel_agreement_lines(rows), "", *DEFINITIONS, "", "Notes per scan:", ""]
+    lines += ["", *kernel_agreement_lines(rows), "", *DEFINITIONS, ""]
+    if any(row.get("anatomy_checks") == "no" for row in rows):
+        lines += ["**Post-processing without its anatomy checks** (`--no-anatomy-checks`: no gas pockets, dense "
+                  "false lung, wrapped in tissue or outside air), not as `covidseg segment` runs it.", ""]
+    lines += ["Notes per scan:", ""]
     lines += [f"- {row['scan']}: {row['notes']}" for row in rows if row.get("notes")]
     return "\n".join(lines) + "\n"
 
@@ -431,11 +438,15 @@ def parse_arguments(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--note", default="", help="added to the table's machine line (e.g. 'shared, busy CPU')")
     parser.add_argument("--flip-tta", action="store_true",
                         help="segment with flip test-time augmentation (covidseg segment --flip-tta)")
+    parser.add_argument("--no-anatomy-checks", action="store_true",
+                        help="post-process without the anatomy checks (gas pockets, dense false lung, wrapped in "
+                             "tissue, outside air), to measure what they do")
     return parser.parse_args(list(argv))
 
 
 def run_one(spec: ScanSpec, model: ModelPackage, model_path: str | None, device: str, out: Path,
-            preview_slices: int, flip_tta: bool = False) -> dict[str, Any]:
+            preview_slices: int, flip_tta: bool = False, settings: PostprocessingSettings | None = None,
+            ) -> dict[str, Any]:
     """One scan's row (a failure is a row too), its targets, and its record ``<scan>.json`` in ``out``."""
     row: dict[str, Any] = {
         "scan": spec.name, "path": display_path(spec.path), "model_name": model.name,
@@ -443,7 +454,8 @@ def run_one(spec: ScanSpec, model: ModelPackage, model_path: str | None, device:
         "model_trained_on_scan": "yes" if trained_on(model, spec.name) else "no",
     }
     try:
-        row.update(check_scan(spec, model, device, out / f"{spec.name}.png", preview_slices, flip_tta), status="ok")
+        row.update(check_scan(spec, model, device, out / f"{spec.name}.png", preview_slices, flip_tta, settings),
+                   status="ok")
     except (InputError, ValueError, OSError) as error:
         row.update(status=f"failed: {error}")
     apply_targets(row, spec.targets)
@@ -477,7 +489,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for index, spec in enumerate(specs, 1):
             model = models[str(model_paths[spec.name])]
             print(f"[{index}/{len(specs)}] {spec.name}: {spec.path} with {model.name} {model.version}", flush=True)
-            row = run_one(spec, model, model_paths[spec.name], device, out, args.preview_slices, args.flip_tta)
+            row = run_one(spec, model, model_paths[spec.name], device, out, args.preview_slices, args.flip_tta,
+                          WITHOUT_ANATOMY_CHECKS if args.no_anatomy_checks else None)
             print(f"    {row['status']}" + ("" if row["status"] != "ok" else
                   f": lung {row['lung_ml']:.0f} mL, infection {row['infection_ml']:.1f} mL, outside classical "
                   f"{row['outside_classical_ml']:.1f} mL, missed {row['classical_missed_ml']:.1f} mL"), flush=True)

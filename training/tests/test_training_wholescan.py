@@ -17,6 +17,7 @@ import SimpleITK as sitk
 from CovidInfectionSegLib.imageio import read_image, to_canonical
 from CovidInfectionSegLib.model_package import load_model_package
 from CovidInfectionSegLib.pipeline import segment_file
+from CovidInfectionSegLib.postprocessing import WITHOUT_ANATOMY_CHECKS
 from covidseg_training.__main__ import main as training_main
 from covidseg_training.classical_lung import classical_lung_mask
 from covidseg_training.wholescan import (
@@ -177,10 +178,25 @@ def test_flip_tta_is_passed_to_the_engine_and_recorded(synthetic_scan, tmp_path)
                           "--scan", f"chest={scan}", "--flip-tta"]) == 0
     row = next(csv.DictReader((out / "wholescan.csv").open()))
     result = segment_file(scan, load_model_package(synthetic_scan["model"]), device="cpu", flip_tta=True)
-    assert row["flip_tta"] == "yes" and float(row["network_s"]) > 0
+    assert row["flip_tta"] == "yes" and row["anatomy_checks"] == "yes" and float(row["network_s"]) > 0
     assert float(row["lung_ml"]) == pytest.approx(result.measurements.total.lung_ml, abs=1e-3)
     assert "--flip-tta" in (out / "wholescan.md").read_text()
 
+
+
+def test_no_anatomy_checks_is_passed_to_the_engine_and_recorded(synthetic_scan, tmp_path):
+    out = tmp_path / "out"
+    scan = synthetic_scan["scan"]
+    assert training_main(["wholescan", "--model", str(synthetic_scan["model"]), "--out", str(out), "--device", "cpu",
+                          "--scan", f"chest={scan}", "--no-anatomy-checks"]) == 0
+    row = next(csv.DictReader((out / "wholescan.csv").open()))
+    result = segment_file(scan, load_model_package(synthetic_scan["model"]), device="cpu",
+                          settings=WITHOUT_ANATOMY_CHECKS)
+    default = segment_file(scan, load_model_package(synthetic_scan["model"]), device="cpu")
+    assert row["anatomy_checks"] == "no"
+    assert float(row["lung_ml"]) == pytest.approx(result.measurements.total.lung_ml, abs=1e-3)
+    assert result.measurements.total.lung_ml > default.measurements.total.lung_ml + 1, "the stomach's gas stays lung"
+    assert "Post-processing without its anatomy checks" in (out / "wholescan.md").read_text()
 
 def test_a_scan_that_fails_is_a_row_and_the_exit_code(synthetic_scan, tmp_path):
     out = tmp_path / "out"
