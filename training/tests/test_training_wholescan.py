@@ -171,32 +171,32 @@ def test_command_writes_table_and_previews(synthetic_scan, tmp_path):
         assert picture is not None and picture.shape[0] > 300 and picture.shape[1] >= 640
 
 
-def test_flip_tta_is_passed_to_the_engine_and_recorded(synthetic_scan, tmp_path):
-    out = tmp_path / "out"
-    scan = synthetic_scan["scan"]
+def wholescan_row(synthetic_scan, out: Path, option: str) -> dict[str, str]:
+    """The table row of the synthetic chest, from `wholescan` with one more option."""
     assert training_main(["wholescan", "--model", str(synthetic_scan["model"]), "--out", str(out), "--device", "cpu",
-                          "--scan", f"chest={scan}", "--flip-tta"]) == 0
-    row = next(csv.DictReader((out / "wholescan.csv").open()))
-    result = segment_file(scan, load_model_package(synthetic_scan["model"]), device="cpu", flip_tta=True)
+                          "--scan", f"chest={synthetic_scan['scan']}", option]) == 0
+    return next(csv.DictReader((out / "wholescan.csv").open()))
+
+
+def test_flip_tta_is_passed_to_the_engine_and_recorded(synthetic_scan, tmp_path):
+    row = wholescan_row(synthetic_scan, tmp_path / "out", "--flip-tta")
+    result = segment_file(synthetic_scan["scan"], load_model_package(synthetic_scan["model"]), device="cpu",
+                          flip_tta=True)
     assert row["flip_tta"] == "yes" and row["anatomy_checks"] == "yes" and float(row["network_s"]) > 0
     assert float(row["lung_ml"]) == pytest.approx(result.measurements.total.lung_ml, abs=1e-3)
-    assert "--flip-tta" in (out / "wholescan.md").read_text()
-
+    assert "--flip-tta" in (tmp_path / "out" / "wholescan.md").read_text()
 
 
 def test_no_anatomy_checks_is_passed_to_the_engine_and_recorded(synthetic_scan, tmp_path):
-    out = tmp_path / "out"
-    scan = synthetic_scan["scan"]
-    assert training_main(["wholescan", "--model", str(synthetic_scan["model"]), "--out", str(out), "--device", "cpu",
-                          "--scan", f"chest={scan}", "--no-anatomy-checks"]) == 0
-    row = next(csv.DictReader((out / "wholescan.csv").open()))
-    result = segment_file(scan, load_model_package(synthetic_scan["model"]), device="cpu",
-                          settings=WITHOUT_ANATOMY_CHECKS)
-    default = segment_file(scan, load_model_package(synthetic_scan["model"]), device="cpu")
-    assert row["anatomy_checks"] == "no"
+    row = wholescan_row(synthetic_scan, tmp_path / "out", "--no-anatomy-checks")
+    model = load_model_package(synthetic_scan["model"])
+    result = segment_file(synthetic_scan["scan"], model, device="cpu", settings=WITHOUT_ANATOMY_CHECKS)
+    default = segment_file(synthetic_scan["scan"], model, device="cpu")
+    assert row["anatomy_checks"] == "no" and row["flip_tta"] == "no"
     assert float(row["lung_ml"]) == pytest.approx(result.measurements.total.lung_ml, abs=1e-3)
     assert result.measurements.total.lung_ml > default.measurements.total.lung_ml + 1, "the stomach's gas stays lung"
-    assert "Post-processing without its anatomy checks" in (out / "wholescan.md").read_text()
+    assert "Post-processing without its anatomy checks" in (tmp_path / "out" / "wholescan.md").read_text()
+
 
 def test_a_scan_that_fails_is_a_row_and_the_exit_code(synthetic_scan, tmp_path):
     out = tmp_path / "out"
