@@ -8,6 +8,8 @@ when the real data is there, on the bundled model's output for a real chest CT.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -20,6 +22,7 @@ from CovidInfectionSegLib.postprocessing import (
     INFECTION,
     LEFT_LUNG,
     RIGHT_LUNG,
+    WITHOUT_ANATOMY_CHECKS,
     Component,
     PostprocessingSettings,
     body_midline_x,
@@ -39,9 +42,7 @@ from shared_data import shared_path
 
 LUNG, INFECTED = 1, 2
 # The plain algorithm predates step 0 (gas pockets, dense false lung) and the wrapped-in-tissue and
-# outside-the-body checks of step 1; the speed work is compared without them.
-WITHOUT_GAS_STEP = {"max_gas_pocket_lung_border": 0.0, "max_dense_lung_border": 0.0, "max_light_shell_fraction": 1.0,
-                    "max_outside_air_share": 1.0}
+# outside-the-body checks of step 1; the speed work is compared without them (WITHOUT_ANATOMY_CHECKS).
 
 
 def whole_grid_postprocess(classes, intensities, spacing_xyz, intensities_in_hu=True, settings=PostprocessingSettings()):
@@ -165,7 +166,7 @@ def cluttered_chest(seed: int, shape=(40, 96, 112)) -> tuple[np.ndarray, np.ndar
 @pytest.mark.parametrize("spacing", [(1.5, 1.5, 3.0), (0.8, 0.8, 1.0)], ids=["thick", "thin"])
 def test_fast_postprocessing_equals_the_whole_grid_algorithm(seed: int, spacing) -> None:
     classes, hu = cluttered_chest(seed)
-    settings = PostprocessingSettings(min_lung_component_ml=1.0, min_infection_mm3=20.0, **WITHOUT_GAS_STEP)
+    settings = replace(WITHOUT_ANATOMY_CHECKS, min_lung_component_ml=1.0, min_infection_mm3=20.0)
     for intensities in (hu, hu.astype(np.float32)):
         for in_hu in (True, False):
             fast = postprocess(classes, intensities, spacing, intensities_in_hu=in_hu, settings=settings)
@@ -228,7 +229,7 @@ def test_real_chest_ct_is_post_processed_as_by_the_whole_grid_algorithm() -> Non
     canonical = to_canonical(read_image(path))
     volume = sitk.GetArrayViewFromImage(canonical)[60:100]  # the lung bases, with the upper abdomen
     classes = predict_volume(volume, model, "cpu", precision="fp32")
-    settings = PostprocessingSettings(**WITHOUT_GAS_STEP)
+    settings = WITHOUT_ANATOMY_CHECKS
     fast = postprocess(classes, volume, canonical.GetSpacing(), settings=settings)
     labels, side, notes = whole_grid_postprocess(classes, volume, canonical.GetSpacing(), settings=settings)
     np.testing.assert_array_equal(fast.labels, labels)
