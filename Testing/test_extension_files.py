@@ -24,7 +24,7 @@ BATCH_SCRIPT = MODULE_DIR / "Scripts" / "covidseg_slicer_batch.py"
 # The code that runs inside Slicer's own Python: the module, its Slicer-side package, the batch script.
 SLICER_SIDE = [MODULE_FILE, *sorted(SLICER_DIR.glob("*.py")), BATCH_SCRIPT]
 # Arrive with the trained model (the lead adds them); everything else CMake lists must exist now.
-MODEL_FILES = {"Resources/Models/covid_unet_v1.pt", "Resources/Models/covid_unet_v1.json", "Resources/Models/MODEL_CARD.md"}
+MODEL_FILES = {"Resources/Models/covid_unet_v2.pt", "Resources/Models/covid_unet_v2.json", "Resources/Models/MODEL_CARD.md"}
 # Third-party modules that 3D Slicer itself provides (torch is checked by dependencies.TORCH_REQUIREMENT).
 PROVIDED_BY_SLICER = {"numpy", "SimpleITK", "vtk", "slicer", "qt", "ctk", "packaging", "torch"}
 # Optional extras of the engine that nothing inside Slicer uses, imported only where they are needed:

@@ -95,7 +95,7 @@ def test_default_path_is_the_bundled_manifest(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.delenv(MODEL_ENV_VAR, raising=False)
     path = default_model_path()
     package_folder = Path(model_package.__file__).resolve().parent
-    assert path == package_folder.parent / "Resources" / "Models" / "covid_unet_v1.json"
+    assert path == package_folder.parent / "Resources" / "Models" / "covid_unet_v2.json"
 
 
 def test_missing_bundled_model_says_how_to_get_one(monkeypatch: pytest.MonkeyPatch) -> None:

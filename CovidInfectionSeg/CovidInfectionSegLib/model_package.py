@@ -21,7 +21,7 @@ from .preprocessing import IntensityRecipe
 from .segments import SegmentInfo  # noqa: F401  (part of this module's interface)
 
 MODEL_ENV_VAR = "COVIDSEG_MODEL"
-DEFAULT_MODEL_FILE = "covid_unet_v1.json"
+DEFAULT_MODEL_FILE = "covid_unet_v2.json"
 REQUIRED_KEYS = ("format_version", "name", "version", "file", "sha256", "input", "recipe", "labels", "segments")
 SUPPORTED_FORMAT_VERSIONS = (1,)
 
@@ -141,7 +141,7 @@ def _manifest_path_for(path: Path, using_default: bool) -> Path:
             raise ModelError(
                 f"the bundled model is not there: {path}. Build it with the training pipeline "
                 "(training/README.md: prepare, train, export) or download a released model package, then "
-                f"put covid_unet_v1.pt + covid_unet_v1.json in that folder, or point to a package with the "
+                f"put covid_unet_v2.pt + covid_unet_v2.json in that folder, or point to a package with the "
                 f"environment variable {MODEL_ENV_VAR}=/path/to/model.json (CLI: --model)"
             )
         raise ModelError(f"{path}: model file not found")

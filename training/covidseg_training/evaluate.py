@@ -1,8 +1,8 @@
 """Evaluate a checkpoint or an exported model package on the validation fold of a config.
 
     python -m covidseg_training evaluate --checkpoint runs/v1/fold0/best.pt --out runs/v1/fold0/eval
-    python -m covidseg_training evaluate --checkpoint ../CovidInfectionSeg/Resources/Models/covid_unet_v1.json \\
-        --config configs/v1.yaml --out eval_package [--pixel-mm 1.37] [--no-robustness]
+    python -m covidseg_training evaluate --checkpoint runs/gpu/packages/covid_unet_v2_dense_fold1.json \\
+        --config configs/v2_dense.yaml --fold 1 --out eval_package [--pixel-mm 1.37] [--no-robustness]
 
 Writes to ``--out``: per_slice.csv, per_case.csv (Dice, IoU, precision, recall, NSD, HD95 for lung
 and infection), threshold_sweep.csv + .png (infection probability threshold), pr_curve.csv + .png,
