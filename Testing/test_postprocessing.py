@@ -356,13 +356,13 @@ def test_a_cushion_outside_the_body_is_not_lung_whatever_its_size() -> None:
     assert np.all(result.labels[lungs] > 0)
 
 
-
 def test_without_the_anatomy_checks_the_cushion_stays_lung() -> None:
     """WITHOUT_ANATOMY_CHECKS (what `wholescan --no-anatomy-checks` measures against) turns the checks off."""
     classes, hu, lungs, cushion = _patient_on_a_cushion()
     assert not np.any(postprocess(classes, hu, SPACING).labels[cushion])
     result = postprocess(classes, hu, SPACING, settings=WITHOUT_ANATOMY_CHECKS)
     assert np.all(result.labels[cushion] > 0) and np.all(result.labels[lungs] > 0)
+
 
 def test_a_component_walled_in_by_the_body_is_not_taken_for_outside_air() -> None:
     classes, hu, lungs, cushion = _patient_on_a_cushion()

@@ -95,12 +95,12 @@ class PostprocessingSettings:
     max_dense_lung_border: float = MAX_DENSE_LUNG_BORDER  # 0 turns the dense part of step 0 off
 
 
-
 # The anatomy checks off (gas pockets, dense false lung, wrapped in tissue, outside air): the rest of the
 # post-processing as it was before them, to measure what they do (`wholescan --no-anatomy-checks`).
 WITHOUT_ANATOMY_CHECKS = PostprocessingSettings(
     max_gas_pocket_lung_border=0.0, max_dense_lung_border=0.0, max_light_shell_fraction=1.0, max_outside_air_share=1.0,
 )
+
 
 @dataclass
 class LungSegmentation:

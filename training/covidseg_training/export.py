@@ -90,15 +90,15 @@ def describe_training_data(config: TrainConfig, record: dict[str, Any]) -> dict[
         "epochs_trained": record.get("epoch"),
     }
     if config.negatives.per_epoch:
+        scans = config.negatives.scans_for_fold(config.fold)
         description["negative_scans"] = {
-            "scans": config.negatives.scans_for_fold(config.fold),
+            "scans": scans,
             "slices_per_epoch": config.negatives.per_epoch,
             "form": "whole CT scans without COVID-19 read from HU through the engine (every level), no infection "
                     "outside the classical HU lung mask",
             "lung_label": config.negatives.lung_label,
             "lung_label_means": LUNG_LABEL_MEANS[config.negatives.lung_label],
-            "sources": {scan: NEGATIVE_SCAN_SOURCES[scan] for scan in config.negatives.scans_for_fold(config.fold)
-                        if scan in NEGATIVE_SCAN_SOURCES},
+            "sources": {scan: NEGATIVE_SCAN_SOURCES[scan] for scan in scans if scan in NEGATIVE_SCAN_SOURCES},
         }
     try:
         dataset = load_dataset(config)

@@ -43,9 +43,10 @@ DEFAULT_HOLDOUT = {0: ["LIDC-IDRI-0001"], 1: ["LIDC-IDRI-0003"], 2: ["LIDC-IDRI-
                    3: ["LIDC-IDRI-0003"], 4: ["LIDC-IDRI-0001"]}
 CACHE_VERSION = 3  # 2: each cache records its recipe, so a machine without the scans can use it; 3: dense
 # Where they come from (the README beside each scan), for the model manifest.
+LIDC_SOURCE = "LIDC-IDRI (Armato III SG et al., TCIA, doi:10.7937/K9/TCIA.2015.LO9QL9SX), CC BY 3.0"
 NEGATIVE_SCAN_SOURCES = {
-    "LIDC-IDRI-0001": "LIDC-IDRI (Armato III SG et al., TCIA, doi:10.7937/K9/TCIA.2015.LO9QL9SX), CC BY 3.0",
-    "LIDC-IDRI-0003": "LIDC-IDRI (Armato III SG et al., TCIA, doi:10.7937/K9/TCIA.2015.LO9QL9SX), CC BY 3.0",
+    "LIDC-IDRI-0001": LIDC_SOURCE,
+    "LIDC-IDRI-0003": LIDC_SOURCE,
     "abdominal-ct": "example_ct.nii.gz of the TotalSegmentator tests' reference files, Apache-2.0",
 }
 # Healthy lung denser than this is what a model trained on infected slices mistakes for infection

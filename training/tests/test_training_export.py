@@ -76,7 +76,6 @@ def test_all_data_checkpoint_carries_the_held_out_estimate_of_its_recipe(checkpo
     assert "trained on every case" in metrics["estimate_of_recipe"]
 
 
-
 def test_manifest_says_what_the_negative_scans_taught_and_where_they_come_from(checkpoint_path):
     """An all-data model trained with negatives names every negative scan, its licence and what its lung taught."""
     stored = torch.load(checkpoint_path, weights_only=False)
@@ -90,6 +89,7 @@ def test_manifest_says_what_the_negative_scans_taught_and_where_they_come_from(c
     fold_1 = describe_training_data(TrainConfig.from_dict({**config.to_dict(), "fold": 1}), {"epoch": 30})
     assert fold_1["negative_scans"]["scans"] == ["LIDC-IDRI-0001", "abdominal-ct"]
     assert set(fold_1["negative_scans"]["sources"]) == {"LIDC-IDRI-0001", "abdominal-ct"}
+
 
 def test_load_network_tells_checkpoints_from_packages(checkpoint_path, tmp_path):
     manifest_path = export_checkpoint(checkpoint_path, tmp_path, "pkg", "1.0.0", training_data={"note": "test"})
