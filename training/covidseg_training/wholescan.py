@@ -9,12 +9,15 @@ default post-processing), then on the canonical LPS grid:
 - classical lung more than 5 mm from the model's lung: apex and bases the model missed;
 - per scan where set, the lung or infection mL in its lowest N slices (covid-chest-ct: 17 slices of
   stomach and bowel below the lungs);
-- for LIDC scans, the share of the radiologists' nodule voxels called infection (:mod:`lidc_nodules`).
+- for LIDC scans, the share of the radiologists' nodule voxels called infection (:mod:`lidc_nodules`);
+- the infection's 3D components, largest first, with their HU make-up (:mod:`infection_components`):
+  where the false infection of a healthy scan sits and what it looks like.
 
 Writes ``wholescan.csv``, ``wholescan.md`` (a Markdown table with the targets of issue 10 beside each
-value, ready for a model card), one ``<scan>.json`` record as each scan finishes and one
-``<scan>.png`` montage per scan: the model's segments, the classical mask's outline and, for LIDC,
-the nodules' outlines.
+value, ready for a model card, and each scan's five largest infection components), one ``<scan>.json``
+record as each scan finishes, one ``<scan>_infection_components.csv`` (every component of at least
+0.1 mL) and one ``<scan>.png`` montage per scan: the model's segments, the classical mask's outline
+and, for LIDC, the nodules' outlines.
 
     python -m covidseg_training wholescan --out runs/wholescan-v1
     python -m covidseg_training wholescan --model runs/v2/fold0/model.json \\
@@ -53,6 +56,7 @@ from CovidInfectionSegLib.preview import Outline, choose_preview_slices, render_
 from CovidInfectionSegLib.validation import InputError
 
 from .classical_lung import classical_lung_mask, distance_outside_mm
+from .infection_components import components_csv, components_markdown, infection_components
 from .lidc_nodules import nodule_mask, parse_nodule_xml
 from .negatives import SHARED_DATA
 
@@ -162,7 +166,6 @@ def check_scan(spec: ScanSpec, model: ModelPackage, device: str, preview_path: P
     spacing = ct.GetSpacing()[::-1]
     labels = sitk.GetArrayFromImage(to_canonical(result.labelmap))
     classical = classical_lung_mask(volume, spacing)
-    del volume
     nodules, nodule_row, notes = None, {}, [warning.replace(f"{spec.path}: ", "") for warning in result.warnings]
     if reads is not None:
         found = nodule_mask(reads, result.input_image)
@@ -173,12 +176,16 @@ def check_scan(spec: ScanSpec, model: ModelPackage, device: str, preview_path: P
         notes.insert(0, f"{reads.readers} readers, {len(reads.nodules)} outlined nodule reads; left out "
                         f"{reads.small_nodule_marks} small-nodule centre marks and {reads.non_nodule_marks} "
                         f"non-nodule marks; {found.unmatched_contours} of {found.contours} contours matched no slice")
+    components = infection_components(labels, volume, spacing, nodules)
+    del volume
     m = result.measurements
     row = {
         "right_lung_ml": m.right_lung.lung_ml, "left_lung_ml": m.left_lung.lung_ml, "lung_ml": m.total.lung_ml,
         "infection_ml": m.total.infection_ml,
         **measure_scan(labels, classical, spacing, low_slices=spec.low_slices, nodules=nodules),
         "low_slices": spec.low_slices or "", **nodule_row, "notes": "; ".join(notes),
+        "infection_components": len(components),
+        "largest_infection_component_ml": components[0]["ml"] if components else 0.0, "components": components,
         "flip_tta": "yes" if flip_tta else "no",
         "anatomy_checks": "no" if settings == WITHOUT_ANATOMY_CHECKS else "yes", "network_s": result.timings["preprocess_infer"],
     }
@@ -226,8 +233,8 @@ COLUMNS = (
     "classical_missed_ml", "low_slices", "low_slices_ml", "low_slices_ml_target", "low_slices_ml_met",
     "low_slices_infection_ml", "nodule_voxels", "nodule_ml", "nodule_infection_voxels",
     "nodule_infection_percent", "nodule_infection_percent_target", "nodule_infection_percent_met",
-    "nodule_readers", "nodule_outlines", "nodule_contours_unmatched", "nodule_marks_left_out", "notes",
-    "flip_tta", "anatomy_checks", "network_s",
+    "nodule_readers", "nodule_outlines", "nodule_contours_unmatched", "nodule_marks_left_out",
+    "infection_components", "largest_infection_component_ml", "notes", "flip_tta", "anatomy_checks", "network_s",
 )
 
 
@@ -285,6 +292,12 @@ def table_markdown(rows: Sequence[dict[str, Any]], header_lines: Sequence[str]) 
                      f"{_cell(row, 'outside_classical_ml')} | {_cell(row, 'classical_missed_ml', 0)} | {low} | "
                      f"{nodules} |")
     lines += ["", *kernel_agreement_lines(rows), "", *DEFINITIONS, ""]
+    components = {row["scan"]: row["components"] for row in rows if row.get("components")}
+    if components:
+        lines += ["Infection components (3D, largest first; each scan's five largest, all of at least 0.1 mL in "
+                  "`<scan>_infection_components.csv`; slices are canonical, counted from the feet): solid above "
+                  "-100 HU, ground glass -750 to -300 HU, aerated below -750 HU.", "",
+                  *components_markdown(components), ""]
     if any(row.get("anatomy_checks") == "no" for row in rows):
         lines += ["**Post-processing without its anatomy checks** (`--no-anatomy-checks`: no gas pockets, dense "
                   "false lung, wrapped in tissue or outside air), not as `covidseg segment` runs it.", ""]
@@ -459,6 +472,8 @@ def run_one(spec: ScanSpec, model: ModelPackage, model_path: str | None, device:
     except (InputError, ValueError, OSError) as error:
         row.update(status=f"failed: {error}")
     apply_targets(row, spec.targets)
+    if row["status"] == "ok":
+        write_text_atomic(out / f"{spec.name}_infection_components.csv", components_csv(row["components"]))
     write_text_atomic(out / f"{spec.name}.json", json.dumps(row, indent=2, default=str) + "\n")
     return row
 

@@ -20,6 +20,8 @@ from CovidInfectionSegLib.pipeline import segment_file
 from CovidInfectionSegLib.postprocessing import WITHOUT_ANATOMY_CHECKS
 from covidseg_training.__main__ import main as training_main
 from covidseg_training.classical_lung import classical_lung_mask
+from covidseg_training.infection_components import components_csv, infection_components
+from covidseg_training.lidc_nodules import nodule_mask, parse_nodule_xml
 from covidseg_training.wholescan import (
     COVID, HEALTHY, LIDC, Target, apply_targets, kernel_agreement_lines, measure_scan, table_csv, table_markdown,
 )
@@ -114,6 +116,16 @@ def test_markdown_states_values_targets_and_verdicts():
                                                  _row("example-chest-ct-kernel-B", 1031.0)])[0]
     parsed = list(csv.DictReader(io.StringIO(table_csv(rows))))
     assert parsed[0]["outside_classical_ml_met"] == "no" and parsed[2]["status"] == "failed: no such file"
+    assert "Infection components" not in text  # no row has any
+
+
+def test_markdown_lists_each_scans_largest_infection_components():
+    component = {"rank": 1, "ml": 46.02, "first_slice": 42, "last_slice": 52, "median_hu": -380.0, "solid_percent": 28.0,
+                 "ground_glass_percent": 49.0, "aerated_percent": 8.0, "largest_solid_ml": 11.9, "in_nodules_percent": ""}
+    rows = [_row("example-chest-ct-kernel-L", 1000.0, components=[component]), _row("clean", 1000.0, components=[])]
+    text = table_markdown(rows, [])
+    assert "| example-chest-ct-kernel-L | 1 of 1 | 46.0 | 42-52 | -380 | 28 / 49 / 8 | 11.9 | - |" in text
+    assert "| clean |" not in text.split("Infection components")[1]
 
 
 # ------------------------------------------------------------------------------- end to end, synthetic
@@ -166,6 +178,17 @@ def test_command_writes_table_and_previews(synthetic_scan, tmp_path):
     assert "python -m covidseg_training wholescan --model" in markdown and "Machine: " in markdown
     assert "| chest | tiny 0.0.1 |" in markdown and "| again | other 0.0.1 |" in markdown
     assert json.loads((out / "chest.json").read_text())["nodule_voxels"] == 49
+
+    # Each scan's infection components, as infection_components finds them in the engine's result.
+    other = segment_file(scan, load_model_package(synthetic_scan["other_model"]), device="cpu")
+    other_labels = sitk.GetArrayFromImage(to_canonical(other.labelmap))
+    for name, found in (("chest", labels), ("again", other_labels)):
+        expected_rows = infection_components(found, ct, SPACING_ZYX,
+                                             nodules=None if name == "again" else nodule_mask(
+                                                 parse_nodule_xml(synthetic_scan["xml"]), result.input_image).mask)
+        assert (out / f"{name}_infection_components.csv").read_text() == components_csv(expected_rows)
+        row = next(r for r in rows if r["scan"] == name)
+        assert int(row["infection_components"]) == len(expected_rows)
     for name in ("chest", "again"):
         picture = cv2.imread(str(out / f"{name}.png"))
         assert picture is not None and picture.shape[0] > 300 and picture.shape[1] >= 640
