@@ -153,7 +153,7 @@ def trained_on(model: ModelPackage, scan_name: str) -> bool:
     return scan_name in json.dumps(model.manifest.get("training_data", {}))
 
 
-def check_scan(spec: ScanSpec, model: ModelPackage, device: str, preview_path: Path | None = None,
+def check_scan(spec: ScanSpec, model: ModelPackage, device: str, preview_path: Path | None = None, *,
                preview_slices: int = PREVIEW_SLICES, flip_tta: bool = False,
                settings: PostprocessingSettings | None = None) -> dict[str, Any]:
     """Segment one scan as users do (with ``flip_tta`` as ``covidseg segment --flip-tta`` does; ``settings``
@@ -457,9 +457,9 @@ def parse_arguments(argv: Sequence[str]) -> argparse.Namespace:
     return parser.parse_args(list(argv))
 
 
-def run_one(spec: ScanSpec, model: ModelPackage, model_path: str | None, device: str, out: Path,
-            preview_slices: int, flip_tta: bool = False, settings: PostprocessingSettings | None = None,
-            ) -> dict[str, Any]:
+def run_one(spec: ScanSpec, model: ModelPackage, model_path: str | None, device: str, out: Path, *,
+            preview_slices: int = PREVIEW_SLICES, flip_tta: bool = False,
+            settings: PostprocessingSettings | None = None) -> dict[str, Any]:
     """One scan's row (a failure is a row too), its targets, and its record ``<scan>.json`` in ``out``."""
     row: dict[str, Any] = {
         "scan": spec.name, "path": display_path(spec.path), "model_name": model.name,
@@ -467,8 +467,8 @@ def run_one(spec: ScanSpec, model: ModelPackage, model_path: str | None, device:
         "model_trained_on_scan": "yes" if trained_on(model, spec.name) else "no",
     }
     try:
-        row.update(check_scan(spec, model, device, out / f"{spec.name}.png", preview_slices, flip_tta, settings),
-                   status="ok")
+        row.update(check_scan(spec, model, device, out / f"{spec.name}.png", preview_slices=preview_slices,
+                              flip_tta=flip_tta, settings=settings), status="ok")
     except (InputError, ValueError, OSError) as error:
         row.update(status=f"failed: {error}")
     apply_targets(row, spec.targets)
@@ -504,8 +504,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for index, spec in enumerate(specs, 1):
             model = models[str(model_paths[spec.name])]
             print(f"[{index}/{len(specs)}] {spec.name}: {spec.path} with {model.name} {model.version}", flush=True)
-            row = run_one(spec, model, model_paths[spec.name], device, out, args.preview_slices, args.flip_tta,
-                          WITHOUT_ANATOMY_CHECKS if args.no_anatomy_checks else None)
+            row = run_one(spec, model, model_paths[spec.name], device, out, preview_slices=args.preview_slices,
+                          flip_tta=args.flip_tta, settings=WITHOUT_ANATOMY_CHECKS if args.no_anatomy_checks else None)
             print(f"    {row['status']}" + ("" if row["status"] != "ok" else
                   f": lung {row['lung_ml']:.0f} mL, infection {row['infection_ml']:.1f} mL, outside classical "
                   f"{row['outside_classical_ml']:.1f} mL, missed {row['classical_missed_ml']:.1f} mL"), flush=True)
