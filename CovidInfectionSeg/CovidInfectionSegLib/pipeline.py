@@ -14,6 +14,7 @@ from typing import Any
 
 import SimpleITK as sitk
 
+from .focal_lesion import focal_lesion_warning, largest_lesion
 from .imageio import SOURCE_KEY, from_canonical, read_image, to_canonical
 from .inference import (
     CancelCheck,
@@ -26,7 +27,7 @@ from .inference import (
 )
 from .measurements import Measurements, measure
 from .model_package import ModelPackage, SegmentInfo
-from .postprocessing import PostprocessingSettings, postprocess
+from .postprocessing import INFECTION, PostprocessingSettings, postprocess
 from .validation import check_image, looks_like_hu
 
 __all__ = ["SegmentationResult", "SegmentationCancelled", "segment_image", "segment_file"]
@@ -130,13 +131,19 @@ def segment_image(
         settings=settings or PostprocessingSettings(),
     )
     del classes
-    measurements = measure(lungs.side, lungs.labels == 3, canonical.GetSpacing())
+    infection = lungs.labels == INFECTION
+    measurements = measure(lungs.side, infection, canonical.GetSpacing())
+    lesion = largest_lesion(infection, lungs.side, canonical.GetSpacing()[::-1])
+    del infection
     label_image = sitk.GetImageFromArray(lungs.labels)
     label_image.CopyInformation(canonical)
     labelmap = from_canonical(label_image, image)
     post_seconds = time.perf_counter() - post_started
 
     warnings.extend(_result_warnings(measurements, name))
+    focal = focal_lesion_warning(lesion, measurements.total.infection_ml, name)
+    if focal is not None:
+        warnings.append(focal)
     timings = {
         "validate": inference_started - started,
         "preprocess_infer": inference_seconds,
