@@ -69,3 +69,12 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def override(self, **values: Any) -> "TrainConfig":
+        """Set the given fields, skipping those given as None or "" (command-line options left out)."""
+        for key, value in values.items():
+            if key not in {f.name for f in fields(self)}:
+                raise ValueError(f"unknown config key: {key}")
+            if value is not None and value != "":
+                setattr(self, key, value)
+        return self

@@ -123,13 +123,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="in-plane pixel size in mm assumed for data without one, like the PNG export")
     parser.add_argument("--no-robustness", action="store_true")
     args = parser.parse_args(argv)
-    config = TrainConfig.load(args.config)
-    if args.epochs is not None:
-        config.epochs = args.epochs
-    if args.device:
-        config.device = args.device
-    if args.workers is not None:
-        config.workers = args.workers
+    config = TrainConfig.load(args.config).override(epochs=args.epochs, device=args.device, workers=args.workers)
     result = crossval(config, args.folds, pixel_mm=args.pixel_mm, robustness=not args.no_robustness,
                       log=lambda line: print(line, flush=True))
     for column in ("lung_dice", "infection_dice", "infection_nsd"):

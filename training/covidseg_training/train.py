@@ -284,15 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", help="overrides the config (cpu, cuda, cuda:1, ...)")
     parser.add_argument("--workers", type=int, help="overrides the config: processes preparing augmented batches")
     args = parser.parse_args(argv)
-    config = TrainConfig.load(args.config)
-    if args.fold is not None:
-        config.fold = args.fold
-    if args.epochs is not None:
-        config.epochs = args.epochs
-    if args.device:
-        config.device = args.device
-    if args.workers is not None:
-        config.workers = args.workers
+    config = TrainConfig.load(args.config).override(fold=args.fold, epochs=args.epochs, device=args.device,
+                                                    workers=args.workers)
     print(run_dir(config))
     train(config, log=lambda line: print(line, flush=True))
     return 0

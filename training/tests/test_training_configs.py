@@ -28,6 +28,14 @@ def test_unknown_key_is_an_error():
         TrainConfig.from_dict({"epoch": 3})
 
 
+def test_command_line_overrides_set_what_was_given_and_keep_the_rest():
+    config = TrainConfig(name="x", fold=2, epochs=30, device="auto", workers=2)
+    assert config.override(fold=0, epochs=None, device="", workers=0) is config
+    assert (config.fold, config.epochs, config.device, config.workers) == (0, 30, "auto", 0)
+    with pytest.raises(ValueError, match="unknown config key: epoch"):
+        config.override(epoch=3)
+
+
 def test_no_import_cycles_between_training_modules():
     """Each training module imports others only one way (issue 10 broke evaluate <-> robustness)."""
     import ast
