@@ -15,6 +15,7 @@ import SimpleITK as sitk
 from phantoms import chest_phantom
 
 from CovidInfectionSegLib.batch import (
+    LESION_COLUMNS,
     OWNER_FILE,
     SUMMARY_FILE,
     FolderLockedError,
@@ -24,6 +25,7 @@ from CovidInfectionSegLib.batch import (
     decide,
     discover,
     expected_outputs,
+    lesion_columns,
     input_changed,
     input_fingerprint,
     lock_output_folder,
@@ -126,6 +128,8 @@ def test_resume_decisions(tmp_path, model):
     decision = decide(scan, out, outputs, model=identity)
     assert not decision.redo and decision.row["status"] == "skipped"
     assert decision.row["total_lung_ml"] == row["total_lung_ml"]
+    for column in LESION_COLUMNS:  # the skipped row's largest lesion comes from the measurements.json
+        assert decision.row[column] == row[column] != ""
     assert decide(scan, out, outputs, overwrite=True, model=identity).reason == "--overwrite"
     assert "made by model" in decide(scan, out, outputs, model={"name": "other", "version": "9"}).reason
     assert decide(scan, out, outputs, model=identity, flip_tta=True).reason == (
@@ -143,6 +147,13 @@ def test_resume_decisions(tmp_path, model):
     (out / "a" / "a.preview.png").unlink()
     assert decide(scan, out, outputs).reason == "previous outputs incomplete"
     assert decide(scan, out, expected_outputs(preview=False)).reason != "previous outputs incomplete"
+
+
+def test_lesion_columns_zero_without_infection_and_empty_for_older_records():
+    assert lesion_columns({"ml": 52.8, "share": 0.76, "extent_mm": 70.0, "side": "left"}) == {
+        "largest_lesion_ml": 52.8, "largest_lesion_across_mm": 70.0}
+    assert lesion_columns(None) == {"largest_lesion_ml": 0.0, "largest_lesion_across_mm": 0.0}
+    assert lesion_columns("") == {"largest_lesion_ml": "", "largest_lesion_across_mm": ""}
 
 
 def test_a_failed_scan_keeps_its_previous_outputs(tmp_path, model):

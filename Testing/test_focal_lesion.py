@@ -71,3 +71,7 @@ def test_real_tumour_is_flagged_and_real_covid_19_is_not(bundled_model):
                          device="cpu")
     assert [w for w in tumour.warnings if "one focal lesion in the left lung" in w], tumour.warnings
     assert not [w for w in covid.warnings if "focal lesion" in w], covid.warnings
+    lesion = tumour.largest_lesion
+    assert lesion.side == "left" and 30 < lesion.ml < 80 and lesion.extent_mm <= 80
+    assert tumour.summary()["largest_infection_lesion"] == lesion.to_dict()
+    assert covid.largest_lesion.extent_mm > 120 and covid.largest_lesion.ml > 100

@@ -57,10 +57,12 @@ SUMMARY_FILE = "summary.csv"
 LOCK_FILE = ".covidseg-batch.lock"
 OWNER_FILE = ".covidseg-batch.owner"
 MEASUREMENT_FIELDS = ("lung_ml", "infection_ml", "percent_infected", "grade")
+# The infection's largest 3D component (focal_lesion.py), for sorting thousands of scans by it.
+LESION_COLUMNS = ("largest_lesion_ml", "largest_lesion_across_mm")
 SUMMARY_COLUMNS = (
     "scan", "status", "error",
     *(f"{region}_{field}" for region in REGIONS for field in MEASUREMENT_FIELDS),
-    "seconds", "warnings", "note",
+    *LESION_COLUMNS, "seconds", "warnings", "note",
 )
 # Image outputs of ours that must never come back as inputs.
 OUTPUT_IMAGE_SUFFIXES = (OUTPUT_SUFFIXES["segmentation"], OUTPUT_SUFFIXES["labelmap"])
@@ -308,6 +310,7 @@ def decide(
     row = {
         "scan": scan.name, "status": "skipped", "error": "",
         **measurement_columns(measurements),
+        **lesion_columns(record.get("largest_infection_lesion", "")),
         "warnings": " | ".join(record.get("warnings", [])),
         "note": "outputs complete for this input (--overwrite redoes)",
     }
@@ -343,6 +346,7 @@ def run_scan(
     return {
         "scan": scan.name, "status": "ok", "error": "",
         **measurement_columns(result.measurements),
+        **lesion_columns(None if result.largest_lesion is None else result.largest_lesion.to_dict()),
         "seconds": _since(started),
         "warnings": " | ".join(result.warnings),
         "note": note,
@@ -369,6 +373,16 @@ def measurement_columns(measurements: Measurements) -> dict[str, Any]:
         values = measurements.region(region).to_dict()
         columns.update({f"{region}_{field}": values[field] for field in MEASUREMENT_FIELDS})
     return columns
+
+
+def lesion_columns(lesion: dict[str, Any] | None | str) -> dict[str, Any]:
+    """``largest_lesion_ml`` and ``largest_lesion_across_mm`` from a result's ``largest_infection_lesion``
+    record: 0 without infection (None), empty where the record predates it ("")."""
+    if lesion == "" or (lesion is not None and not isinstance(lesion, dict)):
+        return {column: "" for column in LESION_COLUMNS}
+    if lesion is None:
+        return {column: 0.0 for column in LESION_COLUMNS}
+    return {"largest_lesion_ml": lesion.get("ml", ""), "largest_lesion_across_mm": lesion.get("extent_mm", "")}
 
 
 def _since(started: float) -> float:

@@ -35,6 +35,10 @@ class Lesion:
     extent_mm: float
     side: str
 
+    def to_dict(self) -> dict[str, float | str]:
+        return {"ml": round(self.ml, 2), "share": round(self.share, 3), "extent_mm": round(self.extent_mm, 1),
+                "side": self.side}
+
 
 def largest_lesion(infection: np.ndarray, side: np.ndarray, spacing_zyx: tuple[float, float, float]) -> Lesion | None:
     """The largest 26-connected component of ``infection`` (canonical z, y, x; ``side`` 1 right, 2 left

@@ -14,7 +14,7 @@ from typing import Any
 
 import SimpleITK as sitk
 
-from .focal_lesion import focal_lesion_warning, largest_lesion
+from .focal_lesion import Lesion, focal_lesion_warning, largest_lesion
 from .imageio import SOURCE_KEY, from_canonical, read_image, to_canonical
 from .inference import (
     CancelCheck,
@@ -60,6 +60,8 @@ class SegmentationResult:
     input_fingerprint: dict[str, Any] | None = None
     precision: str = "fp32"
     flip_tta: bool = False
+    # The infection's largest 3D component (None without infection): batch columns, focal-lesion warning.
+    largest_lesion: Lesion | None = None
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready description of the run (no image data)."""
@@ -70,6 +72,7 @@ class SegmentationResult:
             "precision": self.precision,
             "flip_tta": self.flip_tta,
             "measurements": self.measurements.to_dict(),
+            "largest_infection_lesion": None if self.largest_lesion is None else self.largest_lesion.to_dict(),
             "warnings": list(self.warnings),
             "notes": list(self.notes),
             "timings_s": {stage: round(seconds, 3) for stage, seconds in self.timings.items()},
@@ -163,6 +166,7 @@ def segment_image(
         source=source,
         precision=precision,
         flip_tta=flip_tta,
+        largest_lesion=lesion,
     )
 
 
