@@ -98,6 +98,11 @@ def test_batch_segments_good_scans_records_the_bad_one_and_leaves_the_scene_empt
         np.testing.assert_allclose(segmentation["ijkToLPS"], ijk_to_lps(image), atol=1e-6)
         lung_ml = np.count_nonzero(np.isin(voxels, (1, 2))) * np.prod(image.GetSpacing()) / 1000
         assert lung_ml > 50  # both phantom lungs found (37 mL each)
+        # The largest lesion comes back from the child's record, as the engine measured it there.
+        record = json.loads((out / name / f"{name}.measurements.json").read_text(encoding="utf-8"))
+        lesion = record["largest_infection_lesion"]
+        expected = ("0.0", "0.0") if lesion is None else (str(lesion["ml"]), str(lesion["extent_mm"]))
+        assert (summary[name]["largest_lesion_ml"], summary[name]["largest_lesion_across_mm"]) == expected
         assert float(summary[name]["total_lung_ml"]) == pytest.approx(lung_ml, abs=1e-3)
         with open(out / name / f"{name}.measurements.csv", newline="") as handle:
             rows = {row["region"]: row for row in csv.DictReader(handle)}

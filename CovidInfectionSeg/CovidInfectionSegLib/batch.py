@@ -346,7 +346,7 @@ def run_scan(
     return {
         "scan": scan.name, "status": "ok", "error": "",
         **measurement_columns(result.measurements),
-        **lesion_columns(None if result.largest_lesion is None else result.largest_lesion.to_dict()),
+        **lesion_columns(result.largest_lesion_record),
         "seconds": _since(started),
         "warnings": " | ".join(result.warnings),
         "note": note,

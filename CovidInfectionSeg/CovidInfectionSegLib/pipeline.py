@@ -63,6 +63,11 @@ class SegmentationResult:
     # The infection's largest 3D component (None without infection): batch columns, focal-lesion warning.
     largest_lesion: Lesion | None = None
 
+    @property
+    def largest_lesion_record(self) -> dict[str, Any] | None:
+        """``largest_lesion`` as a JSON-ready dict, or None (as :class:`worker.WorkerResult` has it)."""
+        return None if self.largest_lesion is None else self.largest_lesion.to_dict()
+
     def summary(self) -> dict[str, Any]:
         """JSON-ready description of the run (no image data)."""
         record: dict[str, Any] = {
@@ -72,7 +77,7 @@ class SegmentationResult:
             "precision": self.precision,
             "flip_tta": self.flip_tta,
             "measurements": self.measurements.to_dict(),
-            "largest_infection_lesion": None if self.largest_lesion is None else self.largest_lesion.to_dict(),
+            "largest_infection_lesion": self.largest_lesion_record,
             "warnings": list(self.warnings),
             "notes": list(self.notes),
             "timings_s": {stage: round(seconds, 3) for stage, seconds in self.timings.items()},

@@ -88,6 +88,11 @@ class WorkerResult:
         return str(self.summary.get("device", ""))
 
     @property
+    def largest_lesion_record(self) -> dict[str, Any] | None:
+        """The infection's largest lesion as the engine recorded it (``Lesion.to_dict``), or None."""
+        return self.summary.get("largest_infection_lesion")
+
+    @property
     def flip_tta(self) -> bool:
         return bool(self.summary.get("flip_tta", False))
 
