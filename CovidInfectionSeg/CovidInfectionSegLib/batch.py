@@ -375,13 +375,13 @@ def measurement_columns(measurements: Measurements) -> dict[str, Any]:
     return columns
 
 
-def lesion_columns(lesion: dict[str, Any] | None | str) -> dict[str, Any]:
+def lesion_columns(lesion: Any) -> dict[str, Any]:
     """``largest_lesion_ml`` and ``largest_lesion_across_mm`` from a result's ``largest_infection_lesion``
-    record: 0 without infection (None), empty where the record predates it ("")."""
-    if lesion == "" or (lesion is not None and not isinstance(lesion, dict)):
-        return {column: "" for column in LESION_COLUMNS}
+    record: 0 without infection (None), empty for anything but a record (one that predates it: "")."""
     if lesion is None:
         return {column: 0.0 for column in LESION_COLUMNS}
+    if not isinstance(lesion, dict):
+        return {column: "" for column in LESION_COLUMNS}
     return {"largest_lesion_ml": lesion.get("ml", ""), "largest_lesion_across_mm": lesion.get("extent_mm", "")}
 
 

@@ -72,8 +72,9 @@ class TrainConfig:
 
     def override(self, **values: Any) -> "TrainConfig":
         """Set the given fields, skipping those given as None or "" (command-line options left out)."""
+        known = {f.name for f in fields(self)}
         for key, value in values.items():
-            if key not in {f.name for f in fields(self)}:
+            if key not in known:
                 raise ValueError(f"unknown config key: {key}")
             if value is not None and value != "":
                 setattr(self, key, value)

@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import numpy as np
 from scipy import ndimage
 
-from CovidInfectionSegLib.postprocessing import INFECTION
+from CovidInfectionSegLib.postprocessing import INFECTION, label
 
 SOLID_HU = -100.0
 DENSE_HU = -300.0
@@ -48,7 +48,7 @@ def infection_components(labels: np.ndarray, ct_hu: np.ndarray, spacing_zyx: Seq
         raise ValueError(f"labels {labels.shape}, CT {ct_hu.shape} and nodules "
                          f"{None if nodules is None else nodules.shape} must share one grid")
     voxel_ml = float(np.prod(spacing_zyx)) / 1000.0
-    components, _count = ndimage.label(labels == INFECTION, np.ones((3, 3, 3), dtype=bool))
+    components, _count = label(labels == INFECTION, np.ones((3, 3, 3), dtype=bool))
     rows = []
     for index, box in enumerate(ndimage.find_objects(components), start=1):
         mask = components[box] == index
@@ -57,7 +57,7 @@ def infection_components(labels: np.ndarray, ct_hu: np.ndarray, spacing_zyx: Seq
             continue
         hu = ct_hu[box][mask]
         solid = mask & (ct_hu[box] > SOLID_HU)
-        parts, count = ndimage.label(solid, np.ones((3, 3, 3), dtype=bool))
+        parts, count = label(solid, np.ones((3, 3, 3), dtype=bool))
         largest_solid = int(np.bincount(parts[solid]).max()) if count else 0
         row = {
             "ml": voxels * voxel_ml, "first_slice": box[0].start, "last_slice": box[0].stop - 1,
