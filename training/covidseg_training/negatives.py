@@ -76,10 +76,16 @@ class NegativesConfig:
     # says "lung, no infection" on the scan's dense lung and nodules and "lung or infection" on the
     # aerated rest, so "no infection" is taught only where healthy tissue looks like infection.
     lung_label: str = "lung"
+    # Hard negatives: this share of each epoch's negative slices is drawn in proportion to the infection
+    # the model calls on each negative slice at the epoch's start (all of it false); 0 draws them all
+    # uniformly. The rest are drawn uniformly as without it.
+    hard_share: float = 0.0
 
     def __post_init__(self) -> None:
         if self.lung_label not in LUNG_LABELS:
             raise ValueError(f"negatives.lung_label must be one of {LUNG_LABELS}, not {self.lung_label!r}")
+        if not 0.0 <= self.hard_share <= 1.0:
+            raise ValueError(f"negatives.hard_share must lie in [0, 1], not {self.hard_share!r}")
 
     def scans_for_fold(self, fold: int | None) -> list[str]:
         """The negative scans a model of ``fold`` trains on (all of them when ``fold`` is None)."""
@@ -219,9 +225,13 @@ def _cache_key(path: Path, recipe: IntensityRecipe) -> str:
 class NegativeSampler:
     """Draws ``per_epoch`` negative slices for an epoch, spread evenly over the scans and, within a
     scan, uniformly over its slices (every level: neck, apex, mid-lung, bases, abdomen). The draw
-    depends only on the seed and the epoch, so a resumed run draws what an uninterrupted one would."""
+    depends only on the seed and the epoch, so a resumed run draws what an uninterrupted one would.
 
-    def __init__(self, scans: list[NegativeScan], per_epoch: int, seed: int = 0, lung_label: str = "lung"):
+    With ``hard_share`` above 0 and the infection the model calls on each slice (``hardness``, see
+    :meth:`epoch`), that share of the draw goes to the slices in proportion to it instead."""
+
+    def __init__(self, scans: list[NegativeScan], per_epoch: int, seed: int = 0, lung_label: str = "lung",
+                 hard_share: float = 0.0):
         self.scans = [scan for scan in scans if len(scan.slices.images)]
         if lung_label in ("lung_or_infection", "no_infection_where_dense"):
             for scan in self.scans:
@@ -231,14 +241,32 @@ class NegativeSampler:
                 scan.slices.labels = labels
         self.per_epoch = per_epoch if self.scans else 0
         self.seed = seed
+        self.hard_share = hard_share
 
-    def epoch(self, epoch: int) -> list[tuple[int, int]]:
-        """``per_epoch`` (scan index, slice index) pairs for epoch ``epoch``."""
+    def hard_count(self, hardness: list[np.ndarray] | None) -> int:
+        """How many of an epoch's draws go by ``hardness``: none without it or when it is 0 everywhere."""
+        if hardness is None or not sum(float(np.sum(h)) for h in hardness):
+            return 0
+        return int(round(self.per_epoch * self.hard_share))
+
+    def epoch(self, epoch: int, hardness: list[np.ndarray] | None = None) -> list[tuple[int, int]]:
+        """``per_epoch`` (scan index, slice index) pairs for epoch ``epoch``. ``hardness``: per scan (in
+        ``scans`` order), a weight per slice (the infection pixels the model calls there)."""
         if not self.per_epoch:
             return []
         rng = np.random.default_rng([self.seed, epoch])
-        scan_of = rng.permutation(np.arange(self.per_epoch) % len(self.scans))
-        return [(int(s), int(rng.integers(len(self.scans[s].slices.images)))) for s in scan_of]
+        hard = self.hard_count(hardness)
+        scan_of = rng.permutation(np.arange(self.per_epoch - hard) % len(self.scans))
+        picks = [(int(s), int(rng.integers(len(self.scans[s].slices.images)))) for s in scan_of]
+        if hard:
+            weights = np.concatenate([np.asarray(h, dtype=np.float64) for h in hardness])
+            if len(weights) != sum(len(scan.slices.images) for scan in self.scans):
+                raise ValueError("hardness must give one weight per negative slice, scan by scan")
+            starts = np.cumsum([0] + [len(scan.slices.images) for scan in self.scans])
+            for flat in rng.choice(len(weights), size=hard, p=weights / weights.sum()):
+                scan = int(np.searchsorted(starts, flat, side="right") - 1)
+                picks.append((scan, int(flat - starts[scan])))
+        return picks
 
     def slice(self, scan_index: int, slice_index: int) -> tuple[np.ndarray, np.ndarray]:
         data = self.scans[scan_index].slices

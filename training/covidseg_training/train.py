@@ -158,7 +158,25 @@ def negative_sampler(config: TrainConfig, log=print) -> NegativeSampler:
     scans = load_negatives(config.negatives, recipe, names, cache_dir=Path(config.output_dir) / "cache")
     log(f"negatives: {config.negatives.per_epoch} slices per epoch from {', '.join(names)} "
         f"({sum(len(scan.slices.images) for scan in scans)} slices)")
-    return NegativeSampler(scans, config.negatives.per_epoch, seed=config.seed, lung_label=config.negatives.lung_label)
+    return NegativeSampler(scans, config.negatives.per_epoch, seed=config.seed, lung_label=config.negatives.lung_label,
+                           hard_share=config.negatives.hard_share)
+
+
+def negative_hardness(model: torch.nn.Module, negatives: NegativeSampler, device: torch.device) -> list[np.ndarray]:
+    """Per negative scan, the infection pixels ``model`` calls on each slice: all of them false, since
+    no negative slice holds infection. The hard-negative draw (``negatives.hard_share``) weighs by it."""
+    return [(predict_labels(model, scan.slices.images, device) == INFECTION).sum(axis=(1, 2)).astype(np.float64)
+            for scan in negatives.scans]
+
+
+def hard_negative_record(negatives: NegativeSampler, hardness: list[np.ndarray] | None) -> dict:
+    """For an epoch's history record: how many negative draws went by hardness, and how many negative
+    slices the model called any infection on at the epoch's start (with how many pixels in all)."""
+    if hardness is None:
+        return {}
+    return {"hard_negative": negatives.hard_count(hardness),
+            "negative_with_infection": int(sum(int(np.count_nonzero(h)) for h in hardness)),
+            "negative_infection_pixels": int(sum(float(np.sum(h)) for h in hardness))}
 
 
 def save_atomic(content: dict, path: Path) -> None:
@@ -229,10 +247,11 @@ def train(config: TrainConfig, log=print) -> Path:
         log(f"{out_dir}: already finished (early stop at epoch {state['epoch']})")
     while state["epoch"] < config.epochs and not state.get("stopped_early"):
         started = time.time()
+        hardness = negative_hardness(model, negatives, device) if negatives.per_epoch and negatives.hard_share else None
         model.train()
         labelled = labelled_indices(train_set.cases, config, state["epoch"])
         slices = [(train_set.images[i], train_set.labels[i]) for i in labelled]
-        slices += [negatives.slice(*pick) for pick in negatives.epoch(state["epoch"])]
+        slices += [negatives.slice(*pick) for pick in negatives.epoch(state["epoch"], hardness)]
         order = order_rng.permutation(len(slices))
         losses = []
         batches = epoch_batches([slices[i] for i in order], config, state["epoch"], steps_per_epoch)
@@ -253,7 +272,8 @@ def train(config: TrainConfig, log=print) -> Path:
             state["step"] += 1
         state["epoch"] += 1
         record = {"epoch": state["epoch"], "loss": float(np.mean(losses)), "seconds": round(time.time() - started, 1),
-                  "slices": {"labelled": len(train_set.images), "negative": negatives.per_epoch},
+                  "slices": {"labelled": len(train_set.images), "negative": negatives.per_epoch,
+                             **hard_negative_record(negatives, hardness)},
                   "precision": str(precision_for(device)).replace("torch.", "")}
         if val_set is not None and len(val_set.images):
             predicted = predict_labels(model, val_set.images, device)

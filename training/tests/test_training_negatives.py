@@ -126,6 +126,51 @@ def test_sampler_spreads_over_scans_and_levels_and_is_reproducible(chest_file):
     assert NegativeSampler([], 100).epoch(0) == []
 
 
+def test_hard_share_draws_in_proportion_to_the_infection_called(chest_file):
+    """Half the draw goes to the slices the model calls infection on, 3:1 as their pixels; the other
+    half is the uniform draw of a smaller epoch. Without hardness, or with none called, nothing changes."""
+    (scan,) = load_negatives(NegativesConfig(root=str(chest_file.parent)), RECIPE, [chest_file.name])
+    small = type(scan)("small", scan.slices.subset(np.arange(len(scan.slices.images)) < 10), scan.levels[:10],
+                       scan.dense[:10])
+    hardness = [np.zeros(len(scan.slices.images)), np.zeros(10)]
+    hardness[0][5], hardness[1][2] = 300.0, 100.0
+    sampler = NegativeSampler([scan, small], per_epoch=400, seed=3, hard_share=0.5)
+    picks = sampler.epoch(0, hardness)
+    assert len(picks) == 400 and sampler.hard_count(hardness) == 200
+    uniform, hard = picks[:200], picks[200:]
+    assert np.bincount([s for s, _ in uniform]).tolist() == [100, 100]
+    assert set(hard) == {(0, 5), (1, 2)}
+    assert 120 <= hard.count((0, 5)) <= 180, "3:1, as the infection pixels"
+    assert sampler.epoch(0, hardness) == picks, "reproducible for a resumed run"
+    uniform_only = NegativeSampler([scan, small], per_epoch=400, seed=3)
+    assert sampler.epoch(0) == uniform_only.epoch(0) == sampler.epoch(0, [np.zeros(len(scan.slices.images)),
+                                                                           np.zeros(10)])
+    with pytest.raises(ValueError, match="one weight per negative slice"):
+        sampler.epoch(0, [np.ones(3), np.ones(10)])
+    with pytest.raises(ValueError, match="hard_share"):
+        NegativesConfig(hard_share=1.5)
+
+
+def test_hardness_is_the_infection_the_model_calls_per_slice(chest_file):
+    import torch
+
+    from covidseg_training.train import negative_hardness
+    from covidseg_training.unet import UNet2D
+
+    (scan,) = load_negatives(NegativesConfig(root=str(chest_file.parent)), RECIPE, [chest_file.name])
+    sampler = NegativeSampler([scan], per_epoch=4, hard_share=0.5)
+    model = UNet2D(num_classes=3, base_channels=4, depth=2)
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.copy_(torch.tensor([0.0, 0.0, 1.0]))  # infection everywhere
+    (everywhere,) = negative_hardness(model, sampler, torch.device("cpu"))
+    np.testing.assert_array_equal(everywhere, np.full(len(scan.slices.images), 64 * 64))
+    with torch.no_grad():
+        model.head.bias.copy_(torch.tensor([1.0, 0.0, 0.0]))  # background everywhere
+    (nowhere,) = negative_hardness(model, sampler, torch.device("cpu"))
+    assert not nowhere.any() and sampler.hard_count([nowhere]) == 0
+
+
 def test_training_without_negatives_draws_none():
     assert negative_sampler(TrainConfig()).per_epoch == 0
 
@@ -150,6 +195,27 @@ def test_training_mixes_the_negatives_into_every_epoch(chest_file, tmp_path, lab
     history = json.loads((run / "history.json").read_text(encoding="utf-8"))
     assert [row["slices"] for row in history] == [{"labelled": 8, "negative": 6}] * 2
     assert list((tmp_path / "runs" / "cache").glob("negative-chest.nii.gz-*.npz"))
+
+
+def test_training_with_hard_negatives_records_the_draw(chest_file, tmp_path, labelled_slices):
+    """With negatives.hard_share each epoch's record says how many negative slices the model called
+    infection on at the epoch's start and how many draws went by it."""
+    from covidseg_training.train import train
+
+    config = TrainConfig.from_dict({
+        "name": "hard", "data": str(labelled_slices), "output_dir": str(tmp_path / "runs"), "fold": 0, "n_folds": 3,
+        "input_size": 64, "base_channels": 4, "depth": 2, "epochs": 2, "batch_size": 4, "threads": 1,
+        "device": "cpu", "negatives": {"scans": [chest_file.name], "per_epoch": 6, "root": str(chest_file.parent),
+                                       "hard_share": 0.5},
+    })
+    history = json.loads((train(config, log=lambda _: None) / "history.json").read_text(encoding="utf-8"))
+    (scan,) = load_negatives(config.negatives, RECIPE, [chest_file.name])
+    for row in history:
+        drawn = row["slices"]
+        assert drawn["labelled"] == 8 and drawn["negative"] == 6
+        assert 0 <= drawn["negative_with_infection"] <= len(scan.slices.images)
+        assert drawn["hard_negative"] == (3 if drawn["negative_infection_pixels"] else 0)
+        assert (drawn["negative_with_infection"] > 0) == (drawn["negative_infection_pixels"] > 0)
 
 
 def test_augmented_batches_do_not_depend_on_worker_count_or_resume():
