@@ -260,9 +260,9 @@ class NegativeSampler:
         picks = [(int(s), int(rng.integers(len(self.scans[s].slices.images)))) for s in scan_of]
         if hard:
             weights = np.concatenate([np.asarray(h, dtype=np.float64) for h in hardness])
-            if len(weights) != sum(len(scan.slices.images) for scan in self.scans):
-                raise ValueError("hardness must give one weight per negative slice, scan by scan")
             starts = np.cumsum([0] + [len(scan.slices.images) for scan in self.scans])
+            if len(weights) != starts[-1]:
+                raise ValueError("hardness must give one weight per negative slice, scan by scan")
             for flat in rng.choice(len(weights), size=hard, p=weights / weights.sum()):
                 scan = int(np.searchsorted(starts, flat, side="right") - 1)
                 picks.append((scan, int(flat - starts[scan])))
