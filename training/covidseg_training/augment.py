@@ -19,6 +19,9 @@ from CovidInfectionSegLib.preprocessing import IntensityRecipe, make_clahe, minm
 from .masses import paint_masses
 
 
+MASS_ON = ("all", "negatives")
+
+
 @dataclass
 class AugmentConfig:
     flip_p: float = 0.5
@@ -44,8 +47,15 @@ class AugmentConfig:
     # on every slice the path probe's AUC is at chance; see results/path_probe.md).
     harmonise_p: float = 0.0
     # Synthetic solid masses painted into the lung and labelled "lung, no infection" (masses.py), so
-    # that nodules and tumours are not called infection.
+    # that nodules and tumours are not called infection. ``mass_on``: into every kind of slice ("all"),
+    # or into the negative slices only ("negatives"), so that the labelled COVID-19 slices keep their
+    # consolidation untouched.
     mass_p: float = 0.0
+    mass_on: str = "all"
+
+    def __post_init__(self) -> None:
+        if self.mass_on not in MASS_ON:
+            raise ValueError(f"augment.mass_on must be one of {', '.join(MASS_ON)}, not {self.mass_on!r}")
 
 
 # Lung texture and gray level of the network's uint8 input, measured 2026-11-30 (ad hoc, AMD EPYC here):
@@ -87,7 +97,8 @@ def blur_to_detail(pixels: np.ndarray, inside: np.ndarray, target: float) -> np.
 
 
 class SliceAugmenter:
-    """Callable ``(image uint8 HxW, label uint8 HxW) -> (image, label)``, seeded by ``rng``."""
+    """Callable ``(image uint8 HxW, label uint8 HxW, negative=False) -> (image, label)``, seeded by
+    ``rng``; ``negative`` says the slice is a whole-scan negative (for ``mass_on``)."""
 
     def __init__(self, config: AugmentConfig, recipe: IntensityRecipe, seed: int = 0):
         self.config = config
@@ -166,10 +177,11 @@ class SliceAugmenter:
         gain = self.rng.uniform(*LUNG_STD_RANGE) / max(std, 1e-3)
         return np.clip((rendered - mean) * gain + self.rng.uniform(*LUNG_MEAN_RANGE), 0, 255)
 
-    def __call__(self, image: np.ndarray, label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, image: np.ndarray, label: np.ndarray, negative: bool = False) -> tuple[np.ndarray, np.ndarray]:
         # Masses and harmonisation are drawn only when on, so that configs without them augment
         # exactly as before they existed. Masses come first: geometry and scanner then act on them too.
-        if self.config.mass_p and self.rng.random() < self.config.mass_p:
+        masses_here = self.config.mass_p and (negative or self.config.mass_on == "all")
+        if masses_here and self.rng.random() < self.config.mass_p:
             image, label = paint_masses(image, label, self.rng)
         out = self.geometry(image=image, mask=label)
         image, label = out["image"], out["mask"]

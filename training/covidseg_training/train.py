@@ -71,10 +71,12 @@ def autocast(device: torch.device):
 class AugmentedSlices(torch.utils.data.Dataset):
     """One epoch's training slices in training order, each augmented by a generator seeded with (seed,
     epoch, position): the batches do not depend on how many loader workers draw them, nor on whether
-    the run was resumed."""
+    the run was resumed. ``negative[i]`` says slice i is a whole-scan negative (none are by default)."""
 
-    def __init__(self, slices: list[tuple[np.ndarray, np.ndarray]], config: TrainConfig, epoch: int):
+    def __init__(self, slices: list[tuple[np.ndarray, np.ndarray]], config: TrainConfig, epoch: int,
+                 negative: list[bool] | None = None):
         self.slices = slices
+        self.negative = negative or [False] * len(slices)
         self.config = config
         self.epoch = epoch
         self._augmenter: SliceAugmenter | None = None
@@ -87,14 +89,16 @@ class AugmentedSlices(torch.utils.data.Dataset):
             recipe = IntensityRecipe(input_size=self.config.input_size)
             self._augmenter = SliceAugmenter(self.config.augment, recipe, seed=self.config.seed)
         self._augmenter.reseed(self.epoch, position)
-        image, label = self._augmenter(*self.slices[position])
+        image, label = self._augmenter(*self.slices[position], negative=self.negative[position])
         return torch.from_numpy(image), torch.from_numpy(label)
 
 
 def epoch_batches(slices: list[tuple[np.ndarray, np.ndarray]], config: TrainConfig, epoch: int,
-                  steps: int) -> torch.utils.data.DataLoader:
-    """``steps`` batches of augmented slices, prepared by ``config.workers`` processes (0: this one)."""
-    dataset = AugmentedSlices(slices[: steps * config.batch_size], config, epoch)
+                  steps: int, negative: list[bool] | None = None) -> torch.utils.data.DataLoader:
+    """``steps`` batches of augmented slices, prepared by ``config.workers`` processes (0: this one);
+    ``negative`` flags the whole-scan negatives among ``slices``."""
+    kept = steps * config.batch_size
+    dataset = AugmentedSlices(slices[:kept], config, epoch, None if negative is None else negative[:kept])
     return torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, shuffle=False,
                                        num_workers=config.workers, persistent_workers=False,
                                        pin_memory=torch.cuda.is_available())
@@ -252,9 +256,11 @@ def train(config: TrainConfig, log=print) -> Path:
         labelled = labelled_indices(train_set.cases, config, state["epoch"])
         slices = [(train_set.images[i], train_set.labels[i]) for i in labelled]
         slices += [negatives.slice(*pick) for pick in negatives.epoch(state["epoch"], hardness)]
+        negative = [i >= len(labelled) for i in range(len(slices))]
         order = order_rng.permutation(len(slices))
         losses = []
-        batches = epoch_batches([slices[i] for i in order], config, state["epoch"], steps_per_epoch)
+        batches = epoch_batches([slices[i] for i in order], config, state["epoch"], steps_per_epoch,
+                                [negative[i] for i in order])
         for images, labels in batches:
             images = images.to(device, non_blocking=True).float().div(255).unsqueeze(1)
             images = images.contiguous(memory_format=torch.channels_last)

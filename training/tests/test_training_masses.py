@@ -82,6 +82,40 @@ def test_the_augmenter_paints_masses_only_when_asked():
         np.testing.assert_array_equal(same_label, label)
 
 
+def test_masses_on_negatives_go_only_into_the_slices_flagged_negative():
+    image, label = chest_slice(LUNG_UNKNOWN, with_infection=False)
+    augmenter = SliceAugmenter(AugmentConfig(**ONLY_MASSES, mass_on="negatives"), IntensityRecipe(input_size=128), seed=0)
+    for position in range(4):
+        augmenter.reseed(0, position)
+        out, out_label = augmenter(image, label, negative=True)
+        assert (out_label == LUNG).any() and (out != image).any()
+        augmenter.reseed(0, position)
+        same, same_label = augmenter(image, label)
+        np.testing.assert_array_equal(same, image)
+        np.testing.assert_array_equal(same_label, label)
+
+
+def test_training_batches_carry_which_slices_are_negative():
+    from covidseg_training.config import TrainConfig
+    from covidseg_training.train import epoch_batches
+
+    image, label = chest_slice(LUNG_UNKNOWN, with_infection=False)
+    config = TrainConfig.from_dict({"input_size": 128, "batch_size": 2, "augment": {**ONLY_MASSES, "mass_on": "negatives"}})
+    flags = [True, False, False, True]
+    images, labels = zip(*epoch_batches([(image, label)] * 4, config, epoch=0, steps=2, negative=flags))
+    painted = [bool((batch[i].numpy() == LUNG).any()) for batch in labels for i in range(2)]
+    assert painted == flags
+    untouched = [np.array_equal(batch[i].numpy(), image) for batch in images for i in range(2)]
+    assert untouched == [not flag for flag in flags]
+
+
+def test_an_unknown_mass_on_is_refused_by_name():
+    from covidseg_training.config import TrainConfig
+
+    with pytest.raises(ValueError, match="augment.mass_on must be one of all, negatives, not 'positives'"):
+        TrainConfig.from_dict({"augment": {"mass_p": 0.3, "mass_on": "positives"}})
+
+
 def test_preview_writes_a_picture_and_refuses_missing_data(tmp_path, capsys):
     slices = [chest_slice() for _ in range(3)]
     data = tmp_path / "slices.npz"
