@@ -256,11 +256,10 @@ def train(config: TrainConfig, log=print) -> Path:
         labelled = labelled_indices(train_set.cases, config, state["epoch"])
         slices = [(train_set.images[i], train_set.labels[i]) for i in labelled]
         slices += [negatives.slice(*pick) for pick in negatives.epoch(state["epoch"], hardness)]
-        negative = [i >= len(labelled) for i in range(len(slices))]
         order = order_rng.permutation(len(slices))
         losses = []
         batches = epoch_batches([slices[i] for i in order], config, state["epoch"], steps_per_epoch,
-                                [negative[i] for i in order])
+                                [i >= len(labelled) for i in order])  # the negatives follow the labelled
         for images, labels in batches:
             images = images.to(device, non_blocking=True).float().div(255).unsqueeze(1)
             images = images.contiguous(memory_format=torch.channels_last)
