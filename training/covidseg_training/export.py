@@ -3,6 +3,10 @@
     python -m covidseg_training export --checkpoint runs/v1/fold0/best.pt \\
         --out ../CovidInfectionSeg/Resources/Models --name covid_unet_v1 --version 1.0.0 [--metrics eval/summary.json]
 
+``--infection-offset B`` lowers the infection logit by ``B`` (in the head's bias, so the package runs
+unchanged in the engine): another operating point of the same network, for measuring how much of a
+change between two models a mere shift of the infection threshold would give.
+
 The scripted network is checked against the eager one (and the saved file reloaded and checked
 again) before anything is written; both files are written under temporary names and renamed.
 """
@@ -26,7 +30,7 @@ from CovidInfectionSegLib.preprocessing import IntensityRecipe
 
 from .checkpoint import Checkpoint, load_checkpoint
 from .config import TrainConfig
-from .data import patient_folds
+from .data import INFECTION, patient_folds
 
 from .manifest import MA2020_DATASET, build_manifest
 from .negatives import LUNG_LABEL_MEANS, NEGATIVE_SCAN_SOURCES
@@ -182,11 +186,18 @@ def export_checkpoint(
     metrics: dict[str, Any] | None = None,
     training_data: dict[str, Any] | None = None,
     cross_validation: dict[str, Any] | None = None,
+    infection_offset: float = 0.0,
 ) -> Path:
-    """Write ``<out_dir>/<name>.pt`` (TorchScript) and ``<name>.json`` (manifest); returns the manifest path."""
+    """Write ``<out_dir>/<name>.pt`` (TorchScript) and ``<name>.json`` (manifest); returns the manifest path.
+    ``infection_offset`` is subtracted from the infection logit (see the module's docstring)."""
     if not isinstance(checkpoint, Checkpoint):
         checkpoint = load_checkpoint(checkpoint)
     metrics = dict(metrics or {})
+    if infection_offset:
+        if metrics or cross_validation:
+            raise ValueError("metrics describe the checkpoint as trained, not shifted by --infection-offset; "
+                             "evaluate the exported package instead")
+        shift_infection_logit(checkpoint.model, infection_offset)
     if metrics and checkpoint.config.fold is None:
         # Trained on every case: nothing is left to evaluate it on, so it carries the held-out
         # evaluation of its recipe (another file by construction), labelled as such.
@@ -215,9 +226,21 @@ def export_checkpoint(
         metrics={"training_record": checkpoint.record, **metrics},
         cross_validation=cross_validation,
     )
+    if infection_offset:
+        manifest["infection_logit_offset"] = {
+            "value": infection_offset,
+            "note": "subtracted from the trained network's infection logit (head bias) at export: the same weights "
+                    "at a stricter (positive) or looser (negative) infection threshold",
+        }
     manifest_path = out_dir / f"{name}.json"
     write_text_atomic(manifest_path, json.dumps(manifest, indent=2, default=_json_default) + "\n")
     return manifest_path
+
+
+def shift_infection_logit(model: torch.nn.Module, offset: float) -> None:
+    """Lower the infection logit of ``model`` (a :class:`unet.UNet2D`) by ``offset`` everywhere."""
+    with torch.no_grad():
+        model.head.bias[INFECTION] -= offset
 
 
 def _json_default(value: Any) -> Any:
@@ -239,12 +262,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--crossval", type=Path,
                         help="crossval/summary.json of the recipe: its mean of fold means becomes the manifest's "
                              "cross_validation block")
+    parser.add_argument("--infection-offset", type=float, default=0.0,
+                        help="subtract this from the infection logit (a stricter infection threshold when positive)")
     args = parser.parse_args(argv)
     cross_validation = None
     if args.crossval:
         cross_validation = cross_validation_summary(read_metrics(args.crossval), str(args.crossval))
     manifest_path = export_checkpoint(args.checkpoint, args.out, args.name, args.version, read_metrics(args.metrics),
-                                      cross_validation=cross_validation)
+                                      cross_validation=cross_validation, infection_offset=args.infection_offset)
     manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     print(f"wrote {manifest_path.parent / manifest['file']} ({manifest['architecture']['parameters']} parameters, "
           f"sha256 {manifest['sha256'][:12]}) and {manifest_path}")

@@ -123,3 +123,23 @@ def test_bad_checkpoints_are_named(tmp_path):
     torch.save({"model": state, "config": TrainConfig(base_channels=8, depth=2).to_dict()}, wrong)
     with pytest.raises(ValueError, match="wrong.pt: weights do not fit a UNet2D\\(base_channels=8"):
         load_checkpoint(wrong)
+
+
+def test_infection_offset_shifts_only_the_infection_logit(checkpoint_path, tmp_path):
+    assert export_main(["--checkpoint", str(checkpoint_path), "--out", str(tmp_path), "--name", "strict",
+                        "--version", "0.1.0-strict", "--infection-offset", "1.5"]) == 0
+    manifest = json.loads((tmp_path / "strict.json").read_text(encoding="utf-8"))
+    assert manifest["infection_logit_offset"]["value"] == 1.5
+    package = load_model_package(tmp_path / "strict.json")
+    reference = load_checkpoint(checkpoint_path).model
+    inputs = torch.rand(2, 1, 64, 64)
+    with torch.inference_mode():
+        shifted, trained = package.module(inputs), reference(inputs)
+    torch.testing.assert_close(shifted[:, :2], trained[:, :2], atol=1e-5, rtol=0)
+    torch.testing.assert_close(shifted[:, 2], trained[:, 2] - 1.5, atol=1e-5, rtol=0)
+
+
+def test_infection_offset_refuses_metrics_of_the_unshifted_network(checkpoint_path, tmp_path):
+    with pytest.raises(ValueError, match="evaluate the exported package"):
+        export_checkpoint(checkpoint_path, tmp_path, "strict", "0.1.0", metrics={"per_case": {}}, infection_offset=1.0)
+    assert not list(tmp_path.iterdir()), "nothing written"
