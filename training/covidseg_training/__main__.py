@@ -1,5 +1,5 @@
 """``python -m covidseg_training COMMAND ...``: download, prepare, train, crossval, evaluate, robustness, export,
-path_probe, wholescan."""
+path_probe, wholescan, tradeoff."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ COMMANDS = {
     "export": ("export", "checkpoint -> TorchScript .pt + JSON manifest"),
     "path_probe": ("path_probe", "can a small classifier tell the PNG export from engine-read negatives?"),
     "wholescan": ("wholescan", "whole real scans through the engine: false lung and infection, missed lung, nodules"),
+    "tradeoff": ("tradeoff", "models side by side: healthy-scan infection, COVID-19 infection found, fit"),
 }
 
 

@@ -1,5 +1,6 @@
-"""The evaluation's figures: box plots of the scores, the infection PR curve and threshold sweep, and
-example slices (CT, expert labels, model labels) from the worst to the best infection Dice.
+"""The evaluation's figures: box plots of the scores, the infection PR curve and threshold sweep,
+example slices (CT, expert labels, model labels) from the worst to the best infection Dice, and the
+whole-scan trade-off between models (``tradeoff``).
 
 matplotlib is imported lazily with the Agg backend, so the figures render without a display.
 """
@@ -167,4 +168,38 @@ def plot_painted_masses(rows: list[tuple[int, np.ndarray, np.ndarray, np.ndarray
     figure.suptitle("synthetic masses (outlined in blue: lung, no infection); lung outlined, infection filled",
                     fontsize=8)
     figure.tight_layout()
+    _save_figure(figure, path)
+
+
+def plot_tradeoff(models: list[Any], curve: list[Any], curve_name: str, path: Path) -> None:
+    """Three panels against infection found on the COVID-19 scan: the mean infection on the healthy
+    kernels (target under 30 mL), the mean share of LIDC nodule voxels called infection, and the fit to
+    the labelled slices. ``models`` are ``tradeoff.ModelResults``; ``curve`` is joined by a line."""
+    from .tradeoff import COVID_SCAN, healthy_mean, nodule_mean
+
+    plt = _pyplot()
+    figure, axes = plt.subplots(1, 3, figsize=(16, 4.4))
+    figure.subplots_adjust(wspace=0.3)
+    panels = ((axes[0], healthy_mean, "example-chest-ct infection, mean of kernels L and B (mL)"),
+              (axes[1], nodule_mean, "LIDC nodule voxels called infection, mean of 2 scans (%)"),
+              (axes[2], lambda model: model.fit_infection, "infection Dice on its own labelled slices"))
+    for axis, measure, ylabel in panels:
+        if len(curve) > 1:
+            points = [(model.value(COVID_SCAN, "infection_ml"), measure(model)) for model in curve]
+            points = [(x, y) for x, y in points if x is not None and y is not None]
+            axis.plot([x for x, _ in points], [y for _, y in points], "-", color="0.6", zorder=1, label=curve_name)
+        for model in models:
+            x, y = model.value(COVID_SCAN, "infection_ml"), measure(model)
+            if x is None or y is None:
+                continue
+            on_curve = model in curve
+            axis.scatter([x], [y], s=30, zorder=2, color="0.4" if on_curve else INFECTION_COLOUR)
+            axis.annotate(model.label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        axis.axvline(200, color="0.8", linestyle="--", zorder=0)
+        axis.set_xlabel("covid-chest-ct: infection found (mL; target at least 200)")
+        axis.set_ylabel(ylabel)
+        axis.grid(alpha=0.3)
+    axes[0].axhline(30, color="0.8", linestyle="--", zorder=0)
+    if len(curve) > 1:
+        axes[0].legend(loc="upper left", fontsize=8)
     _save_figure(figure, path)

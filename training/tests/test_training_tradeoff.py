@@ -1,0 +1,62 @@
+"""``tradeoff``: models side by side from their wholescan.csv and train_fit summaries."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from covidseg_training.tradeoff import healthy_mean, main as tradeoff_main, read_model
+
+COLUMNS = ("scan", "infection_ml", "largest_infection_component_ml", "nodule_infection_percent")
+
+
+def write_results(folder, infection, fits=()):
+    """A results folder as wholescan and evaluate leave it: ``infection`` maps scan -> mL."""
+    folder.mkdir(parents=True)
+    with (folder / "wholescan.csv").open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, COLUMNS)
+        writer.writeheader()
+        for scan, ml in infection.items():
+            nodules = f"{ml / 2:.1f}" if scan.startswith("LIDC") else ""
+            writer.writerow({"scan": scan, "infection_ml": ml, "largest_infection_component_ml": ml * 0.9,
+                             "nodule_infection_percent": nodules})
+    for fold, dice in enumerate(fits):
+        (folder / f"train_fit/fold{fold}").mkdir(parents=True)
+        summary = {"per_case": {"infection": {"dice": {"mean": dice}}}}
+        (folder / f"train_fit/fold{fold}/summary.json").write_text(json.dumps(summary), encoding="utf-8")
+    return folder
+
+
+SCANS = ("covid-chest-ct", "example-chest-ct-kernel-L", "example-chest-ct-kernel-B", "LIDC-IDRI-0003", "LIDC-IDRI-0001")
+
+
+def test_table_and_figure_from_two_models(tmp_path):
+    write_results(tmp_path / "a", dict(zip(SCANS, (330.0, 56.0, 72.0, 20.0, 10.0))), fits=(0.8, 0.82))
+    write_results(tmp_path / "b", dict(zip(SCANS, (280.0, 40.0, 60.0, 16.0, 6.0))))
+    out, figure = tmp_path / "tradeoff.md", tmp_path / "tradeoff.png"
+    assert tradeoff_main(["--model", f"control={tmp_path / 'a'}", "--model", f"strict={tmp_path / 'b'}",
+                          "--curve", "control,strict", "--out", str(out), "--figure", str(figure)]) == 0
+    rows = out.read_text(encoding="utf-8").splitlines()
+    assert rows[2] == "| control | 0.810 (2 folds) | 56.0 / 72.0 | 50.4 / 64.8 | 330.0 (297.0) | 10.0% / 5.0% |"
+    assert rows[3] == "| strict | - | 40.0 / 60.0 | 36.0 / 54.0 | 280.0 (252.0) | 8.0% / 3.0% |"
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert healthy_mean(read_model("b", tmp_path / "b")) == 50.0
+
+
+def test_a_missing_scan_is_a_dash_not_a_zero(tmp_path):
+    write_results(tmp_path / "a", {"covid-chest-ct": 300.0, "example-chest-ct-kernel-L": 50.0})
+    model = read_model("a", tmp_path / "a")
+    assert healthy_mean(model) is None and model.value("example-chest-ct-kernel-B", "infection_ml") is None
+
+
+def test_bad_arguments_are_named(tmp_path):
+    write_results(tmp_path / "a", {"covid-chest-ct": 300.0})
+    with pytest.raises(SystemExit, match="no wholescan.csv"):
+        tradeoff_main(["--model", f"x={tmp_path / 'missing'}", "--out", str(tmp_path / "t.md")])
+    with pytest.raises(SystemExit, match="LABEL=FOLDER"):
+        tradeoff_main(["--model", str(tmp_path / "a"), "--out", str(tmp_path / "t.md")])
+    with pytest.raises(SystemExit, match="not given with --model: other"):
+        tradeoff_main(["--model", f"a={tmp_path / 'a'}", "--curve", "a,other", "--out", str(tmp_path / "t.md")])
+    assert not (tmp_path / "t.md").exists()
