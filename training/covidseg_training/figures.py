@@ -171,30 +171,29 @@ def plot_painted_masses(rows: list[tuple[int, np.ndarray, np.ndarray, np.ndarray
     _save_figure(figure, path)
 
 
-def plot_tradeoff(models: list[Any], curve: list[Any], curve_name: str, path: Path) -> None:
-    """Three panels against infection found on the COVID-19 scan: the mean infection on the healthy
-    kernels (target under 30 mL), the mean share of LIDC nodule voxels called infection, and the fit to
-    the labelled slices. ``models`` are ``tradeoff.ModelResults``; ``curve`` is joined by a line."""
-    from .tradeoff import COVID_SCAN, healthy_mean, nodule_mean
-
+def plot_tradeoff(points: list[dict[str, Any]], curve: list[str], curve_name: str, path: Path) -> None:
+    """Three panels against infection found on the COVID-19 scan (``covid_found``): the mean infection on
+    the healthy kernels (``healthy_mean``, target under 30 mL), the mean share of LIDC nodule voxels
+    called infection (``nodule_mean``) and the fit to the labelled slices (``fit``). ``points`` hold
+    those keys and a ``label`` each (None where unknown); the labels in ``curve`` are joined by a line."""
     plt = _pyplot()
     figure, axes = plt.subplots(1, 3, figsize=(16, 4.4))
     figure.subplots_adjust(wspace=0.3)
-    panels = ((axes[0], healthy_mean, "example-chest-ct infection, mean of kernels L and B (mL)"),
-              (axes[1], nodule_mean, "LIDC nodule voxels called infection, mean of 2 scans (%)"),
-              (axes[2], lambda model: model.fit_infection, "infection Dice on its own labelled slices"))
-    for axis, measure, ylabel in panels:
-        if len(curve) > 1:
-            points = [(model.value(COVID_SCAN, "infection_ml"), measure(model)) for model in curve]
-            points = [(x, y) for x, y in points if x is not None and y is not None]
-            axis.plot([x for x, _ in points], [y for _, y in points], "-", color="0.6", zorder=1, label=curve_name)
-        for model in models:
-            x, y = model.value(COVID_SCAN, "infection_ml"), measure(model)
+    panels = ((axes[0], "healthy_mean", "example-chest-ct infection, mean of kernels L and B (mL)"),
+              (axes[1], "nodule_mean", "LIDC nodule voxels called infection, mean of 2 scans (%)"),
+              (axes[2], "fit", "infection Dice on its own labelled slices"))
+    by_label = {point["label"]: point for point in points}
+    for axis, key, ylabel in panels:
+        line = [(by_label[label]["covid_found"], by_label[label][key]) for label in curve]
+        line = [(x, y) for x, y in line if x is not None and y is not None]
+        if len(line) > 1:
+            axis.plot([x for x, _ in line], [y for _, y in line], "-", color="0.6", zorder=1, label=curve_name)
+        for point in points:
+            x, y = point["covid_found"], point[key]
             if x is None or y is None:
                 continue
-            on_curve = model in curve
-            axis.scatter([x], [y], s=30, zorder=2, color="0.4" if on_curve else INFECTION_COLOUR)
-            axis.annotate(model.label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            axis.scatter([x], [y], s=30, zorder=2, color="0.4" if point["label"] in curve else INFECTION_COLOUR)
+            axis.annotate(point["label"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
         axis.axvline(200, color="0.8", linestyle="--", zorder=0)
         axis.set_xlabel("covid-chest-ct: infection found (mL; target at least 200)")
         axis.set_ylabel(ylabel)

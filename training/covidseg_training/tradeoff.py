@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,7 +115,8 @@ def parse_arguments(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_arguments(sys.argv[1:] if argv is None else argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_arguments(argv)
     models = []
     for spec in args.model:
         label, separator, folder = spec.partition("=")
@@ -131,12 +133,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if unknown:
             raise SystemExit(f"--curve names models not given with --model: {', '.join(unknown)}")
         curve = [by_label[label] for label in args.curve.split(",")]
-    write_text_atomic(args.out, table_markdown(models))
+    command = shlex.join(["python", "-m", "covidseg_training", "tradeoff", *argv])
+    write_text_atomic(args.out, f"Command: `{command}`\n\n" + table_markdown(models))
     written = [str(args.out)]
     if args.figure:
         from .figures import plot_tradeoff
 
-        plot_tradeoff(models, curve, args.curve_name, args.figure)
+        points = [{"label": model.label, "covid_found": model.value(COVID_SCAN, "infection_ml"),
+                   "healthy_mean": healthy_mean(model), "nodule_mean": nodule_mean(model),
+                   "fit": model.fit_infection} for model in models]
+        plot_tradeoff(points, [model.label for model in curve], args.curve_name, args.figure)
         written.append(str(args.figure))
     print(f"wrote {' and '.join(written)} ({len(models)} models)")
     return 0

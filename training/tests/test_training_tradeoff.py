@@ -39,6 +39,8 @@ def test_table_and_figure_from_two_models(tmp_path):
     assert tradeoff_main(["--model", f"control={tmp_path / 'a'}", "--model", f"strict={tmp_path / 'b'}",
                           "--curve", "control,strict", "--out", str(out), "--figure", str(figure)]) == 0
     rows = out.read_text(encoding="utf-8").splitlines()
+    assert rows[0].startswith("Command: `python -m covidseg_training tradeoff --model control=")
+    rows = rows[2:]
     assert rows[2] == "| control | 0.810 (2 folds) | 56.0 / 72.0 | 50.4 / 64.8 | 330.0 (297.0) | 10.0% / 5.0% |"
     assert rows[3] == "| strict | - | 40.0 / 60.0 | 36.0 / 54.0 | 280.0 (252.0) | 8.0% / 3.0% |"
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
