@@ -19,7 +19,7 @@ import csv
 import json
 import shlex
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -35,8 +35,7 @@ class ModelResults:
     """One model's whole-scan rows (by scan name) and its infection fit on the labelled slices."""
 
     label: str
-    folder: Path
-    scans: dict[str, dict[str, str]] = field(default_factory=dict)
+    scans: dict[str, dict[str, str]]
     fit_infection: float | None = None
     fit_folds: int = 0
 
@@ -53,7 +52,7 @@ def read_model(label: str, folder: str | Path) -> ModelResults:
         raise FileNotFoundError(f"{label}: no wholescan.csv in {folder} (run `wholescan --out {folder}` first)")
     with table.open(newline="", encoding="utf-8") as handle:
         rows = {row["scan"]: row for row in csv.DictReader(handle)}
-    results = ModelResults(label, folder, rows)
+    results = ModelResults(label, rows)
     fits = []
     for summary in sorted(folder.glob("train_fit/fold*/summary.json")):
         fits.append(json.loads(summary.read_text(encoding="utf-8"))["per_case"]["infection"]["dice"]["mean"])
@@ -129,10 +128,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     curve: list[ModelResults] = []
     if args.curve:
         by_label = {model.label: model for model in models}
-        unknown = [label for label in args.curve.split(",") if label not in by_label]
+        labels = args.curve.split(",")
+        unknown = [label for label in labels if label not in by_label]
         if unknown:
             raise SystemExit(f"--curve names models not given with --model: {', '.join(unknown)}")
-        curve = [by_label[label] for label in args.curve.split(",")]
+        curve = [by_label[label] for label in labels]
     command = shlex.join(["python", "-m", "covidseg_training", "tradeoff", *argv])
     write_text_atomic(args.out, f"Command: `{command}`\n\n" + table_markdown(models))
     written = [str(args.out)]
