@@ -16,6 +16,7 @@ from CovidInfectionSegLib.model_package import load_model_package
 
 from .config import TrainConfig
 from .unet import UNet2D
+from .widen import widen_unet_state
 
 
 @dataclass
@@ -79,7 +80,8 @@ def load_network(path: str | Path) -> tuple[torch.nn.Module, TrainConfig | None,
 
 def initial_state(path: str | Path, config: TrainConfig) -> dict[str, torch.Tensor]:
     """The weights a run starts from (the config's ``init_from``): a training checkpoint or an exported
-    TorchScript ``.pt`` of the architecture that ``config`` builds."""
+    TorchScript ``.pt`` of the architecture that ``config`` builds, or of a narrower one of the same depth
+    when ``config.init_widen`` (widened without changing its function, see :mod:`.widen`)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"init_from: {path} not found")
@@ -87,6 +89,12 @@ def initial_state(path: str | Path, config: TrainConfig) -> dict[str, torch.Tens
         state = torch.jit.load(str(path), map_location="cpu").state_dict()
     else:
         state = load_checkpoint(path).model.state_dict()
+    if config.init_widen:
+        try:
+            state = widen_unet_state(state, config.base_channels, config.depth, seed=config.seed)
+        except (KeyError, ValueError) as error:
+            raise ValueError(f"init_from: {path}: cannot widen to UNet2D(base_channels={config.base_channels}, "
+                             f"depth={config.depth}): {error}") from error
     return model_with_weights(state, config, f"init_from: {path}").state_dict()
 
 

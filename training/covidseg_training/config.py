@@ -42,6 +42,7 @@ class TrainConfig:
     # replacement, each case equally likely (a case with many infected slices no longer dominates).
     case_balanced: bool = False
     init_from: str = ""  # start from these weights (best.pt or an exported TorchScript .pt); empty = random
+    init_widen: bool = False  # init_from may be narrower: widened to base_channels computing the same (widen.py)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     negatives: NegativesConfig = field(default_factory=NegativesConfig)
 
