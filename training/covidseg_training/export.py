@@ -14,6 +14,7 @@ again) before anything is written; both files are written under temporary names 
 from __future__ import annotations
 
 import argparse
+import copy
 import io
 import json
 import sys
@@ -193,11 +194,12 @@ def export_checkpoint(
     if not isinstance(checkpoint, Checkpoint):
         checkpoint = load_checkpoint(checkpoint)
     metrics = dict(metrics or {})
+    model = checkpoint.model
     if infection_offset:
         if metrics or cross_validation:
             raise ValueError("metrics describe the checkpoint as trained, not shifted by --infection-offset; "
                              "evaluate the exported package instead")
-        shift_infection_logit(checkpoint.model, infection_offset)
+        model = with_infection_logit_lowered(model, infection_offset)
     if metrics and checkpoint.config.fold is None:
         # Trained on every case: nothing is left to evaluate it on, so it carries the held-out
         # evaluation of its recipe (another file by construction), labelled as such.
@@ -207,20 +209,20 @@ def export_checkpoint(
     config = checkpoint.config
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    scripted = script_model(checkpoint.model, config.input_size)
+    scripted = script_model(model, config.input_size)
     weights_path = out_dir / f"{name}.pt"
     with atomic_path(weights_path) as temporary, warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         buffer = io.BytesIO()  # not the temporary file: its random name would become the archive's inner folder
         torch.jit.save(scripted, buffer)
         temporary.write_bytes(buffer.getvalue())
-        verify_same_output(checkpoint.model, torch.jit.load(str(temporary)), config.input_size, seed=1)
+        verify_same_output(model, torch.jit.load(str(temporary)), config.input_size, seed=1)
     recipe = IntensityRecipe(input_size=config.input_size)
     manifest = build_manifest(
         weights_path,
         name=name,
         version=version,
-        architecture=architecture_of(checkpoint.model, config),
+        architecture=architecture_of(model, config),
         recipe=recipe,
         training_data=training_data if training_data is not None else describe_training_data(config, checkpoint.record),
         metrics={"training_record": checkpoint.record, **metrics},
@@ -237,10 +239,13 @@ def export_checkpoint(
     return manifest_path
 
 
-def shift_infection_logit(model: torch.nn.Module, offset: float) -> None:
-    """Lower the infection logit of ``model`` (a :class:`unet.UNet2D`) by ``offset`` everywhere."""
+def with_infection_logit_lowered(model: torch.nn.Module, offset: float) -> torch.nn.Module:
+    """A copy of ``model`` (a :class:`unet.UNet2D`) whose infection logit is ``offset`` lower everywhere;
+    ``model`` itself is left as it is."""
+    shifted = copy.deepcopy(model)
     with torch.no_grad():
-        model.head.bias[INFECTION] -= offset
+        shifted.head.bias[INFECTION] -= offset
+    return shifted
 
 
 def _json_default(value: Any) -> Any:

@@ -139,6 +139,15 @@ def test_infection_offset_shifts_only_the_infection_logit(checkpoint_path, tmp_p
     torch.testing.assert_close(shifted[:, 2], trained[:, 2] - 1.5, atol=1e-5, rtol=0)
 
 
+def test_infection_offset_leaves_the_callers_checkpoint_as_trained(checkpoint_path, tmp_path):
+    checkpoint = load_checkpoint(checkpoint_path)
+    bias = checkpoint.model.head.bias.detach().clone()
+    export_checkpoint(checkpoint, tmp_path, "strict", "0.1.0", infection_offset=2.0)
+    torch.testing.assert_close(checkpoint.model.head.bias, bias, atol=0, rtol=0)
+    exported = load_model_package(tmp_path / "strict.json").module.state_dict()["head.bias"]
+    torch.testing.assert_close(exported, bias - torch.tensor([0.0, 0.0, 2.0]), atol=1e-6, rtol=0)
+
+
 def test_infection_offset_refuses_metrics_of_the_unshifted_network(checkpoint_path, tmp_path):
     with pytest.raises(ValueError, match="evaluate the exported package"):
         export_checkpoint(checkpoint_path, tmp_path, "strict", "0.1.0", metrics={"per_case": {}}, infection_offset=1.0)
