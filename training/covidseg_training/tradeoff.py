@@ -125,14 +125,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             models.append(read_model(label, folder))
         except (OSError, ValueError, KeyError) as error:
             raise SystemExit(f"--model {spec!r}: {error}") from error
-    curve: list[ModelResults] = []
-    if args.curve:
-        by_label = {model.label: model for model in models}
-        labels = args.curve.split(",")
-        unknown = [label for label in labels if label not in by_label]
-        if unknown:
-            raise SystemExit(f"--curve names models not given with --model: {', '.join(unknown)}")
-        curve = [by_label[label] for label in labels]
+    curve = args.curve.split(",") if args.curve else []
+    unknown = [label for label in curve if label not in {model.label for model in models}]
+    if unknown:
+        raise SystemExit(f"--curve names models not given with --model: {', '.join(unknown)}")
     command = shlex.join(["python", "-m", "covidseg_training", "tradeoff", *argv])
     write_text_atomic(args.out, f"Command: `{command}`\n\n" + table_markdown(models))
     written = [str(args.out)]
@@ -142,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         points = [{"label": model.label, "covid_found": model.value(COVID_SCAN, "infection_ml"),
                    "healthy_mean": healthy_mean(model), "nodule_mean": nodule_mean(model),
                    "fit": model.fit_infection} for model in models]
-        plot_tradeoff(points, [model.label for model in curve], args.curve_name, args.figure)
+        plot_tradeoff(points, curve, args.curve_name, args.figure)
         written.append(str(args.figure))
     print(f"wrote {' and '.join(written)} ({len(models)} models)")
     return 0
