@@ -34,6 +34,9 @@ class TrainConfig:
     # labels (0: none); training only, an exported model has none (see unet.UNet2D).
     deep_supervision: int = 0
     patience: int = 10
+    # From this epoch on, each epoch's weights are also kept as epochNN.pt (best.pt's format), so the
+    # whole-scan figures can be measured over the run's last epochs, not only at one checkpoint; 0: off.
+    keep_from_epoch: int = 0
     device: str = "auto"
     threads: int = 0  # 0 = torch default
     workers: int = 0  # processes preparing augmented batches (0: the training process itself)

@@ -202,7 +202,8 @@ def out_of_patience(state: dict, config: TrainConfig) -> bool:
 def train(config: TrainConfig, log=print) -> Path:
     """Train one model as ``config`` says; returns the run folder holding ``best.pt`` and ``history.json``.
 
-    ``best.pt`` is the checkpoint with the best validation score (or the last one without validation).
+    ``best.pt`` is the checkpoint with the best validation score (or the last one without validation);
+    with ``keep_from_epoch`` the weights of each epoch from then on are kept too, as ``epochNN.pt``.
     """
     seed_everything(config.seed)
     if config.threads:
@@ -291,6 +292,9 @@ def train(config: TrainConfig, log=print) -> Path:
         if improved:
             state["best_score"], state["best_epoch"] = score, state["epoch"]
             save_atomic({"model": model.state_dict(), "config": config.to_dict(), "record": record}, best_path)
+        if config.keep_from_epoch and state["epoch"] >= config.keep_from_epoch:
+            save_atomic({"model": model.state_dict(), "config": config.to_dict(), "record": record},
+                        out_dir / f"epoch{state['epoch']:02d}.pt")
         save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state}, last_path)
         write_text_atomic(out_dir / "history.json", json.dumps(state["history"], indent=2))
         log(json.dumps(record) + (" *" if improved else ""))

@@ -215,3 +215,25 @@ def test_a_run_stopped_early_goes_on_under_a_larger_patience_only(pipeline, tmp_
     assert "already finished" in capsys.readouterr().out
     assert [record["epoch"] for record in train(patience=30)] == [1, 2, 3]
     assert "a patience of 30 lets it go on" in capsys.readouterr().out
+
+
+def test_keep_from_epoch_keeps_each_later_epoch_as_a_checkpoint_that_exports(pipeline, tmp_path):
+    import torch
+
+    from covidseg_training.checkpoint import load_checkpoint
+
+    config = tmp_path / "keep.yaml"
+    config.write_text(yaml.safe_dump({**TINY_CONFIG, "name": "keep", "data": str(pipeline["data"]),
+                                      "output_dir": str(tmp_path), "epochs": 3, "keep_from_epoch": 2,
+                                      "max_train_slices": 8}))
+    assert cli(["train", str(config)]) == 0
+    run = tmp_path / "keep" / "fold0"
+    assert sorted(path.name for path in run.glob("epoch*.pt")) == ["epoch02.pt", "epoch03.pt"]
+    assert load_checkpoint(run / "epoch02.pt").record["epoch"] == 2
+    last = torch.load(run / "last.pt", weights_only=False)["model"]
+    kept = torch.load(run / "epoch03.pt", weights_only=False)["model"]
+    for name in last:
+        torch.testing.assert_close(kept[name], last[name], rtol=0, atol=0, msg=name)
+    assert cli(["export", "--checkpoint", str(run / "epoch02.pt"), "--out", str(tmp_path / "models"),
+                "--name", "keep_epoch02", "--version", "0.1.0-epoch2"]) == 0
+    assert (tmp_path / "models" / "keep_epoch02.json").exists()
