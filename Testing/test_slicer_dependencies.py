@@ -10,6 +10,7 @@ from CovidInfectionSegSlicer import dependencies
 from CovidInfectionSegSlicer.dependencies import (
     DependencyLogic,
     check,
+    import_name,
     install,
     package_status,
     pinned_versions,
@@ -144,3 +145,31 @@ def test_dependency_logic_reads_the_file_and_installs_with_the_installers_it_was
     assert plan.pip_requirements == ["no-such-package-covidseg-test>=1"]
     logic.install(plan, log=lambda _text: None)
     assert calls == [["no-such-package-covidseg-test>=1", *pinned_versions()]]
+
+
+def test_the_panel_opens_in_a_slicer_without_the_packages_it_installs():
+    """The widget's setup imports the dependency and segmentation logic before it can offer to install
+    anything, so that import chain must not need torch or any package of the requirements file (a fresh
+    Slicer has none of them). Checked in a child Python where those imports fail."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    blocked = sorted({"torch"} | {import_name(requirement) for requirement in read_requirements()})
+    child = f"""
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {blocked!r}:
+            raise ModuleNotFoundError(f"No module named {{name!r}} (blocked: not in a fresh Slicer)")
+sys.meta_path.insert(0, Block())
+import CovidInfectionSegSlicer.dependencies, CovidInfectionSegSlicer.logic
+print("imported")
+"""
+    module_folder = str(Path(dependencies.__file__).resolve().parents[1])  # where Slicer finds the module's packages
+    result = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join([module_folder, os.environ.get("PYTHONPATH", "")])})
+    assert "filelock" in blocked and "torch" in blocked
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "imported"

@@ -25,7 +25,8 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-from filelock import FileLock, Timeout
+# filelock is imported where a lock is taken, not here: 3D Slicer's own process imports this module
+# (for atomic_path) before the module has installed its packages, filelock among them.
 
 # Test hook: a process reaching the named point writes its pid to $COVIDSEG_TEST_PAUSE_FILE and waits
 # while that file exists (the test then kills it, or deletes the file to let it go on).
@@ -105,6 +106,8 @@ def write_output_set(
     """
     folder = Path(folder)
     recover_output_sets(folder)
+    from filelock import FileLock
+
     base = folder / f".{stem}.covidseg-{os.getpid()}-{secrets.token_hex(4)}"
     lock = FileLock(f"{base}.lock")
     lock.acquire(timeout=0)  # a fresh name: nobody else has it
@@ -130,6 +133,8 @@ def recover_output_sets(folder: str | Path) -> list[str]:
     """Finish or remove what killed runs left in ``folder``: complete staging folders are moved in,
     partial ones removed. Folders whose writer is alive (its lock is held) are left alone. Returns a
     line per stale folder handled."""
+    from filelock import FileLock, Timeout
+
     folder = Path(folder)
     if not folder.is_dir():
         return []
@@ -196,6 +201,8 @@ def _move_into(staging: Path, folder: Path, obsolete: Sequence[str]) -> list[Pat
 @contextlib.contextmanager
 def _commit_lock(folder: Path) -> Iterator[None]:
     """Serialise moves into ``folder`` (two runs committing the same stem would interleave files)."""
+    from filelock import FileLock, Timeout
+
     lock = FileLock(str(folder / COMMIT_LOCK_NAME))
     try:
         lock.acquire(timeout=COMMIT_LOCK_TIMEOUT_S)
