@@ -400,15 +400,17 @@ class CovidInfectionSegTest(ScriptedLoadableModuleTest):
     """Runs inside Slicer (Reload and Test, or ctest): the real CTChest sample, the bundled model, PythonSlicer."""
 
     def setUp(self):
-        slicer.mrmlScene.Clear()
-
-    def runTest(self):
+        # Here, not in runTest: ctest (slicer.testing.runUnitTest) runs each test_ method on its own,
+        # after setUp, and never calls runTest.
         from CovidInfectionSegSlicer.dependencies import check
 
         torchStatus, statuses = check()
         missing = [status.describe() for status in [torchStatus, *statuses] if not status.satisfied]
         if missing:
             self.skipTest("Python packages missing in Slicer (install them from the module panel): " + "; ".join(missing))
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
         self.setUp()
         self.test_CTChestLungVolumesAndTerminology()
         self.setUp()

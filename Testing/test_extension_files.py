@@ -173,6 +173,23 @@ def test_loading_the_module_imports_neither_torch_nor_its_packages():
     assert not {name for name in imports if name.split(".")[0] in {"CovidInfectionSegLib", "CovidInfectionSegSlicer"}}
 
 
+def test_the_self_test_skips_in_setUp_which_ctest_runs_before_each_test_method():
+    """ctest runs the self-test through slicer.testing.runUnitTest: unittest's loader runs each test_ method
+    after setUp and never calls runTest, so a skip for missing packages must sit in setUp (Reload and Test
+    calls runTest, which calls setUp before each test)."""
+    tree = ast.parse(MODULE_FILE.read_text(encoding="utf-8"))
+    test_class = next(node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == "CovidInfectionSegTest")
+    methods = {node.name: node for node in test_class.body if isinstance(node, ast.FunctionDef)}
+
+    def called(method: str) -> list[str]:
+        return [node.func.attr for node in ast.walk(methods[method])
+                if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)]
+
+    assert "skipTest" in called("setUp")
+    tests = sorted(name for name in methods if name.startswith("test_"))
+    assert tests and called("runTest").count("setUp") == len(tests), "runTest calls setUp before each test"
+
+
 def test_slicer_side_uses_no_application_or_qt_outside_the_module_file():
     """The Slicer-side package runs under slicer-core: no slicer.app, slicer.modules, slicer.mrmlScene, Qt."""
     for path in sorted(SLICER_DIR.glob("*.py")):
