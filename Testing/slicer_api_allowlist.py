@@ -12,6 +12,7 @@ from __future__ import annotations
 
 # Slicer version -> git ref checked. main as fetched for this project (2026-08-21).
 SUPPORTED = {
+    "5.6.1": "v5.6.1",
     "5.6.2": "v5.6.2",
     "5.8.1": "v5.8.1",
     "5.10.0": "v5.10.0",
