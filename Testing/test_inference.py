@@ -143,22 +143,58 @@ class OutOfMemoryAboveBatch(nn.Module):
         return self.network(x)
 
 
+OUT_OF_MEMORY_BATCH_SIZES: list[int] = []
+
+
+@torch.library.custom_op("covidseg_test::out_of_memory_above", mutates_args=())
+def _out_of_memory_above(x: torch.Tensor, limit: int) -> torch.Tensor:
+    """An operation that fails as CUDA's allocator does for batches above ``limit``."""
+    OUT_OF_MEMORY_BATCH_SIZES.append(x.shape[0])
+    if x.shape[0] > limit:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+    return x.clone()
+
+
+class ScriptedOutOfMemoryAboveBatch(nn.Module):
+    """The same inside TorchScript (as the bundled network runs): the interpreter turns the operation's
+    OutOfMemoryError into a plain RuntimeError."""
+
+    def __init__(self, network: torch.jit.ScriptModule, limit: int):
+        super().__init__()
+        self.network = network
+        self.limit = limit
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.network(torch.ops.covidseg_test.out_of_memory_above(x, self.limit))
+
+
+def out_of_memory_above(kind: str, network: torch.jit.ScriptModule, limit: int) -> tuple[nn.Module, list[int]]:
+    """(a network that runs out of memory above ``limit`` slices, the batch sizes it is given)."""
+    if kind == "eager":
+        module = OutOfMemoryAboveBatch(network, limit)
+        return module, module.batch_sizes
+    OUT_OF_MEMORY_BATCH_SIZES.clear()
+    return torch.jit.script(ScriptedOutOfMemoryAboveBatch(network, limit)), OUT_OF_MEMORY_BATCH_SIZES
+
+
 def with_module(model: ModelPackage, module: nn.Module) -> ModelPackage:
     return ModelPackage(model.manifest, module, model.manifest_path, model.recipe, model.labels, model.segments)
 
 
-def test_out_of_memory_halves_the_batch_and_goes_on(tiny_model: ModelPackage) -> None:
+@pytest.mark.parametrize("kind", ["eager", "torchscript"])
+def test_out_of_memory_halves_the_batch_and_goes_on(tiny_model: ModelPackage, kind: str) -> None:
     phantom = chest_phantom(shape=(10, 32, 32))
     expected = predict_volume(phantom.volume, tiny_model, "cpu", batch_size=8)
-    module = OutOfMemoryAboveBatch(tiny_model.module, limit=2)
+    module, batch_sizes = out_of_memory_above(kind, tiny_model.module, limit=2)
     classes = predict_volume(phantom.volume, with_module(tiny_model, module), "cpu", batch_size=8)
     np.testing.assert_array_equal(classes, expected)
-    assert module.batch_sizes[:3] == [8, 4, 2]  # halved twice, then kept small
-    assert max(module.batch_sizes[3:]) == 2
+    assert batch_sizes[:3] == [8, 4, 2]  # halved twice, then kept small
+    assert max(batch_sizes[3:]) == 2
 
 
-def test_out_of_memory_at_batch_one_fails_clearly(tiny_model: ModelPackage) -> None:
-    module = OutOfMemoryAboveBatch(tiny_model.module, limit=0)
+@pytest.mark.parametrize("kind", ["eager", "torchscript"])
+def test_out_of_memory_at_batch_one_fails_clearly(tiny_model: ModelPackage, kind: str) -> None:
+    module, _ = out_of_memory_above(kind, tiny_model.module, limit=0)
     with pytest.raises(RuntimeError, match="out of GPU memory .* even with batch size 1"):
         predict_volume(chest_phantom(shape=(8, 32, 32)).volume, with_module(tiny_model, module), "cpu", batch_size=2)
 

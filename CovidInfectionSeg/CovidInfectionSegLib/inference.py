@@ -300,6 +300,13 @@ class _BatchResult:
         return self._classes.numpy()
 
 
+def _is_gpu_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is CUDA out-of-memory. The network is TorchScript, whose interpreter re-raises
+    an operation's OutOfMemoryError as a plain RuntimeError that keeps only the message."""
+    return isinstance(error, torch.cuda.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and "CUDA out of memory" in str(error))
+
+
 class _Network:
     """The prepared network for one volume's slice geometry; remembers the batch size OOM halving left."""
 
@@ -322,7 +329,9 @@ class _Network:
             try:
                 classes = classify(self.module, chunk, self.geometry, self.device, self.precision, self.flip_tta)
                 results.append((index, _BatchResult(classes)))
-            except torch.cuda.OutOfMemoryError as error:
+            except RuntimeError as error:
+                if not _is_gpu_out_of_memory(error):
+                    raise
                 if batch_size == 1:
                     raise RuntimeError(
                         f"out of GPU memory on {self.device} even with batch size 1; use device 'cpu' or free GPU memory"
