@@ -217,6 +217,25 @@ def test_bf16_on_a_cpu_without_native_bf16_is_refused() -> None:
         pick_precision("bf16", CPU)
 
 
+@pytest.mark.parametrize("major, native", [(7, False), (8, True), (9, True)])
+def test_bf16_on_a_gpu_only_where_it_is_native(monkeypatch, major: int, native: bool) -> None:
+    """No GPU here: the device's compute capability is faked (V100/T4 are 7, A100 8, H100/H200 9).
+    torch.cuda.is_bf16_supported() says yes on 7 too, where bf16 is only emulated."""
+    from types import SimpleNamespace
+
+    asked = []
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: asked.append(device) or SimpleNamespace(major=major))
+    gpu = torch.device("cuda:1")
+    assert pick_precision("auto", gpu) == "fp16"
+    if native:
+        assert pick_precision("bf16", gpu) == "bf16"
+    else:
+        with pytest.raises(RuntimeError, match="cuda:1 has no native bf16"):
+            pick_precision("bf16", gpu)
+    assert asked == [gpu], "the GPU asked for, not the current one"
+
+
 def test_native_bf16_is_read_from_the_cpu_flags(tmp_path: Path) -> None:
     with_bf16 = tmp_path / "bf16"
     with_bf16.write_text("processor : 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_tile\n\n")

@@ -112,6 +112,13 @@ def cpu_has_native_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
     return bool(flags & NATIVE_BF16_CPU_FLAGS)
 
 
+def cuda_has_native_bf16(device: torch.device) -> bool:
+    """Whether GPU ``device`` computes in bf16 natively (Ampere, compute capability 8, or newer; ROCm).
+    ``torch.cuda.is_bf16_supported()`` also says yes where bf16 is only emulated (V100, T4), where
+    convolutions in bf16 leave cuDNN for a far slower path, and it asks about the current GPU."""
+    return bool(torch.version.hip) or torch.cuda.get_device_properties(device).major >= 8
+
+
 def pick_precision(requested: str, device: torch.device) -> str:
     """The arithmetic to run the network in on ``device``: ``"fp32"``, ``"bf16"`` or ``"fp16"``.
 
@@ -126,8 +133,9 @@ def pick_precision(requested: str, device: torch.device) -> str:
     if device.type == "cuda":
         if text == "auto":
             return "fp16"
-        if text == "bf16" and not torch.cuda.is_bf16_supported():
-            raise RuntimeError(f"precision 'bf16' requested but {device} does not support bf16; use 'fp16' or 'fp32'")
+        if text == "bf16" and not cuda_has_native_bf16(device):
+            raise RuntimeError(f"precision 'bf16' requested but {device} has no native bf16 (it needs compute "
+                               "capability 8 or newer); use 'fp16' or 'fp32'")
         return text
     if text == "auto":
         return "bf16" if cpu_has_native_bf16() else "fp32"

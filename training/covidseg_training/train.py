@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from CovidInfectionSegLib.atomic import atomic_path, write_text_atomic
+from CovidInfectionSegLib.inference import cuda_has_native_bf16
 from CovidInfectionSegLib.preprocessing import IntensityRecipe
 
 from .augment import SliceAugmenter
@@ -56,10 +57,10 @@ def split(config: TrainConfig, dataset: SliceDataset) -> tuple[SliceDataset, Sli
 
 
 def precision_for(device: torch.device) -> torch.dtype:
-    """Mixed precision where the hardware has it: bf16 on CUDA (fp16 on GPUs without bf16) and on
-    CPUs with native bf16; float32 on other CPUs, where bf16 is emulated and slower than float32."""
+    """Mixed precision where the hardware has it: bf16 on CUDA (fp16 with loss scaling on GPUs without
+    native bf16) and on CPUs with native bf16; float32 on other CPUs, where bf16 is emulated and slower."""
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if cuda_has_native_bf16(device) else torch.float16
     return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
 
 
