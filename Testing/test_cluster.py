@@ -160,6 +160,9 @@ def test_cluster_options_need_ray_and_the_device_comes_from_ray(tmp_path, small_
     assert "each worker uses the device Ray assigns to it" in capsys.readouterr().err
     assert main([*base, "--ray", "--cpus-per-worker", "0"]) == EXIT_USAGE
     assert "must be a positive number" in capsys.readouterr().err
+    assert main([*base, "--ray", "--precision", "fp16"]) == EXIT_USAGE
+    assert "--precision fp16 is for CUDA only, and with --ray the workers run on their CPUs" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_pool_size_follows_the_cluster():

@@ -350,6 +350,9 @@ def _cluster_settings(args: argparse.Namespace) -> dict[str, Any] | None:
     if args.device != "auto":
         raise UsageError("--device: with --ray each worker uses the device Ray assigns to it (CUDA with "
                          "--gpus-per-worker, else its CPUs); leave --device out")
+    if args.precision == "fp16" and not args.gpus_per_worker:
+        raise UsageError("--precision fp16 is for CUDA only, and with --ray the workers run on their CPUs unless "
+                         "--gpus-per-worker is given")
     import_ray()
     return {"address": args.ray or None, "gpus_per_worker": args.gpus_per_worker or 0.0,
             "cpus_per_worker": args.cpus_per_worker or DEFAULT_CPUS_PER_WORKER, "workers": args.workers,
