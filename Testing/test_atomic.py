@@ -123,3 +123,58 @@ def test_pause_point_is_inert_by_default(monkeypatch):
     pause_point("staged:labelmap")  # returns at once
     monkeypatch.setenv("COVIDSEG_TEST_PAUSE_AT", "elsewhere")
     pause_point("staged:labelmap")
+
+
+@pytest.fixture
+def windows_file_rules(monkeypatch):
+    """Two rules of Windows that Linux lacks, enforced here (CI has no Windows): fsync (the C runtime's
+    _commit) refuses a handle opened read-only, and a file that a lock holds open cannot be deleted."""
+    import fcntl
+    import os
+
+    import filelock
+
+    from CovidInfectionSegLib import atomic
+
+    held: set[str] = set()
+
+    class WindowsLikeLock(filelock.FileLock):
+        def acquire(self, *args, **kwargs):
+            proxy = super().acquire(*args, **kwargs)
+            held.add(os.path.abspath(self.lock_file))
+            return proxy
+
+        def release(self, *args, **kwargs):
+            super().release(*args, **kwargs)
+            if not self.is_locked:
+                held.discard(os.path.abspath(self.lock_file))
+
+    real_fsync, real_unlink = os.fsync, Path.unlink
+
+    def fsync(descriptor: int) -> None:
+        if fcntl.fcntl(descriptor, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY and not os.path.isdir(f"/proc/self/fd/{descriptor}"):
+            raise OSError(errno.EBADF, "Bad file descriptor")
+        real_fsync(descriptor)
+
+    def unlink(self: Path, missing_ok: bool = False) -> None:
+        if os.path.abspath(self) in held:
+            raise PermissionError(13, "The process cannot access the file because it is being used by another process")
+        real_unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(filelock, "FileLock", WindowsLikeLock)
+    monkeypatch.setattr(atomic.os, "fsync", fsync)
+    monkeypatch.setattr(Path, "unlink", unlink)
+    return held
+
+
+def test_a_set_is_written_and_recovered_under_windows_file_rules(tmp_path, windows_file_rules):
+    write_output_set(tmp_path, "scan", writer("new"), NAMES)
+    assert visible(tmp_path) == {name: f"new {name}\n" for name in NAMES}
+    assert hidden(tmp_path) == [COMMIT_LOCK_NAME]
+    killed = tmp_path / ".scan.covidseg-1-0000abcd.partial"
+    killed.mkdir()
+    (killed / "scan.a.txt").write_text("half", encoding="utf-8")
+    assert recover_output_sets(tmp_path) == ["removed the partial outputs of a killed run (.scan.covidseg-1-0000abcd.partial)"]
+    assert hidden(tmp_path) == [COMMIT_LOCK_NAME]
+    assert not windows_file_rules, "every lock released"
+

@@ -125,8 +125,7 @@ def write_output_set(
         return moved
     finally:
         shutil.rmtree(partial, ignore_errors=True)  # only there when writing failed
-        Path(f"{base}.lock").unlink(missing_ok=True)
-        lock.release()
+        _release_and_remove(lock)
 
 
 def recover_output_sets(folder: str | Path) -> list[str]:
@@ -156,9 +155,8 @@ def recover_output_sets(folder: str | Path) -> list[str]:
                 if partial.is_dir():
                     shutil.rmtree(partial, ignore_errors=True)
                     handled.append(f"removed the partial outputs of a killed run ({partial.name})")
-                Path(f"{base}.lock").unlink(missing_ok=True)
             finally:
-                lock.release()
+                _release_and_remove(lock)
     return handled
 
 
@@ -198,6 +196,14 @@ def _move_into(staging: Path, folder: Path, obsolete: Sequence[str]) -> list[Pat
     return moved
 
 
+def _release_and_remove(lock) -> None:
+    """Release a staging folder's lock, then delete its file. In this order because Windows cannot
+    delete a file that a lock holds open (filelock deletes it there itself on release)."""
+    lock.release()
+    with contextlib.suppress(OSError):  # Windows: another run may have opened it since; it is harmless
+        Path(lock.lock_file).unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def _commit_lock(folder: Path) -> Iterator[None]:
     """Serialise moves into ``folder`` (two runs committing the same stem would interleave files)."""
@@ -227,7 +233,7 @@ def _usual_mode(path: Path) -> None:
 def _sync_folder(folder: Path) -> None:
     """Flush the staged files to disk before they replace a previous result (power loss)."""
     for path in folder.iterdir():
-        with open(path, "rb") as handle:
+        with open(path, "r+b") as handle:  # writable: Windows' fsync (_commit) refuses a read-only handle
             os.fsync(handle.fileno())
     _sync_directory(folder)
 
