@@ -178,3 +178,17 @@ def test_a_set_is_written_and_recovered_under_windows_file_rules(tmp_path, windo
     assert hidden(tmp_path) == [COMMIT_LOCK_NAME]
     assert not windows_file_rules, "every lock released"
 
+
+@pytest.mark.parametrize("suffixes, kept", [(".seg.nrrd", ".seg.nrrd"), (".labels.nii.gz", ".nii.gz"),
+                                             (".measurements.json", ".json")])
+def test_a_long_dotted_name_is_written_under_a_temporary_name_with_its_format_suffix(tmp_path, suffixes, kept):
+    """Scans are often named by their DICOM series UID: 170 characters of digits and dots here. The
+    temporary name must not repeat them (255-byte file names), and must keep the format's suffix."""
+    from CovidInfectionSegLib.atomic import atomic_path
+
+    stem = ".".join(["1.3.12.2.1107.5.1.4.73422.30000020033107201573100000015"] * 3)
+    destination = tmp_path / f"{stem}{suffixes}"
+    with atomic_path(destination) as temporary:
+        assert temporary.name.endswith(f".part{kept}")
+        temporary.write_text("x", encoding="utf-8")
+    assert destination.read_text(encoding="utf-8") == "x"

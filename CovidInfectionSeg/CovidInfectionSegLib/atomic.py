@@ -50,13 +50,13 @@ class OutputLockedError(OutputError):
 def atomic_path(destination: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``destination``; on success rename it over ``destination``.
 
-    The temporary name keeps the destination's suffixes (``.seg.nrrd``, ``.nii.gz``) so writers
+    The temporary name keeps the destination's format suffixes (``.seg.nrrd``, ``.nii.gz``) so writers
     that choose a format from the extension still work. On any exception the temporary file is
     removed and ``destination`` is left as it was.
     """
     destination = Path(destination)
-    suffix = "".join(destination.suffixes)
-    handle, temporary = tempfile.mkstemp(prefix=f".{destination.name}.", suffix=f".part{suffix}", dir=destination.parent)
+    handle, temporary = tempfile.mkstemp(prefix=f".{destination.name}.", suffix=f".part{_format_suffix(destination)}",
+                                         dir=destination.parent)
     os.close(handle)
     temporary_path = Path(temporary)
     try:
@@ -66,6 +66,18 @@ def atomic_path(destination: str | Path) -> Iterator[Path]:
     except BaseException:
         temporary_path.unlink(missing_ok=True)
         raise
+
+
+def _format_suffix(path: Path) -> str:
+    """The suffixes a writer may choose the format from (``.nii.gz``, ``.seg.nrrd``, ``.json``): the last
+    one or two, when they are short words. Not every dotted part of the name: a name made of a DICOM UID
+    would appear twice in the temporary name, past the file systems' 255-byte limit."""
+    kept = ""
+    for suffix in reversed(path.suffixes[-2:]):
+        if not re.fullmatch(r"\.[A-Za-z]{1,6}", suffix):
+            break
+        kept = suffix + kept
+    return kept
 
 
 def write_text_atomic(destination: str | Path, text: str) -> None:
