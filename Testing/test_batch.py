@@ -85,6 +85,14 @@ def test_discovery_never_returns_our_outputs(tmp_path, model):
     assert sorted(path.name for path in found.ignored_outputs) == ["c.labels.nii.gz", "c.seg.nrrd", "old-results"]
 
 
+def test_inputs_whose_stems_differ_only_in_case_keep_their_full_file_names(tmp_path):
+    """Scan1 and scan1 would share one output folder on macOS and Windows, whose file systems ignore case."""
+    scans = tmp_path / "scans"
+    for name in ("Scan1.nii.gz", "scan1.nrrd", "a.nii.gz", "a.nrrd", "b.nii.gz"):
+        write_scan(scans / name)
+    assert sorted(scan.name for scan in discover(scans).scans) == ["Scan1.nii.gz", "a.nii.gz", "a.nrrd", "b", "scan1.nrrd"]
+
+
 # --------------------------------------------------------------------------------------- fingerprints
 
 

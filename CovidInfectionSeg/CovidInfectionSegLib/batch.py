@@ -179,10 +179,11 @@ def discover(folder: str | Path, exclude: str | Path | None = None) -> Discovery
         if others and _has_dicom_series(root_path, others):
             relative = root_path.relative_to(folder)
             found.append((root_path, relative.as_posix() if relative.parts else root_path.resolve().name))
-    names = [name for _path, name in found]
+    names = [name.casefold() for _path, name in found]
     scans = [
-        # Two inputs with the same stem (a.nii.gz and a.nrrd) keep their full file names apart.
-        Scan(path, path.relative_to(folder).as_posix() if names.count(name) > 1 and path.is_file() else name)
+        # Two inputs with the same stem (a.nii.gz and a.nrrd, or Scan1 and scan1, one output folder on the
+        # case-insensitive file systems of macOS and Windows) keep their full file names apart.
+        Scan(path, path.relative_to(folder).as_posix() if names.count(name.casefold()) > 1 and path.is_file() else name)
         for path, name in found
     ]
     return Discovery(scans, ignored)
