@@ -208,6 +208,32 @@ def test_summary_rows_follow_the_scan_order_and_are_throttled(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == [SUMMARY_FILE]
 
 
+def test_a_summary_held_open_elsewhere_does_not_stop_the_batch_until_its_end(tmp_path, monkeypatch):
+    """Windows refuses to replace a file that Excel has open; emulated here for summary.csv (CI has no Windows)."""
+    from CovidInfectionSegLib import atomic
+
+    path = tmp_path / SUMMARY_FILE
+    held_open = {"summary": True}
+    real_replace = atomic.os.replace
+
+    def replace(source, destination):
+        if Path(destination) == path and held_open["summary"]:
+            raise PermissionError(13, "Permission denied")
+        real_replace(source, destination)
+
+    monkeypatch.setattr(atomic.os, "replace", replace)
+    summary = SummaryWriter(path, ["a", "b"], interval_s=0)
+    summary.add({"scan": "a", "status": "ok"})  # cannot replace it: deferred, the batch goes on
+    assert not path.exists()
+    held_open["summary"] = False
+    summary.add({"scan": "b", "status": "ok"})
+    assert list(read_summary(path)) == ["a", "b"]
+    held_open["summary"] = True
+    with pytest.raises(SummaryError, match=r"Permission denied \(is it open in another program, such as a spreadsheet\?\)"):
+        summary.close()  # the last write must not be lost silently
+    assert sorted(p.name for p in tmp_path.iterdir()) == [SUMMARY_FILE], "no temporary file left"
+
+
 # ------------------------------------------------------------------------------ another segmenter
 
 

@@ -468,7 +468,13 @@ class SummaryWriter:
     def add(self, row: dict[str, Any]) -> None:
         self.rows[row["scan"]] = row
         if time.monotonic() - self.written_at >= self.interval_s:
-            self.write()
+            try:
+                self.write()
+            except SummaryError as error:
+                # On Windows a summary.csv open in Excel cannot be replaced: the batch goes on, and a
+                # later write (at the latest close()) tries again.
+                if not isinstance(error.__cause__, PermissionError):
+                    raise
 
     def close(self) -> None:
         self.write()
@@ -493,6 +499,8 @@ class SummaryWriter:
 
     def _message(self, error: OSError) -> str:
         reason = error.strerror or str(error)
+        if isinstance(error, PermissionError):
+            reason += " (is it open in another program, such as a spreadsheet?)"
         return (f"cannot write the batch summary {self.path}: {reason}; the scans' outputs written so far are in "
                 "place, and a run after fixing this resumes")
 
