@@ -31,6 +31,7 @@ from CovidInfectionSegLib.batch import (
     lock_output_folder,
     run_local_batch,
     run_scan,
+    scan_stem,
     segment_and_write_files,
 )
 from CovidInfectionSegLib.imageio import read_image
@@ -91,6 +92,11 @@ def test_inputs_whose_stems_differ_only_in_case_keep_their_full_file_names(tmp_p
     for name in ("Scan1.nii.gz", "scan1.nrrd", "a.nii.gz", "a.nrrd", "b.nii.gz"):
         write_scan(scans / name)
     assert sorted(scan.name for scan in discover(scans).scans) == ["Scan1.nii.gz", "a.nii.gz", "a.nrrd", "b", "scan1.nrrd"]
+
+
+def test_a_root_folder_has_an_output_name():
+    """A root has no name (a DICOM CD read at E:\\ on Windows; / here): outputs named ".seg.nrrd" would be hidden."""
+    assert scan_stem("/") == "scan"
 
 
 # --------------------------------------------------------------------------------------- fingerprints

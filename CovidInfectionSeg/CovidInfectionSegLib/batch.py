@@ -126,13 +126,19 @@ class Decision:
 # ---------------------------------------------------------------------------------------- discovery
 
 
+def _folder_name(folder: Path) -> str:
+    """A folder's name as an output name. A root has none: a DICOM CD read at E:\\ is named "E"."""
+    resolved = folder.resolve()
+    return resolved.name or resolved.drive.rstrip(":") or "scan"
+
+
 def scan_stem(path: str | Path) -> str:
     """Output name for an input: the file name without its image suffix, or the folder's name."""
     path = Path(path)
     if path.is_dir():
-        return path.resolve().name
+        return _folder_name(path)
     if path.suffix.lower() == ".dcm":
-        return path.resolve().parent.name
+        return _folder_name(path.parent)
     name = path.name
     for suffix in sorted(FILE_SUFFIXES, key=len, reverse=True):
         if name.lower().endswith(suffix):
@@ -178,7 +184,7 @@ def discover(folder: str | Path, exclude: str | Path | None = None) -> Discovery
         others = [f for f in visible if f not in images and f not in ours]
         if others and _has_dicom_series(root_path, others):
             relative = root_path.relative_to(folder)
-            found.append((root_path, relative.as_posix() if relative.parts else root_path.resolve().name))
+            found.append((root_path, relative.as_posix() if relative.parts else _folder_name(root_path)))
     names = [name.casefold() for _path, name in found]
     scans = [
         # Two inputs with the same stem (a.nii.gz and a.nrrd, or Scan1 and scan1, one output folder on the
