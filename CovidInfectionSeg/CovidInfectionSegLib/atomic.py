@@ -116,10 +116,10 @@ def write_output_set(
     ``write`` raises (or Ctrl-C), the staging folder is removed and ``folder`` is as it was. Stale
     staging folders of killed runs in ``folder`` are cleaned up first. Raises :class:`OutputError`.
     """
-    folder = Path(folder)
-    recover_output_sets(folder)
     from filelock import FileLock
 
+    folder = Path(folder)
+    recover_output_sets(folder)
     base = folder / f".{stem}.covidseg-{os.getpid()}-{secrets.token_hex(4)}"
     lock = FileLock(f"{base}.lock")
     lock.acquire(timeout=0)  # a fresh name: nobody else has it
