@@ -290,12 +290,12 @@ def train(config: TrainConfig, log=print) -> Path:
             score = float(state["epoch"])  # no validation: the latest model is the best one
         state["history"].append(record)
         improved = score > state["best_score"]
+        weights = {"model": model.state_dict(), "config": config.to_dict(), "record": record}
         if improved:
             state["best_score"], state["best_epoch"] = score, state["epoch"]
-            save_atomic({"model": model.state_dict(), "config": config.to_dict(), "record": record}, best_path)
+            save_atomic(weights, best_path)
         if config.keep_from_epoch and state["epoch"] >= config.keep_from_epoch:
-            save_atomic({"model": model.state_dict(), "config": config.to_dict(), "record": record},
-                        out_dir / f"epoch{state['epoch']:02d}.pt")
+            save_atomic(weights, out_dir / f"epoch{state['epoch']:02d}.pt")
         save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state}, last_path)
         write_text_atomic(out_dir / "history.json", json.dumps(state["history"], indent=2))
         log(json.dumps(record) + (" *" if improved else ""))
