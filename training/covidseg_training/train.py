@@ -95,14 +95,15 @@ class AugmentedSlices(torch.utils.data.Dataset):
 
 
 def epoch_batches(slices: list[tuple[np.ndarray, np.ndarray]], config: TrainConfig, epoch: int,
-                  steps: int, negative: list[bool] | None = None) -> torch.utils.data.DataLoader:
+                  steps: int, negative: list[bool] | None = None,
+                  device: torch.device = torch.device("cpu")) -> torch.utils.data.DataLoader:
     """``steps`` batches of augmented slices, prepared by ``config.workers`` processes (0: this one);
-    ``negative`` flags the whole-scan negatives among ``slices``."""
+    ``negative`` flags the whole-scan negatives among ``slices``; batches for a GPU ``device`` are pinned."""
     kept = steps * config.batch_size
     dataset = AugmentedSlices(slices[:kept], config, epoch, None if negative is None else negative[:kept])
     return torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, shuffle=False,
                                        num_workers=config.workers, persistent_workers=False,
-                                       pin_memory=torch.cuda.is_available())
+                                       pin_memory=device.type == "cuda")
 
 
 @torch.inference_mode()
@@ -195,6 +196,24 @@ def run_dir(config: TrainConfig) -> Path:
     return Path(config.output_dir) / config.name / suffix
 
 
+def resume_point(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                 state: dict) -> dict:
+    """What ``last.pt`` holds: enough to go on exactly where the run stopped, the fp16 loss scale included."""
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+            "state": state}
+
+
+def resume(checkpoint: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+           scaler: torch.amp.GradScaler) -> dict:
+    """Load a ``resume_point`` into the run's objects; returns the run's state. A ``last.pt`` written before
+    the loss scale was kept has none: the scaler then starts again from its initial scale."""
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    if checkpoint.get("scaler"):
+        scaler.load_state_dict(checkpoint["scaler"])
+    return checkpoint["state"]
+
+
 def out_of_patience(state: dict, config: TrainConfig) -> bool:
     """Whether early stopping ends the run: no better validation score for config.patience epochs."""
     return state["epoch"] - state["best_epoch"] >= config.patience
@@ -225,15 +244,12 @@ def train(config: TrainConfig, log=print) -> Path:
                    auxiliary_heads=config.deep_supervision).to(device)
     model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
-    scaler = torch.amp.GradScaler("cuda", enabled=precision_for(device) == torch.float16)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision_for(device) == torch.float16)
 
     state = {"epoch": 0, "step": 0, "best_score": -1.0, "best_epoch": -1, "history": []}
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
     if last_path.exists():
-        checkpoint = torch.load(last_path, map_location=device, weights_only=False)
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        state = checkpoint["state"]
+        state = resume(torch.load(last_path, map_location=device, weights_only=False), model, optimizer, scaler)
         log(f"resumed {last_path} at epoch {state['epoch']}")
     elif config.init_from:
         model.load_state_dict(initial_state(config.init_from, config), strict=not config.deep_supervision)
@@ -261,7 +277,7 @@ def train(config: TrainConfig, log=print) -> Path:
         order = order_rng.permutation(len(slices))
         losses = []
         batches = epoch_batches([slices[i] for i in order], config, state["epoch"], steps_per_epoch,
-                                [i >= len(labelled) for i in order])  # the negatives follow the labelled
+                                [i >= len(labelled) for i in order], device)  # the negatives follow the labelled
         for images, labels in batches:
             images = images.to(device, non_blocking=True).float().div(255).unsqueeze(1)
             images = images.contiguous(memory_format=torch.channels_last)
@@ -296,13 +312,13 @@ def train(config: TrainConfig, log=print) -> Path:
             save_atomic(weights, best_path)
         if config.keep_from_epoch and state["epoch"] >= config.keep_from_epoch:
             save_atomic(weights, out_dir / f"epoch{state['epoch']:02d}.pt")
-        save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state}, last_path)
+        save_atomic(resume_point(model, optimizer, scaler, state), last_path)
         write_text_atomic(out_dir / "history.json", json.dumps(state["history"], indent=2))
         log(json.dumps(record) + (" *" if improved else ""))
         if val_set is not None and out_of_patience(state, config):
             log(f"early stop: no improvement for {config.patience} epochs")
             state["stopped_early"] = True  # a rerun (crossval resuming) must not train this fold further
-            save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state}, last_path)
+            save_atomic(resume_point(model, optimizer, scaler, state), last_path)
     return out_dir
 
 
