@@ -122,7 +122,8 @@ class CovidInfectionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self._run = None  # the SegmentationRun in progress
         self._runInput = None
         self._deviceQuery = None
-        self._installing = False
+        self._installation = None  # the pip installation in progress
+        self._installationPlan = None
         self._lastSegmentation = None
         self._timer = qt.QTimer()
         self._timer.setInterval(POLL_INTERVAL_MS)
@@ -140,8 +141,7 @@ class CovidInfectionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         if self.segmentationLogic is None:
             self.segmentationLogic = SegmentationLogic()
         if self.dependencyLogic is None:
-            self.dependencyLogic = DependencyLogic(
-                slicer.util.pip_install, _installTorchWithPyTorchUtils if _pytorchUtilsAvailable() else None)
+            self.dependencyLogic = DependencyLogic(_installTorchWithPyTorchUtils if _pytorchUtilsAvailable() else None)
         self.ui.progressBar.hide()
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
@@ -227,6 +227,9 @@ class CovidInfectionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             logging.info(f"CovidInfectionSeg: cancelled; the engine process exited {seconds:.2f} s later")
             self._finishRun()
             return
+        if self._installation is not None:
+            self.ui.statusLabel.text = _("Python packages are being installed; segment when that has finished.")
+            return
         if not self._dependenciesReady():
             return
         inputVolume = self._parameterNode.inputVolume
@@ -255,7 +258,9 @@ class CovidInfectionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
                                                                        seconds=f"{run.elapsedSeconds:.0f}")
             if finished:
                 self._finishRun()
-        if self._run is None and self._deviceQuery is None:
+        if self._installation is not None:
+            self._pollInstallation()
+        if self._run is None and self._deviceQuery is None and self._installation is None:
             self._timer.stop()
 
     def _finishRun(self) -> None:
@@ -311,6 +316,10 @@ class CovidInfectionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         if self._deviceQuery is not None:
             self._deviceQuery.cancel()
             self._deviceQuery = None
+        if self._installation is not None:
+            # Once pip writes packages it is left to finish on its own: killing it could break them.
+            self._installation.cancel()
+            self._installation = None
 
     # ---- devices and Python packages
 
@@ -345,7 +354,7 @@ class CovidInfectionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             self.ui.dependencyStatusLabel.text = _("Cannot read the requirements: {error}").format(error=error)
             return False
         self.ui.dependencyStatusLabel.text = "\n".join(lines)
-        self.ui.installDependenciesButton.enabled = not ready and not self._installing
+        self.ui.installDependenciesButton.enabled = not ready
         if not ready:
             self.ui.dependenciesCollapsibleButton.collapsed = False
         return ready
@@ -357,7 +366,12 @@ class CovidInfectionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         return False
 
     def onInstallDependencies(self) -> None:
-        if self._installing:
+        if self._installation is not None:  # the button reads "Cancel installation"
+            if self._installation.cancel():
+                self._finishInstallation()
+            else:
+                self.ui.dependencyStatusLabel.text = _(
+                    "pip is writing the packages now and cannot be stopped safely; it finishes in a moment.")
             return
         plan = self.dependencyLogic.plan()
         if plan.nothing_to_do:
@@ -367,23 +381,55 @@ class CovidInfectionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             return
 
         def log(text: str) -> None:
-            self.ui.dependencyStatusLabel.text = text
-            slicer.app.processEvents()
+            logging.info(f"CovidInfectionSeg: {text}")
 
-        self._installing = True
         self.ui.installDependenciesButton.enabled = False
         try:
             with slicer.util.tryWithErrorDisplay(_("Installing Python packages failed."), waitCursor=True):
-                self.dependencyLogic.install(plan, log)
-            if plan.restart_needed and slicer.util.confirmYesNoDisplay(
-                _("Packages that Slicer has already loaded were replaced: {reasons}.\n\n"
-                  "Slicer must restart to use them. Restart now?").format(reasons="; ".join(plan.restart_reasons))
-            ):
-                slicer.util.restart()
+                # The PyTorch extension, when planned, installs torch first, with its own dialog; pip
+                # then runs in a child process that the timer polls.
+                self._installation = self.dependencyLogic.startInstall(plan, log)
+                self._installationPlan = plan
         finally:
-            self._installing = False
-            if self.updateDependencyStatus():
-                self.startDeviceQuery()
+            if self._installation is None:  # it raised (shown, then raised on by tryWithErrorDisplay)
+                self.updateDependencyStatus()
+        self.ui.installDependenciesButton.text = _("Cancel installation")
+        self._pollInstallation()
+        if self._installation is not None:
+            self._timer.start()
+
+    def _pollInstallation(self) -> None:
+        installation = self._installation
+        finished = installation.poll()
+        self.ui.dependencyStatusLabel.text = _("Installing {requirement} ({step} of {count}), {seconds} s:\n{line}").format(
+            requirement=installation.requirement, step=installation.step, count=installation.stepCount,
+            seconds=f"{installation.elapsedSeconds:.0f}", line=installation.lastLine)
+        self.ui.installDependenciesButton.enabled = installation.cancellable
+        if finished:
+            self._finishInstallation()
+
+    def _finishInstallation(self) -> None:
+        from CovidInfectionSegSlicer.pip_installation import CANCELLED, FAILED
+
+        installation, plan = self._installation, self._installationPlan
+        self._installation = self._installationPlan = None
+        self.ui.installDependenciesButton.text = _("Install missing packages")
+        ready = self.updateDependencyStatus()
+        seconds = f"{installation.elapsedSeconds:.0f}"
+        if installation.state == CANCELLED:
+            self.ui.statusLabel.text = _(
+                "Installation cancelled after {seconds} s; the packages installed before it stay.").format(seconds=seconds)
+        elif installation.state == FAILED:
+            logging.error(f"CovidInfectionSeg: {installation.error}")
+            slicer.util.errorDisplay(_("Installing Python packages failed:\n\n{error}").format(error=installation.error))
+        elif plan.restart_needed and slicer.util.confirmYesNoDisplay(
+            _("Packages that Slicer has already loaded were replaced: {reasons}.\n\n"
+              "Slicer must restart to use them. Restart now?").format(reasons="; ".join(plan.restart_reasons))
+        ):
+            slicer.util.restart()
+            return
+        if ready:
+            self.startDeviceQuery()
 
 
 def _pytorchUtilsAvailable() -> bool:

@@ -92,7 +92,7 @@ ALLOWED: dict[str, list] = {
     "slicer.util.VTKObservationMixin.__init__": [(UTIL, "VTKObservationMixin"), (UTIL, "__init__")],
     # slicer.util
     **_util("VTKObservationMixin", "arrayFromVTKMatrix", "arrayFromVolume", "childWidgetVariables", "confirmOkCancelDisplay",
-            "confirmYesNoDisplay", "errorDisplay", "exit", "loadUI", "pip_install", "restart", "setSliceViewerLayers",
+            "confirmYesNoDisplay", "errorDisplay", "exit", "loadUI", "restart", "setSliceViewerLayers",
             "tryWithErrorDisplay", "updateVTKMatrixFromArray"),
     "slicer.util.loadUI().setMRMLScene": [(WIDGETS + "qMRMLWidget.h", "setMRMLScene")],
     # the scene
@@ -148,7 +148,8 @@ ALLOWED: dict[str, list] = {
     "ui.resultsTableView.resizeColumnsToContents": [QT],
     **_from(CTK, "ui.dependenciesCollapsibleButton.collapsed", "ui.resultsCollapsibleButton.collapsed"),
     **_from(QT, "ui.dependencyStatusLabel.text", "ui.deviceInfoLabel.text", "ui.statusLabel.text", "ui.warningsLabel.text",
-            "ui.installDependenciesButton.connect", "ui.installDependenciesButton.enabled", "ui.segmentButton.connect",
+            "ui.installDependenciesButton.connect", "ui.installDependenciesButton.enabled",
+            "ui.installDependenciesButton.text", "ui.segmentButton.connect",
             "ui.segmentButton.enabled", "ui.segmentButton.text", "ui.segmentButton.click", "ui.show3DButton.connect",
             "ui.show3DButton.enabled", "ui.progressBar.hide", "ui.progressBar.setRange", "ui.progressBar.show",
             "ui.progressBar.value", "ui.flipTTACheckBox.checked"),

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+import time
+
 import pytest
 
 from packaging.version import Version
@@ -11,12 +14,13 @@ from CovidInfectionSegSlicer.dependencies import (
     DependencyLogic,
     check,
     import_name,
-    install,
     package_status,
     pinned_versions,
     plan_installation,
     read_requirements,
+    start_install,
 )
+from CovidInfectionSegSlicer.pip_installation import DONE, FAILED, pip_steps
 
 # What each supported Slicer ships (SuperBuild/External_python*.cmake of its tag): Python, numpy.
 SLICER_PYTHONS = {"5.6.2": ("3.9", "1.26.1"), "5.8.1": ("3.9", "1.26.4"), "5.10.0": ("3.12", "2.0.2")}
@@ -90,22 +94,43 @@ def test_nothing_to_do_when_everything_is_installed():
     assert plan.nothing_to_do and plan.describe() == "All required Python packages are installed."
 
 
-def test_install_runs_the_plan_in_order_and_reports_failures():
-    plan = dependencies.InstallPlan("pytorchutils", "torch>=2.0", ["scipy>=1.7", "slicerio"])
-    calls = []
-    install(plan, pip_install=calls.append, install_torch_with_pytorchutils=lambda spec: calls.append(("torch", spec)) or "torch",
-            log=lambda _text: None)
-    assert calls == [("torch", ">=2.0"), ["scipy>=1.7"], ["slicerio"]]
+def run_to_end(installation, seconds: float = 180) -> None:
+    deadline = time.monotonic() + seconds
+    while not installation.poll():
+        assert time.monotonic() < deadline, installation.lastLine
+        time.sleep(0.05)
 
-    declined = dependencies.InstallPlan("pytorchutils", "torch>=2.0")
+
+@pytest.fixture
+def offline_pip(monkeypatch):
+    """Real pip in a child process, with no index: what is installed here is 'already satisfied', anything
+    else fails, and nothing in this environment changes."""
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_DISABLE_PIP_VERSION_CHECK", "1")
+
+
+def test_start_install_runs_the_pytorch_extension_first_then_pip(offline_pip):
+    log = []
+    plan = dependencies.InstallPlan("pytorchutils", "torch>=2.0", ["packaging>=20"])
+    installation = start_install(plan, sys.executable, lambda spec: log.append(("torch", spec)) or "torch", log.append)
+    run_to_end(installation)
+    assert installation.state == DONE, installation.error
+    assert log.index(("torch", ">=2.0")) < log.index("pip: installing packaging>=20 (1 of 1)")
+    assert any(str(line).startswith("Requirement already satisfied: packaging") for line in log)
+
+    declined = dependencies.InstallPlan("pytorchutils", "torch>=2.0", ["packaging>=20"])
+    log.clear()
     with pytest.raises(RuntimeError, match="was not installed"):
-        install(declined, pip_install=calls.append, install_torch_with_pytorchutils=lambda spec: None, log=lambda _t: None)
+        start_install(declined, sys.executable, lambda spec: None, log.append)
+    assert not any(str(line).startswith("pip:") for line in log), "pip must not start after the extension failed"
 
-    def offline_pip(args):
-        raise OSError("network is unreachable")
 
-    with pytest.raises(RuntimeError, match="pip could not install slicerio: network is unreachable"):
-        install(dependencies.InstallPlan("none", "torch>=2.0", ["slicerio"]), pip_install=offline_pip, log=lambda _t: None)
+def test_torch_from_pip_comes_first_and_a_failure_names_the_package(offline_pip):
+    plan = dependencies.InstallPlan("pip", "torch>=2.0", ["no-such-package-covidseg-test>=1"])
+    installation = start_install(plan, sys.executable, log=lambda _line: None)
+    run_to_end(installation)
+    assert installation.state == FAILED and installation.step == 2  # torch (satisfied here), then the missing one
+    assert "pip could not install no-such-package-covidseg-test>=1 (exit code 1)" in installation.error
 
 
 def test_every_pip_call_pins_slicers_own_numpy_and_simpleitk():
@@ -114,9 +139,10 @@ def test_every_pip_call_pins_slicers_own_numpy_and_simpleitk():
     assert pins == ["numpy==1.26.4", "SimpleITK==2.3.1"]
     torch_status, statuses = check(["scipy>=1.7", "slicerio"], version_of=version_of, importable=importable)
     plan = plan_installation(torch_status, statuses, pytorch_utils_available=False, loaded_modules={}, pins=pins)
-    calls = []
-    install(plan, pip_install=calls.append, log=lambda _text: None)
-    assert calls == [["torch>=2.0", *pins], ["scipy>=1.7", *pins], ["slicerio", *pins]]
+    steps = pip_steps("PythonSlicer", [plan.torch_requirement, *plan.pip_requirements], plan.pins)
+    # A list: no shell-style splitting of specifiers like "scipy >= 1.7".
+    assert [step.command for step in steps] == [["PythonSlicer", "-m", "pip", "install", requirement, *pins]
+                                                 for requirement in ("torch>=2.0", "scipy>=1.7", "slicerio")]
     assert "Kept as they are (3D Slicer's own): numpy==1.26.4, SimpleITK==2.3.1" in plan.describe()
 
 
@@ -132,19 +158,21 @@ def test_requirements_never_ask_for_an_opencv_that_needs_numpy_2_on_python_3_9(s
     assert opencv[0].specifier.contains(Version("4.11.0.86"))  # the last opencv for numpy 1.x on Python 3.9
 
 
-def test_dependency_logic_reads_the_file_and_installs_with_the_installers_it_was_given(tmp_path):
+def test_dependency_logic_reads_the_file_and_installs_with_the_interpreter_it_was_given(tmp_path, offline_pip):
     requirements = tmp_path / "requirements.txt"
     requirements.write_text("packaging>=20\nno-such-package-covidseg-test>=1\n")
-    calls = []
-    logic = DependencyLogic(pip_install=calls.append, requirements_file=requirements)
+    logic = DependencyLogic(interpreter=sys.executable, requirements_file=requirements)
     ready, lines = logic.status()
     assert not ready
     assert "no-such-package-covidseg-test: missing (need no-such-package-covidseg-test>=1)" in lines
     plan = logic.plan()
     assert plan.torch_method == "none"  # torch is installed here
     assert plan.pip_requirements == ["no-such-package-covidseg-test>=1"]
-    logic.install(plan, log=lambda _text: None)
-    assert calls == [["no-such-package-covidseg-test>=1", *pinned_versions()]]
+    assert plan.pins == pinned_versions()
+    installation = logic.startInstall(plan, log=lambda _text: None)
+    run_to_end(installation)
+    assert installation.state == FAILED and installation.stepCount == 1
+    assert "No matching distribution found for no-such-package-covidseg-test" in installation.error
 
 
 def test_the_panel_opens_in_a_slicer_without_the_packages_it_installs():
@@ -164,7 +192,7 @@ class Block(importlib.abc.MetaPathFinder):
         if name.split(".")[0] in {blocked!r}:
             raise ModuleNotFoundError(f"No module named {{name!r}} (blocked: not in a fresh Slicer)")
 sys.meta_path.insert(0, Block())
-import CovidInfectionSegSlicer.dependencies, CovidInfectionSegSlicer.logic
+import CovidInfectionSegSlicer.dependencies, CovidInfectionSegSlicer.logic, CovidInfectionSegSlicer.pip_installation
 print("imported")
 """
     module_folder = str(Path(dependencies.__file__).resolve().parents[1])  # where Slicer finds the module's packages

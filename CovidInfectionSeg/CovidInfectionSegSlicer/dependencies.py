@@ -1,10 +1,9 @@
 """What Python packages the module still needs inside 3D Slicer, and how to install them.
 
-Pure decision logic (no Slicer, no Qt, no torch import): the module panel uses a
-:class:`DependencyLogic` made with Slicer's installers (``slicer.util.pip_install`` and the PyTorch
-extension's ``PyTorchUtilsLogic().installTorch``): :meth:`~DependencyLogic.status`, then
-:meth:`~DependencyLogic.plan` whose :meth:`InstallPlan.describe` the user confirms, then
-:meth:`~DependencyLogic.install`. Nothing is installed at import time.
+Plain Python (no Slicer, no Qt, no torch import): the module panel uses a :class:`DependencyLogic`:
+:meth:`~DependencyLogic.status`, then :meth:`~DependencyLogic.plan` whose :meth:`InstallPlan.describe`
+the user confirms, then :meth:`~DependencyLogic.startInstall`, which runs pip in a child process that
+the panel polls (:mod:`.pip_installation`). Nothing is installed at import time.
 
 torch is special: the PyTorch extension (PyTorchUtils) picks the build that matches the GPU driver
 (CUDA or CPU), so it is used when present; otherwise torch comes from PyPI with ``pip``, which on
@@ -27,6 +26,8 @@ from typing import Callable, Iterable, Mapping, Optional, Protocol, Sequence
 
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.version import InvalidVersion, Version
+
+from .pip_installation import InstallationProtocol, PipInstallation, pip_steps
 
 REQUIREMENTS_FILE = Path(__file__).resolve().parent.parent / "Resources" / "requirements.txt"
 # The bundled TorchScript model needs a torch that reads its serialization format.
@@ -224,16 +225,18 @@ def plan_installation(
     return plan
 
 
-def install(
+def start_install(
     plan: InstallPlan,
-    pip_install: Callable[[list[str]], object],
+    interpreter: str,
     install_torch_with_pytorchutils: Callable[[str], object] | None = None,
     log: Callable[[str], None] = print,
-) -> None:
-    """Carry out ``plan``; the installers are Slicer's (see the module docstring).
+) -> PipInstallation:
+    """Carry out ``plan``: torch through the PyTorch extension first when planned (Slicer's own
+    installer, which blocks until done), then every pip requirement in a child process that runs
+    ``interpreter -m pip`` (see :mod:`.pip_installation`); returns that installation, running.
 
     ``install_torch_with_pytorchutils(version_specifier)`` returns the torch module or None when the
-    user declined or it failed. Raises RuntimeError naming the package that could not be installed.
+    user declined or it failed: then RuntimeError, and pip is not started.
     """
     if plan.torch_method == "pytorchutils":
         if install_torch_with_pytorchutils is None:
@@ -245,22 +248,8 @@ def install(
                 f"PyTorch ({plan.torch_requirement}) was not installed (declined or failed); "
                 "install it from the PyTorch Utils module, then try again"
             )
-    elif plan.torch_method == "pip":
-        _pip(pip_install, plan.torch_requirement, plan.pins, log)
-    for requirement in plan.pip_requirements:
-        _pip(pip_install, requirement, plan.pins, log)
-    log("Restart Slicer to finish the installation." if plan.restart_needed else "Python packages installed.")
-
-
-def _pip(pip_install: Callable[[list[str]], object], requirement: str, pins: Sequence[str],
-         log: Callable[[str], None]) -> None:
-    log(f"Installing {requirement} with pip...")
-    try:
-        # A list: no shell-style splitting of specifiers like "scipy >= 1.7". The pins are already
-        # satisfied, so pip installs nothing for them; they only stop it from replacing them.
-        pip_install([requirement, *pins])
-    except Exception as error:  # CalledProcessError from pip, OSError without network
-        raise RuntimeError(f"pip could not install {requirement}: {error}") from error
+    requirements = ([plan.torch_requirement] if plan.torch_method == "pip" else []) + plan.pip_requirements
+    return PipInstallation(pip_steps(interpreter, requirements, plan.pins), log)
 
 
 # ------------------------------------------------------------------------------- for the widget
@@ -273,20 +262,21 @@ class DependencyLogicProtocol(Protocol):
 
     def plan(self) -> InstallPlan: ...
 
-    def install(self, plan: InstallPlan, log: Callable[[str], None]) -> None: ...
+    def startInstall(self, plan: InstallPlan, log: Callable[[str], None]) -> InstallationProtocol: ...
 
 
 class DependencyLogic:
-    """:func:`check`, :func:`plan_installation` and :func:`install` with the installers given once."""
+    """:func:`check`, :func:`plan_installation` and :func:`start_install` with the installers given once."""
 
     def __init__(
         self,
-        pip_install: Callable[[list[str]], object],
         install_torch_with_pytorchutils: Callable[[str], object] | None = None,
+        interpreter: str | None = None,
         requirements_file: str | Path = REQUIREMENTS_FILE,
     ):
-        self._pip_install = pip_install
+        """``interpreter``: the Python whose pip installs (default: Slicer's ``PythonSlicer``)."""
         self._install_torch = install_torch_with_pytorchutils
+        self._interpreter = interpreter
         self._requirements_file = Path(requirements_file)
 
     def status(self) -> tuple[bool, list[str]]:
@@ -299,5 +289,10 @@ class DependencyLogic:
         torch_status, statuses = check(read_requirements(self._requirements_file))
         return plan_installation(torch_status, statuses, self._install_torch is not None, pins=pinned_versions())
 
-    def install(self, plan: InstallPlan, log: Callable[[str], None]) -> None:
-        install(plan, self._pip_install, self._install_torch, log)
+    def startInstall(self, plan: InstallPlan, log: Callable[[str], None] = print) -> PipInstallation:
+        interpreter = self._interpreter
+        if interpreter is None:
+            from .engine_process import findPythonSlicer
+
+            interpreter = findPythonSlicer()
+        return start_install(plan, interpreter, self._install_torch, log)

@@ -1,0 +1,166 @@
+"""Install Python packages with pip in a child process, one requirement after another, polled by a timer.
+
+``slicer.util.pip_install`` runs pip on the GUI thread and lets Qt handle events only between the
+lines pip prints (Slicer 5.6 to 5.10). pip prints nothing while it downloads torch (1-3 GB), so Slicer
+froze for minutes and could not be stopped. Here each pip call is the same command Slicer runs,
+``PythonSlicer -m pip install ...``, in a :class:`ChildProcess`: the panel polls it, shows pip's last
+line and the seconds gone, and can cancel it. It cannot be cancelled once pip has begun to write
+into site-packages ("Installing collected packages"): killing pip there can leave a package half
+replaced. Plain Python: no Slicer, no Qt.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol, Sequence
+
+from .child_process import ChildProcess
+
+RUNNING, DONE, FAILED, CANCELLED = "running", "done", "failed", "cancelled"
+# pip prints this just before it uninstalls old versions and writes the new ones.
+WRITING_MARKER = "Installing collected packages"
+
+
+@dataclass(frozen=True)
+class PipStep:
+    """One pip call: the requirement it installs (for messages) and its command line."""
+
+    requirement: str
+    command: list[str]
+
+
+def pip_steps(interpreter: str, requirements: Sequence[str], pins: Sequence[str] = ()) -> list[PipStep]:
+    """``interpreter -m pip install <requirement> <pins>`` for each requirement, in order. The pins are
+    already satisfied, so pip installs nothing for them; they only stop it from replacing them."""
+    return [PipStep(requirement, [str(interpreter), "-m", "pip", "install", requirement, *pins])
+            for requirement in requirements]
+
+
+class InstallationProtocol(Protocol):
+    """What the panel needs of a running installation."""
+
+    state: str
+    error: str | None
+    lastLine: str
+
+    @property
+    def step(self) -> int: ...
+
+    @property
+    def stepCount(self) -> int: ...
+
+    @property
+    def requirement(self) -> str: ...
+
+    @property
+    def cancellable(self) -> bool: ...
+
+    @property
+    def elapsedSeconds(self) -> float: ...
+
+    def poll(self) -> bool: ...
+
+    def cancel(self) -> bool: ...
+
+
+class PipInstallation:
+    """:func:`pip_steps` run one after the other, each in a child process; stops at the first failure.
+
+    >>> installation = PipInstallation(pip_steps(findPythonSlicer(), ["scipy>=1.7"]))
+    >>> while not installation.poll(): time.sleep(0.2)   # a QTimer in the panel
+    >>> installation.state, installation.error
+    """
+
+    def __init__(self, steps: Sequence[PipStep], log: Callable[[str], None] = print):
+        """Starts the first step. Raises OSError when its interpreter cannot be started (nothing is left behind)."""
+        self._steps = list(steps)
+        self._log = log
+        self._folder = Path(tempfile.mkdtemp(prefix="CovidInfectionSeg-pip-"))
+        self._startTime = time.monotonic()
+        self._endTime: float | None = None
+        self._index = 0
+        self._child: ChildProcess | None = None
+        self._writing = False
+        self.state = RUNNING
+        self.error: str | None = None
+        self.lastLine = ""
+        try:
+            self._startStep()
+        except BaseException:
+            shutil.rmtree(self._folder, ignore_errors=True)
+            raise
+
+    @property
+    def step(self) -> int:
+        """1-based number of the step running (or the last one run)."""
+        return min(self._index + 1, len(self._steps))
+
+    @property
+    def stepCount(self) -> int:
+        return len(self._steps)
+
+    @property
+    def requirement(self) -> str:
+        return self._steps[self.step - 1].requirement if self._steps else ""
+
+    @property
+    def cancellable(self) -> bool:
+        """False once pip writes into site-packages: stopping it then could leave a package half replaced."""
+        return self.state == RUNNING and not self._writing
+
+    @property
+    def elapsedSeconds(self) -> float:
+        return (self._endTime or time.monotonic()) - self._startTime
+
+    def poll(self) -> bool:
+        """Read what pip printed and go on to the next step when one ends; True once finished (never blocks)."""
+        if self.state != RUNNING:
+            return True
+        for line in self._child.readLines():
+            text = line.strip()
+            if not text:
+                continue
+            self.lastLine = text
+            self._writing = self._writing or text.startswith(WRITING_MARKER)
+            self._log(text)
+        if self._child.running:
+            return False
+        exitCode = self._child.returncode
+        if exitCode != 0:
+            tail = self._child.stderrTail(8) or self.lastLine
+            self._finish(FAILED, f"pip could not install {self.requirement} (exit code {exitCode}):\n{tail}")
+            return True
+        self._index += 1
+        try:
+            self._startStep()
+        except OSError as error:
+            self._finish(FAILED, f"pip could not be started for {self.requirement}: {error}")
+        return self.state != RUNNING
+
+    def cancel(self) -> bool:
+        """Stop pip unless it is writing packages (see :attr:`cancellable`); returns whether it stopped."""
+        if not self.cancellable:
+            return False
+        self._child.cancel()
+        self._finish(CANCELLED)
+        return True
+
+    def _startStep(self) -> None:
+        if self._index >= len(self._steps):
+            self._finish(DONE)
+            return
+        step = self._steps[self._index]
+        self._writing = False
+        self._log(f"pip: installing {step.requirement} ({self._index + 1} of {len(self._steps)})")
+        # Unbuffered: pip's lines reach the file, and the panel, as pip prints them.
+        self._child = ChildProcess(step.command, self._folder, name=f"pip{self._index + 1}",
+                                   environment={"PYTHONUNBUFFERED": "1"})
+
+    def _finish(self, state: str, error: str | None = None) -> None:
+        self.state, self.error = state, error
+        self._endTime = time.monotonic()
+        shutil.rmtree(self._folder, ignore_errors=True)
