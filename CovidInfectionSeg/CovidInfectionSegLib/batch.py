@@ -47,6 +47,7 @@ from .atomic import (
 )
 from .imageio import FILE_SUFFIXES, is_dicom_file, native_messages
 from .inference import SegmentationCancelled, is_cancelled
+from .itk_paths import itk_path
 from .measurements import REGIONS, Measurements
 from .model_package import ModelPackage
 from .outputs import OUTPUT_SUFFIXES, ensure_output_dir, output_paths, write_files
@@ -212,8 +213,8 @@ def _has_dicom_series(folder: Path, names: Sequence[str]) -> bool:
         return False
     try:
         with native_messages():
-            return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
-    except RuntimeError:
+            return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(itk_path(folder)))
+    except (RuntimeError, OSError):
         return False
 
 

@@ -22,6 +22,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .integrity import verify_image_file
+from .itk_paths import itk_path
 from .validation import MIN_SLICES, InputError
 
 LOGGER = logging.getLogger(__name__)
@@ -72,7 +73,10 @@ def is_dicom_file(path: str | Path) -> bool:
 def _read_file(path: Path, warnings: list[str] | None) -> sitk.Image:
     verify_image_file(path)
     reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
+    try:
+        reader.SetFileName(itk_path(path))
+    except OSError as error:
+        raise InputError(str(error)) from error
     known = path.name.lower().endswith(FILE_SUFFIXES)
     messages: list[str] = []
     try:
@@ -93,9 +97,13 @@ def _read_file(path: Path, warnings: list[str] | None) -> sitk.Image:
 def _read_dicom_folder(folder: Path, warnings: list[str] | None, containing: Path | None = None) -> sitk.Image:
     reader = sitk.ImageSeriesReader()
     try:
+        readable_folder = itk_path(folder)
+    except OSError as error:
+        raise InputError(str(error)) from error
+    try:
         with native_messages():
-            series_ids = reader.GetGDCMSeriesIDs(str(folder))
-            files_by_series = {sid: reader.GetGDCMSeriesFileNames(str(folder), sid) for sid in series_ids}
+            series_ids = reader.GetGDCMSeriesIDs(readable_folder)
+            files_by_series = {sid: reader.GetGDCMSeriesFileNames(readable_folder, sid) for sid in series_ids}
     except RuntimeError as error:
         raise InputError(f"{folder}: cannot scan the folder for DICOM series ({_itk_reason(error)})") from error
     unreadable = _unreadable_dicom_files(folder, files_by_series)

@@ -18,6 +18,7 @@ import SimpleITK as sitk
 import slicerio
 
 from .atomic import OutputError, OutputLockedError, atomic_path, pause_point, write_output_set, write_text_atomic
+from .itk_paths import itk_path
 from .measurements import Measurements
 from .pipeline import SegmentationResult
 from .preview import measurement_lines, segment_field, shorten, write_preview_png
@@ -142,7 +143,7 @@ def write_labelmap(labelmap: sitk.Image, path: str | Path) -> Path:
     path = Path(path)
     with atomic_path(path) as temporary:
         try:
-            sitk.WriteImage(sitk.Cast(labelmap, sitk.sitkUInt8), str(temporary), useCompression=True)
+            sitk.WriteImage(sitk.Cast(labelmap, sitk.sitkUInt8), itk_path(temporary), useCompression=True)
         except RuntimeError as error:  # ITK reports a full disk or a write error this way
             raise OSError(f"cannot write {path.name}: {_itk_message(error)}") from error
     return path

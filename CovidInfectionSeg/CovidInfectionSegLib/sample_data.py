@@ -22,6 +22,7 @@ import SimpleITK as sitk
 
 from .atomic import atomic_path
 from .checksums import sha256_of
+from .itk_paths import itk_path
 
 SAMPLE_URL = (
     "https://github.com/Slicer/SlicerTestingData/releases/download/SHA256/"
@@ -115,7 +116,7 @@ def load_default_input(
             file=messages,
         )
         return DefaultInput(synthetic_chest(), SYNTHETIC_DESCRIPTION, None, True)
-    image = sitk.ReadImage(str(path))
+    image = sitk.ReadImage(itk_path(path))
     return DefaultInput(image, f"3D Slicer sample CTChest ({path})", path, False)
 
 

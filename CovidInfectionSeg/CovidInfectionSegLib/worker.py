@@ -34,6 +34,7 @@ from typing import Any, Sequence
 import SimpleITK as sitk
 
 from .atomic import atomic_path, write_text_atomic
+from .itk_paths import itk_path
 from .measurements import Measurements
 from .segments import SegmentInfo
 
@@ -110,7 +111,7 @@ def write_result(result: Any, folder: Path) -> tuple[Path, Path]:
     (``summary()`` plus the segments); both atomically. Returns (labelmap path, result path)."""
     labelmap_path, result_path = folder / LABELMAP_FILE, folder / RESULT_FILE
     with atomic_path(labelmap_path) as temporary:
-        sitk.WriteImage(sitk.Cast(result.labelmap, sitk.sitkUInt8), str(temporary), useCompression=False)
+        sitk.WriteImage(sitk.Cast(result.labelmap, sitk.sitkUInt8), itk_path(temporary), useCompression=False)
     record = {"summary": result.summary(), "segments": [segment.to_dict() for segment in result.segments]}
     write_text_atomic(result_path, json.dumps(record, indent=2) + "\n")
     return labelmap_path, result_path
@@ -125,7 +126,7 @@ def read_result(labelmap_path: str | Path, result_path: str | Path) -> WorkerRes
     except (KeyError, TypeError, ValueError) as error:
         raise ValueError(f"{result_path}: not a segmentation result ({error})") from error
     try:
-        labelmap = sitk.ReadImage(str(labelmap_path))
+        labelmap = sitk.ReadImage(itk_path(labelmap_path))
     except RuntimeError as error:
         raise OSError(f"{labelmap_path}: cannot read the labelmap ({error})") from error
     return WorkerResult(labelmap, segments, measurements, record["summary"])

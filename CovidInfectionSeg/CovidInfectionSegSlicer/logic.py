@@ -26,6 +26,7 @@ from typing import Any, Optional, Protocol
 import SimpleITK as sitk
 
 from CovidInfectionSegLib import worker
+from CovidInfectionSegLib.itk_paths import itk_path
 from CovidInfectionSegLib.validation import InputError
 
 from .engine_process import EngineProcess, findPythonSlicer
@@ -265,7 +266,7 @@ class SegmentationLogic:
         interpreter = self.interpreter or findPythonSlicer()
         folder = Path(tempfile.mkdtemp(prefix="CovidInfectionSeg-"))
         try:
-            sitk.WriteImage(image, str(folder / INPUT_FILE))
+            sitk.WriteImage(image, itk_path(folder / INPUT_FILE))
             del image
             arguments = ["segment", "--input", folder / INPUT_FILE, "--output-dir", folder, "--device", device,
                          "--name", nodeLabel(inputVolume)]
