@@ -156,9 +156,10 @@ class PipInstallation:
         step = self._steps[self._index]
         self._writing = False
         self._log(f"pip: installing {step.requirement} ({self._index + 1} of {len(self._steps)})")
-        # Unbuffered: pip's lines reach the file, and the panel, as pip prints them.
+        # Unbuffered: pip's lines reach the file, and the panel, as pip prints them; in UTF-8, which
+        # ChildProcess reads, whatever the Windows code page.
         self._child = ChildProcess(step.command, self._folder, name=f"pip{self._index + 1}",
-                                   environment={"PYTHONUNBUFFERED": "1"})
+                                   environment={"PYTHONUNBUFFERED": "1", "PYTHONIOENCODING": "utf-8"})
 
     def _finish(self, state: str, error: str | None = None) -> None:
         self.state, self.error = state, error
