@@ -14,6 +14,7 @@ from filelock import FileLock
 from CovidInfectionSegLib.atomic import (
     COMMIT_LOCK_NAME,
     OutputError,
+    OutputInUseError,
     pause_point,
     recover_output_sets,
     remove_stale_parts,
@@ -127,8 +128,9 @@ def test_pause_point_is_inert_by_default(monkeypatch):
 
 @pytest.fixture
 def windows_file_rules(monkeypatch):
-    """Two rules of Windows that Linux lacks, enforced here (CI has no Windows): fsync (the C runtime's
-    _commit) refuses a handle opened read-only, and a file that a lock holds open cannot be deleted."""
+    """Rules of Windows that Linux lacks, enforced here (CI has no Windows): fsync (the C runtime's
+    _commit) refuses a handle opened read-only, and a file held open (by a lock, or by another program:
+    add its path to the returned set) can be neither deleted, nor replaced, nor moved."""
     import fcntl
     import os
 
@@ -161,8 +163,16 @@ def windows_file_rules(monkeypatch):
             raise PermissionError(13, "The process cannot access the file because it is being used by another process")
         real_unlink(self, missing_ok=missing_ok)
 
+    real_replace = os.replace
+
+    def replace(source, destination) -> None:
+        if held & {os.path.abspath(source), os.path.abspath(destination)}:
+            raise PermissionError(13, "The process cannot access the file because it is being used by another process")
+        real_replace(source, destination)
+
     monkeypatch.setattr(filelock, "FileLock", WindowsLikeLock)
     monkeypatch.setattr(atomic.os, "fsync", fsync)
+    monkeypatch.setattr(atomic.os, "replace", replace)
     monkeypatch.setattr(Path, "unlink", unlink)
     return held
 
@@ -192,3 +202,39 @@ def test_a_long_dotted_name_is_written_under_a_temporary_name_with_its_format_su
         assert temporary.name.endswith(f".part{kept}")
         temporary.write_text("x", encoding="utf-8")
     assert destination.read_text(encoding="utf-8") == "x"
+
+
+def test_a_file_open_in_another_program_stops_the_move_before_anything_changes(tmp_path, windows_file_rules):
+    """A spreadsheet holding the previous result's CSV: the files before it in the move must not have been
+    replaced already (a mix of two results), and the error must say what to do."""
+    write_output_set(tmp_path, "scan", writer("old"), NAMES)
+    spreadsheet = str((tmp_path / NAMES[1]).resolve())
+    windows_file_rules.add(spreadsheet)
+    with pytest.raises(OutputInUseError, match=r"scan\.b\.txt: another program has this file open.*close it and run again"):
+        write_output_set(tmp_path, "scan", writer("new"), NAMES)
+    assert visible(tmp_path) == {name: f"old {name}\n" for name in NAMES}
+    assert hidden(tmp_path) == [COMMIT_LOCK_NAME]
+    windows_file_rules.discard(spreadsheet)
+    write_output_set(tmp_path, "scan", writer("new"), NAMES)
+    assert visible(tmp_path) == {name: f"new {name}\n" for name in NAMES}
+    assert hidden(tmp_path) == [COMMIT_LOCK_NAME]
+
+
+def test_a_run_killed_while_moving_the_previous_files_aside_is_finished(tmp_path):
+    write_output_set(tmp_path, "scan", writer("old"), expected=NAMES)
+    killed_run_leftovers(tmp_path, "555-0000000e", "complete")
+    previous = tmp_path / ".scan.covidseg-555-0000000e.previous"
+    previous.mkdir()
+    (tmp_path / NAMES[0]).replace(previous / NAMES[0])  # killed after moving one old file aside
+    assert recover_output_sets(tmp_path) == [
+        "finished moving in the complete outputs of a killed run: scan.a.txt, scan.b.txt, scan.c.txt"]
+    assert visible(tmp_path) == {name: f"killed-complete {name}\n" for name in NAMES}
+    assert hidden(tmp_path) == [COMMIT_LOCK_NAME]
+
+
+def test_the_replaced_files_of_a_run_killed_after_its_move_are_removed(tmp_path):
+    write_output_set(tmp_path, "scan", writer("new"), expected=NAMES)
+    previous = killed_run_leftovers(tmp_path, "666-0000000f", "previous")  # its set is in, the old files not yet deleted
+    assert recover_output_sets(tmp_path) == [f"removed the replaced outputs of a killed run ({previous.name})"]
+    assert visible(tmp_path) == {name: f"new {name}\n" for name in NAMES}
+    assert hidden(tmp_path) == [COMMIT_LOCK_NAME]

@@ -6,7 +6,10 @@
   folder beside them and moved in only when every one is complete. Until then the previous result is
   untouched. A staging folder is renamed from ``.partial`` to ``.complete`` before its files are moved
   in, so a run killed while moving is finished by the next run on that folder, and a run killed
-  while writing has its partial folder removed (:func:`recover_output_sets`). Each staging folder
+  while writing has its partial folder removed (:func:`recover_output_sets`). The previous result's
+  files are moved aside (``.previous``) before the new ones go in: on Windows a file that another
+  program holds open (a CSV in a spreadsheet) can be neither replaced nor moved, and finding that out
+  first keeps the previous result whole (:class:`OutputInUseError`). Each staging folder
   has a lock (``filelock``: ``flock``, which also works on NFS) held by its writer for its lifetime,
   which is how a later run tells a dead writer's folder from a live one.
 - :func:`pause_point`: a test-only hook (inert unless ``$COVIDSEG_TEST_PAUSE_AT`` names the point)
@@ -35,7 +38,7 @@ PAUSE_FILE_ENV = "COVIDSEG_TEST_PAUSE_FILE"
 
 COMMIT_LOCK_NAME = ".covidseg-commit.lock"
 COMMIT_LOCK_TIMEOUT_S = 60.0
-STAGING_PATTERN = re.compile(r"\.(?P<stem>.+)\.covidseg-(?P<token>\d+-[0-9a-f]{8})\.(?P<kind>partial|complete|lock)")
+STAGING_PATTERN = re.compile(r"\.(?P<stem>.+)\.covidseg-(?P<token>\d+-[0-9a-f]{8})\.(?P<kind>partial|complete|previous|lock)")
 
 
 class OutputError(RuntimeError):
@@ -44,6 +47,10 @@ class OutputError(RuntimeError):
 
 class OutputLockedError(OutputError):
     """Another run holds the output folder (a batch) or its commit lock for too long."""
+
+
+class OutputInUseError(OutputError):
+    """Another program holds a previous output file open, so it cannot be replaced (Windows)."""
 
 
 @contextlib.contextmanager
@@ -133,8 +140,11 @@ def write_output_set(
         _sync_folder(partial)
         partial.rename(complete)  # from here on the set is complete: a later run finishes the move
         with _commit_lock(folder):
-            moved = _move_into(complete, folder, obsolete)
-        return moved
+            try:
+                return _move_into(complete, folder, obsolete)
+            except OutputInUseError:
+                shutil.rmtree(complete, ignore_errors=True)  # nothing moved: this run's result is given up
+                raise
     finally:
         shutil.rmtree(partial, ignore_errors=True)  # only there when writing failed
         _release_and_remove(lock)
@@ -160,10 +170,13 @@ def recover_output_sets(folder: str | Path) -> list[str]:
             except Timeout:
                 continue  # its writer is alive
             try:
-                complete, partial = Path(f"{base}.complete"), Path(f"{base}.partial")
+                complete, partial, previous = (Path(f"{base}.{kind}") for kind in ("complete", "partial", "previous"))
                 if complete.is_dir():
                     names = ", ".join(path.name for path in _move_into(complete, folder, ()))
                     handled.append(f"finished moving in the complete outputs of a killed run: {names}")
+                elif previous.is_dir():  # killed after its set was in, before the old files were deleted
+                    shutil.rmtree(previous, ignore_errors=True)
+                    handled.append(f"removed the replaced outputs of a killed run ({previous.name})")
                 if partial.is_dir():
                     shutil.rmtree(partial, ignore_errors=True)
                     handled.append(f"removed the partial outputs of a killed run ({partial.name})")
@@ -193,19 +206,44 @@ def pause_point(name: str) -> None:
 
 
 def _move_into(staging: Path, folder: Path, obsolete: Sequence[str]) -> list[Path]:
+    """Move the complete set in ``staging`` (``<base>.complete``) into ``folder``; names in ``obsolete``
+    that the set lacks are removed. The files it replaces go aside into ``<base>.previous`` first, so
+    that a file another program holds open stops the move before anything new is in (the aside files
+    go back; :class:`OutputInUseError`). A run killed after that is finished by the next one: the set
+    is complete, so it goes forward."""
+    names = sorted(path.name for path in staging.iterdir())
+    previous = staging.with_name(staging.name.rsplit(".", 1)[0] + ".previous")
+    replaced = [name for name in dict.fromkeys([*names, *obsolete]) if (folder / name).exists()]
+    if replaced:
+        _move_aside(folder, replaced, previous)
     moved = []
-    for index, path in enumerate(sorted(staging.iterdir())):
+    for index, name in enumerate(names):
         if index == 1:
             pause_point("commit")
-        target = folder / path.name
-        os.replace(path, target)
-        moved.append(target)
-    for name in obsolete:
-        if name not in {path.name for path in moved}:
-            (folder / name).unlink(missing_ok=True)
+        os.replace(staging / name, folder / name)
+        moved.append(folder / name)
     _sync_directory(folder)
     staging.rmdir()
+    shutil.rmtree(previous, ignore_errors=True)
     return moved
+
+
+def _move_aside(folder: Path, names: Sequence[str], previous: Path) -> None:
+    previous.mkdir(exist_ok=True)  # exists already when finishing a killed run's move
+    aside: list[str] = []
+    for name in names:
+        try:
+            os.replace(folder / name, previous / name)
+        except PermissionError as error:
+            for moved in reversed(aside):
+                os.replace(previous / moved, folder / moved)
+            with contextlib.suppress(OSError):
+                previous.rmdir()
+            raise OutputInUseError(
+                f"{folder / name}: another program has this file open (a spreadsheet or an image viewer?), so it "
+                "cannot be replaced; close it and run again. The previous result is unchanged."
+            ) from error
+        aside.append(name)
 
 
 def _release_and_remove(lock) -> None:
