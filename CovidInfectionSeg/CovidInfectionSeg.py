@@ -141,7 +141,7 @@ class CovidInfectionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         if self.segmentationLogic is None:
             self.segmentationLogic = SegmentationLogic()
         if self.dependencyLogic is None:
-            self.dependencyLogic = DependencyLogic(_installTorchWithPyTorchUtils if _pytorchUtilsAvailable() else None)
+            self.dependencyLogic = DependencyLogic(pytorch_utils_available=hasattr(slicer.modules, "pytorchutils"))
         self.ui.progressBar.hide()
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
@@ -386,8 +386,7 @@ class CovidInfectionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.ui.installDependenciesButton.enabled = False
         try:
             with slicer.util.tryWithErrorDisplay(_("Installing Python packages failed."), waitCursor=True):
-                # The PyTorch extension, when planned, installs torch first, with its own dialog; pip
-                # then runs in a child process that the timer polls.
+                # pip (and light-the-torch for torch) run in a child process that the timer polls.
                 self._installation = self.dependencyLogic.startInstall(plan, log)
                 self._installationPlan = plan
         finally:
@@ -430,16 +429,6 @@ class CovidInfectionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             return
         if ready:
             self.startDeviceQuery()
-
-
-def _pytorchUtilsAvailable() -> bool:
-    return hasattr(slicer.modules, "pytorchutils")
-
-
-def _installTorchWithPyTorchUtils(versionSpecifier: str):
-    import PyTorchUtils
-
-    return PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False, torchVersionRequirement=versionSpecifier)
 
 
 class CovidInfectionSegTest(ScriptedLoadableModuleTest):

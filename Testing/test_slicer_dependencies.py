@@ -17,6 +17,7 @@ from CovidInfectionSegSlicer.dependencies import (
     package_status,
     pinned_versions,
     plan_installation,
+    installation_steps,
     read_requirements,
     start_install,
 )
@@ -65,15 +66,20 @@ def test_missing_old_and_marker_excluded_packages():
     assert statuses[1].describe() == "slicerio: missing (need slicerio>=1.0)"
 
 
-def test_plan_uses_the_pytorch_extension_when_present_and_pip_otherwise():
+def test_plan_uses_light_the_torch_as_the_pytorch_extension_when_present_and_pip_otherwise():
     version_of, importable = environment({"scipy": "1.5.0"}, {"scipy"})
     torch_status, statuses = check(["scipy>=1.7", "slicerio"], version_of=version_of, importable=importable)
 
-    with_extension = plan_installation(torch_status, statuses, pytorch_utils_available=True, loaded_modules={})
-    assert with_extension.torch_method == "pytorchutils"
+    with_extension = plan_installation(torch_status, statuses, pytorch_utils_available=True, loaded_modules={},
+                                       importable=importable)
+    assert with_extension.torch_method == "ltt" and with_extension.install_ltt
     assert with_extension.pip_requirements == ["scipy>=1.7", "slicerio"]
     assert not with_extension.restart_needed
-    assert "PyTorch extension" in with_extension.describe()
+    assert "with light-the-torch, as the PyTorch extension installs it" in with_extension.describe()
+    assert "light-the-torch>=0.5 is installed first" in with_extension.describe()
+    ltt_there = plan_installation(torch_status, statuses, pytorch_utils_available=True, loaded_modules={},
+                                  importable={"light_the_torch"}.__contains__)
+    assert ltt_there.torch_method == "ltt" and not ltt_there.install_ltt
 
     without = plan_installation(torch_status, statuses, pytorch_utils_available=False, loaded_modules={})
     assert without.torch_method == "pip"
@@ -109,25 +115,40 @@ def offline_pip(monkeypatch):
     monkeypatch.setenv("PIP_DISABLE_PIP_VERSION_CHECK", "1")
 
 
-def test_start_install_runs_the_pytorch_extension_first_then_pip(offline_pip):
-    log = []
-    plan = dependencies.InstallPlan("pytorchutils", "torch>=2.0", ["packaging>=20"])
-    installation = start_install(plan, sys.executable, lambda spec: log.append(("torch", spec)) or "torch", log.append)
-    run_to_end(installation)
-    assert installation.state == DONE, installation.error
-    assert log.index(("torch", ">=2.0")) < log.index("pip: installing packaging>=20 (1 of 1)")
-    assert any(str(line).startswith("Requirement already satisfied: packaging") for line in log)
+def test_torch_comes_with_light_the_torch_in_the_child_as_the_pytorch_extension_installs_it():
+    """PyTorchUtils' installTorch runs ``light_the_torch install torch<spec>`` (after installing
+    light-the-torch) on Slicer's GUI thread, then imports torch there; the plan runs the same in the child."""
+    pins = ["numpy==1.26.4", "SimpleITK==2.3.1"]
+    plan = dependencies.InstallPlan("ltt", "torch>=2.0", ["scipy>=1.7"], pins=pins, install_ltt=True)
+    steps = installation_steps(plan, "PythonSlicer")
+    assert [step.command for step in steps] == [
+        ["PythonSlicer", "-m", "pip", "install", "light-the-torch>=0.5", *pins],
+        ["PythonSlicer", "-m", "light_the_torch", "install", "torch>=2.0", *pins],
+        ["PythonSlicer", "-m", "pip", "install", "scipy>=1.7", *pins],
+    ]
+    assert [step.tool for step in steps] == ["pip", "light-the-torch", "pip"]
+    plan.install_ltt = False
+    assert [step.requirement for step in installation_steps(plan, "PythonSlicer")] == ["torch>=2.0", "scipy>=1.7"]
 
-    declined = dependencies.InstallPlan("pytorchutils", "torch>=2.0", ["packaging>=20"])
-    log.clear()
-    with pytest.raises(RuntimeError, match="was not installed"):
-        start_install(declined, sys.executable, lambda spec: None, log.append)
-    assert not any(str(line).startswith("pip:") for line in log), "pip must not start after the extension failed"
+
+def test_a_failing_light_the_torch_step_is_named_as_such(offline_pip):
+    """Real child processes. light-the-torch is not installed here, so its step fails as it would if pip
+    had not put it in place; the requirement and the tool are named, and nothing after it runs."""
+    if dependencies.module_available("light_the_torch"):
+        pytest.skip("light-the-torch is installed here: its step would succeed")
+    plan = dependencies.InstallPlan("ltt", "torch>=2.0", ["packaging>=20"])
+    log = []
+    installation = start_install(plan, sys.executable, log.append)
+    run_to_end(installation)
+    assert installation.state == FAILED and installation.step == 1
+    assert installation.error.startswith("light-the-torch could not install torch>=2.0 (exit code 1):")
+    assert "No module named light_the_torch" in installation.error
+    assert not any(str(line).startswith("pip: installing packaging") for line in log)
 
 
 def test_torch_from_pip_comes_first_and_a_failure_names_the_package(offline_pip):
     plan = dependencies.InstallPlan("pip", "torch>=2.0", ["no-such-package-covidseg-test>=1"])
-    installation = start_install(plan, sys.executable, log=lambda _line: None)
+    installation = start_install(plan, sys.executable, lambda _line: None)
     run_to_end(installation)
     assert installation.state == FAILED and installation.step == 2  # torch (satisfied here), then the missing one
     assert "pip could not install no-such-package-covidseg-test>=1 (exit code 1)" in installation.error

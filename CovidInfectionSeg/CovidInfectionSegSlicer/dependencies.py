@@ -5,9 +5,11 @@ Plain Python (no Slicer, no Qt, no torch import): the module panel uses a :class
 the user confirms, then :meth:`~DependencyLogic.startInstall`, which runs pip in a child process that
 the panel polls (:mod:`.pip_installation`). Nothing is installed at import time.
 
-torch is special: the PyTorch extension (PyTorchUtils) picks the build that matches the GPU driver
-(CUDA or CPU), so it is used when present; otherwise torch comes from PyPI with ``pip``, which on
-Windows and macOS is a CPU-only build.
+torch is special. When the PyTorch extension (PyTorchUtils) is installed, torch comes the way that
+extension installs it, with ``light-the-torch``, which picks the build that matches the GPU driver
+(CUDA or CPU); but in our child process, not through ``PyTorchUtilsLogic().installTorch``, which blocks
+Slicer for the whole download and then imports torch into Slicer's process. Otherwise torch comes from
+PyPI with ``pip``, which on Windows and macOS is a CPU-only build.
 
 Slicer's own numpy (1.26 in Slicer 5.6 and 5.8, Python 3.9; 2.x from 5.10) must not change under the
 running application: every pip call pins the installed numpy and SimpleITK (:data:`PINNED_DISTRIBUTIONS`),
@@ -27,11 +29,14 @@ from typing import Callable, Iterable, Mapping, Optional, Protocol, Sequence
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.version import InvalidVersion, Version
 
-from .pip_installation import InstallationProtocol, PipInstallation, pip_steps
+from .pip_installation import InstallationProtocol, PipInstallation, PipStep, pip_steps
 
 REQUIREMENTS_FILE = Path(__file__).resolve().parent.parent / "Resources" / "requirements.txt"
 # The bundled TorchScript model needs a torch that reads its serialization format.
 TORCH_REQUIREMENT = "torch>=2.0"
+# What the PyTorch extension installs torch with (PyTorchUtils._installLightTheTorch asks for the same).
+LTT_REQUIREMENT = "light-the-torch>=0.5"
+LTT_MODULE = "light_the_torch"
 # Packages that 3D Slicer ships and that other packages must not upgrade: pinned in every pip call.
 PINNED_DISTRIBUTIONS = ("numpy", "SimpleITK")
 # Distribution name -> the module it provides, where they differ.
@@ -154,11 +159,12 @@ def check(
 class InstallPlan:
     """What to install, how, and whether Slicer must restart afterwards."""
 
-    torch_method: str  # "none" (already fine), "pytorchutils" (PyTorch extension) or "pip"
+    torch_method: str  # "none" (already fine), "ltt" (light-the-torch, as the PyTorch extension) or "pip"
     torch_requirement: str
     pip_requirements: list[str] = field(default_factory=list)
     restart_reasons: list[str] = field(default_factory=list)
     pins: list[str] = field(default_factory=list)  # e.g. "numpy==1.26.4": kept as they are
+    install_ltt: bool = False  # light-the-torch itself is installed first, with pip
 
     @property
     def nothing_to_do(self) -> bool:
@@ -173,9 +179,10 @@ class InstallPlan:
         if self.nothing_to_do:
             return "All required Python packages are installed."
         lines = ["CovidInfectionSeg needs these Python packages installed into 3D Slicer's Python:"]
-        if self.torch_method == "pytorchutils":
-            lines.append(f"- {self.torch_requirement}, through the PyTorch extension (it picks the CUDA or CPU build "
-                         "that matches this computer)")
+        if self.torch_method == "ltt":
+            first = f"; {LTT_REQUIREMENT} is installed first" if self.install_ltt else ""
+            lines.append(f"- {self.torch_requirement} with light-the-torch, as the PyTorch extension installs it (it "
+                         f"picks the CUDA or CPU build that matches this computer){first}")
         elif self.torch_method == "pip":
             lines.append(f"- {self.torch_requirement} from PyPI with pip (the PyTorch extension is not installed; "
                          "install it from the Extensions Manager to get a GPU build matched to your driver)")
@@ -204,16 +211,19 @@ def plan_installation(
     pytorch_utils_available: bool,
     loaded_modules: Mapping[str, object] | None = None,
     pins: Sequence[str] = (),
+    importable: ModuleLookup = module_available,
 ) -> InstallPlan:
     """Decide what to install. ``loaded_modules`` (default ``sys.modules``) tells which packages are
     already imported in this process: upgrading one of those only takes effect after a restart.
-    ``pins`` (see :func:`pinned_versions`) go into every pip call."""
+    ``pins`` (see :func:`pinned_versions`) go into every pip call; ``importable`` says whether
+    light-the-torch is there already."""
     loaded = sys.modules if loaded_modules is None else loaded_modules
     if torch_status.satisfied:
         torch_method = "none"
     else:
-        torch_method = "pytorchutils" if pytorch_utils_available else "pip"
-    plan = InstallPlan(torch_method, str(torch_status.requirement), pins=list(pins))
+        torch_method = "ltt" if pytorch_utils_available else "pip"
+    plan = InstallPlan(torch_method, str(torch_status.requirement), pins=list(pins),
+                       install_ltt=torch_method == "ltt" and not importable(LTT_MODULE))
     for status in statuses:
         if status.satisfied:
             continue
@@ -225,31 +235,22 @@ def plan_installation(
     return plan
 
 
-def start_install(
-    plan: InstallPlan,
-    interpreter: str,
-    install_torch_with_pytorchutils: Callable[[str], object] | None = None,
-    log: Callable[[str], None] = print,
-) -> PipInstallation:
-    """Carry out ``plan``: torch through the PyTorch extension first when planned (Slicer's own
-    installer, which blocks until done), then every pip requirement in a child process that runs
-    ``interpreter -m pip`` (see :mod:`.pip_installation`); returns that installation, running.
+def installation_steps(plan: InstallPlan, interpreter: str) -> list[PipStep]:
+    """The child processes that carry out ``plan``, in order: light-the-torch when it is missing, torch,
+    then the other requirements; each with the pins."""
+    steps = pip_steps(interpreter, [LTT_REQUIREMENT], plan.pins) if plan.install_ltt else []
+    if plan.torch_method == "ltt":
+        steps.append(PipStep(plan.torch_requirement, [str(interpreter), "-m", LTT_MODULE, "install",
+                                                      plan.torch_requirement, *plan.pins], tool="light-the-torch"))
+    elif plan.torch_method == "pip":
+        steps += pip_steps(interpreter, [plan.torch_requirement], plan.pins)
+    return steps + pip_steps(interpreter, plan.pip_requirements, plan.pins)
 
-    ``install_torch_with_pytorchutils(version_specifier)`` returns the torch module or None when the
-    user declined or it failed: then RuntimeError, and pip is not started.
-    """
-    if plan.torch_method == "pytorchutils":
-        if install_torch_with_pytorchutils is None:
-            raise RuntimeError("the plan installs torch through the PyTorch extension, but none was given")
-        log(f"Installing {plan.torch_requirement} with the PyTorch extension...")
-        specifier = str(Requirement(plan.torch_requirement).specifier)
-        if install_torch_with_pytorchutils(specifier) is None:
-            raise RuntimeError(
-                f"PyTorch ({plan.torch_requirement}) was not installed (declined or failed); "
-                "install it from the PyTorch Utils module, then try again"
-            )
-    requirements = ([plan.torch_requirement] if plan.torch_method == "pip" else []) + plan.pip_requirements
-    return PipInstallation(pip_steps(interpreter, requirements, plan.pins), log)
+
+def start_install(plan: InstallPlan, interpreter: str, log: Callable[[str], None] = print) -> PipInstallation:
+    """Start carrying out ``plan`` with ``interpreter`` (Slicer's ``PythonSlicer``): its
+    :func:`installation_steps` one after the other in a child process (:mod:`.pip_installation`)."""
+    return PipInstallation(installation_steps(plan, interpreter), log)
 
 
 # ------------------------------------------------------------------------------- for the widget
@@ -266,16 +267,17 @@ class DependencyLogicProtocol(Protocol):
 
 
 class DependencyLogic:
-    """:func:`check`, :func:`plan_installation` and :func:`start_install` with the installers given once."""
+    """:func:`check`, :func:`plan_installation` and :func:`start_install` for the module's requirements file."""
 
     def __init__(
         self,
-        install_torch_with_pytorchutils: Callable[[str], object] | None = None,
+        pytorch_utils_available: bool = False,
         interpreter: str | None = None,
         requirements_file: str | Path = REQUIREMENTS_FILE,
     ):
-        """``interpreter``: the Python whose pip installs (default: Slicer's ``PythonSlicer``)."""
-        self._install_torch = install_torch_with_pytorchutils
+        """``pytorch_utils_available``: the PyTorch extension is installed (torch then comes with
+        light-the-torch); ``interpreter``: the Python whose pip installs (default: Slicer's ``PythonSlicer``)."""
+        self._pytorch_utils_available = pytorch_utils_available
         self._interpreter = interpreter
         self._requirements_file = Path(requirements_file)
 
@@ -287,7 +289,7 @@ class DependencyLogic:
 
     def plan(self) -> InstallPlan:
         torch_status, statuses = check(read_requirements(self._requirements_file))
-        return plan_installation(torch_status, statuses, self._install_torch is not None, pins=pinned_versions())
+        return plan_installation(torch_status, statuses, self._pytorch_utils_available, pins=pinned_versions())
 
     def startInstall(self, plan: InstallPlan, log: Callable[[str], None] = print) -> PipInstallation:
         interpreter = self._interpreter
@@ -295,4 +297,4 @@ class DependencyLogic:
             from .engine_process import findPythonSlicer
 
             interpreter = findPythonSlicer()
-        return start_install(plan, interpreter, self._install_torch, log)
+        return start_install(plan, interpreter, log)

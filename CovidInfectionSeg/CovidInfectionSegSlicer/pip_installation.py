@@ -3,10 +3,10 @@
 ``slicer.util.pip_install`` runs pip on the GUI thread and lets Qt handle events only between the
 lines pip prints (Slicer 5.6 to 5.10). pip prints nothing while it downloads torch (1-3 GB), so Slicer
 froze for minutes and could not be stopped. Here each pip call is the same command Slicer runs,
-``PythonSlicer -m pip install ...``, in a :class:`ChildProcess`: the panel polls it, shows pip's last
-line and the seconds gone, and can cancel it. It cannot be cancelled once pip has begun to write
-into site-packages ("Installing collected packages"): killing pip there can leave a package half
-replaced. Plain Python: no Slicer, no Qt.
+``PythonSlicer -m pip install ...`` (for torch, ``-m light_the_torch install ...``, which wraps pip), in a
+:class:`ChildProcess`: the panel polls it, shows pip's last line and the seconds gone, and can cancel
+it. It cannot be cancelled once pip has begun to write into site-packages ("Installing collected
+packages"): killing pip there can leave a package half replaced. Plain Python: no Slicer, no Qt.
 """
 
 from __future__ import annotations
@@ -27,10 +27,12 @@ WRITING_MARKER = "Installing collected packages"
 
 @dataclass(frozen=True)
 class PipStep:
-    """One pip call: the requirement it installs (for messages) and its command line."""
+    """One pip call: the requirement it installs and the tool that installs it (for messages), and its
+    command line."""
 
     requirement: str
     command: list[str]
+    tool: str = "pip"
 
 
 def pip_steps(interpreter: str, requirements: Sequence[str], pins: Sequence[str] = ()) -> list[PipStep]:
@@ -132,13 +134,14 @@ class PipInstallation:
         exitCode = self._child.returncode
         if exitCode != 0:
             tail = self._child.stderrTail(8) or self.lastLine
-            self._finish(FAILED, f"pip could not install {self.requirement} (exit code {exitCode}):\n{tail}")
+            tool = self._steps[self._index].tool
+            self._finish(FAILED, f"{tool} could not install {self.requirement} (exit code {exitCode}):\n{tail}")
             return True
         self._index += 1
         try:
             self._startStep()
         except OSError as error:
-            self._finish(FAILED, f"pip could not be started for {self.requirement}: {error}")
+            self._finish(FAILED, f"{self._steps[self._index].tool} could not be started for {self.requirement}: {error}")
         return self.state != RUNNING
 
     def cancel(self) -> bool:
@@ -155,7 +158,7 @@ class PipInstallation:
             return
         step = self._steps[self._index]
         self._writing = False
-        self._log(f"pip: installing {step.requirement} ({self._index + 1} of {len(self._steps)})")
+        self._log(f"{step.tool}: installing {step.requirement} ({self._index + 1} of {len(self._steps)})")
         # Unbuffered: pip's lines reach the file, and the panel, as pip prints them; in UTF-8, which
         # ChildProcess reads, whatever the Windows code page.
         self._child = ChildProcess(step.command, self._folder, name=f"pip{self._index + 1}",
