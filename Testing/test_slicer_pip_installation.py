@@ -157,3 +157,13 @@ def test_nothing_to_install_is_done_at_once(tmp_path, monkeypatch):
     installation = PipInstallation([], lambda _line: None)
     assert installation.state == DONE and installation.poll() and not installation.cancellable
     assert list(tmp_path.iterdir()) == []
+
+
+def test_what_the_child_installed_is_seen_here_at_once(offline_pip, monkeypatch):
+    """The panel checks the packages again in its own process right after pip's child finished."""
+    from CovidInfectionSegSlicer.dependencies import module_available
+
+    monkeypatch.syspath_prepend(str(offline_pip / "target"))
+    assert not module_available("covidseg_test_a")  # looked up once: the folder's listing is cached
+    run_to_end(PipInstallation(pip_steps(sys.executable, ["covidseg-test-a"]), lambda _line: None))
+    assert module_available("covidseg_test_a")

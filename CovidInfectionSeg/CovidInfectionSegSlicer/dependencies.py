@@ -71,7 +71,9 @@ def installed_version(distribution: str) -> str | None:
 
 
 def module_available(module: str) -> bool:
-    """True when ``module`` can be imported (without importing it)."""
+    """True when ``module`` can be imported (without importing it). Looks afresh: pip, in a child
+    process, may have just installed it into a folder whose listing this process has cached."""
+    importlib.invalidate_caches()
     return importlib.util.find_spec(module) is not None
 
 
