@@ -210,7 +210,7 @@ def test_a_file_open_in_another_program_stops_the_move_before_anything_changes(t
     write_output_set(tmp_path, "scan", writer("old"), NAMES)
     spreadsheet = str((tmp_path / NAMES[1]).resolve())
     windows_file_rules.add(spreadsheet)
-    with pytest.raises(OutputInUseError, match=r"scan\.b\.txt: another program has this file open.*close it and run again"):
+    with pytest.raises(OutputInUseError, match=r"scan\.b\.txt: cannot be moved to make way for the new result .*open in another program.*Close it and run again"):
         write_output_set(tmp_path, "scan", writer("new"), NAMES)
     assert visible(tmp_path) == {name: f"old {name}\n" for name in NAMES}
     assert hidden(tmp_path) == [COMMIT_LOCK_NAME]
@@ -237,4 +237,30 @@ def test_the_replaced_files_of_a_run_killed_after_its_move_are_removed(tmp_path)
     previous = killed_run_leftovers(tmp_path, "666-0000000f", "previous")  # its set is in, the old files not yet deleted
     assert recover_output_sets(tmp_path) == [f"removed the replaced outputs of a killed run ({previous.name})"]
     assert visible(tmp_path) == {name: f"new {name}\n" for name in NAMES}
+    assert hidden(tmp_path) == [COMMIT_LOCK_NAME]
+
+
+def test_a_given_up_set_whose_removal_is_cut_short_is_not_taken_for_a_complete_one(tmp_path, windows_file_rules, monkeypatch):
+    """After a file in use stops the move, the staged set is removed; a removal cut short (Ctrl-C, a
+    virus scanner holding a staged file) must not leave a '.complete' folder that the next run moves in."""
+    import shutil
+
+    write_output_set(tmp_path, "scan", writer("old"), NAMES)
+    windows_file_rules.add(str((tmp_path / NAMES[1]).resolve()))
+    real_rmtree = shutil.rmtree
+
+    def rmtree_cut_short(path, *args, **kwargs):
+        staged = sorted(Path(path).iterdir()) if Path(path).is_dir() else []
+        if staged:
+            staged[-1].unlink()  # one file removed, then interrupted
+            raise KeyboardInterrupt
+        real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", rmtree_cut_short)
+    with pytest.raises((OutputInUseError, KeyboardInterrupt)):
+        write_output_set(tmp_path, "scan", writer("new"), NAMES)
+    monkeypatch.setattr(shutil, "rmtree", real_rmtree)
+    windows_file_rules.clear()
+    recover_output_sets(tmp_path)
+    assert visible(tmp_path) == {name: f"old {name}\n" for name in NAMES}
     assert hidden(tmp_path) == [COMMIT_LOCK_NAME]

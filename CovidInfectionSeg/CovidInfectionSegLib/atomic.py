@@ -62,7 +62,7 @@ def atomic_path(destination: str | Path) -> Iterator[Path]:
     removed and ``destination`` is left as it was.
     """
     destination = Path(destination)
-    handle, temporary = tempfile.mkstemp(prefix=f".{destination.name}.", suffix=f".part{_format_suffix(destination)}",
+    handle, temporary = tempfile.mkstemp(prefix=f".{destination.name}.", suffix=f".part{format_suffix(destination)}",
                                          dir=destination.parent)
     os.close(handle)
     temporary_path = Path(temporary)
@@ -75,7 +75,7 @@ def atomic_path(destination: str | Path) -> Iterator[Path]:
         raise
 
 
-def _format_suffix(path: Path) -> str:
+def format_suffix(path: Path) -> str:
     """The suffixes a writer may choose the format from (``.nii.gz``, ``.seg.nrrd``, ``.json``): the last
     one or two, when they are short words. Not every dotted part of the name: a name made of a DICOM UID
     would appear twice in the temporary name, past the file systems' 255-byte limit."""
@@ -143,7 +143,9 @@ def write_output_set(
             try:
                 return _move_into(complete, folder, obsolete)
             except OutputInUseError:
-                shutil.rmtree(complete, ignore_errors=True)  # nothing moved: this run's result is given up
+                # Nothing moved: this run's result is given up. Named partial again first, so that a
+                # removal cut short is not taken for a complete set by the next run.
+                complete.rename(partial)
                 raise
     finally:
         shutil.rmtree(partial, ignore_errors=True)  # only there when writing failed
@@ -240,8 +242,9 @@ def _move_aside(folder: Path, names: Sequence[str], previous: Path) -> None:
             with contextlib.suppress(OSError):
                 previous.rmdir()
             raise OutputInUseError(
-                f"{folder / name}: another program has this file open (a spreadsheet or an image viewer?), so it "
-                "cannot be replaced; close it and run again. The previous result is unchanged."
+                f"{folder / name}: cannot be moved to make way for the new result ({error.strerror}); is it open in "
+                "another program, such as a spreadsheet or an image viewer? Close it and run again. The previous "
+                "result is unchanged."
             ) from error
         aside.append(name)
 
