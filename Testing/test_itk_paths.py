@@ -14,7 +14,9 @@ import SimpleITK as sitk
 from CovidInfectionSegLib import itk_paths
 from CovidInfectionSegLib.batch import _has_dicom_series
 from CovidInfectionSegLib.imageio import read_image
+from CovidInfectionSegLib.checksums import sha256_of
 from CovidInfectionSegLib.outputs import write_labelmap
+from CovidInfectionSegLib.sample_data import load_default_input
 from CovidInfectionSegLib.validation import InputError
 from test_imageio import write_dicom_series
 
@@ -117,3 +119,40 @@ def test_a_file_name_outside_ascii_asks_for_an_ascii_name(tmp_path, windows_with
     (tmp_path / "scan.nrrd").rename(tmp_path / "Lunge_Müller.nrrd")
     with pytest.raises(InputError, match="whose name has characters outside ASCII.*plain ASCII name"):
         read_image(tmp_path / "Lunge_Müller.nrrd")
+
+
+def test_under_the_rule_an_output_named_after_a_non_ascii_scan_is_written_through_an_ascii_stand_in(
+        tmp_path, windows_without_utf8):
+    """Outputs are named after the scan (``Müller.labels.nii.gz``): the file itself, not only its folder."""
+    folder = tmp_path / FOLDER
+    folder.mkdir()
+    labels = sitk.Cast(small_ct() > 0, sitk.sitkUInt8)
+    write_labelmap(labels, folder / "Müller.labels.nii.gz")
+    assert [path.name for path in folder.iterdir()] == ["Müller.labels.nii.gz"]  # no stand-in left
+    ascii_copy = tmp_path / "check.nii.gz"
+    ascii_copy.write_bytes((folder / "Müller.labels.nii.gz").read_bytes())
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(ascii_copy))), sitk.GetArrayFromImage(labels))
+
+
+def test_a_dicom_folder_simpleitk_cannot_open_stays_in_a_batch_and_says_why(tmp_path, windows_without_utf8):
+    folder = tmp_path / FOLDER
+    write_dicom_series(folder, "1.2.826.0.1.3680043.2.1125.101", slices=6, value=100)
+    windows_without_utf8["short_names"] = False
+    assert _has_dicom_series(folder, os.listdir(folder)), "left out of the batch without a word"
+    with pytest.raises(InputError, match="no short \\(8.3\\) name"):
+        read_image(folder)
+
+
+def test_a_cached_sample_simpleitk_cannot_open_falls_back_to_the_phantom_and_says_so(tmp_path, windows_without_utf8):
+    import io
+
+    cache = tmp_path / FOLDER  # the user's profile
+    cache.mkdir()
+    sitk.WriteImage(small_ct(), str(tmp_path / "sample.nrrd"))
+    (cache / "sample.nrrd").write_bytes((tmp_path / "sample.nrrd").read_bytes())
+    windows_without_utf8["short_names"] = False
+    messages = io.StringIO()
+    default = load_default_input("http://127.0.0.1:9/unused", sha256_of(cache / "sample.nrrd"), "sample.nrrd", cache,
+                                 messages=messages)
+    assert default.is_synthetic and default.path is None
+    assert "could not read the downloaded sample" in messages.getvalue() and "not a real result" in messages.getvalue()

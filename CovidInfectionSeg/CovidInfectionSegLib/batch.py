@@ -212,9 +212,13 @@ def _has_dicom_series(folder: Path, names: Sequence[str]) -> bool:
     if not any(is_dicom_file(folder / name) or name.lower().endswith(".dcm") for name in names):
         return False
     try:
+        readable = itk_path(folder)
+    except OSError:
+        return True  # it looks like DICOM; reading it says why SimpleITK cannot open its path
+    try:
         with native_messages():
-            return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(itk_path(folder)))
-    except (RuntimeError, OSError):
+            return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(readable))
+    except RuntimeError:
         return False
 
 

@@ -13,8 +13,13 @@ Elsewhere it returns the path as it is.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import secrets
 from pathlib import Path
+from typing import Iterator
+
+from .atomic import format_suffix
 
 UTF8_CODE_PAGE = 65001
 
@@ -44,6 +49,23 @@ def itk_path(path: str | Path) -> str:
                       "Windows has no short (8.3) name for its folder; move it to a folder whose path is plain "
                       f"ASCII (for the temporary files: set the TEMP variable to such a folder), or {utf8}")
     return os.path.join(short, name) if name else short
+
+
+@contextlib.contextmanager
+def itk_output_path(path: str | Path) -> Iterator[str]:
+    """Where SimpleITK can write ``path``: :func:`itk_path` of it, or, where that needs an ASCII file name
+    (Windows without UTF-8) and ours is not (outputs are named after the scan), an ASCII-named file
+    beside it with the same format suffix, renamed to ``path`` once written (removed if writing fails)."""
+    path = Path(path)
+    if path.name.isascii() or not _narrow_paths_lose_characters():
+        yield itk_path(path)
+        return
+    stand_in = path.with_name(f".covidseg-{secrets.token_hex(4)}{format_suffix(path)}")
+    try:
+        yield itk_path(stand_in)
+        os.replace(stand_in, path)
+    finally:
+        stand_in.unlink(missing_ok=True)
 
 
 def _narrow_paths_lose_characters() -> bool:

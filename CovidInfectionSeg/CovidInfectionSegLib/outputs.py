@@ -18,7 +18,7 @@ import SimpleITK as sitk
 import slicerio
 
 from .atomic import OutputError, OutputLockedError, atomic_path, pause_point, write_output_set, write_text_atomic
-from .itk_paths import itk_path
+from .itk_paths import itk_output_path
 from .measurements import Measurements
 from .pipeline import SegmentationResult
 from .preview import measurement_lines, segment_field, shorten, write_preview_png
@@ -141,9 +141,9 @@ def write_segmentation_nrrd(labelmap: sitk.Image, segments: Sequence[Any], path:
 def write_labelmap(labelmap: sitk.Image, path: str | Path) -> Path:
     """Write the labelmap (uint8, label values as in the manifest's segments) as NIfTI/NRRD by extension."""
     path = Path(path)
-    with atomic_path(path) as temporary:
+    with atomic_path(path) as temporary, itk_output_path(temporary) as writable:
         try:
-            sitk.WriteImage(sitk.Cast(labelmap, sitk.sitkUInt8), itk_path(temporary), useCompression=True)
+            sitk.WriteImage(sitk.Cast(labelmap, sitk.sitkUInt8), writable, useCompression=True)
         except RuntimeError as error:  # ITK reports a full disk or a write error this way
             raise OSError(f"cannot write {path.name}: {_itk_message(error)}") from error
     return path

@@ -116,7 +116,12 @@ def load_default_input(
             file=messages,
         )
         return DefaultInput(synthetic_chest(), SYNTHETIC_DESCRIPTION, None, True)
-    image = sitk.ReadImage(itk_path(path))
+    try:
+        image = sitk.ReadImage(itk_path(path))
+    except OSError as error:  # Windows: a cache folder SimpleITK cannot open (see itk_paths)
+        print(f"could not read the downloaded sample: {error}; running on a synthetic chest phantom generated "
+              "by code instead — its numbers are not a real result", file=messages)
+        return DefaultInput(synthetic_chest(), SYNTHETIC_DESCRIPTION, None, True)
     return DefaultInput(image, f"3D Slicer sample CTChest ({path})", path, False)
 
 

@@ -34,7 +34,7 @@ from typing import Any, Sequence
 import SimpleITK as sitk
 
 from .atomic import atomic_path, write_text_atomic
-from .itk_paths import itk_path
+from .itk_paths import itk_output_path, itk_path
 from .measurements import Measurements
 from .segments import SegmentInfo
 
@@ -111,7 +111,8 @@ def write_result(result: Any, folder: Path) -> tuple[Path, Path]:
     (``summary()`` plus the segments); both atomically. Returns (labelmap path, result path)."""
     labelmap_path, result_path = folder / LABELMAP_FILE, folder / RESULT_FILE
     with atomic_path(labelmap_path) as temporary:
-        sitk.WriteImage(sitk.Cast(result.labelmap, sitk.sitkUInt8), itk_path(temporary), useCompression=False)
+        with itk_output_path(temporary) as writable:
+            sitk.WriteImage(sitk.Cast(result.labelmap, sitk.sitkUInt8), writable, useCompression=False)
     record = {"summary": result.summary(), "segments": [segment.to_dict() for segment in result.segments]}
     write_text_atomic(result_path, json.dumps(record, indent=2) + "\n")
     return labelmap_path, result_path
