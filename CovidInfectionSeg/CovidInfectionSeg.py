@@ -317,8 +317,9 @@ class CovidInfectionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             self._deviceQuery.cancel()
             self._deviceQuery = None
         if self._installation is not None:
-            # Once pip writes packages it is left to finish on its own: killing it could break them.
-            self._installation.cancel()
+            # A pip that writes packages is waited for (seconds): killing it could break them, and
+            # leaving it would let a reloaded panel start a second pip beside it.
+            self._installation.cancel(wait=True)
             self._installation = None
 
     # ---- devices and Python packages
@@ -369,10 +370,7 @@ class CovidInfectionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         if self._installation is not None:  # the button reads "Cancel installation"
             if self._installation.cancel():
                 self._finishInstallation()
-            else:
-                self.ui.dependencyStatusLabel.text = _(
-                    "pip is writing the packages now and cannot be stopped safely; it finishes in a moment.")
-            return
+            return  # pip is writing the packages: the status line says so, and it finishes on its own
         plan = self.dependencyLogic.plan()
         if plan.nothing_to_do:
             self.updateDependencyStatus()
@@ -393,9 +391,8 @@ class CovidInfectionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             if self._installation is None:  # it raised (shown, then raised on by tryWithErrorDisplay)
                 self.updateDependencyStatus()
         self.ui.installDependenciesButton.text = _("Cancel installation")
-        self._pollInstallation()
-        if self._installation is not None:
-            self._timer.start()
+        self.ui.installDependenciesButton.enabled = True
+        self._timer.start()
 
     def _pollInstallation(self) -> None:
         installation = self._installation
@@ -403,6 +400,8 @@ class CovidInfectionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.ui.dependencyStatusLabel.text = _("Installing {requirement} ({step} of {count}), {seconds} s:\n{line}").format(
             requirement=installation.requirement, step=installation.step, count=installation.stepCount,
             seconds=f"{installation.elapsedSeconds:.0f}", line=installation.lastLine)
+        if installation.writing:
+            self.ui.dependencyStatusLabel.text += "\n" + _("Writing the packages: this cannot be cancelled safely.")
         self.ui.installDependenciesButton.enabled = installation.cancellable
         if finished:
             self._finishInstallation()

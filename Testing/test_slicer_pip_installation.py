@@ -137,12 +137,52 @@ def test_once_pip_writes_packages_it_is_not_cancelled(tmp_path, monkeypatch):
     while not installation.lastLine.startswith("Installing collected packages"):
         assert not installation.poll() and time.monotonic() < deadline
         time.sleep(0.05)
-    assert not installation.cancellable
+    assert not installation.cancellable and installation.writing
     assert not installation.cancel()
     assert installation.state == RUNNING
     go_on.touch()
     run_to_end(installation)
     assert installation.state == DONE and installation.lastLine == "Successfully installed"
+
+
+def writing_child(tmp_path: Path, steps: int = 1) -> tuple[PipInstallation, Path]:
+    """Children that print pip's line before it writes into site-packages, then wait for a file."""
+    go_on = tmp_path / "go-on"
+    script = ("import os, time\nprint('Installing collected packages: covidseg-test-a', flush=True)\n"
+              f"while not os.path.exists({str(go_on)!r}): time.sleep(0.05)\n")
+    steps = [PipStep(f"covidseg-test-{k}", [sys.executable, "-c", script]) for k in range(steps)]
+    return PipInstallation(steps, lambda _line: None), go_on
+
+
+def test_cancel_reads_what_pip_printed_since_the_last_poll(tmp_path, monkeypatch):
+    """A click on Cancel between two timer ticks, just after pip began writing: not cancelled."""
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    installation, go_on = writing_child(tmp_path)
+    stdout = next(tmp_path.glob("CovidInfectionSeg-pip-*/pip1-stdout.log"))
+    deadline = time.monotonic() + 60
+    while b"Installing collected packages" not in stdout.read_bytes():  # printed, never polled
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert not installation.cancel()
+    assert installation.state == RUNNING and installation.writing
+    go_on.touch()
+    run_to_end(installation)
+    assert installation.state == DONE
+
+
+def test_cancel_with_wait_lets_a_writing_pip_finish_and_runs_no_further_step(tmp_path, monkeypatch):
+    """What the panel does on reload or close: pip is not killed mid-write, nor left running untracked."""
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    installation, go_on = writing_child(tmp_path, steps=2)
+    while not installation.writing:
+        assert not installation.poll()
+        time.sleep(0.05)
+    threading.Timer(0.5, go_on.touch).start()
+    started = time.monotonic()
+    assert installation.cancel(wait=True)
+    assert time.monotonic() - started >= 0.4  # it waited for the child to finish writing
+    assert installation.state == CANCELLED and installation.step == 1
+    assert list(tmp_path.glob("CovidInfectionSeg-pip-*")) == []
 
 
 def test_an_interpreter_that_does_not_exist_raises_and_leaves_no_folder(tmp_path, monkeypatch):

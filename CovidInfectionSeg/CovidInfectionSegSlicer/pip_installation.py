@@ -11,6 +11,7 @@ packages"): killing pip there can leave a package half replaced. Plain Python: n
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 import time
@@ -64,9 +65,12 @@ class InstallationProtocol(Protocol):
     @property
     def elapsedSeconds(self) -> float: ...
 
+    @property
+    def writing(self) -> bool: ...
+
     def poll(self) -> bool: ...
 
-    def cancel(self) -> bool: ...
+    def cancel(self, wait: bool = False) -> bool: ...
 
 
 class PipInstallation:
@@ -110,6 +114,11 @@ class PipInstallation:
         return self._steps[self.step - 1].requirement if self._steps else ""
 
     @property
+    def writing(self) -> bool:
+        """pip writes into site-packages now (as far as its output has been read)."""
+        return self.state == RUNNING and self._writing
+
+    @property
     def cancellable(self) -> bool:
         """False once pip writes into site-packages: stopping it then could leave a package half replaced."""
         return self.state == RUNNING and not self._writing
@@ -122,13 +131,13 @@ class PipInstallation:
         """Read what pip printed and go on to the next step when one ends; True once finished (never blocks)."""
         if self.state != RUNNING:
             return True
-        for line in self._child.readLines():
-            text = line.strip()
-            if not text:
-                continue
-            self.lastLine = text
-            self._writing = self._writing or text.startswith(WRITING_MARKER)
-            self._log(text)
+        try:
+            self._readOutput()
+        except OSError as error:  # its temporary folder was removed under it
+            self._child.cancel()
+            self._finish(FAILED, f"the output of {self._steps[self._index].tool} could not be read ({error}); "
+                                 "it was stopped")
+            return True
         if self._child.running:
             return False
         exitCode = self._child.returncode
@@ -144,13 +153,30 @@ class PipInstallation:
             self._finish(FAILED, f"{self._steps[self._index].tool} could not be started for {self.requirement}: {error}")
         return self.state != RUNNING
 
-    def cancel(self) -> bool:
-        """Stop pip unless it is writing packages (see :attr:`cancellable`); returns whether it stopped."""
-        if not self.cancellable:
+    def cancel(self, wait: bool = False) -> bool:
+        """Stop pip unless it is writing packages (see :attr:`cancellable`); returns whether it stopped.
+        With ``wait``, a pip that is writing is waited for (it blocks), and the steps after it are not run."""
+        if self.state != RUNNING:
             return False
-        self._child.cancel()
+        with contextlib.suppress(OSError):
+            self._readOutput()  # pip may have begun writing since the last poll
+        if self._writing:
+            if not wait:
+                return False
+            self._child.wait()
+        else:
+            self._child.cancel()
         self._finish(CANCELLED)
         return True
+
+    def _readOutput(self) -> None:
+        for line in self._child.readLines():
+            text = line.strip()
+            if not text:
+                continue
+            self.lastLine = text
+            self._writing = self._writing or text.startswith(WRITING_MARKER)
+            self._log(text)
 
     def _startStep(self) -> None:
         if self._index >= len(self._steps):
