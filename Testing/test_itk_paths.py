@@ -60,8 +60,15 @@ def windows_without_utf8(tmp_path, monkeypatch):
     monkeypatch.setattr(sitk, "WriteImage", ascii_only(sitk.WriteImage))
     monkeypatch.setattr(sitk, "ReadImage", ascii_only(sitk.ReadImage))
     monkeypatch.setattr(sitk.ImageFileReader, "SetFileName", ascii_only(sitk.ImageFileReader.SetFileName))
-    for name in ("GetGDCMSeriesIDs", "GetGDCMSeriesFileNames"):
-        monkeypatch.setattr(sitk.ImageSeriesReader, name, staticmethod(ascii_only(getattr(sitk.ImageSeriesReader, name))))
+    monkeypatch.setattr(sitk.ImageSeriesReader, "GetGDCMSeriesIDs",
+                        staticmethod(ascii_only(sitk.ImageSeriesReader.GetGDCMSeriesIDs)))
+    list_series = ascii_only(sitk.ImageSeriesReader.GetGDCMSeriesFileNames)
+
+    def list_series_without_unopenable_files(*args, **kwargs):
+        """GDCM finds a file named outside ASCII but cannot open it, so it leaves it out of the series."""
+        return tuple(name for name in list_series(*args, **kwargs) if os.path.basename(name).isascii())
+
+    monkeypatch.setattr(sitk.ImageSeriesReader, "GetGDCMSeriesFileNames", staticmethod(list_series_without_unopenable_files))
     return state
 
 
@@ -141,6 +148,36 @@ def test_a_dicom_folder_simpleitk_cannot_open_stays_in_a_batch_and_says_why(tmp_
     assert _has_dicom_series(folder, os.listdir(folder)), "left out of the batch without a word"
     with pytest.raises(InputError, match="no short \\(8.3\\) name"):
         read_image(folder)
+
+
+def test_a_dicom_slice_named_outside_ascii_is_refused_with_that_reason_not_as_damaged(tmp_path, windows_without_utf8):
+    folder = tmp_path / "dicom"
+    write_dicom_series(folder, "1.2.826.0.1.3680043.2.1125.101", slices=6, value=100)
+    (folder / "101_003.dcm").rename(folder / "Schnitt_ä_003.dcm")
+    with pytest.raises(InputError, match=r"1 file \(Schnitt_ä_003.dcm\) of DICOM series .* cannot be read \(1 file "
+                       r"\(Schnitt_ä_003.dcm\) named with characters outside ASCII, which SimpleITK cannot open on this "
+                       r"Windows: give them plain ASCII names, or turn on 'Beta: Use Unicode UTF-8") as raised:
+        read_image(folder)
+    assert "damaged" not in str(raised.value)
+
+
+def test_another_series_named_outside_ascii_is_left_out_with_that_reason(tmp_path, windows_without_utf8):
+    folder = tmp_path / "dicom"
+    write_dicom_series(folder, "1.2.826.0.1.3680043.2.1125.101", slices=6, value=100)
+    write_dicom_series(tmp_path / "other", "1.2.826.0.1.3680043.2.1125.202", slices=2, value=500)
+    (tmp_path / "other" / "202_000.dcm").rename(folder / "Übersicht.dcm")
+    warnings: list[str] = []
+    assert read_image(folder, warnings).GetSize() == (16, 16, 6)
+    assert any("1 file (Übersicht.dcm) look like DICOM but cannot be read (1 file (Übersicht.dcm) named with "
+               "characters outside ASCII" in warning and warning.endswith("; ignored") for warning in warnings), warnings
+
+
+def test_here_dicom_slices_named_outside_ascii_are_read(tmp_path):
+    folder = tmp_path / "dicom"
+    write_dicom_series(folder, "1.2.826.0.1.3680043.2.1125.101", slices=6, value=100)
+    (folder / "101_003.dcm").rename(folder / "Schnitt_ä_003.dcm")
+    warnings: list[str] = []
+    assert read_image(folder, warnings).GetSize() == (16, 16, 6) and warnings == []
 
 
 def test_a_cached_sample_simpleitk_cannot_open_falls_back_to_the_phantom_and_says_so(tmp_path, windows_without_utf8):

@@ -22,7 +22,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .integrity import verify_image_file
-from .itk_paths import itk_path
+from .itk_paths import TURN_ON_UTF8, itk_path, name_closed_to_itk
 from .validation import MIN_SLICES, InputError
 
 LOGGER = logging.getLogger(__name__)
@@ -108,7 +108,8 @@ def _read_dicom_folder(folder: Path, warnings: list[str] | None, containing: Pat
         raise InputError(f"{folder}: cannot scan the folder for DICOM series ({_itk_reason(error)})") from error
     unreadable = _unreadable_dicom_files(folder, files_by_series)
     if not series_ids:
-        detail = f"; {_files_text(unreadable)} look like DICOM but cannot be read" if unreadable else ""
+        detail = (f"; {_files_text(unreadable)} look like DICOM but cannot be read{_why_unreadable(unreadable, '')}"
+                  if unreadable else "")
         raise InputError(f"{folder}: no DICOM series found in this folder{detail}; supported: {SUPPORTED_TEXT}")
     if containing is not None:
         chosen = next(
@@ -129,11 +130,13 @@ def _read_dicom_folder(folder: Path, warnings: list[str] | None, containing: Pat
     damaged = [path for path in unreadable if chosen and _mentions(path, chosen)]
     if damaged:
         raise InputError(
-            f"{folder}: {_files_text(damaged)} of {_series_text(chosen)} cannot be read (truncated or damaged?); "
+            f"{folder}: {_files_text(damaged)} of {_series_text(chosen)} cannot be read"
+            f"{_why_unreadable(damaged, ' (truncated or damaged?)')}; "
             "the volume would miss slices"
         )
     if unreadable:
-        notices.append(f"{folder}: {_files_text(unreadable)} look like DICOM but cannot be read; ignored")
+        notices.append(f"{folder}: {_files_text(unreadable)} look like DICOM but cannot be read"
+                       f"{_why_unreadable(unreadable, '')}; ignored")
     reader.SetFileNames(files_by_series[chosen])
     reader.MetaDataDictionaryArrayUpdateOn()
     messages: list[str] = []
@@ -161,6 +164,15 @@ def _unreadable_dicom_files(folder: Path, files_by_series: dict[str, Sequence[st
         if entry.name not in listed and entry.name.upper() != "DICOMDIR" and not entry.name.startswith(".")
         and entry.is_file() and is_dicom_file(entry)
     ]
+
+
+def _why_unreadable(paths: Sequence[Path], otherwise: str) -> str:
+    """Why these DICOM files cannot be read, where we know: names SimpleITK cannot open on this Windows."""
+    named = [path for path in paths if name_closed_to_itk(path)]
+    if not named:
+        return otherwise
+    return (f" ({_files_text(named)} named with characters outside ASCII, which SimpleITK cannot open on this "
+            f"Windows: give them plain ASCII names, or {TURN_ON_UTF8})")
 
 
 def _mentions(path: Path, series_uid: str) -> bool:

@@ -22,6 +22,7 @@ from typing import Iterator
 from .atomic import format_suffix
 
 UTF8_CODE_PAGE = 65001
+TURN_ON_UTF8 = "turn on 'Beta: Use Unicode UTF-8 for worldwide language support' in Windows' region settings"
 
 
 def itk_path(path: str | Path) -> str:
@@ -39,16 +40,22 @@ def itk_path(path: str | Path) -> str:
         folder, name = text, ""
     else:
         folder, name = os.path.split(text)
-    utf8 = "turn on 'Beta: Use Unicode UTF-8 for worldwide language support' in Windows' region settings"
     if not name.isascii():
         raise OSError(f"{text}: SimpleITK cannot open a file whose name has characters outside ASCII on this "
-                      f"Windows; give the file a plain ASCII name, or {utf8}")
+                      f"Windows; give the file a plain ASCII name, or {TURN_ON_UTF8}")
     short = _short_path(folder)
     if short is None or not short.isascii():
         raise OSError(f"{text}: SimpleITK cannot open a path with characters outside ASCII on this Windows, and "
                       "Windows has no short (8.3) name for its folder; move it to a folder whose path is plain "
-                      f"ASCII (for the temporary files: set the TEMP variable to such a folder), or {utf8}")
+                      f"ASCII (for the temporary files: set the TEMP variable to such a folder), or {TURN_ON_UTF8}")
     return os.path.join(short, name) if name else short
+
+
+def name_closed_to_itk(path: str | Path) -> bool:
+    """True where SimpleITK cannot open ``path`` by its own file name, whatever its folder: on Windows
+    without the UTF-8 code page, a name with characters outside ASCII. A DICOM folder's files are found
+    and opened by GDCM itself, so such a file is one GDCM lists but cannot read."""
+    return not Path(path).name.isascii() and _narrow_paths_lose_characters()
 
 
 @contextlib.contextmanager
