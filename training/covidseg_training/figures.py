@@ -172,33 +172,45 @@ def plot_painted_masses(rows: list[tuple[int, np.ndarray, np.ndarray, np.ndarray
 
 
 def plot_tradeoff(points: list[dict[str, Any]], curve: list[str], curve_name: str, path: Path) -> None:
-    """Three panels against infection found on the COVID-19 scan (``covid_found``): the mean infection on
-    the healthy kernels (``healthy_mean``, target under 30 mL), the mean share of LIDC nodule voxels
-    called infection (``nodule_mean``) and the fit to the labelled slices (``fit``). ``points`` hold
-    those keys and a ``label`` each (None where unknown); the labels in ``curve`` are joined by a line."""
+    """Up to three panels against infection found on the COVID-19 scan (``covid_found``): the mean
+    infection on the healthy kernels (``healthy_mean``, target under 30 mL), the mean share of LIDC nodule
+    voxels called infection (``nodule_mean``) and the fit to the labelled slices (``fit``); a panel no
+    point has a value for is left out. ``points`` hold those keys and a ``label`` each (None where
+    unknown), and optionally a ``group`` (points of a group share a colour and a legend entry); the
+    labels in ``curve`` are joined by a line."""
     plt = _pyplot()
-    figure, axes = plt.subplots(1, 3, figsize=(16, 4.4))
+    panels = [(key, ylabel) for key, ylabel in (
+        ("healthy_mean", "example-chest-ct infection, mean of kernels L and B (mL)"),
+        ("nodule_mean", "LIDC nodule voxels called infection (%), mean of the scans checked"),
+        ("fit", "infection Dice on its own labelled slices"),
+    ) if any(point.get(key) is not None and point.get("covid_found") is not None for point in points)]
+    figure, axes = plt.subplots(1, max(len(panels), 1), figsize=(5.4 * max(len(panels), 1), 4.4), squeeze=False)
     figure.subplots_adjust(wspace=0.3)
-    panels = ((axes[0], "healthy_mean", "example-chest-ct infection, mean of kernels L and B (mL)"),
-              (axes[1], "nodule_mean", "LIDC nodule voxels called infection, mean of 2 scans (%)"),
-              (axes[2], "fit", "infection Dice on its own labelled slices"))
+    groups = list(dict.fromkeys(point["group"] for point in points if point.get("group")))
+    group_colours = dict(zip(groups, plt.get_cmap("tab10").colors))
     by_label = {point["label"]: point for point in points}
-    for axis, key, ylabel in panels:
+    for axis, (key, ylabel) in zip(axes[0], panels):
         line = [(by_label[label]["covid_found"], by_label[label][key]) for label in curve]
         line = [(x, y) for x, y in line if x is not None and y is not None]
         if len(line) > 1:
             axis.plot([x for x, _ in line], [y for _, y in line], "-", color="0.6", zorder=1, label=curve_name)
+        legend_done: set[str] = set()
         for point in points:
             x, y = point["covid_found"], point[key]
             if x is None or y is None:
                 continue
-            axis.scatter([x], [y], s=30, zorder=2, color="0.4" if point["label"] in curve else INFECTION_COLOUR)
+            group = point.get("group")
+            colour = group_colours[group] if group else "0.4" if point["label"] in curve else INFECTION_COLOUR
+            axis.scatter([x], [y], s=30, zorder=2, color=colour,
+                         label=group if group and group not in legend_done else None)
+            legend_done.add(group)
             axis.annotate(point["label"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
         axis.axvline(200, color="0.8", linestyle="--", zorder=0)
         axis.set_xlabel("covid-chest-ct: infection found (mL; target at least 200)")
         axis.set_ylabel(ylabel)
         axis.grid(alpha=0.3)
-    axes[0].axhline(30, color="0.8", linestyle="--", zorder=0)
-    if len(curve) > 1:
-        axes[0].legend(loc="upper left", fontsize=8)
+        if key == "healthy_mean":
+            axis.axhline(30, color="0.8", linestyle="--", zorder=0)
+    if len(curve) > 1 or groups:
+        axes[0][0].legend(loc="upper left", fontsize=8)
     _save_figure(figure, path)

@@ -8,8 +8,11 @@ the labelled slices. A table (Markdown) and a figure.
 
 Each model folder holds a ``wholescan.csv`` (from ``wholescan``) and, optionally, ``train_fit/foldK/
 summary.json`` (from ``evaluate`` on the slices it trained on); the model's infection fit is the mean
-of those folds' per-case means. ``--curve`` joins models in the given order with a line (for instance
-one network at stricter infection thresholds, from ``export --infection-offset``).
+of those folds' per-case means. A model can also be a wholescan CSV file itself (a committed copy such
+as ``results/v2/fold1/wholescan_epoch18.csv``). ``--curve`` joins models in the given order with a line
+(for instance one network at stricter infection thresholds, from ``export --infection-offset``);
+``--group`` draws models in one colour of their own with a legend entry (for instance the epochs of one
+training run, to show how far single checkpoints of one recipe swing).
 """
 
 from __future__ import annotations
@@ -45,16 +48,22 @@ class ModelResults:
 
 
 def read_model(label: str, folder: str | Path) -> ModelResults:
-    """Read ``folder/wholescan.csv`` and any ``folder/train_fit/fold*/summary.json``."""
+    """Read ``folder/wholescan.csv`` and any ``folder/train_fit/fold*/summary.json``; or, where ``folder``
+    is a ``.csv`` file, that wholescan table alone."""
     folder = Path(folder)
-    table = folder / "wholescan.csv"
+    if folder.suffix == ".csv":
+        if not folder.is_file():
+            raise FileNotFoundError(f"{label}: no file {folder}")
+        folder, table, summaries = folder.parent, folder, []
+    else:
+        table, summaries = folder / "wholescan.csv", sorted(folder.glob("train_fit/fold*/summary.json"))
     if not table.is_file():
         raise FileNotFoundError(f"{label}: no wholescan.csv in {folder} (run `wholescan --out {folder}` first)")
     with table.open(newline="", encoding="utf-8") as handle:
         rows = {row["scan"]: row for row in csv.DictReader(handle)}
     results = ModelResults(label, rows)
     fits = []
-    for summary in sorted(folder.glob("train_fit/fold*/summary.json")):
+    for summary in summaries:
         fits.append(json.loads(summary.read_text(encoding="utf-8"))["per_case"]["infection"]["dice"]["mean"])
     if fits:
         results.fit_infection, results.fit_folds = sum(fits) / len(fits), len(fits)
@@ -90,14 +99,20 @@ def _mean_over(model: ModelResults, scans: Sequence[str], column: str) -> float 
     return None if None in values else sum(values) / len(values)  # type: ignore[arg-type]
 
 
+def _mean_of_present(model: ModelResults, scans: Sequence[str], column: str) -> float | None:
+    values = [value for value in (model.value(scan, column) for scan in scans) if value is not None]
+    return sum(values) / len(values) if values else None
+
+
 def healthy_mean(model: ModelResults) -> float | None:
     """Mean infection mL over the two healthy kernels (None when a kernel is missing)."""
     return _mean_over(model, HEALTHY_SCANS, "infection_ml")
 
 
 def nodule_mean(model: ModelResults) -> float | None:
-    """Mean share (%) of LIDC nodule voxels called infection over the two LIDC scans."""
-    return _mean_over(model, NODULE_SCANS, "nodule_infection_percent")
+    """Mean share (%) of LIDC nodule voxels called infection over the LIDC scans it was checked on (a
+    fold model is checked on the one it did not train on)."""
+    return _mean_of_present(model, NODULE_SCANS, "nodule_infection_percent")
 
 
 def parse_arguments(argv: Sequence[str]) -> argparse.Namespace:
@@ -108,6 +123,8 @@ def parse_arguments(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--curve", metavar="LABEL,LABEL,...", help="models to join with a line, in this order")
     parser.add_argument("--curve-name", default="same weights, stricter infection threshold",
                         help="the legend of the --curve line")
+    parser.add_argument("--group", action="append", default=[], metavar="NAME=LABEL,LABEL,...",
+                        help="models drawn in one colour, with NAME in the legend; repeat for each group")
     parser.add_argument("--out", required=True, type=Path, help="the Markdown table to write")
     parser.add_argument("--figure", type=Path, help="the PNG figure to write")
     return parser.parse_args(argv)
@@ -125,10 +142,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             models.append(read_model(label, folder))
         except (OSError, ValueError, KeyError) as error:
             raise SystemExit(f"--model {spec!r}: {error}") from error
+    labels = {model.label for model in models}
     curve = args.curve.split(",") if args.curve else []
-    unknown = [label for label in curve if label not in {model.label for model in models}]
+    unknown = [label for label in curve if label not in labels]
     if unknown:
         raise SystemExit(f"--curve names models not given with --model: {', '.join(unknown)}")
+    group_of: dict[str, str] = {}
+    for spec in args.group:
+        name, separator, members = spec.partition("=")
+        if not separator or not name or not members:
+            raise SystemExit(f"--group {spec!r}: expected NAME=LABEL,LABEL,...")
+        unknown = [label for label in members.split(",") if label not in labels]
+        if unknown:
+            raise SystemExit(f"--group {name!r} names models not given with --model: {', '.join(unknown)}")
+        twice = [label for label in members.split(",") if label in group_of]
+        if twice:
+            raise SystemExit(f"--group {name!r}: {', '.join(twice)} already in group {group_of[twice[0]]!r}")
+        group_of.update((label, name) for label in members.split(","))
     command = shlex.join(["python", "-m", "covidseg_training", "tradeoff", *argv])
     write_text_atomic(args.out, f"Command: `{command}`\n\n" + table_markdown(models))
     written = [str(args.out)]
@@ -137,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         points = [{"label": model.label, "covid_found": model.value(COVID_SCAN, "infection_ml"),
                    "healthy_mean": healthy_mean(model), "nodule_mean": nodule_mean(model),
-                   "fit": model.fit_infection} for model in models]
+                   "fit": model.fit_infection, "group": group_of.get(model.label)} for model in models]
         plot_tradeoff(points, curve, args.curve_name, args.figure)
         written.append(str(args.figure))
     print(f"wrote {' and '.join(written)} ({len(models)} models)")

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from covidseg_training.tradeoff import healthy_mean, main as tradeoff_main, read_model
+from covidseg_training.tradeoff import healthy_mean, main as tradeoff_main, nodule_mean, read_model
 
 COLUMNS = ("scan", "infection_ml", "largest_infection_component_ml", "nodule_infection_percent")
 
@@ -61,4 +61,42 @@ def test_bad_arguments_are_named(tmp_path):
         tradeoff_main(["--model", str(tmp_path / "a"), "--out", str(tmp_path / "t.md")])
     with pytest.raises(SystemExit, match="not given with --model: other"):
         tradeoff_main(["--model", f"a={tmp_path / 'a'}", "--curve", "a,other", "--out", str(tmp_path / "t.md")])
+    assert not (tmp_path / "t.md").exists()
+
+
+def test_epochs_of_runs_as_csv_files_in_groups(tmp_path):
+    """The swing of single checkpoints: committed wholescan CSVs as models, each run's epochs a group; a
+    fold model checked on one LIDC scan has that scan's nodules as its mean; the fit panel, which no
+    model has, is left out of the figure."""
+    one_lidc = ("covid-chest-ct", "example-chest-ct-kernel-L", "example-chest-ct-kernel-B", "LIDC-IDRI-0003")
+    for run, epoch, values in (("a", 18, (370.0, 55.0, 86.0, 38.0)), ("a", 19, (490.0, 76.0, 87.0, 49.0)),
+                               ("b", 26, (360.0, 40.0, 60.0, 30.0))):
+        write_results(tmp_path / f"{run}{epoch}", dict(zip(one_lidc, values)))
+        (tmp_path / f"{run}{epoch}" / "wholescan.csv").rename(tmp_path / f"wholescan_{run}_epoch{epoch}.csv")
+    model = read_model("a18", tmp_path / "wholescan_a_epoch18.csv")
+    assert nodule_mean(model) == 19.0 and healthy_mean(model) == 70.5 and model.fit_infection is None
+    out, figure = tmp_path / "swing.md", tmp_path / "swing.png"
+    assert tradeoff_main(["--model", f"a18={tmp_path / 'wholescan_a_epoch18.csv'}",
+                          "--model", f"a19={tmp_path / 'wholescan_a_epoch19.csv'}",
+                          "--model", f"b26={tmp_path / 'wholescan_b_epoch26.csv'}",
+                          "--group", "run a=a18,a19", "--group", "run b=b26",
+                          "--out", str(out), "--figure", str(figure)]) == 0
+    assert out.read_text(encoding="utf-8").splitlines()[-1] == "| b26 | - | 40.0 / 60.0 | 36.0 / 54.0 | 360.0 (324.0) | 15.0% / - |"
+    from PIL import Image
+
+    with Image.open(figure) as image:  # two panels, not three
+        assert 1.7 < image.width / image.height < 2.8, image.size
+
+
+def test_bad_groups_are_named(tmp_path):
+    write_results(tmp_path / "a", {"covid-chest-ct": 300.0})
+    base = ["--model", f"a={tmp_path / 'a'}", "--out", str(tmp_path / "t.md")]
+    with pytest.raises(SystemExit, match="NAME=LABEL"):
+        tradeoff_main(base + ["--group", "a"])
+    with pytest.raises(SystemExit, match="'g' names models not given with --model: b"):
+        tradeoff_main(base + ["--group", "g=a,b"])
+    with pytest.raises(SystemExit, match="a already in group 'g'"):
+        tradeoff_main(base + ["--group", "g=a", "--group", "h=a"])
+    with pytest.raises(SystemExit, match="no file"):
+        tradeoff_main(["--model", f"x={tmp_path / 'gone.csv'}", "--out", str(tmp_path / "t.md")])
     assert not (tmp_path / "t.md").exists()
