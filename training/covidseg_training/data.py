@@ -80,6 +80,29 @@ def load_png_export(root: Path = DEFAULT_PNG_ROOT) -> SliceDataset:
     return SliceDataset(np.stack(images), np.stack(labels), np.array(cases))
 
 
+def slice_neighbours(dataset: SliceDataset, min_lung_dice: float = 0.9) -> np.ndarray:
+    """For each slice, the index of the slice above and below it in its volume, or -1 where there is none
+    in the data: (N, 2) int, columns previous and next.
+
+    The PNG export numbered each volume's slices in order but dropped those without infection, so two
+    consecutive slices of one case are taken as neighbours only where their lung labels overlap with a
+    Dice of at least ``min_lung_dice`` (a dropped run of slices changes the lungs' outline; a single
+    dropped thin slice may not, so a neighbour can lie a few millimetres further away than the next
+    slice of the volume)."""
+    lungs = dataset.labels > 0
+    count = len(lungs)
+    neighbours = np.full((count, 2), -1, dtype=np.int64)
+    for index in range(count - 1):
+        if dataset.cases[index] != dataset.cases[index + 1]:
+            continue
+        a, b = lungs[index], lungs[index + 1]
+        total = int(a.sum()) + int(b.sum())
+        if total and 2 * int(np.count_nonzero(a & b)) >= min_lung_dice * total:
+            neighbours[index, 1] = index + 1
+            neighbours[index + 1, 0] = index
+    return neighbours
+
+
 # Volumes of one patient, by case id, that neither the PNG export's cases.csv nor the ids say.
 # Export cases 11 and 12: their best-matching CT slices correlate 0.97 (at 48 x 48 pixels), where
 # every other pair of cases stays at or under 0.87; two series of one Radiopaedia study, like the
