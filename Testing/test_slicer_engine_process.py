@@ -295,6 +295,16 @@ def test_device_query_runs_in_the_child(model_path):
     assert query.info["cuda_available"] == torch.cuda.is_available()
 
 
+def test_a_device_query_that_loses_its_folder_ends_with_an_error_instead_of_raising_on_each_tick(model_path):
+    import shutil
+
+    query = logic_for(model_path).queryDevice("cpu")
+    shutil.rmtree(query.folder)  # e.g. a temp cleaner, before the child has answered
+    assert query.poll() and query.poll()  # the panel's timer polls again: no exception either time
+    assert query.info is None and "lost contact with the engine" in query.error
+    assert process_gone(query.pid)
+
+
 def test_an_interpreter_that_does_not_exist_is_an_error_and_leaves_no_folder(scene, phantom, tmp_path, monkeypatch):
     import tempfile
 

@@ -213,17 +213,31 @@ class DeviceQuery:
         self.info: dict[str, Any] | None = None
         self.error: str | None = None
 
+    @property
+    def folder(self) -> Path:
+        """The temporary folder of the child's output; removed when the query ends."""
+        return self._folder
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
     def poll(self) -> bool:
         """True once the answer (``info``) or an ``error`` is in."""
         if self.info is not None or self.error is not None:
             return True
-        for message in self._process.poll():
-            if message["event"] == "device":
-                self.info = message
-            elif message["event"] == "error":
-                self.error = str(message.get("message"))
-        if self._process.running:
-            return False
+        try:
+            for message in self._process.poll():
+                if message["event"] == "device":
+                    self.info = message
+                elif message["event"] == "error":
+                    self.error = str(message.get("message"))
+            if self._process.running:
+                return False
+        except OSError as error:  # the child's output file vanished (temporary folder cleaned up under us)
+            self.cancel()
+            self.error = f"lost contact with the engine: {error}"
+            return True
         if self.info is None and self.error is None:
             tail = self._process.stderrTail(3)
             self.error = f"the engine could not start (exit code {self._process.returncode}): {tail}"
