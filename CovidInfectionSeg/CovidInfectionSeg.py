@@ -112,7 +112,7 @@ def stageText(stage: Optional[str]) -> str:
 class CovidInfectionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def __init__(self, parent=None, segmentationLogic: Optional[SegmentationLogicProtocol] = None,
                  dependencyLogic: Optional[DependencyLogicProtocol] = None) -> None:
-        ScriptedLoadableModuleWidget.__init__(self, parent)
+        # Everything setup() needs comes first: without a parent the base constructor calls setup() itself.
         VTKObservationMixin.__init__(self)
         self.logic = None
         self.segmentationLogic = segmentationLogic
@@ -127,6 +127,7 @@ class CovidInfectionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self._lastSegmentation = None
         self._timer = qt.QTimer()
         self._timer.setInterval(POLL_INTERVAL_MS)
+        ScriptedLoadableModuleWidget.__init__(self, parent)
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -180,6 +181,14 @@ class CovidInfectionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             self._run.cancel()
             self._finishRun()
         self.setParameterNode(None)
+        self._clearResult()
+
+    def _clearResult(self) -> None:
+        """Forget the shown result: after a scene close it belongs to a scan that is gone."""
+        self._lastSegmentation = None
+        self.ui.resultsTableView.setMRMLTableNode(None)
+        self.ui.statusLabel.text = ""
+        self.ui.warningsLabel.text = ""
 
     def onSceneEndClose(self, caller, event) -> None:
         if self.parent.isEntered:
@@ -202,10 +211,18 @@ class CovidInfectionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
     def setParameterNode(self, parameterNode) -> None:
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
         self._parameterNode = parameterNode
         if self._parameterNode:
-            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            # Not connectGui(self.ui): before Slicer 5.10 it returns no tag, so disconnectGui could not undo
+            # it, and each re-entry's stale device connector reset the remembered device to Auto.
+            self._parameterNodeGuiTag = self._parameterNode.connectParametersToGui({
+                "inputVolume": self.ui.inputVolumeSelector,
+                "outputSegmentation": self.ui.outputSegmentationSelector,
+                "device": self.ui.deviceComboBox,
+                "flipTTA": self.ui.flipTTACheckBox,
+            })
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
         self.onParameterNodeModified()
 
@@ -475,9 +492,12 @@ class CovidInfectionSegTest(ScriptedLoadableModuleTest):
         self.delayDisplay(f"Lungs {measurements.total.lung_ml:.0f} mL, infected {measurements.total.percent_infected:.1f}%")
 
     def test_PanelCancelsThenSegments(self):
+        import os
         import time
 
         import SampleData
+
+        from CovidInfectionSegLib.worker import HOLD_STAGE_ENV_VAR
 
         volume = SampleData.downloadSample("CTChest")
         widget = slicer.modules.covidinfectionseg.widgetRepresentation().self()
@@ -492,7 +512,13 @@ class CovidInfectionSegTest(ScriptedLoadableModuleTest):
             return condition()
 
         nodesBefore = slicer.mrmlScene.GetNumberOfNodes()
-        widget.ui.segmentButton.click()
+        # The child pauses once it reports the inference stage, so the timer sees that stage however
+        # fast the GPU; the child it starts has the variable, the next run's does not.
+        os.environ[HOLD_STAGE_ENV_VAR] = "inference"
+        try:
+            widget.ui.segmentButton.click()
+        finally:
+            del os.environ[HOLD_STAGE_ENV_VAR]
         self.assertEqual(widget.ui.segmentButton.text, "Cancel")
         self.assertTrue(waitFor(lambda: widget._run is not None and widget._run.stage == "inference", 300))
         widget.ui.segmentButton.click()  # cancel while segmenting

@@ -113,7 +113,16 @@ def test_every_ui_widget_the_module_uses_exists_in_the_ui_file():
     assert used - set(ui_widgets()) == set()
 
 
-def test_parameter_node_fields_match_the_ui_parameter_names():
+def _widget_method(name: str) -> ast.FunctionDef:
+    tree = ast.parse(MODULE_FILE.read_text(encoding="utf-8"))
+    widget = next(node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == "CovidInfectionSegWidget")
+    return next(node for node in widget.body if isinstance(node, ast.FunctionDef) and node.name == name)
+
+
+def test_parameter_node_fields_are_connected_to_ui_widgets_with_a_tag_every_version_returns():
+    """connectParametersToGui with the widgets named, not connectGui: before Slicer 5.10 connectGui returns
+    no tag (test_slicer_api checks both in Slicer's source), so disconnectGui could not undo it and each
+    re-entry's stale connector reset the remembered device to Auto."""
     tree = ast.parse(MODULE_FILE.read_text(encoding="utf-8"))
     wrapper = next(
         node for node in tree.body
@@ -121,13 +130,39 @@ def test_parameter_node_fields_match_the_ui_parameter_names():
     )
     fields = {statement.target.id for statement in wrapper.body if isinstance(statement, ast.AnnAssign)}
     assert fields == {"inputVolume", "outputSegmentation", "device", "flipTTA"}
-    bound = {}
-    for name, widget in ui_widgets().items():
-        prop = ui_property(widget, "SlicerParameterName")
-        if prop is not None:
-            bound[prop.find("string").text] = widget.get("class")
-    assert bound == {"inputVolume": "qMRMLNodeComboBox", "outputSegmentation": "qMRMLNodeComboBox", "device": "QComboBox",
-                     "flipTTA": "QCheckBox"}
+    calls = [node for node in ast.walk(tree) if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)]
+    assert not [call for call in calls if call.func.attr == "connectGui"]
+    (connect,) = [call for call in calls if call.func.attr == "connectParametersToGui"]
+    mapping = {key.value: value.attr for key, value in zip(connect.args[0].keys, connect.args[0].values)}
+    widgets = ui_widgets()
+    assert {field: widgets[name].get("class") for field, name in mapping.items()} == {
+        "inputVolume": "qMRMLNodeComboBox", "outputSegmentation": "qMRMLNodeComboBox", "device": "QComboBox",
+        "flipTTA": "QCheckBox"}
+    assert not [name for name, widget in widgets.items() if ui_property(widget, "SlicerParameterName") is not None], \
+        "a SlicerParameterName in the .ui would be a second, unused binding"
+
+
+def test_widget_sets_up_its_attributes_before_the_base_constructor_can_call_setup():
+    """Without a parent, ScriptedLoadableModuleWidget.__init__ calls setup() itself (a widget made from the
+    Python console or a test with injected logic objects)."""
+    body = _widget_method("__init__").body
+    last = body[-1]
+    assert isinstance(last, ast.Expr) and ast.unparse(last.value) == "ScriptedLoadableModuleWidget.__init__(self, parent)"
+    assigned = {target.attr for statement in body if isinstance(statement, (ast.Assign, ast.AnnAssign))
+                for target in (statement.targets if isinstance(statement, ast.Assign) else [statement.target])
+                if isinstance(target, ast.Attribute)}
+    used_in_setup = {node.attr for node in ast.walk(_widget_method("setup"))
+                     if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "self"}
+    assert {"segmentationLogic", "dependencyLogic", "_timer"} <= assigned & used_in_setup
+
+
+def test_closing_the_scene_forgets_the_shown_result():
+    source = ast.unparse(_widget_method("onSceneStartClose"))
+    assert "self._clearResult()" in source
+    cleared = ast.unparse(_widget_method("_clearResult"))
+    for statement in ("self._lastSegmentation = None", "self.ui.resultsTableView.setMRMLTableNode(None)",
+                      "self.ui.statusLabel.text = ''", "self.ui.warningsLabel.text = ''"):
+        assert statement in cleared
 
 
 def test_ui_node_selectors_take_the_right_node_types():

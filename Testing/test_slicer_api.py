@@ -24,6 +24,7 @@ MODULE_CODE = [MODULE_DIR / "CovidInfectionSeg.py", *sorted((MODULE_DIR / "Covid
                MODULE_DIR / "Scripts" / "covidseg_slicer_batch.py"]
 SLICER_GIT_DIR = os.environ.get("SLICER_GIT_DIR")
 TERMINOLOGIES = "Modules/Loadable/Terminologies/Resources/"
+PY_WRAPPER = "Base/Python/slicer/parameterNodeWrapper/wrapper.py"
 
 
 def slicer_ref(ref: str) -> str:
@@ -80,6 +81,30 @@ def test_the_source_check_catches_api_a_version_lacks():
     segment_header = "Libs/vtkSegmentationCore/vtkSegment.h"
     assert missing_in_source(SLICER_GIT_DIR, ref, [(segment_header, "SetTerminology")]) == [f"{segment_header}: SetTerminology"]
     assert missing_in_source(SLICER_GIT_DIR, slicer_ref(SUPPORTED["5.10.0"]), [(segment_header, "SetTerminology")]) == []
+
+
+def _function_source(text: str, name: str) -> str:
+    import ast
+
+    return ast.unparse(next(node for node in ast.walk(ast.parse(text)) if isinstance(node, ast.FunctionDef) and node.name == name))
+
+
+@pytest.mark.parametrize("version", sorted(SUPPORTED))
+def test_connect_parameters_to_gui_returns_the_tag_that_disconnect_gui_takes(version):
+    """The widget keeps connectParametersToGui's tag to undo the connection on exit and scene close."""
+    wrapper = slicer_file(slicer_ref(SUPPORTED[version]), PY_WRAPPER)
+    assert 'checkedSetAttr(classtype, "connectParametersToGui", _connectParametersToGui)' in wrapper
+    assert _function_source(wrapper, "_connectParametersToGui").rstrip().endswith("return tag")
+    assert "del self._parameterGUIs[guiTag]" in _function_source(wrapper, "_disconnectGui")
+
+
+def test_connect_gui_returns_no_tag_before_slicer_5_10():
+    """Why the widget does not use connectGui (the template's way): 5.6 and 5.8 drop its tag."""
+    for version in ("5.6.1", "5.8.1"):
+        connect = _function_source(slicer_file(slicer_ref(SUPPORTED[version]), PY_WRAPPER), "_connectGui")
+        assert "return" not in connect, version
+    connect = _function_source(slicer_file(slicer_ref(SUPPORTED["5.10.0"]), PY_WRAPPER), "_connectGui")
+    assert "return _connectParametersToGui(self, paramNameToWidget)" in connect
 
 
 @pytest.mark.parametrize("version", sorted(SUPPORTED))
