@@ -501,6 +501,9 @@ class CovidInfectionSegTest(ScriptedLoadableModuleTest):
 
         volume = SampleData.downloadSample("CTChest")
         widget = slicer.modules.covidinfectionseg.widgetRepresentation().self()
+        # setUp cleared the scene; a panel that is not shown (the test run from the Self Tests module or
+        # the console) took up no parameter node again, as entering the module would.
+        widget.initializeParameterNode()
         widget.logic.getParameterNode().inputVolume = volume
         widget.logic.getParameterNode().outputSegmentation = None
 
