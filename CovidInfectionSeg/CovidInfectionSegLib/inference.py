@@ -37,7 +37,8 @@ import torch
 import torch.nn.functional as F
 
 from .model_package import ModelPackage
-from .preprocessing import IntensityRecipe, SliceGeometry, make_clahe, preprocess_slice, to_network_input
+from .preprocessing import (IntensityRecipe, SliceGeometry, context_indices, make_clahe, preprocess_slice,
+                            to_network_input)
 
 ProgressCallback = Callable[[int, int], None]
 CancelCheck = Union[Callable[[], bool], threading.Event]
@@ -214,6 +215,7 @@ def predict_volume(
     cancel: CancelCheck | None = None,
     precision: str = "auto",
     flip_tta: bool = False,
+    slice_spacing_mm: float | None = None,
 ) -> np.ndarray:
     """Network classes for every axial slice of a canonical volume.
 
@@ -222,6 +224,8 @@ def predict_volume(
     ``"bf16"`` or ``"fp16"`` (see :func:`pick_precision`). ``flip_tta`` averages each slice's softmax
     with that of its left-right mirror (twice the network time). ``progress(done, total)`` is called
     after each batch; ``cancel`` is checked before each batch and raises :class:`SegmentationCancelled`.
+    ``slice_spacing_mm``, the distance between slices, places the neighbours of a model with context
+    across slices (``recipe.context_slices``); without it they are the adjacent slices.
     """
     if volume.ndim != 3:
         raise ValueError(f"predict_volume needs a (z, y, x) volume, got shape {volume.shape}")
@@ -234,7 +238,7 @@ def predict_volume(
     geometry = SliceGeometry.for_shape(volume.shape[1:], model.recipe.pad_to_square)
     network = _Network(prepare_module(model.module, device, precision), geometry, device, precision, flip_tta)
     output = np.zeros(volume.shape, dtype=np.uint8)
-    preparer = _BatchPreparer(volume, model.recipe)
+    preparer = _BatchPreparer(volume, model.recipe, slice_spacing_mm)
     # CPU work is done when the call returns; CUDA work is queued, so one batch may stay in flight.
     max_in_flight = 1 if device.type == "cuda" else 0
     in_flight: deque[tuple[int, _BatchResult]] = deque()
@@ -272,20 +276,28 @@ def predict_volume(
 
 
 class _BatchPreparer:
-    """Preprocess slices [start, stop) of a volume; one CLAHE object per thread (it is not thread-safe)."""
+    """Preprocess slices [start, stop) of a volume: (n, size, size) uint8, or with context across
+    slices (n, channels, size, size), each slice preprocessed once per batch. One CLAHE object per
+    thread (it is not thread-safe)."""
 
-    def __init__(self, volume: np.ndarray, recipe: IntensityRecipe):
+    def __init__(self, volume: np.ndarray, recipe: IntensityRecipe, slice_spacing_mm: float | None = None):
         self.volume = volume
         self.recipe = recipe
+        self.channels = context_indices(len(volume), recipe, slice_spacing_mm)
         self._local = threading.local()
 
     def prepare(self, start: int, stop: int) -> np.ndarray:
         if not hasattr(self._local, "clahe"):
             self._local.clahe = make_clahe(self.recipe)
-        images = np.empty((stop - start, self.recipe.input_size, self.recipe.input_size), dtype=np.uint8)
-        for offset, index in enumerate(range(start, stop)):
-            images[offset] = preprocess_slice(self.volume[index], self.recipe, self._local.clahe)
-        return images
+        needed = self.channels[start:stop]
+        prepared = {int(index): preprocess_slice(self.volume[index], self.recipe, self._local.clahe)
+                    for index in np.unique(needed)}
+        size = self.recipe.input_size
+        images = np.empty((*needed.shape, size, size), dtype=np.uint8)
+        for position, indices in enumerate(needed):
+            for channel, index in enumerate(indices):
+                images[position, channel] = prepared[int(index)]
+        return images[:, 0] if needed.shape[1] == 1 else images
 
 
 class _BatchResult:
@@ -361,7 +373,8 @@ def predict_slices(
     precision: str = "fp32",
     flip_tta: bool = False,
 ) -> np.ndarray:
-    """Preprocessed uint8 images (n, size, size) -> uint8 classes (n, rows, cols) on the slice grid.
+    """Preprocessed uint8 images (n, size, size), or stacks (n, channels, size, size) for a model with
+    context across slices -> uint8 classes (n, rows, cols) on the slice grid.
 
     ``module`` runs as given (pass it through :func:`prepare_module` for speed); ``precision`` is a
     name :func:`pick_precision` returns. Logits (with ``flip_tta``, the mean softmax of the slice and
@@ -381,7 +394,9 @@ def classify(
     if device.type == "cuda":
         pixels = pixels.pin_memory().to(device, non_blocking=True)
     with torch.inference_mode():
-        batch = _network_input_table(device)[pixels.long()].unsqueeze(1)
+        batch = _network_input_table(device)[pixels.long()]
+        if batch.dim() == 3:  # single slices, no context: one channel
+            batch = batch.unsqueeze(1)
         with autocast(device, precision):
             logits = flip_averaged_softmax(module, batch) if flip_tta else module(batch)
         target = _target_shape(geometry)
@@ -397,8 +412,8 @@ def classify(
 
 
 def flip_averaged_softmax(module: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    """Flip test-time augmentation: the mean of the softmax of ``batch`` (N, 1, H, W) and of its
-    left-right mirror, mirrored back (float32, N x classes x H x W)."""
+    """Flip test-time augmentation: the mean of the softmax of ``batch`` (N, C, H, W) and of its
+    left-right mirror, mirrored back (float32, N x classes x H x W); any number of input channels."""
     mirrored = module(batch.flip(-1)).flip(-1)
     return (module(batch).float().softmax(dim=1) + mirrored.float().softmax(dim=1)) / 2
 

@@ -193,6 +193,12 @@ def _parse_recipe(manifest: dict[str, Any], manifest_path: Path) -> IntensityRec
         raise ModelError(
             f"{manifest_path}: 'input.size' ({input_size}) and 'recipe.input_size' ({recipe.input_size}) disagree"
         )
+    channels = manifest["input"].get("channels") if isinstance(manifest["input"], dict) else None
+    if channels is not None and int(channels) != recipe.channels:
+        raise ModelError(
+            f"{manifest_path}: 'input.channels' ({channels}) and the recipe's context across slices "
+            f"(context_slices {recipe.context_slices}: {recipe.channels} channels) disagree"
+        )
     return recipe
 
 
@@ -231,9 +237,11 @@ def _check_forward(package: ModelPackage) -> None:
     size = package.input_size
     try:
         with torch.inference_mode():
-            output = package.module(torch.zeros((1, 1, size, size), dtype=torch.float32))
+            output = package.module(torch.zeros((1, package.recipe.channels, size, size), dtype=torch.float32))
     except Exception as error:
-        raise ModelError(f"{package.weights_path}: a one-slice forward pass failed: {_first_line(error)}") from error
+        raise ModelError(f"{package.weights_path}: a one-slice forward pass failed with {package.recipe.channels} "
+                         f"input channel(s) (recipe.context_slices {package.recipe.context_slices}): "
+                         f"{_first_line(error)}") from error
     expected = (1, package.n_labels, size, size)
     if not isinstance(output, torch.Tensor) or tuple(output.shape) != expected:
         shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__

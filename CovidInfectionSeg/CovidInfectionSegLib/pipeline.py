@@ -123,7 +123,8 @@ def segment_image(
     in_hu = looks_like_hu(volume)
 
     inference_started = time.perf_counter()
-    classes = predict_volume(volume, model, torch_device, batch_size, progress, cancel, precision, flip_tta)
+    classes = predict_volume(volume, model, torch_device, batch_size, progress, cancel, precision, flip_tta,
+                             slice_spacing_mm=canonical.GetSpacing()[2])
     inference_seconds = time.perf_counter() - inference_started
     if is_cancelled(cancel):
         raise SegmentationCancelled("cancelled after inference")

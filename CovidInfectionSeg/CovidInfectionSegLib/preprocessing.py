@@ -6,10 +6,15 @@ resize to 256x256 bicubic, per-slice min-max to [0, 1], x255 to uint8, CLAHE (cl
 OpenCV semantics). Before the min-max we clip HU to a window named in the model manifest, because
 scanners pad outside the field of view with -2048 or -3024 and metal goes far above 3000; a per-slice
 min-max over such raw values turns lungs mid-grey, which the model reads as infection.
+
+A recipe may give the network context across slices (a 2.5D input, ``context_slices``): each slice is
+then segmented from a stack of itself and its neighbours above and below, each one put through the
+same per-slice steps, as channels. Models without it (1.x, 2.0.0) see one slice.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,12 +31,27 @@ class IntensityRecipe:
     clahe_clip_limit: float = 7.0
     clahe_tile_grid: tuple[int, int] = (8, 8)
     pad_to_square: bool = True
+    # 2.5D input: this many slices on each side of the segmented one join it as channels, lowest z
+    # first; each neighbour is the slice nearest to ``context_mm`` (times 1, 2, ...) away, and at least
+    # the next one (0: the adjacent slices). At the volume's ends the end slice stands in.
+    context_slices: int = 0
+    context_mm: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.context_slices < 0 or self.context_mm < 0:
+            raise ValueError(f"context_slices and context_mm must be >= 0, got {self.context_slices} and {self.context_mm}")
+
+    @property
+    def channels(self) -> int:
+        """The network's input channels: the slice and its neighbours."""
+        return 2 * self.context_slices + 1
 
     @classmethod
     def from_manifest(cls, recipe: dict[str, Any]) -> "IntensityRecipe":
         """Build a recipe from a manifest's ``recipe`` dictionary; unknown keys are kept in ``extra``."""
-        known = {"input_size", "hu_window", "clahe_clip_limit", "clahe_tile_grid", "pad_to_square"}
+        known = {"input_size", "hu_window", "clahe_clip_limit", "clahe_tile_grid", "pad_to_square", "context_slices",
+                 "context_mm"}
         window = recipe.get("hu_window", cls.hu_window)
         return cls(
             input_size=int(recipe.get("input_size", cls.input_size)),
@@ -39,11 +59,16 @@ class IntensityRecipe:
             clahe_clip_limit=float(recipe.get("clahe_clip_limit", cls.clahe_clip_limit)),
             clahe_tile_grid=tuple(int(v) for v in recipe.get("clahe_tile_grid", cls.clahe_tile_grid)),
             pad_to_square=bool(recipe.get("pad_to_square", cls.pad_to_square)),
+            context_slices=int(recipe.get("context_slices", 0)),
+            context_mm=float(recipe.get("context_mm", 0.0)),
             extra={k: v for k, v in recipe.items() if k not in known},
         )
 
     def to_manifest(self) -> dict[str, Any]:
-        """The inverse of :meth:`from_manifest`."""
+        """The inverse of :meth:`from_manifest` (the context keys only where there is context, so a
+        single-slice recipe reads as it did before they existed)."""
+        context = {} if not self.context_slices else {"context_slices": self.context_slices,
+                                                      "context_mm": self.context_mm}
         return {
             "input_size": self.input_size,
             "hu_window": None if self.hu_window is None else list(self.hu_window),
@@ -52,6 +77,7 @@ class IntensityRecipe:
             "pad_to_square": self.pad_to_square,
             "resize": "bicubic",
             "normalization": "per-slice min-max to [0,1], x255, uint8, then CLAHE",
+            **context,
             **self.extra,
         }
 
@@ -125,9 +151,27 @@ def preprocess_slices(slices_hu: np.ndarray, recipe: IntensityRecipe) -> np.ndar
     return out
 
 
+def context_step(recipe: IntensityRecipe, slice_spacing_mm: float | None) -> int:
+    """How many slices apart a slice's neighbours are taken: the nearest to ``recipe.context_mm``, at
+    least 1 (1 when the recipe or the volume gives no distance)."""
+    if not recipe.context_mm or not slice_spacing_mm:
+        return 1
+    return max(1, math.floor(recipe.context_mm / abs(slice_spacing_mm) + 0.5))
+
+
+def context_indices(count: int, recipe: IntensityRecipe, slice_spacing_mm: float | None) -> np.ndarray:
+    """For each of ``count`` slices, the slices of its network channels, lowest z first: int (count,
+    channels); the end slice stands in beyond the volume's ends."""
+    step = context_step(recipe, slice_spacing_mm)
+    offsets = np.arange(-recipe.context_slices, recipe.context_slices + 1) * step
+    return np.clip(np.arange(count)[:, None] + offsets, 0, count - 1)
+
+
 def to_network_input(images_uint8: np.ndarray) -> np.ndarray:
-    """uint8 images (n x H x W) -> float32 (n x 1 x H x W) in [0, 1], the model's input."""
-    return (images_uint8.astype(np.float32) / 255.0)[:, None]
+    """uint8 images (n x H x W), or stacks of them (n x channels x H x W) -> float32 (n x channels x H x W)
+    in [0, 1], the model's input."""
+    scaled = images_uint8.astype(np.float32) / 255.0
+    return scaled[:, None] if scaled.ndim == 3 else scaled
 
 
 def restore_slice_shape(label_or_prob: np.ndarray, geometry: SliceGeometry, nearest: bool) -> np.ndarray:

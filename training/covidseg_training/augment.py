@@ -52,6 +52,11 @@ class AugmentConfig:
     # consolidation untouched.
     mass_p: float = 0.0
     mass_on: str = "all"
+    # A slice with its neighbours (context_slices): the neighbours' order reversed. The PNG export's
+    # slice numbers run head-to-foot in some volumes and foot-to-head in others, as far as is known
+    # here, while the engine's canonical volumes run one way: so the network must not rely on which
+    # side is up.
+    zflip_p: float = 0.5
 
     def __post_init__(self) -> None:
         if self.mass_on not in MASS_ON:
@@ -149,35 +154,43 @@ class SliceAugmenter:
         high = self.rng.uniform(150, 255)
         return np.clip(image.astype(np.float32), low, high)
 
-    def kernel(self, image: np.ndarray) -> np.ndarray:
-        """A softer or a sharper reconstruction kernel, as another scanner setting would give."""
+    def kernel(self, image: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
+        """A softer or a sharper reconstruction kernel, as another scanner setting would give (drawn
+        from ``rng``, by default the augmenter's)."""
+        rng = rng or self.rng
         pixels = image.astype(np.float32)
-        if self.rng.random() < 0.5:
-            return cv2.GaussianBlur(pixels, (0, 0), self.rng.uniform(0.6, 1.4))
+        if rng.random() < 0.5:
+            return cv2.GaussianBlur(pixels, (0, 0), rng.uniform(0.6, 1.4))
         detail = pixels - cv2.GaussianBlur(pixels, (0, 0), 1.0)
-        noise = cv2.GaussianBlur(self.rng.normal(0.0, 1.0, pixels.shape).astype(np.float32), (0, 0), 0.6)
-        noise *= self.rng.uniform(3.0, 10.0) / max(float(noise.std()), 1e-6)
-        return np.clip(pixels + self.rng.uniform(0.5, 1.5) * detail + noise, 0, 255)
+        noise = cv2.GaussianBlur(rng.normal(0.0, 1.0, pixels.shape).astype(np.float32), (0, 0), 0.6)
+        noise *= rng.uniform(3.0, 10.0) / max(float(noise.std()), 1e-6)
+        return np.clip(pixels + rng.uniform(0.5, 1.5) * detail + noise, 0, 255)
 
-    def harmonise(self, image: np.ndarray, label: np.ndarray) -> np.ndarray:
+    def harmonise(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
         """The slice re-rendered in a random kernel, its lung (labelled pixels; the whole slice when
-        there is too little lung) at a random gray level and contrast (one affine map of the slice)."""
+        there is too little lung) at a random gray level and contrast (one affine map of the slice);
+        drawn from ``rng``, by default the augmenter's."""
+        rng = rng or self.rng
         pixels = image.astype(np.float32)
         inside = detail_region(label)
         region = label != 0
         if inside is None:  # too little lung: the whole slice
             region = np.ones(label.shape, dtype=bool)
             inside = detail_region(region)
-        base = blur_to_detail(pixels, inside, self.rng.uniform(*BASE_DETAIL_RANGE))
-        noise = cv2.GaussianBlur(self.rng.normal(0.0, 1.0, pixels.shape).astype(np.float32), (0, 0), 0.6)
+        base = blur_to_detail(pixels, inside, rng.uniform(*BASE_DETAIL_RANGE))
+        noise = cv2.GaussianBlur(rng.normal(0.0, 1.0, pixels.shape).astype(np.float32), (0, 0), 0.6)
         have, unit = detail_in(base, inside), detail_in(noise, inside)
-        target = self.rng.uniform(*DETAIL_RANGE)
+        target = rng.uniform(*DETAIL_RANGE)
         rendered = base + np.sqrt(max(0.0, target**2 - have**2)) / max(unit, 1e-6) * noise  # detail adds in squares
         mean, std = float(rendered[region].mean()), float(rendered[region].std())
-        gain = self.rng.uniform(*LUNG_STD_RANGE) / max(std, 1e-3)
-        return np.clip((rendered - mean) * gain + self.rng.uniform(*LUNG_MEAN_RANGE), 0, 255)
+        gain = rng.uniform(*LUNG_STD_RANGE) / max(std, 1e-3)
+        return np.clip((rendered - mean) * gain + rng.uniform(*LUNG_MEAN_RANGE), 0, 255)
 
     def __call__(self, image: np.ndarray, label: np.ndarray, negative: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """``image`` one slice (H, W), or a slice with its neighbours as channels (C, H, W), the slice
+        in the middle; ``label`` the slice's (H, W)."""
+        if image.ndim == 3:
+            return self.stack(image, label)
         # Masses and harmonisation are drawn only when on, so that configs without them augment
         # exactly as before they existed. Masses come first: geometry and scanner then act on them too.
         masses_here = self.config.mass_p and (negative or self.config.mass_on == "all")
@@ -195,3 +208,27 @@ class SliceAugmenter:
                 image = self.window(image)
             image = self.clahe.apply(minmax_to_uint8(image))
         return np.ascontiguousarray(image), np.ascontiguousarray(label)
+
+    def stack(self, images: np.ndarray, label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """A slice and its neighbours (C, H, W) augmented alike: one geometry, and every intensity step
+        with the same draws on each channel (what differs between neighbouring slices of one scan is the
+        anatomy, not the scanner). The per-slice min-max and CLAHE stay per slice, as the engine does them."""
+        if self.config.mass_p:
+            raise ValueError("synthetic masses (augment.mass_p) are painted into one slice; not with neighbours")
+        if self.rng.random() < self.config.zflip_p:
+            images = images[::-1]
+        out = self.geometry(image=np.ascontiguousarray(np.moveaxis(images, 0, -1)), mask=label)
+        pixels, label = out["image"], out["mask"]
+        channels = [pixels[..., channel] for channel in range(pixels.shape[-1])]
+        if self.config.harmonise_p and self.rng.random() < self.config.harmonise_p:
+            seed = int(self.rng.integers(2**63))
+            channels = [self.harmonise(c, label, np.random.default_rng(seed)).astype(np.uint8) for c in channels]
+        if self.rng.random() < self.config.kernel_p:
+            seed = int(self.rng.integers(2**63))
+            channels = [np.clip(self.kernel(c, np.random.default_rng(seed)), 0, 255).astype(np.uint8) for c in channels]
+        if self.rng.random() < self.config.scanner_p:
+            degraded = self.scanner(image=np.ascontiguousarray(np.stack(channels, axis=-1)))["image"]
+            if self.rng.random() < self.config.window_p:
+                degraded = self.window(degraded)
+            channels = [self.clahe.apply(minmax_to_uint8(degraded[..., c])) for c in range(degraded.shape[-1])]
+        return np.ascontiguousarray(np.stack(channels)), np.ascontiguousarray(label)

@@ -32,7 +32,7 @@ class Checkpoint:
 def build_model(config: TrainConfig) -> UNet2D:
     """The network a config describes (3 classes: background, lung, infection), as it is exported and
     evaluated: without the deep-supervision heads that only training uses."""
-    return UNet2D(num_classes=3, base_channels=config.base_channels, depth=config.depth)
+    return UNet2D(in_channels=config.channels, num_classes=3, base_channels=config.base_channels, depth=config.depth)
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
@@ -81,7 +81,8 @@ def load_network(path: str | Path) -> tuple[torch.nn.Module, TrainConfig | None,
 def initial_state(path: str | Path, config: TrainConfig) -> dict[str, torch.Tensor]:
     """The weights a run starts from (the config's ``init_from``): a training checkpoint or an exported
     TorchScript ``.pt`` of the architecture that ``config`` builds, or of a narrower one of the same depth
-    when ``config.init_widen`` (widened without changing its function, see :mod:`.widen`)."""
+    when ``config.init_widen`` (widened without changing its function, see :mod:`.widen`). A single-slice
+    network starts a context model (``config.context_slices``) as :func:`with_context_channels` says."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"init_from: {path} not found")
@@ -89,6 +90,8 @@ def initial_state(path: str | Path, config: TrainConfig) -> dict[str, torch.Tens
         state = torch.jit.load(str(path), map_location="cpu").state_dict()
     else:
         state = load_checkpoint(path).model.state_dict()
+    if config.context_slices and state["encoders.0.0.weight"].shape[1] == 1:
+        state = with_context_channels(state, config.channels)
     if config.init_widen:
         try:
             state = widen_unet_state(state, config.base_channels, config.depth, seed=config.seed)
@@ -98,6 +101,15 @@ def initial_state(path: str | Path, config: TrainConfig) -> dict[str, torch.Tens
     return model_with_weights(state, config, f"init_from: {path}").state_dict()
 
 
+def with_context_channels(state: dict[str, torch.Tensor], channels: int) -> dict[str, torch.Tensor]:
+    """Weights of a single-slice network made to read ``channels`` input channels, the slice in the
+    middle, computing what it did: the neighbours' weights start at zero, and training grows them."""
+    weight = state["encoders.0.0.weight"]
+    grown = torch.zeros((weight.shape[0], channels, *weight.shape[2:]), dtype=weight.dtype)
+    grown[:, channels // 2] = weight[:, 0]
+    return {**state, "encoders.0.0.weight": grown}
+
+
 def model_with_weights(state: dict[str, torch.Tensor], config: TrainConfig, source: str) -> UNet2D:
     """The network ``config`` builds, holding ``state``; a ValueError naming ``source`` when they do not fit."""
     model = build_model(config)
@@ -105,6 +117,7 @@ def model_with_weights(state: dict[str, torch.Tensor], config: TrainConfig, sour
     try:
         model.load_state_dict(state)
     except RuntimeError as error:
-        raise ValueError(f"{source}: weights do not fit a UNet2D(base_channels={config.base_channels}, "
-                         f"depth={config.depth}): {str(error).splitlines()[0]}") from error
+        raise ValueError(f"{source}: weights do not fit a UNet2D(in_channels={config.channels}, "
+                         f"base_channels={config.base_channels}, depth={config.depth}): "
+                         f"{str(error).splitlines()[0]}") from error
     return model

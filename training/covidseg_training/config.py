@@ -8,6 +8,8 @@ from typing import Any
 
 import yaml
 
+from CovidInfectionSegLib.preprocessing import IntensityRecipe
+
 from .augment import AugmentConfig
 from .negatives import NegativesConfig
 
@@ -46,6 +48,12 @@ class TrainConfig:
     case_balanced: bool = False
     init_from: str = ""  # start from these weights (best.pt or an exported TorchScript .pt); empty = random
     init_widen: bool = False  # init_from may be narrower: widened to base_channels computing the same (widen.py)
+    # Context across slices (2.5D): the network sees this many neighbours on each side of a slice as
+    # extra channels (0: the slice alone). Labelled slices take their neighbours from the PNG export
+    # (data.slice_neighbours), negatives from their scan; ``context_mm`` goes into the manifest, where
+    # the engine takes the slice nearest to it (at least the next one) as the neighbour.
+    context_slices: int = 0
+    context_mm: float = 3.0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     negatives: NegativesConfig = field(default_factory=NegativesConfig)
 
@@ -64,12 +72,28 @@ class TrainConfig:
         for key in ("scale_range", "downsample_range"):
             if isinstance(getattr(augment, key), list):
                 setattr(augment, key, tuple(getattr(augment, key)))
-        return cls(augment=augment, negatives=negatives, **values)
+        config = cls(augment=augment, negatives=negatives, **values)
+        if config.context_slices < 0:
+            raise ValueError(f"context_slices must be >= 0, not {config.context_slices}")
+        if config.context_slices and config.augment.mass_p:
+            raise ValueError("augment.mass_p with context_slices: the synthetic masses are painted into one slice "
+                             "only, so a neighbour would show none; set mass_p to 0 for a context model")
+        return config
 
     @classmethod
     def load(cls, path: str | Path) -> "TrainConfig":
         with open(path, encoding="utf-8") as handle:
             return cls.from_dict(yaml.safe_load(handle) or {})
+
+    @property
+    def channels(self) -> int:
+        """The network's input channels: the slice and its neighbours."""
+        return 2 * self.context_slices + 1
+
+    def recipe(self) -> IntensityRecipe:
+        """The intensity recipe a model of this config is exported with (its context included)."""
+        return IntensityRecipe(input_size=self.input_size, context_slices=self.context_slices,
+                               context_mm=self.context_mm if self.context_slices else 0.0)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -103,6 +103,31 @@ def slice_neighbours(dataset: SliceDataset, min_lung_dice: float = 0.9) -> np.nd
     return neighbours
 
 
+def context_stacks(images: np.ndarray, neighbours: np.ndarray, context_slices: int) -> np.ndarray:
+    """Each slice with ``context_slices`` neighbours on each side as channels, lowest first (uint8 (N,
+    2k+1, H, W)); ``neighbours`` is :func:`slice_neighbours`' table, followed k times for the k-th
+    neighbour. Where a volume's known slices end, the last one stands in, as the engine repeats a
+    volume's end slices."""
+    count = len(images)
+    chosen = np.empty((count, 2 * context_slices + 1), dtype=np.int64)
+    chosen[:, context_slices] = np.arange(count)
+    for step in range(1, context_slices + 1):
+        for column, side in ((context_slices - step, 0), (context_slices + step, 1)):
+            nearer = chosen[:, column + 1] if side == 0 else chosen[:, column - 1]
+            further = neighbours[nearer, side]
+            chosen[:, column] = np.where(further >= 0, further, nearer)
+    return images[chosen]
+
+
+def with_context(dataset: SliceDataset, context_slices: int, images: np.ndarray | None = None) -> np.ndarray:
+    """A dataset's network inputs: its images (or ``images``, e.g. a degraded copy of them), each with
+    ``context_slices`` neighbours in the data on each side as channels (:func:`context_stacks`)."""
+    images = dataset.images if images is None else images
+    if not context_slices:
+        return images
+    return context_stacks(images, slice_neighbours(dataset), context_slices)
+
+
 # Volumes of one patient, by case id, that neither the PNG export's cases.csv nor the ids say.
 # Export cases 11 and 12: their best-matching CT slices correlate 0.97 (at 48 x 48 pixels), where
 # every other pair of cases stays at or under 0.87; two series of one Radiopaedia study, like the

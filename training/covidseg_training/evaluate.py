@@ -45,7 +45,7 @@ from .model_and_data import (
     add_model_arguments,
     resolve_model_and_data,
 )
-from .predict import Predictions, predict
+from .predict import Predictions, predict_dataset
 from .robustness import robustness_report
 
 TOLERANCE_MM = {"lung": 1.0, "infection": 3.0}
@@ -190,7 +190,7 @@ def evaluate(network: torch.nn.Module, dataset: SliceDataset, out_dir: str | Pat
         raise ValueError("the validation set is empty: nothing to evaluate")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    predictions: Predictions = predict(network, dataset.images, batch_size)
+    predictions: Predictions = predict_dataset(network, dataset, batch_size)
     slice_mm = dataset.pixel_sizes(pixel_mm)
     slice_rows, case_rows = metric_tables(predictions.labels, dataset.labels, dataset.cases, slice_mm)
     sweep = threshold_sweep(predictions.infection_probability, dataset.labels, dataset.cases)

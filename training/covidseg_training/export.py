@@ -27,7 +27,6 @@ import torch
 
 from CovidInfectionSegLib.atomic import atomic_path, write_text_atomic
 from CovidInfectionSegLib.checksums import sha256_of
-from CovidInfectionSegLib.preprocessing import IntensityRecipe
 
 from .checkpoint import Checkpoint, load_checkpoint
 from .config import TrainConfig
@@ -39,22 +38,23 @@ from .negatives import LUNG_LABEL_MEANS, NEGATIVE_SCAN_SOURCES
 TOLERANCE = 1e-4  # max |scripted - eager| logit difference accepted (float32, same CPU kernels)
 
 
-def script_model(model: torch.nn.Module, input_size: int, seed: int = 0) -> torch.jit.ScriptModule:
+def script_model(model: torch.nn.Module, input_size: int, seed: int = 0, channels: int = 1) -> torch.jit.ScriptModule:
     """TorchScript of ``model`` (eval mode), verified to give the eager logits on a random batch."""
     model = model.eval().to(memory_format=torch.contiguous_format)
     with warnings.catch_warnings():  # TorchScript is deprecated upstream but it is the package format
         warnings.simplefilter("ignore", DeprecationWarning)
         scripted = torch.jit.script(model)
-    verify_same_output(model, scripted, input_size, seed)
+    verify_same_output(model, scripted, input_size, seed, channels=channels)
     return scripted
 
 
 def verify_same_output(
-    reference: torch.nn.Module, candidate: torch.nn.Module, input_size: int, seed: int = 0, batch: int = 2
+    reference: torch.nn.Module, candidate: torch.nn.Module, input_size: int, seed: int = 0, batch: int = 2,
+    channels: int = 1,
 ) -> float:
     """Max absolute logit difference on a random batch; raises ``RuntimeError`` above :data:`TOLERANCE`."""
     generator = torch.Generator().manual_seed(seed)
-    inputs = torch.rand((batch, 1, input_size, input_size), generator=generator)
+    inputs = torch.rand((batch, channels, input_size, input_size), generator=generator)
     with torch.inference_mode():
         expected = reference(inputs)
         actual = candidate(inputs)
@@ -71,7 +71,7 @@ def architecture_of(model: torch.nn.Module, config: TrainConfig) -> dict[str, An
         "type": "UNet2D",
         "base_channels": config.base_channels,
         "depth": config.depth,
-        "in_channels": 1,
+        "in_channels": config.channels,
         "classes": 3,
         "parameters": int(sum(parameter.numel() for parameter in model.parameters())),
     }
@@ -209,15 +209,15 @@ def export_checkpoint(
     config = checkpoint.config
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    scripted = script_model(model, config.input_size)
+    scripted = script_model(model, config.input_size, channels=config.channels)
     weights_path = out_dir / f"{name}.pt"
     with atomic_path(weights_path) as temporary, warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         buffer = io.BytesIO()  # not the temporary file: its random name would become the archive's inner folder
         torch.jit.save(scripted, buffer)
         temporary.write_bytes(buffer.getvalue())
-        verify_same_output(model, torch.jit.load(str(temporary)), config.input_size, seed=1)
-    recipe = IntensityRecipe(input_size=config.input_size)
+        verify_same_output(model, torch.jit.load(str(temporary)), config.input_size, seed=1, channels=config.channels)
+    recipe = config.recipe()
     manifest = build_manifest(
         weights_path,
         name=name,

@@ -56,7 +56,7 @@ def build_manifest(
         "file": weights_path.name,
         "sha256": sha256_of(weights_path),
         "architecture": architecture,
-        "input": {"channels": 1, "size": recipe.input_size, "scale": 255.0},
+        "input": {"channels": recipe.channels, "size": recipe.input_size, "scale": 255.0},
         "recipe": recipe.to_manifest(),
         "labels": NETWORK_LABELS,
         "segments": SEGMENTS,

@@ -231,7 +231,7 @@ class NegativeSampler:
     :meth:`epoch`), that share of the draw goes to the slices in proportion to it instead."""
 
     def __init__(self, scans: list[NegativeScan], per_epoch: int, seed: int = 0, lung_label: str = "lung",
-                 hard_share: float = 0.0):
+                 hard_share: float = 0.0, context_slices: int = 0):
         self.scans = [scan for scan in scans if len(scan.slices.images)]
         if lung_label in ("lung_or_infection", "no_infection_where_dense"):
             for scan in self.scans:
@@ -242,6 +242,7 @@ class NegativeSampler:
         self.per_epoch = per_epoch if self.scans else 0
         self.seed = seed
         self.hard_share = hard_share
+        self.context_slices = context_slices
 
     def hard_count(self, hardness: list[np.ndarray] | None) -> int:
         """How many of an epoch's draws go by ``hardness``: none without it or when it is 0 everywhere."""
@@ -269,5 +270,21 @@ class NegativeSampler:
         return picks
 
     def slice(self, scan_index: int, slice_index: int) -> tuple[np.ndarray, np.ndarray]:
+        """A negative slice (with its neighbours as channels, ``context_slices``) and its labels."""
         data = self.scans[scan_index].slices
-        return data.images[slice_index], data.labels[slice_index]
+        if not self.context_slices:
+            return data.images[slice_index], data.labels[slice_index]
+        return data.images[self.context_rows(scan_index)[slice_index]], data.labels[slice_index]
+
+    def inputs(self, scan_index: int) -> np.ndarray:
+        """A scan's slices as the network reads them: (N, H, W), or (N, C, H, W) with neighbours."""
+        images = self.scans[scan_index].slices.images
+        return images if not self.context_slices else images[self.context_rows(scan_index)]
+
+    def context_rows(self, scan_index: int) -> np.ndarray:
+        """Each slice's neighbours in its scan, lowest first, the end slices repeated (as the engine
+        does). The adjacent slices: the negative scans are 2.5-3 mm apart, where a ``context_mm`` of
+        2-4 mm makes the engine take the adjacent slices too."""
+        count = len(self.scans[scan_index].slices.images)
+        offsets = np.arange(-self.context_slices, self.context_slices + 1)
+        return np.clip(np.arange(count)[:, None] + offsets, 0, count - 1)

@@ -10,7 +10,7 @@ import torch
 from CovidInfectionSegLib.inference import flip_averaged_softmax
 from CovidInfectionSegLib.preprocessing import to_network_input
 
-from .data import INFECTION
+from .data import INFECTION, SliceDataset, with_context
 
 
 @dataclass
@@ -33,13 +33,29 @@ class FlipAveraged(torch.nn.Module):
         return flip_averaged_softmax(self.network, x).clamp_min(1e-12).log()
 
 
+def context_of(network: torch.nn.Module) -> int:
+    """How many neighbours on each side ``network`` reads (from its first convolution's input channels)."""
+    for parameter in network.parameters():
+        if parameter.dim() == 4:
+            return (int(parameter.shape[1]) - 1) // 2
+    return 0
+
+
+def predict_dataset(network: torch.nn.Module, dataset: SliceDataset, batch_size: int = 16,
+                    images: np.ndarray | None = None) -> Predictions:
+    """:func:`predict` over a dataset's slices (or ``images``, a copy of them), each with its neighbours
+    in the data as channels when ``network`` reads context across slices."""
+    return predict(network, with_context(dataset, context_of(network), images), batch_size)
+
+
 @torch.inference_mode()
 def predict(network: torch.nn.Module, images: np.ndarray, batch_size: int = 16) -> Predictions:
-    """Float32 inference on the CPU, as the runtime engine runs the exported model."""
+    """Float32 inference on the CPU, as the runtime engine runs the exported model: uint8 slices (N,
+    H, W), or stacks of a slice and its neighbours (N, C, H, W)."""
     if hasattr(network, "eval"):
         network.eval()
-    labels = np.empty(images.shape, dtype=np.uint8)
-    probability = np.empty(images.shape, dtype=np.float16)
+    labels = np.empty((len(images), *images.shape[-2:]), dtype=np.uint8)
+    probability = np.empty(labels.shape, dtype=np.float16)
     for start in range(0, len(images), batch_size):
         batch = torch.from_numpy(to_network_input(images[start : start + batch_size]))
         softmax = network(batch).float().softmax(dim=1)

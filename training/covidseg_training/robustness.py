@@ -31,7 +31,7 @@ from .model_and_data import (
     add_model_arguments,
     resolve_model_and_data,
 )
-from .predict import Predictions, predict
+from .predict import Predictions, predict_dataset
 
 DEGRADED_PIXEL_MM = 3.0
 TARGET_FALSE_POSITIVE = 0.05
@@ -85,9 +85,8 @@ def infection_dice(predicted: np.ndarray, truth: np.ndarray) -> float:
 def robustness_report(network: torch.nn.Module, dataset: SliceDataset, pixel_mm: float | np.ndarray,
                       as_is: Predictions | None = None, batch_size: int = 16) -> dict[str, Any]:
     """Healthy-lung false positives as is and at :data:`DEGRADED_PIXEL_MM`, with the pass/fail verdict."""
-    as_is = as_is or predict(network, dataset.images, batch_size)
-    degraded_images = degrade_resolution(dataset.images, pixel_mm)
-    degraded = predict(network, degraded_images, batch_size)
+    as_is = as_is or predict_dataset(network, dataset, batch_size)
+    degraded = predict_dataset(network, dataset, batch_size, degrade_resolution(dataset.images, pixel_mm))
     sizes = np.asarray(pixel_mm, dtype=float)
     report: dict[str, Any] = {"target_below": TARGET_FALSE_POSITIVE,
                               "pixel_mm": float(sizes) if sizes.ndim == 0 else [float(sizes.min()), float(sizes.max())],

@@ -25,7 +25,7 @@ from CovidInfectionSegLib.preprocessing import IntensityRecipe
 from .augment import SliceAugmenter
 from .checkpoint import initial_state
 from .config import TrainConfig
-from .data import INFECTION, LUNG, SliceDataset, load_png_export, patient_folds
+from .data import INFECTION, LUNG, SliceDataset, load_png_export, patient_folds, with_context
 from .losses import deep_supervision_loss
 from .negatives import NegativeSampler, load_negatives
 from .unet import UNet2D
@@ -72,7 +72,8 @@ def autocast(device: torch.device):
 class AugmentedSlices(torch.utils.data.Dataset):
     """One epoch's training slices in training order, each augmented by a generator seeded with (seed,
     epoch, position): the batches do not depend on how many loader workers draw them, nor on whether
-    the run was resumed. ``negative[i]`` says slice i is a whole-scan negative (none are by default)."""
+    the run was resumed. ``negative[i]`` says slice i is a whole-scan negative (none are by default).
+    A slice is (H, W), or (C, H, W) with its neighbours (``context_slices``)."""
 
     def __init__(self, slices: list[tuple[np.ndarray, np.ndarray]], config: TrainConfig, epoch: int,
                  negative: list[bool] | None = None):
@@ -108,15 +109,21 @@ def epoch_batches(slices: list[tuple[np.ndarray, np.ndarray]], config: TrainConf
 
 @torch.inference_mode()
 def predict_labels(model: torch.nn.Module, images: np.ndarray, device: torch.device, batch_size: int = 32) -> np.ndarray:
-    """uint8 images (N, H, W) -> predicted label maps (N, H, W)."""
+    """uint8 images (N, H, W), or stacks with neighbours (N, C, H, W) -> predicted label maps (N, H, W)."""
     model.eval()
-    out = np.empty(images.shape, dtype=np.uint8)
+    out = np.empty((len(images), *images.shape[-2:]), dtype=np.uint8)
     for start in range(0, len(images), batch_size):
-        batch = torch.from_numpy(images[start : start + batch_size]).float().div(255).unsqueeze(1).to(device)
+        batch = network_batch(torch.from_numpy(images[start : start + batch_size])).to(device)
         with autocast(device):
             logits = model(batch)
         out[start : start + batch_size] = logits.argmax(1).cpu().numpy()
     return out
+
+
+def network_batch(images: torch.Tensor) -> torch.Tensor:
+    """uint8 slices (N, H, W) or stacks (N, C, H, W) -> float (N, C, H, W) in [0, 1]."""
+    images = images.float().div(255)
+    return images.unsqueeze(1) if images.dim() == 3 else images
 
 
 def dice(prediction: np.ndarray, truth: np.ndarray) -> float:
@@ -165,14 +172,14 @@ def negative_sampler(config: TrainConfig, log=print) -> NegativeSampler:
     log(f"negatives: {config.negatives.per_epoch} slices per epoch from {', '.join(names)} "
         f"({sum(len(scan.slices.images) for scan in scans)} slices)")
     return NegativeSampler(scans, config.negatives.per_epoch, seed=config.seed, lung_label=config.negatives.lung_label,
-                           hard_share=config.negatives.hard_share)
+                           hard_share=config.negatives.hard_share, context_slices=config.context_slices)
 
 
 def negative_hardness(model: torch.nn.Module, negatives: NegativeSampler, device: torch.device) -> list[np.ndarray]:
     """Per negative scan, the infection pixels ``model`` calls on each slice: all of them false, since
     no negative slice holds infection. The hard-negative draw (``negatives.hard_share``) weighs by it."""
-    return [(predict_labels(model, scan.slices.images, device) == INFECTION).sum(axis=(1, 2)).astype(np.float64)
-            for scan in negatives.scans]
+    return [(predict_labels(model, negatives.inputs(index), device) == INFECTION).sum(axis=(1, 2)).astype(np.float64)
+            for index in range(len(negatives.scans))]
 
 
 def hard_negative_record(negatives: NegativeSampler, hardness: list[np.ndarray] | None) -> dict:
@@ -240,7 +247,7 @@ def train(config: TrainConfig, log=print) -> Path:
     train_set, val_set = split(config, dataset)
     if config.max_train_slices:
         train_set = train_set.subset(np.arange(len(train_set.images)) < config.max_train_slices)
-    model = UNet2D(num_classes=3, base_channels=config.base_channels, depth=config.depth,
+    model = UNet2D(in_channels=config.channels, num_classes=3, base_channels=config.base_channels, depth=config.depth,
                    auxiliary_heads=config.deep_supervision).to(device)
     model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
@@ -256,6 +263,8 @@ def train(config: TrainConfig, log=print) -> Path:
         log(f"starting from the weights of {config.init_from}")
 
     negatives = negative_sampler(config, log)
+    train_inputs = with_context(train_set, config.context_slices)
+    val_inputs = None if val_set is None else with_context(val_set, config.context_slices)
     steps_per_epoch = max(1, (len(train_set.images) + negatives.per_epoch) // config.batch_size)
     order_rng = np.random.default_rng(config.seed)
     for _ in range(state["epoch"]):
@@ -272,14 +281,14 @@ def train(config: TrainConfig, log=print) -> Path:
         hardness = negative_hardness(model, negatives, device) if negatives.per_epoch and negatives.hard_share else None
         model.train()
         labelled = labelled_indices(train_set.cases, config, state["epoch"])
-        slices = [(train_set.images[i], train_set.labels[i]) for i in labelled]
+        slices = [(train_inputs[i], train_set.labels[i]) for i in labelled]
         slices += [negatives.slice(*pick) for pick in negatives.epoch(state["epoch"], hardness)]
         order = order_rng.permutation(len(slices))
         losses = []
         batches = epoch_batches([slices[i] for i in order], config, state["epoch"], steps_per_epoch,
                                 [i >= len(labelled) for i in order], device)  # the negatives follow the labelled
         for images, labels in batches:
-            images = images.to(device, non_blocking=True).float().div(255).unsqueeze(1)
+            images = network_batch(images.to(device, non_blocking=True))
             images = images.contiguous(memory_format=torch.channels_last)
             labels = labels.to(device, non_blocking=True).long()
             for group in optimizer.param_groups:
@@ -299,7 +308,7 @@ def train(config: TrainConfig, log=print) -> Path:
                              **hard_negative_record(negatives, hardness)},
                   "precision": str(precision_for(device)).replace("torch.", "")}
         if val_set is not None and len(val_set.images):
-            predicted = predict_labels(model, val_set.images, device)
+            predicted = predict_labels(model, val_inputs, device)
             record.update(per_case_dice(predicted, val_set.labels, val_set.cases))
             score = record["lung_dice"] + record["infection_dice"]
         else:

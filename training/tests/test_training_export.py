@@ -121,7 +121,7 @@ def test_bad_checkpoints_are_named(tmp_path):
     wrong = tmp_path / "wrong.pt"
     state = build_model(TrainConfig(base_channels=4, depth=2)).state_dict()
     torch.save({"model": state, "config": TrainConfig(base_channels=8, depth=2).to_dict()}, wrong)
-    with pytest.raises(ValueError, match="wrong.pt: weights do not fit a UNet2D\\(base_channels=8"):
+    with pytest.raises(ValueError, match="wrong.pt: weights do not fit a UNet2D\\(in_channels=1, base_channels=8"):
         load_checkpoint(wrong)
 
 

@@ -197,7 +197,7 @@ def test_init_from_weights_of_another_architecture_is_refused(pipeline, tmp_path
     config.write_text(yaml.safe_dump({**TINY_CONFIG, "name": "wide", "base_channels": 8, "data": str(pipeline["data"]),
                                       "output_dir": str(tmp_path), "epochs": 1,
                                       "init_from": str(pipeline["models"] / "tiny_unet.pt")}))
-    with pytest.raises(ValueError, match=r"init_from: .*tiny_unet.pt: weights do not fit a UNet2D\(base_channels=8"):
+    with pytest.raises(ValueError, match=r"init_from: .*tiny_unet.pt: weights do not fit a UNet2D\(in_channels=1, base_channels=8"):
         cli(["train", str(config)])
 
 
