@@ -277,8 +277,9 @@ def predict_volume(
 
 class _BatchPreparer:
     """Preprocess slices [start, stop) of a volume: (n, size, size) uint8, or with context across
-    slices (n, channels, size, size), each slice preprocessed once per batch. One CLAHE object per
-    thread (it is not thread-safe)."""
+    slices (n, channels, size, size). Each slice is preprocessed once: the slices a batch shares with
+    the one before are kept from it (batches are prepared in order). One CLAHE object per thread (it
+    is not thread-safe)."""
 
     def __init__(self, volume: np.ndarray, recipe: IntensityRecipe, slice_spacing_mm: float | None = None):
         self.volume = volume
@@ -290,8 +291,11 @@ class _BatchPreparer:
         if not hasattr(self._local, "clahe"):
             self._local.clahe = make_clahe(self.recipe)
         needed = self.channels[start:stop]
-        prepared = {int(index): preprocess_slice(self.volume[index], self.recipe, self._local.clahe)
+        previous = getattr(self._local, "prepared", {})
+        prepared = {int(index): previous[int(index)] if int(index) in previous
+                    else preprocess_slice(self.volume[index], self.recipe, self._local.clahe)
                     for index in np.unique(needed)}
+        self._local.prepared = prepared
         size = self.recipe.input_size
         images = np.empty((*needed.shape, size, size), dtype=np.uint8)
         for position, indices in enumerate(needed):

@@ -52,10 +52,9 @@ class AugmentConfig:
     # consolidation untouched.
     mass_p: float = 0.0
     mass_on: str = "all"
-    # A slice with its neighbours (context_slices): the neighbours' order reversed. The PNG export's
-    # slice numbers run head-to-foot in some volumes and foot-to-head in others, as far as is known
-    # here, while the engine's canonical volumes run one way: so the network must not rely on which
-    # side is up.
+    # A slice with its neighbours (context_slices): the neighbours' order reversed. The PNG export does
+    # not say which way its slice numbers run in each volume, while the engine's canonical volumes run
+    # from the feet up: so the network must not rely on which side is up.
     zflip_p: float = 0.5
 
     def __post_init__(self) -> None:
