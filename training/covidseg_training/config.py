@@ -73,8 +73,7 @@ class TrainConfig:
             if isinstance(getattr(augment, key), list):
                 setattr(augment, key, tuple(getattr(augment, key)))
         config = cls(augment=augment, negatives=negatives, **values)
-        if config.context_slices < 0:
-            raise ValueError(f"context_slices must be >= 0, not {config.context_slices}")
+        config.recipe()  # raises for a negative context
         if config.context_slices and config.augment.mass_p:
             raise ValueError("augment.mass_p with context_slices: the synthetic masses are painted into one slice "
                              "only, so a neighbour would show none; set mass_p to 0 for a context model")
@@ -88,7 +87,7 @@ class TrainConfig:
     @property
     def channels(self) -> int:
         """The network's input channels: the slice and its neighbours."""
-        return 2 * self.context_slices + 1
+        return self.recipe().channels
 
     def recipe(self) -> IntensityRecipe:
         """The intensity recipe a model of this config is exported with (its context included)."""

@@ -27,7 +27,8 @@ import cv2
 import numpy as np
 
 from CovidInfectionSegLib.atomic import atomic_path
-from CovidInfectionSegLib.preprocessing import IntensityRecipe, SliceGeometry, pad_to_square, preprocess_slices
+from CovidInfectionSegLib.preprocessing import (IntensityRecipe, SliceGeometry, context_indices, pad_to_square,
+                                             preprocess_slices)
 
 from .classical_lung import classical_lung_mask
 from .data import LUNG, LUNG_UNKNOWN, SliceDataset
@@ -243,6 +244,11 @@ class NegativeSampler:
         self.seed = seed
         self.hard_share = hard_share
         self.context_slices = context_slices
+        # Each slice's neighbours in its scan, as the engine picks them (end slices repeated). The adjacent
+        # slices: the negative scans are 2.5-3 mm apart, where a ``context_mm`` of 2-4 mm makes the engine
+        # take the adjacent slices too.
+        context = IntensityRecipe(context_slices=context_slices)
+        self.context_rows = [context_indices(len(scan.slices.images), context, None) for scan in self.scans]
 
     def hard_count(self, hardness: list[np.ndarray] | None) -> int:
         """How many of an epoch's draws go by ``hardness``: none without it or when it is 0 everywhere."""
@@ -274,17 +280,9 @@ class NegativeSampler:
         data = self.scans[scan_index].slices
         if not self.context_slices:
             return data.images[slice_index], data.labels[slice_index]
-        return data.images[self.context_rows(scan_index)[slice_index]], data.labels[slice_index]
+        return data.images[self.context_rows[scan_index][slice_index]], data.labels[slice_index]
 
     def inputs(self, scan_index: int) -> np.ndarray:
         """A scan's slices as the network reads them: (N, H, W), or (N, C, H, W) with neighbours."""
         images = self.scans[scan_index].slices.images
-        return images if not self.context_slices else images[self.context_rows(scan_index)]
-
-    def context_rows(self, scan_index: int) -> np.ndarray:
-        """Each slice's neighbours in its scan, lowest first, the end slices repeated (as the engine
-        does). The adjacent slices: the negative scans are 2.5-3 mm apart, where a ``context_mm`` of
-        2-4 mm makes the engine take the adjacent slices too."""
-        count = len(self.scans[scan_index].slices.images)
-        offsets = np.arange(-self.context_slices, self.context_slices + 1)
-        return np.clip(np.arange(count)[:, None] + offsets, 0, count - 1)
+        return images if not self.context_slices else images[self.context_rows[scan_index]]
