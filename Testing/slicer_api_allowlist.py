@@ -58,6 +58,7 @@ ALLOWED: dict[str, list] = {
     "vtk": [VTK],
     "slicer.mrmlScene": [(PY + "__init__.py", "mrmlScene")],
     "slicer.modules": [(PY + "__init__.py", "modules")],
+    "slicer.app": [(PY + "__init__.py", "app")],
     "slicer.app.processEvents": [QT],
     "slicer.app.layoutManager().threeDWidget": [("Base/QTGUI/qSlicerApplication.h", "layoutManager"),
                                                 (WIDGETS + "qMRMLLayoutManager.h", "threeDWidget")],

@@ -275,6 +275,36 @@ def test_user_facing_text_goes_through_translation():
     assert untranslated == []
 
 
+def test_slicer_side_messages_go_through_translation():
+    """What the Slicer-side package raises or reports is a constant text in _(), filled in by .format():
+    lupdate extracts constants, and an f-string would be translated after it was filled in (never found)."""
+    untranslated = []
+    for path in sorted(SLICER_DIR.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            messages = []
+            if isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call):
+                messages = node.exc.args[:1]
+            elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in {"_finish", "_log"}:
+                messages = node.args[-1:] if node.func.attr == "_log" else node.args[1:2]
+            for message in messages:
+                texts = [part for part in ast.walk(message) if isinstance(part, (ast.Constant, ast.JoinedStr))]
+                inside = {id(part) for call in ast.walk(message) if isinstance(call, ast.Call)
+                          and isinstance(call.func, ast.Name) and call.func.id == "_" for part in ast.walk(call)}
+                words = [part for part in texts if any(character.isalpha() for character in literal_text(part))
+                         and (isinstance(part, ast.JoinedStr) or " " in literal_text(part))]  # not a key like "message"
+                if any(id(part) not in inside for part in words):
+                    untranslated.append(f"{path.name}:{node.lineno}")
+    assert untranslated == []
+
+
+def test_translation_falls_back_to_the_text_without_the_application():
+    from CovidInfectionSegSlicer.i18n import tr
+    from CovidInfectionSegSlicer.volumes import nodeLabel
+
+    assert tr("{name}: the volume has no voxels").format(name="CT") == "CT: the volume has no voxels"
+    assert nodeLabel(None) == "input volume"
+
+
 def test_readme_and_docs_say_where_the_module_is_and_which_versions_it_supports():
     tree = ast.parse(MODULE_FILE.read_text(encoding="utf-8"))
     title = next(node.value.args[0].value for node in ast.walk(tree)
@@ -286,6 +316,12 @@ def test_readme_and_docs_say_where_the_module_is_and_which_versions_it_supports(
         assert "Slicer 5.4+" not in text
     for version, ref in SUPPORTED.items():  # the versions checked, and the commit of main
         assert (ref[:12] if version == "main" else version) in guide
+
+
+def literal_text(node: ast.Constant | ast.JoinedStr) -> str:
+    """The text written in a string literal or f-string, without what its fields fill in."""
+    parts = node.values if isinstance(node, ast.JoinedStr) else [node]
+    return "".join(part.value for part in parts if isinstance(part, ast.Constant) and isinstance(part.value, str))
 
 
 def all_imports(path: Path) -> set[str]:

@@ -29,6 +29,7 @@ from typing import Callable, Iterable, Mapping, Optional, Protocol, Sequence
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.version import InvalidVersion, Version
 
+from .i18n import tr as _
 from .pip_installation import InstallationProtocol, PipInstallation, PipStep, pip_steps
 
 REQUIREMENTS_FILE = Path(__file__).resolve().parent.parent / "Resources" / "requirements.txt"
@@ -99,10 +100,11 @@ class PackageStatus:
 
     def describe(self) -> str:
         if self.satisfied:
-            return f"{self.requirement.name} {self.version or ''} ok".replace("  ", " ")
+            return _("{name} {version} ok").format(name=self.requirement.name, version=self.version or "").replace("  ", " ")
         if not self.importable:
-            return f"{self.requirement.name}: missing (need {self.requirement})"
-        return f"{self.requirement.name}: version {self.version} installed, need {self.requirement}"
+            return _("{name}: missing (need {requirement})").format(name=self.requirement.name, requirement=self.requirement)
+        return _("{name}: version {version} installed, need {requirement}").format(
+            name=self.requirement.name, version=self.version, requirement=self.requirement)
 
 
 def read_requirements(path: str | Path = REQUIREMENTS_FILE) -> list[Requirement]:
@@ -119,7 +121,8 @@ def read_requirements(path: str | Path = REQUIREMENTS_FILE) -> list[Requirement]
         try:
             requirements.append(Requirement(text))
         except InvalidRequirement as error:
-            raise ValueError(f"{path}:{number}: not a valid requirement {text!r}: {error}") from error
+            raise ValueError(_("{path}:{line}: not a valid requirement {text!r}: {error}").format(
+                path=path, line=number, text=text, error=error)) from error
     return requirements
 
 
@@ -179,21 +182,21 @@ class InstallPlan:
     def describe(self) -> str:
         """Plain-text explanation for the confirmation dialog and the panel."""
         if self.nothing_to_do:
-            return "All required Python packages are installed."
-        lines = ["CovidInfectionSeg needs these Python packages installed into 3D Slicer's Python:"]
+            return _("All required Python packages are installed.")
+        lines = [_("CovidInfectionSeg needs these Python packages installed into 3D Slicer's Python:")]
         if self.torch_method == "ltt":
-            first = f"; {LTT_REQUIREMENT} is installed first" if self.install_ltt else ""
-            lines.append(f"- {self.torch_requirement} with light-the-torch, as the PyTorch extension installs it (it "
-                         f"picks the CUDA or CPU build that matches this computer){first}")
+            first = _("; {ltt} is installed first").format(ltt=LTT_REQUIREMENT) if self.install_ltt else ""
+            lines.append(_("- {torch} with light-the-torch, as the PyTorch extension installs it (it picks the CUDA or "
+                           "CPU build that matches this computer)").format(torch=self.torch_requirement) + first)
         elif self.torch_method == "pip":
-            lines.append(f"- {self.torch_requirement} from PyPI with pip (the PyTorch extension is not installed; "
-                         "install it from the Extensions Manager to get a GPU build matched to your driver)")
+            lines.append(_("- {torch} from PyPI with pip (the PyTorch extension is not installed; install it from the "
+                           "Extensions Manager to get a GPU build matched to your driver)").format(torch=self.torch_requirement))
         lines.extend(f"- {requirement}" for requirement in self.pip_requirements)
         if self.pins:
-            lines.append("Kept as they are (3D Slicer's own): " + ", ".join(self.pins))
-        lines.append("This downloads from the internet and can take several minutes (torch is about 1-3 GB).")
+            lines.append(_("Kept as they are (3D Slicer's own): ") + ", ".join(self.pins))
+        lines.append(_("This downloads from the internet and can take several minutes (torch is about 1-3 GB)."))
         if self.restart_needed:
-            lines.append("Slicer must be restarted afterwards: " + "; ".join(self.restart_reasons))
+            lines.append(_("Slicer must be restarted afterwards: ") + "; ".join(self.restart_reasons))
         return "\n".join(lines)
 
 
@@ -231,9 +234,11 @@ def plan_installation(
             continue
         plan.pip_requirements.append(str(status.requirement))
         if status.module in loaded:
-            plan.restart_reasons.append(f"{status.module} {status.version} is already loaded and gets replaced")
+            plan.restart_reasons.append(_("{module} {version} is already loaded and gets replaced").format(
+                module=status.module, version=status.version))
     if torch_method != "none" and "torch" in loaded:
-        plan.restart_reasons.append(f"torch {torch_status.version} is already loaded and gets replaced")
+        plan.restart_reasons.append(_("{module} {version} is already loaded and gets replaced").format(
+            module="torch", version=torch_status.version))
     return plan
 
 

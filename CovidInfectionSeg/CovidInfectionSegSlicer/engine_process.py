@@ -17,6 +17,7 @@ from typing import Any, Sequence
 from CovidInfectionSegLib import worker
 
 from .child_process import ChildProcess
+from .i18n import tr as _
 
 WORKER_MODULE = "CovidInfectionSegLib.worker"
 # The folder holding the CovidInfectionSegLib package: the child starts there, so ``-m`` finds the
@@ -35,8 +36,8 @@ def findPythonSlicer() -> str:
     beside = Path(sys.executable).parent / ("PythonSlicer.exe" if os.name == "nt" else "PythonSlicer")
     if beside.is_file():
         return str(beside)
-    raise RuntimeError("PythonSlicer (3D Slicer's Python interpreter) was not found on PATH or beside "
-                       f"{sys.executable}; the segmentation runs with it in a separate process")
+    raise RuntimeError(_("PythonSlicer (3D Slicer's Python interpreter) was not found on PATH or beside "
+                         "{executable}; the segmentation runs with it in a separate process").format(executable=sys.executable))
 
 
 class EngineProcess(ChildProcess):

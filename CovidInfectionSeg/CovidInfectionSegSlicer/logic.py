@@ -30,6 +30,7 @@ from CovidInfectionSegLib.itk_paths import itk_path
 from CovidInfectionSegLib.validation import InputError
 
 from .engine_process import EngineProcess, findPythonSlicer
+from .i18n import tr as _
 from .results import AppliedSegmentation, applyResult, showIn3D
 from .volumes import nodeLabel, volumeNodeToImage
 
@@ -185,12 +186,13 @@ class SegmentationRun:
             raise EngineError(str(message.get("message")), str(message.get("kind", "internal")), message.get("exit_code"))
         if self._resultFiles is None:
             details = self._process.stderrTail()
-            raise EngineError(f"the engine stopped without a result (exit code {self._process.returncode})"
-                              + (f":\n{details}" if details else ""))
+            raise EngineError(_("the engine stopped without a result (exit code {code})").format(
+                code=self._process.returncode) + (f":\n{details}" if details else ""))
         if self._inputVolume.GetScene() is None:
-            raise InputError(f"{nodeLabel(self._inputVolume)} was removed from the scene while segmenting; nothing was added")
+            raise InputError(_("{volume} was removed from the scene while segmenting; nothing was added").format(
+                volume=nodeLabel(self._inputVolume)))
         if self._outputSegmentation is not None and self._outputSegmentation.GetScene() is None:
-            raise InputError("the output segmentation was removed from the scene while segmenting; nothing was added")
+            raise InputError(_("the output segmentation was removed from the scene while segmenting; nothing was added"))
         result = worker.read_result(*self._resultFiles)
         return applyResult(result, self._inputVolume, self._outputSegmentation)
 
@@ -276,7 +278,8 @@ class SegmentationLogic:
         less false infection on three of four healthy scans (``training/results/flip_tta_v1.md``)."""
         image = volumeNodeToImage(inputVolume)
         if outputSegmentation is not None and outputSegmentation.GetScene() is not inputVolume.GetScene():
-            raise InputError(f"segmentation '{outputSegmentation.GetName()}': the node is not in the input's scene")
+            raise InputError(_("segmentation '{name}': the node is not in the input's scene").format(
+                name=outputSegmentation.GetName()))
         interpreter = self.interpreter or findPythonSlicer()
         folder = Path(tempfile.mkdtemp(prefix="CovidInfectionSeg-"))
         try:
@@ -309,7 +312,8 @@ class SegmentationLogic:
         try:
             while not run.poll():
                 if deadline is not None and time.monotonic() > deadline:
-                    raise TimeoutError(f"{nodeLabel(inputVolume)}: the segmentation took more than {timeout:.0f} s")
+                    raise TimeoutError(_("{volume}: the segmentation took more than {seconds:.0f} s").format(
+                        volume=nodeLabel(inputVolume), seconds=timeout))
                 time.sleep(POLL_SECONDS)
         finally:
             run.cancel()  # no-op when finished

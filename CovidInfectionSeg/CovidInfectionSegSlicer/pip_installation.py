@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable, Protocol, Sequence
 
 from .child_process import ChildProcess
+from .i18n import tr as _
 
 RUNNING, DONE, FAILED, CANCELLED = "running", "done", "failed", "cancelled"
 # pip prints this just before it uninstalls old versions and writes the new ones.
@@ -135,8 +136,8 @@ class PipInstallation:
             self._readOutput()
         except OSError as error:  # its temporary folder was removed under it
             self._child.cancel()
-            self._finish(FAILED, f"the output of {self._steps[self._index].tool} could not be read ({error}); "
-                                 "it was stopped")
+            self._finish(FAILED, _("the output of {tool} could not be read ({error}); it was stopped").format(
+                tool=self._steps[self._index].tool, error=error))
             return True
         if self._child.running:
             return False
@@ -144,13 +145,15 @@ class PipInstallation:
         if exitCode != 0:
             tail = self._child.stderrTail(8) or self.lastLine
             tool = self._steps[self._index].tool
-            self._finish(FAILED, f"{tool} could not install {self.requirement} (exit code {exitCode}):\n{tail}")
+            self._finish(FAILED, _("{tool} could not install {requirement} (exit code {code}):").format(
+                tool=tool, requirement=self.requirement, code=exitCode) + "\n" + tail)
             return True
         self._index += 1
         try:
             self._startStep()
         except OSError as error:
-            self._finish(FAILED, f"{self._steps[self._index].tool} could not be started for {self.requirement}: {error}")
+            self._finish(FAILED, _("{tool} could not be started for {requirement}: {error}").format(
+                tool=self._steps[self._index].tool, requirement=self.requirement, error=error))
         return self.state != RUNNING
 
     def cancel(self, wait: bool = False) -> bool:
@@ -184,7 +187,8 @@ class PipInstallation:
             return
         step = self._steps[self._index]
         self._writing = False
-        self._log(f"{step.tool}: installing {step.requirement} ({self._index + 1} of {len(self._steps)})")
+        self._log(_("{tool}: installing {requirement} ({number} of {count})").format(
+            tool=step.tool, requirement=step.requirement, number=self._index + 1, count=len(self._steps)))
         # Unbuffered: pip's lines reach the file, and the panel, as pip prints them; in UTF-8, which
         # ChildProcess reads, whatever the Windows code page.
         self._child = ChildProcess(step.command, self._folder, name=f"pip{self._index + 1}",

@@ -26,6 +26,7 @@ from CovidInfectionSegLib.measurements import Measurements, RegionMeasurement
 from CovidInfectionSegLib.segments import SegmentInfo, terminology_entry
 from CovidInfectionSegLib.validation import InputError
 
+from .i18n import tr as _
 from .volumes import nodeLabel
 
 BINARY_LABELMAP = "Binary labelmap"
@@ -101,9 +102,10 @@ def applyResult(result: Any, inputVolume: Any, outputSegmentation: Any = None) -
     """
     scene = inputVolume.GetScene()
     if scene is None:
-        raise InputError(f"{nodeLabel(inputVolume)}: the volume node is not in a scene")
+        raise InputError(_("{volume}: the volume node is not in a scene").format(volume=nodeLabel(inputVolume)))
     if outputSegmentation is not None and outputSegmentation.GetScene() is not scene:
-        raise InputError(f"segmentation '{outputSegmentation.GetName()}': the node is not in the input's scene")
+        raise InputError(_("segmentation '{name}': the node is not in the input's scene").format(
+            name=outputSegmentation.GetName()))
     ijkToRas = vtk.vtkMatrix4x4()
     inputVolume.GetIJKToRASMatrix(ijkToRas)
     segments = buildSegments(result.labelmap, result.segments, ijkToRas)
@@ -183,13 +185,13 @@ def saveSegmentation(segmentationNode: Any, path: str | Path) -> Path:
     """
     path = Path(path)
     if not path.name.endswith(".seg.nrrd"):
-        raise ValueError(f"{path}: a segmentation file name must end with .seg.nrrd")
+        raise ValueError(_("{path}: a segmentation file name must end with .seg.nrrd").format(path=path))
     storageNode = segmentationNode.CreateDefaultStorageNode()
     storageNode.UnRegister(None)  # the caller owns the new object; now the Python variable does
     with atomic_path(path) as temporary:
         storageNode.SetFileName(str(temporary))
         if not storageNode.WriteData(segmentationNode):
-            raise OSError(f"{path}: MRML could not write the segmentation")
+            raise OSError(_("{path}: MRML could not write the segmentation").format(path=path))
     return path
 
 

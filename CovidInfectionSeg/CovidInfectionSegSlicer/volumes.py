@@ -16,6 +16,8 @@ from vtk.util import numpy_support
 
 from CovidInfectionSegLib.validation import InputError
 
+from .i18n import tr as _
+
 # RAS (Slicer) <-> LPS (ITK, DICOM): flip the first two axes.
 LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 MAX_DIRECTION_SKEW = 1e-4
@@ -23,7 +25,7 @@ MAX_DIRECTION_SKEW = 1e-4
 
 def nodeLabel(node: Any) -> str:
     """How messages name a volume node: ``volume 'CTChest'``."""
-    return "input volume" if node is None else f"volume '{node.GetName()}'"
+    return _("input volume") if node is None else _("volume '{name}'").format(name=node.GetName())
 
 
 def volumeNodeToImage(volumeNode: Any) -> sitk.Image:
@@ -34,25 +36,29 @@ def volumeNodeToImage(volumeNode: Any) -> sitk.Image:
     """
     name = nodeLabel(volumeNode)
     if volumeNode is None:
-        raise InputError("no input volume selected")
+        raise InputError(_("no input volume selected"))
     if not volumeNode.IsA("vtkMRMLScalarVolumeNode") or volumeNode.IsA("vtkMRMLLabelMapVolumeNode"):
-        raise InputError(f"{name}: is a {volumeNode.GetClassName()}; need a scalar CT volume (vtkMRMLScalarVolumeNode)")
+        raise InputError(_("{name}: is a {nodeClass}; need a scalar CT volume (vtkMRMLScalarVolumeNode)").format(
+            name=name, nodeClass=volumeNode.GetClassName()))
     imageData = volumeNode.GetImageData()
     if imageData is None or imageData.GetNumberOfPoints() == 0:
-        raise InputError(f"{name}: the volume has no voxels (empty image data)")
+        raise InputError(_("{name}: the volume has no voxels (empty image data)").format(name=name))
     components = imageData.GetNumberOfScalarComponents()
     if components != 1:
-        raise InputError(f"{name}: {components} components per voxel; need a single-channel (grey-scale) CT volume")
+        raise InputError(_("{name}: {components} components per voxel; need a single-channel (grey-scale) CT volume").format(
+            name=name, components=components))
     dimensions = imageData.GetDimensions()
     if min(dimensions) <= 1:
         size = " x ".join(str(d) for d in dimensions)
-        raise InputError(f"{name}: a 2D image (size {size}); need a 3D CT volume with many axial slices")
+        raise InputError(_("{name}: a 2D image (size {size}); need a 3D CT volume with many axial slices").format(
+            name=name, size=size))
 
     ijkToLps = LPS_FROM_RAS @ ijkToRasArray(volumeNode)
     spacing = np.linalg.norm(ijkToLps[:3, :3], axis=0)
     direction = ijkToLps[:3, :3] / spacing
     if np.abs(direction.T @ direction - np.eye(3)).max() > MAX_DIRECTION_SKEW:
-        raise InputError(f"{name}: the IJK-to-RAS matrix is sheared (axes not perpendicular); resample the volume first")
+        raise InputError(_("{name}: the IJK-to-RAS matrix is sheared (axes not perpendicular); resample the volume first").format(
+            name=name))
 
     image = sitk.GetImageFromArray(np.array(slicer.util.arrayFromVolume(volumeNode), copy=True))
     image.SetSpacing(tuple(float(s) for s in spacing))
@@ -68,10 +74,9 @@ def imageToVolumeNode(image: sitk.Image, scene: Any, name: str) -> Any:
     :class:`InputError` for images that are not 3D scalar.
     """
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
-        raise InputError(
-            f"{name}: a {image.GetDimension()}D image with {image.GetNumberOfComponentsPerPixel()} components "
-            "per voxel; need one 3D single-channel CT volume"
-        )
+        raise InputError(_("{name}: a {dimension}D image with {components} components per voxel; need one 3D "
+                           "single-channel CT volume").format(
+            name=name, dimension=image.GetDimension(), components=image.GetNumberOfComponentsPerPixel()))
     array = sitk.GetArrayViewFromImage(image)
     imageData = vtk.vtkImageData()
     imageData.SetDimensions(*image.GetSize())
