@@ -7,9 +7,12 @@ Translatable texts are constants, filled in afterwards: ``_("{name}: no voxels")
 """
 
 try:
-    from slicer import app  # noqa: F401  (slicer.i18n.tr translates through the application)
+    from slicer import app  # slicer.i18n.tr translates through the application: without it, fall back
     from slicer.i18n import tr
 except ImportError:
 
     def tr(text: str) -> str:
         return text
+
+else:
+    del app
