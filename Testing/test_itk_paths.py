@@ -5,7 +5,6 @@ find" a path that is not ASCII, and the 8.3 short names are ASCII links to the r
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -21,7 +21,7 @@ from CovidInfectionSegSlicer.dependencies import (
     read_requirements,
     start_install,
 )
-from CovidInfectionSegSlicer.pip_installation import DONE, FAILED, pip_steps
+from CovidInfectionSegSlicer.pip_installation import FAILED, pip_steps
 
 # What each supported Slicer ships (SuperBuild/External_python*.cmake of its tag): Python, numpy.
 SLICER_PYTHONS = {"5.6.2": ("3.9", "1.26.1"), "5.8.1": ("3.9", "1.26.4"), "5.10.0": ("3.12", "2.0.2")}
