@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,8 @@ MODULE_CODE = [MODULE_DIR / "CovidInfectionSeg.py", *sorted((MODULE_DIR / "Covid
                MODULE_DIR / "Scripts" / "covidseg_slicer_batch.py"]
 SLICER_GIT_DIR = os.environ.get("SLICER_GIT_DIR")
 TERMINOLOGIES = "Modules/Loadable/Terminologies/Resources/"
-PY_WRAPPER = "Base/Python/slicer/parameterNodeWrapper/wrapper.py"
+SLICER_PY = "Base/Python/slicer/"
+PY_WRAPPER = SLICER_PY + "parameterNodeWrapper/wrapper.py"
 
 
 def slicer_ref(ref: str) -> str:
@@ -87,6 +89,34 @@ def _function_source(text: str, name: str) -> str:
     import ast
 
     return ast.unparse(next(node for node in ast.walk(ast.parse(text)) if isinstance(node, ast.FunctionDef) and node.name == name))
+
+
+@pytest.mark.parametrize("version", sorted(SUPPORTED))
+def test_messages_translate_in_the_context_of_the_file_that_wrote_them(version, tmp_path):
+    """Slicer's own slicer.i18n (from its source) in a child process with an application that records
+    what it is asked: CovidInfectionSegSlicer's _() must be that tr itself, not a wrapper (a wrapper
+    would make every text's context "CovidInfectionSegSlicer.i18n", where no translation is looked for)."""
+    i18n = tmp_path / "i18n.py"
+    i18n.write_text(slicer_file(slicer_ref(SUPPORTED[version]), SLICER_PY + "i18n.py"), encoding="utf-8")
+    child = f"""
+import importlib.util, json, sys
+import slicer
+asked = []
+class Application:
+    def translate(self, context, text):
+        asked.append(context)
+        return "<" + text + ">"
+slicer.app = Application()
+spec = importlib.util.spec_from_file_location("slicer.i18n", {str(i18n)!r})
+slicer.i18n = sys.modules["slicer.i18n"] = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(slicer.i18n)
+from CovidInfectionSegSlicer.volumes import nodeLabel
+print(json.dumps([nodeLabel(None), asked]))
+"""
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(MODULE_DIR), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, env=environment, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == ["<input volume>", ["CovidInfectionSegSlicer.volumes"]]
 
 
 @pytest.mark.parametrize("version", sorted(SUPPORTED))
