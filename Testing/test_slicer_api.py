@@ -17,7 +17,7 @@ import pytest
 
 from CovidInfectionSegLib.segments import SEGMENTS, slicer_terminology, terminology_entry
 from slicer_api import missing_in_source, used_api
-from slicer_api_allowlist import ALLOWED, SUPPORTED, slicer_checks
+from slicer_api_allowlist import ALLOWED, PY, SUPPORTED, slicer_checks
 
 REPO = Path(__file__).resolve().parents[1]
 MODULE_DIR = REPO / "CovidInfectionSeg"
@@ -25,8 +25,7 @@ MODULE_CODE = [MODULE_DIR / "CovidInfectionSeg.py", *sorted((MODULE_DIR / "Covid
                MODULE_DIR / "Scripts" / "covidseg_slicer_batch.py"]
 SLICER_GIT_DIR = os.environ.get("SLICER_GIT_DIR")
 TERMINOLOGIES = "Modules/Loadable/Terminologies/Resources/"
-SLICER_PY = "Base/Python/slicer/"
-PY_WRAPPER = SLICER_PY + "parameterNodeWrapper/wrapper.py"
+PY_WRAPPER = PY + "parameterNodeWrapper/wrapper.py"
 
 
 def slicer_ref(ref: str) -> str:
@@ -97,7 +96,7 @@ def test_messages_translate_in_the_context_of_the_file_that_wrote_them(version, 
     what it is asked: CovidInfectionSegSlicer's _() must be that tr itself, not a wrapper (a wrapper
     would make every text's context "CovidInfectionSegSlicer.i18n", where no translation is looked for)."""
     i18n = tmp_path / "i18n.py"
-    i18n.write_text(slicer_file(slicer_ref(SUPPORTED[version]), SLICER_PY + "i18n.py"), encoding="utf-8")
+    i18n.write_text(slicer_file(slicer_ref(SUPPORTED[version]), PY + "i18n.py"), encoding="utf-8")
     child = f"""
 import importlib.util, json, sys
 import slicer
