@@ -17,7 +17,8 @@
 #                                               results in results/v2/v2_dense/, the all-data model
 #                                               from v2_dense_all/all/)
 #
-# Settings (environment): RECIPE (the config name, default v2), FOLDS (the folds to export, check and
+# Settings (environment): RECIPE (the config name, default v2), VERSION (of the all-data model, default
+# 2.0.0; the fold models are VERSION-foldK, a kept epoch VERSION-foldK-eNN), FOLDS (the folds to export, check and
 # copy, default "0 1 2 3 4": FOLDS=2 after a fold trained here, so the others are not redone), DEST (default training/runs/gpu), SCANS
 # (wholescan scan names for the fold models; default the checks), RESULTS (default training/results/v2
 # for v2, training/results/v2/RECIPE otherwise), PYTHON.
@@ -28,6 +29,7 @@ RECIPE=${RECIPE:-v2}
 DEST=${DEST:-runs/gpu}
 if [ "$RECIPE" = v2 ]; then RESULTS=${RESULTS:-results/v2}; else RESULTS=${RESULTS:-results/v2/$RECIPE}; fi
 PYTHON=${PYTHON:-python}
+VERSION=${VERSION:-2.0.0}
 FOLDS=${FOLDS:-"0 1 2 3 4"}
 SCANS=${SCANS:-"covid-chest-ct example-chest-ct-kernel-L example-chest-ct-kernel-B"}
 if [ -f "$FROM/results.tar.gz" ]; then
@@ -63,7 +65,7 @@ for k in $FOLDS; do
         "$PYTHON" -m covidseg_training evaluate --checkpoint "$runs/$RECIPE/fold$k/best.pt" --out "$runs/$RECIPE/fold$k/eval"
     fi
     "$PYTHON" -m covidseg_training export --checkpoint "$runs/$RECIPE/fold$k/best.pt" --out "$packages" \
-        --name "covid_unet_${RECIPE}_fold$k" --version "2.0.0-fold$k" --metrics "$runs/$RECIPE/fold$k/eval/summary.json"
+        --name "covid_unet_${RECIPE}_fold$k" --version "$VERSION-fold$k" --metrics "$runs/$RECIPE/fold$k/eval/summary.json"
     scans=()
     for scan in $SCANS "${held_out[$k]}"; do scans+=(--scan "$scan"); done
     "$PYTHON" -m covidseg_training wholescan --device cpu --model "$packages/covid_unet_${RECIPE}_fold$k.json" "${scans[@]}" \
@@ -76,6 +78,20 @@ for k in $FOLDS; do
     cp "$DEST/eval-flip-tta-$RECIPE-fold$k/summary.json" "$DEST/eval-flip-tta-$RECIPE-fold$k/per_case.csv" "$RESULTS/fold$k/flip_tta/"
     cp "$DEST/wholescan-$RECIPE-fold$k/wholescan.md" "$DEST/wholescan-$RECIPE-fold$k/wholescan.csv" "$RESULTS/fold$k/"
     jpeg_previews "$DEST/wholescan-$RECIPE-fold$k" "$RESULTS/fold$k"
+    # The epochs a config keeps (keep_from_epoch) through the same checks: one run's checkpoints swing
+    # far more on the whole scans than on the labelled slices, so a recipe is read over its last epochs.
+    for checkpoint in "$runs/$RECIPE/fold$k"/epoch*.pt; do
+        [ -f "$checkpoint" ] || continue
+        epoch=$(basename "$checkpoint" .pt); epoch=${epoch#epoch}
+        [ -f "$RESULTS/fold$k/wholescan_epoch$epoch.csv" ] && continue
+        name="covid_unet_${RECIPE}_fold${k}_e$epoch"
+        "$PYTHON" -m covidseg_training export --checkpoint "$checkpoint" --out "$DEST/packages-swing" --name "$name" \
+            --version "$VERSION-fold$k-e$epoch"
+        "$PYTHON" -m covidseg_training wholescan --device cpu --model "$DEST/packages-swing/$name.json" "${scans[@]}" \
+            --out "$DEST/wholescan-swing-$RECIPE-fold$k-e$epoch"
+        cp "$DEST/wholescan-swing-$RECIPE-fold$k-e$epoch/wholescan.md" "$RESULTS/fold$k/wholescan_epoch$epoch.md"
+        cp "$DEST/wholescan-swing-$RECIPE-fold$k-e$epoch/wholescan.csv" "$RESULTS/fold$k/wholescan_epoch$epoch.csv"
+    done
 done
 # The cross-validation, once every fold's evaluation is here: from the run folder, or from the copies
 # committed in $RESULTS/foldK/ for a fold whose run folder went with an earlier machine.
@@ -104,7 +120,7 @@ fi
 
 if [ -f "$runs/${RECIPE}_all/all/best.pt" ] && [ -f "$runs/$RECIPE/crossval/summary.json" ]; then
     "$PYTHON" -m covidseg_training export --checkpoint "$runs/${RECIPE}_all/all/best.pt" --out "$packages" \
-        --name covid_unet_v2 --version 2.0.0 --metrics "$RESULTS/fold0/summary.json" \
+        --name covid_unet_v2 --version "$VERSION" --metrics "$RESULTS/fold0/summary.json" \
         --crossval "$runs/$RECIPE/crossval/summary.json"
     # Each held-out LIDC scan is scored by the first fold model here that left it out (held_out above:
     # folds 0, 2, 4 left out one scan, folds 1, 3 the other; a fold's package can be gone with its machine).
@@ -118,11 +134,11 @@ if [ -f "$runs/${RECIPE}_all/all/best.pt" ] && [ -f "$runs/$RECIPE/crossval/summ
     done
     [ ${#model_for[@]} -eq 4 ] || { echo "no fold model here for each held-out LIDC scan: ${model_for[*]}" >&2; exit 2; }
     "$PYTHON" -m covidseg_training wholescan --device cpu --model "$packages/covid_unet_v2.json" \
-        "${model_for[@]}" --out "$DEST/wholescan-v2.0.0"
-    cp "$DEST/wholescan-v2.0.0/wholescan.md" "$RESULTS/wholescan_v2.0.0.md"
-    cp "$DEST/wholescan-v2.0.0/wholescan.csv" "$RESULTS/wholescan_v2.0.0.csv"
-    mkdir -p "$RESULTS/wholescan_v2.0.0"
-    jpeg_previews "$DEST/wholescan-v2.0.0" "$RESULTS/wholescan_v2.0.0"
+        "${model_for[@]}" --out "$DEST/wholescan-v$VERSION"
+    cp "$DEST/wholescan-v$VERSION/wholescan.md" "$RESULTS/wholescan_v$VERSION.md"
+    cp "$DEST/wholescan-v$VERSION/wholescan.csv" "$RESULTS/wholescan_v$VERSION.csv"
+    mkdir -p "$RESULTS/wholescan_v$VERSION"
+    jpeg_previews "$DEST/wholescan-v$VERSION" "$RESULTS/wholescan_v$VERSION"
     echo "release candidate: $packages/covid_unet_v2.{pt,json} (bundle it by hand after reading the tables)"
 fi
 ls -R "$RESULTS"
