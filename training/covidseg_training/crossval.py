@@ -119,11 +119,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, help="overrides the config")
     parser.add_argument("--device", help="overrides the config (cpu, cuda, cuda:1, ...)")
     parser.add_argument("--workers", type=int, help="overrides the config: processes preparing augmented batches")
+    parser.add_argument("--compile", action="store_true", default=None,
+                        help="overrides the config: torch.compile the training step (needs a C++ compiler on the CPU)")
     parser.add_argument("--pixel-mm", type=float, default=DEFAULT_PIXEL_MM,
                         help="in-plane pixel size in mm assumed for data without one, like the PNG export")
     parser.add_argument("--no-robustness", action="store_true")
     args = parser.parse_args(argv)
-    config = TrainConfig.load(args.config).override(epochs=args.epochs, device=args.device, workers=args.workers)
+    config = TrainConfig.load(args.config).override(epochs=args.epochs, device=args.device, workers=args.workers,
+                                                    compile=args.compile)
     result = crossval(config, args.folds, pixel_mm=args.pixel_mm, robustness=not args.no_robustness,
                       log=lambda line: print(line, flush=True))
     for column in ("lung_dice", "infection_dice", "infection_nsd"):

@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -221,6 +223,22 @@ def resume(checkpoint: dict, model: torch.nn.Module, optimizer: torch.optim.Opti
     return checkpoint["state"]
 
 
+def training_forward(model: UNet2D, config: TrainConfig, device: torch.device):
+    """What the training step calls on a batch: the logits of every head that the loss reads (the
+    full-size head, then the auxiliary ones with deep supervision), as a list; compiled by torch.compile
+    with ``config.compile``. The model itself stays plain, so its weights save and load as before."""
+    def full_size(images: torch.Tensor) -> list[torch.Tensor]:
+        return [model(images)]
+
+    forward = model.forward_deep if config.deep_supervision else full_size
+    if not config.compile:
+        return forward
+    if device.type == "cpu" and not any(shutil.which(name) for name in (os.environ.get("CXX", ""), "g++", "c++", "clang++") if name):
+        raise RuntimeError("compile: true needs a C++ compiler for torch.compile on the CPU (g++, c++ or clang++ on "
+                           "PATH, or CXX); install one or set compile: false")
+    return torch.compile(forward)
+
+
 def out_of_patience(state: dict, config: TrainConfig) -> bool:
     """Whether early stopping ends the run: no better validation score for config.patience epochs."""
     return state["epoch"] - state["best_epoch"] >= config.patience
@@ -262,6 +280,7 @@ def train(config: TrainConfig, log=print) -> Path:
         model.load_state_dict(initial_state(config.init_from, config), strict=not config.deep_supervision)
         log(f"starting from the weights of {config.init_from}")
 
+    forward = training_forward(model, config, device)
     negatives = negative_sampler(config, log)
     train_inputs = with_context(train_set, config.context_slices)
     val_inputs = None if val_set is None else with_context(val_set, config.context_slices)
@@ -294,7 +313,7 @@ def train(config: TrainConfig, log=print) -> Path:
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate_at(config, state["step"], steps_per_epoch)
             with autocast(device):
-                outputs = model.forward_deep(images) if config.deep_supervision else [model(images)]
+                outputs = forward(images)
             loss = deep_supervision_loss(outputs, labels, config.dice_weight, config.tv_weight)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -338,9 +357,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, help="overrides the config")
     parser.add_argument("--device", help="overrides the config (cpu, cuda, cuda:1, ...)")
     parser.add_argument("--workers", type=int, help="overrides the config: processes preparing augmented batches")
+    parser.add_argument("--compile", action="store_true", default=None,
+                        help="overrides the config: torch.compile the training step (needs a C++ compiler on the CPU)")
     args = parser.parse_args(argv)
     config = TrainConfig.load(args.config).override(fold=args.fold, epochs=args.epochs, device=args.device,
-                                                    workers=args.workers)
+                                                    workers=args.workers, compile=args.compile)
     print(run_dir(config))
     train(config, log=lambda line: print(line, flush=True))
     return 0
