@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import locale
 from pathlib import Path
 
 import numpy as np
@@ -239,7 +240,21 @@ def test_keep_from_epoch_keeps_each_later_epoch_as_a_checkpoint_that_exports(pip
     assert (tmp_path / "models" / "keep_epoch02.json").exists()
 
 
-def test_a_compiled_training_step_trains_the_same_network(pipeline, tmp_path):
+@pytest.fixture
+def utf8_ctype():
+    """torch 2.13 reads its kernel templates with the locale's encoding when torch._inductor is first
+    imported. A library that an earlier test of the same pytest process loads leaves LC_CTYPE at "C"
+    (ASCII), where that import fails; ``train --compile`` in a process of its own is not affected."""
+    saved = locale.setlocale(locale.LC_CTYPE)
+    try:
+        locale.setlocale(locale.LC_CTYPE, "C.UTF-8")
+    except locale.Error:
+        pytest.skip("no C.UTF-8 locale on this machine for torch.compile's templates")
+    yield
+    locale.setlocale(locale.LC_CTYPE, saved)
+
+
+def test_a_compiled_training_step_trains_the_same_network(pipeline, tmp_path, utf8_ctype):
     """``compile: true`` runs the training step through torch.compile (really compiled here, with the
     machine's C++ compiler): the same losses as the plain step to float32 rounding, and a best.pt that
     loads and exports like any other (no ``_orig_mod.`` prefixes in it)."""
@@ -278,7 +293,7 @@ def test_compile_without_a_cpp_compiler_says_so_before_training(pipeline, tmp_pa
 
 
 @pytest.mark.parametrize("deep_supervision", [0, 1])
-def test_the_compiled_forward_gives_the_plain_logits_and_gradients(deep_supervision):
+def test_the_compiled_forward_gives_the_plain_logits_and_gradients(deep_supervision, utf8_ctype):
     import torch
 
     from covidseg_training.config import TrainConfig
