@@ -1,5 +1,5 @@
-"""``python -m covidseg_training COMMAND ...``: download, prepare, train, crossval, evaluate, robustness, export,
-path_probe, wholescan, tradeoff."""
+"""``python -m covidseg_training COMMAND ...``: download, prepare, train, average, crossval, evaluate, robustness,
+export, path_probe, wholescan, tradeoff."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ COMMANDS = {
     "download": ("download", "fetch the Zenodo 3757476 archives (resumable, checksummed) and unpack them"),
     "prepare": ("prepare", "NIfTI volumes or the PNG export -> a training .npz"),
     "train": ("train", "train one fold (or all data) from a config YAML"),
+    "average": ("average", "average a run's kept epochs (epochNN.pt) into one checkpoint"),
     "crossval": ("crossval", "train + evaluate every fold, then aggregate"),
     "evaluate": ("evaluate", "metrics, curves and plots on a validation fold"),
     "robustness": ("robustness", "healthy lung called infection, as is and at 3 mm resolution"),

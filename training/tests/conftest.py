@@ -7,11 +7,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from synthetic_zenodo import FileServer, record_listing, write_record  # noqa: E402
+from whole_chest import SPACING_ZYX, whole_chest  # noqa: E402
+from labelled_slices import write_labelled_slices  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -33,15 +36,17 @@ def record_server(record_archives):
 
 @pytest.fixture()
 def labelled_slices(tmp_path) -> Path:
-    """12 random 64 x 64 slices of 6 cases, each with a lung square holding an infection square, as
-    the .npz that ``prepare`` writes."""
-    from covidseg_training.data import INFECTION, LUNG, SliceDataset
+    return write_labelled_slices(tmp_path / "labelled.npz")
 
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 255, (12, 64, 64), dtype=np.uint8)
-    labels = np.zeros((12, 64, 64), dtype=np.uint8)
-    labels[:, 20:40, 10:30] = LUNG
-    labels[:, 25:30, 15:20] = INFECTION
-    path = tmp_path / "labelled.npz"
-    SliceDataset(images, labels, np.repeat(np.array(["a", "b", "c", "d", "e", "f"]), 2)).save(path)
+
+@pytest.fixture(scope="session")
+def chest_file(tmp_path_factory):
+    """The synthetic whole chest as a NIfTI file in HU, written with a non-canonical orientation (RAS)
+    so the engine's reader has to reorient it."""
+    chest = whole_chest()
+    image = sitk.GetImageFromArray(chest.volume.astype(np.int16))
+    image.SetSpacing(SPACING_ZYX[::-1])
+    image = sitk.DICOMOrient(image, "RAS")
+    path = tmp_path_factory.mktemp("negatives") / "chest.nii.gz"
+    sitk.WriteImage(image, str(path))
     return path

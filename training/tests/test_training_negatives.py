@@ -17,22 +17,8 @@ from covidseg_training.data import INFECTION, LUNG
 from covidseg_training.lidc_nodules import nodule_mask, parse_nodule_xml
 from covidseg_training.negatives import NegativesConfig, NegativeSampler, load_negatives, lung_levels
 from covidseg_training.train import negative_sampler
-from whole_chest import SPACING_ZYX, whole_chest
 
 RECIPE = IntensityRecipe(input_size=64)
-
-
-@pytest.fixture(scope="module")
-def chest_file(tmp_path_factory):
-    """The synthetic whole chest as a NIfTI file in HU, written with a non-canonical orientation (RAS)
-    so the engine's reader has to reorient it."""
-    chest = whole_chest()
-    image = sitk.GetImageFromArray(chest.volume.astype(np.int16))
-    image.SetSpacing(SPACING_ZYX[::-1])
-    image = sitk.DICOMOrient(image, "RAS")
-    path = tmp_path_factory.mktemp("negatives") / "chest.nii.gz"
-    sitk.WriteImage(image, str(path))
-    return path
 
 
 def test_negative_slices_are_what_the_engine_feeds_the_network(chest_file, tmp_path):
