@@ -19,7 +19,8 @@
 #
 # Settings (environment): RECIPE (the config name, default v2), VERSION (of the all-data model, default
 # 2.0.0; the fold models are VERSION-foldK, a kept epoch VERSION-foldK-eNN), FOLDS (the folds to export, check and
-# copy, default "0 1 2 3 4": FOLDS=2 after a fold trained here, so the others are not redone), DEST (default training/runs/gpu), SCANS
+# copy, default "0 1 2 3 4": FOLDS=2 after a fold trained here, so the others are not redone; a fold with kept
+# epochs also gets them averaged, in RESULTS/foldK/averaged/), DEST (default training/runs/gpu), SCANS
 # (wholescan scan names for the fold models; default the checks), RESULTS (default training/results/v2
 # for v2, training/results/v2/RECIPE otherwise), PYTHON.
 set -euo pipefail
@@ -57,6 +58,13 @@ for png in sorted(Path(sys.argv[1]).glob('*.png')):
     cv2.imwrite(str(Path(sys.argv[2]) / (png.stem + '.jpg')), cv2.imread(str(png)), [cv2.IMWRITE_JPEG_QUALITY, 85])" "$1" "$2"
 }
 
+# Export checkpoint $1 as package $3 (version $4) into folder $2, and run the whole-scan checks of the
+# array `scans` on it into folder $5; further arguments go to export.
+export_and_check() {
+    "$PYTHON" -m covidseg_training export --checkpoint "$1" --out "$2" --name "$3" --version "$4" "${@:6}"
+    "$PYTHON" -m covidseg_training wholescan --device cpu --model "$2/$3.json" "${scans[@]}" --out "$5"
+}
+
 for k in $FOLDS; do
     [ -f "$runs/$RECIPE/fold$k/best.pt" ] || { echo "fold $k: no checkpoint"; continue; }
     if [ ! -f "$runs/$RECIPE/fold$k/eval/summary.json" ]; then  # a GPU time limit stopped it, or `train` (no evaluation) made it
@@ -64,12 +72,10 @@ for k in $FOLDS; do
         echo "fold $k: no evaluation yet (trained $epochs epochs): evaluating its best.pt here"
         "$PYTHON" -m covidseg_training evaluate --checkpoint "$runs/$RECIPE/fold$k/best.pt" --out "$runs/$RECIPE/fold$k/eval"
     fi
-    "$PYTHON" -m covidseg_training export --checkpoint "$runs/$RECIPE/fold$k/best.pt" --out "$packages" \
-        --name "covid_unet_${RECIPE}_fold$k" --version "$VERSION-fold$k" --metrics "$runs/$RECIPE/fold$k/eval/summary.json"
     scans=()
     for scan in $SCANS "${held_out[$k]}"; do scans+=(--scan "$scan"); done
-    "$PYTHON" -m covidseg_training wholescan --device cpu --model "$packages/covid_unet_${RECIPE}_fold$k.json" "${scans[@]}" \
-        --out "$DEST/wholescan-$RECIPE-fold$k"
+    export_and_check "$runs/$RECIPE/fold$k/best.pt" "$packages" "covid_unet_${RECIPE}_fold$k" "$VERSION-fold$k" \
+        "$DEST/wholescan-$RECIPE-fold$k" --metrics "$runs/$RECIPE/fold$k/eval/summary.json"
     "$PYTHON" -m covidseg_training evaluate --checkpoint "$packages/covid_unet_${RECIPE}_fold$k.json" \
         --config "configs/$RECIPE.yaml" --fold "$k" --flip-tta --no-robustness --out "$DEST/eval-flip-tta-$RECIPE-fold$k"
     mkdir -p "$RESULTS/fold$k/flip_tta"
@@ -84,14 +90,25 @@ for k in $FOLDS; do
         [ -f "$checkpoint" ] || continue
         epoch=$(basename "$checkpoint" .pt); epoch=${epoch#epoch}
         [ -f "$RESULTS/fold$k/wholescan_epoch$epoch.csv" ] && continue
-        name="covid_unet_${RECIPE}_fold${k}_e$epoch"
-        "$PYTHON" -m covidseg_training export --checkpoint "$checkpoint" --out "$DEST/packages-swing" --name "$name" \
-            --version "$VERSION-fold$k-e$epoch"
-        "$PYTHON" -m covidseg_training wholescan --device cpu --model "$DEST/packages-swing/$name.json" "${scans[@]}" \
-            --out "$DEST/wholescan-swing-$RECIPE-fold$k-e$epoch"
+        export_and_check "$checkpoint" "$DEST/packages-swing" "covid_unet_${RECIPE}_fold${k}_e$epoch" \
+            "$VERSION-fold$k-e$epoch" "$DEST/wholescan-swing-$RECIPE-fold$k-e$epoch"
         cp "$DEST/wholescan-swing-$RECIPE-fold$k-e$epoch/wholescan.md" "$RESULTS/fold$k/wholescan_epoch$epoch.md"
         cp "$DEST/wholescan-swing-$RECIPE-fold$k-e$epoch/wholescan.csv" "$RESULTS/fold$k/wholescan_epoch$epoch.csv"
     done
+    # The kept epochs averaged (`average`): one model from the whole end of the run, through the same
+    # checks and the labelled slices' evaluation, in $RESULTS/foldK/averaged/.
+    kept=("$runs/$RECIPE/fold$k"/epoch*.pt)
+    if [ -f "${kept[0]}" ] && [ ${#kept[@]} -ge 2 ] && [ ! -f "$RESULTS/fold$k/averaged/wholescan.csv" ]; then
+        averaged=$runs/$RECIPE/fold$k/averaged.pt
+        [ -f "$averaged" ] || "$PYTHON" -m covidseg_training average "${kept[@]}" --out "$averaged"
+        "$PYTHON" -m covidseg_training evaluate --checkpoint "$averaged" --out "$DEST/eval-$RECIPE-fold$k-averaged"
+        export_and_check "$averaged" "$DEST/packages-swing" "covid_unet_${RECIPE}_fold${k}_averaged" \
+            "$VERSION-fold$k-averaged" "$DEST/wholescan-$RECIPE-fold$k-averaged" \
+            --metrics "$DEST/eval-$RECIPE-fold$k-averaged/summary.json"
+        mkdir -p "$RESULTS/fold$k/averaged"
+        cp "$DEST/eval-$RECIPE-fold$k-averaged/"{summary.json,per_case.csv} \
+            "$DEST/wholescan-$RECIPE-fold$k-averaged/"{wholescan.md,wholescan.csv} "$RESULTS/fold$k/averaged/"
+    fi
 done
 # The cross-validation, once every fold's evaluation is here: from the run folder, or from the copies
 # committed in $RESULTS/foldK/ for a fold whose run folder went with an earlier machine.
