@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from covidseg_training.__main__ import main as cli
-from covidseg_training.average import average_checkpoints, training_inputs
+from covidseg_training.average import average_checkpoints, training_batches
 from covidseg_training.checkpoint import load_checkpoint
 from covidseg_training.config import TrainConfig
 from covidseg_training.train import network_batch, train
@@ -53,18 +53,20 @@ def test_averaged_weights_are_the_mean_of_the_kept_epochs(kept_run, tmp_path):
     assert 0.0 <= checkpoint.record["lung_dice"] <= 1.0 and 0.0 <= checkpoint.record["infection_dice"] <= 1.0
 
 
-def test_recalibrated_batch_norm_matches_torch_update_bn_over_the_training_inputs(kept_run, tmp_path):
-    """The statistics are measured again over the labelled training slices and one epoch of negatives:
-    the same as torch.optim.swa_utils.update_bn over those inputs, and not the averaged statistics."""
+def test_recalibrated_batch_norm_matches_torch_update_bn_over_a_training_epoch(kept_run, tmp_path):
+    """The statistics are measured again over one epoch of augmented training batches (labelled training
+    slices and negatives): the same as torch.optim.swa_utils.update_bn over those batches, and not the
+    averaged statistics."""
     out = tmp_path / "recalibrated.pt"
     record = average_checkpoints(kept_run["epochs"], out, log=lambda _: None)
-    assert record["batch_norm"].startswith("measured again on 14 training inputs"), "8 labelled + 6 negative"
+    assert record["batch_norm"].startswith("measured again on one augmented training epoch (12 inputs"), \
+        "(8 labelled + 6 negative) // batch size 4 = 3 batches"
     recalibrated = load_checkpoint(out).model
 
     reference = load_checkpoint(kept_run["epochs"][0]).model
     reference.load_state_dict(saved_weights(out))  # the same averaged weights ...
-    inputs, _ = training_inputs(kept_run["config"], log=lambda _: None)
-    batches = [network_batch(torch.from_numpy(inputs[start:start + 32])) for start in range(0, len(inputs), 32)]
+    batches = [network_batch(images) for images in training_batches(kept_run["config"], 4, log=lambda _: None)]
+    assert len(batches) == 3 and all(len(images) == 4 for images in batches)
     torch.optim.swa_utils.update_bn(batches, reference)  # ... with torch's own recalibration
     without = saved_weights(kept_run["epochs"][0])
     compared = 0
@@ -92,6 +94,8 @@ def test_bad_input_is_refused_and_writes_nothing(kept_run, tmp_path, capsys):
     out = tmp_path / "averaged.pt"
     assert cli(["average", epochs[0], "--out", str(out)]) == 2
     assert "at least two checkpoints" in capsys.readouterr().err
+    assert cli(["average", epochs[0], epochs[0], "--out", str(out)]) == 2
+    assert "named twice" in capsys.readouterr().err
     assert cli(["average", *epochs, "--out", epochs[1]]) == 2
     assert "would overwrite one of the averaged checkpoints" in capsys.readouterr().err
     assert cli(["average", epochs[0], str(kept_run["run"] / "last.pt"), "--out", str(out)]) == 2
