@@ -33,7 +33,7 @@ def saved_weights(path):
 
 def test_averaged_weights_are_the_mean_of_the_kept_epochs(kept_run, tmp_path):
     out = tmp_path / "averaged.pt"
-    assert cli(["average", *map(str, kept_run["epochs"]), "--out", str(out), "--no-recalibrate"]) == 0
+    assert cli(["average", *map(str, kept_run["epochs"]), "--out", str(out)]) == 0
     kept = [saved_weights(path) for path in kept_run["epochs"]]
     averaged = saved_weights(out)
     assert not any(name.startswith("auxiliary.") for name in averaged), "the training-only heads are left out"
@@ -58,7 +58,7 @@ def test_recalibrated_batch_norm_matches_torch_update_bn_over_a_training_epoch(k
     slices and negatives): the same as torch.optim.swa_utils.update_bn over those batches, and not the
     averaged statistics."""
     out = tmp_path / "recalibrated.pt"
-    record = average_checkpoints(kept_run["epochs"], out, log=lambda _: None)
+    record = average_checkpoints(kept_run["epochs"], out, recalibrate=True, log=lambda _: None)
     assert record["batch_norm"].startswith("measured again on one augmented training epoch (12 inputs"), \
         "(8 labelled + 6 negative) // batch size 4 = 3 batches"
     recalibrated = load_checkpoint(out).model
