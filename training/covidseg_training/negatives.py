@@ -217,10 +217,20 @@ def _recipe_key(recipe: IntensityRecipe) -> str:
 
 
 def _cache_key(path: Path, recipe: IntensityRecipe) -> str:
+    # The files' contents, not their times: a shared data folder copied afresh for each session keeps
+    # its cache (hashing a scan takes a fraction of a second; its lung mask half a minute).
     files = [path] + [reads for reads in [nodule_reads_beside(path)] if reads is not None]
-    stats = [(file.stat().st_size, int(file.stat().st_mtime)) for file in files]
-    text = json.dumps([CACHE_VERSION, stats, recipe.to_manifest()], sort_keys=True)
+    contents = [_file_digest(file) for file in files]
+    text = json.dumps([CACHE_VERSION, contents, recipe.to_manifest()], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 class NegativeSampler:

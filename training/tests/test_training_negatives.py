@@ -4,6 +4,7 @@ per fold as the issue says, sampled evenly over scans and levels, and mixed into
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -46,6 +47,25 @@ def test_cache_gives_the_same_slices(chest_file, tmp_path):
     np.testing.assert_array_equal(cached.slices.images, fresh.slices.images)
     np.testing.assert_array_equal(cached.slices.labels, fresh.slices.labels)
     np.testing.assert_array_equal(cached.levels, fresh.levels)
+
+
+def test_cache_follows_the_scans_content_not_its_file_times(chest_file, tmp_path):
+    """A data folder copied afresh (new modification times, same bytes) keeps its cache; a scan whose
+    bytes changed gets a new one."""
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    copy = scans / chest_file.name
+    copy.write_bytes(chest_file.read_bytes())
+    config = NegativesConfig(root=str(scans))
+    load_negatives(config, RECIPE, [copy.name], cache_dir=tmp_path / "cache")
+    (first,) = (tmp_path / "cache").iterdir()
+    os.utime(copy, (1_000_000_000, 1_000_000_000))
+    load_negatives(config, RECIPE, [copy.name], cache_dir=tmp_path / "cache")
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [first.name]
+    image = sitk.ReadImage(str(copy))
+    sitk.WriteImage(image + 1, str(copy))
+    load_negatives(config, RECIPE, [copy.name], cache_dir=tmp_path / "cache")
+    assert len(list((tmp_path / "cache").iterdir())) == 2
 
 
 def test_cache_serves_a_machine_without_the_scan(chest_file, tmp_path):
