@@ -20,7 +20,7 @@
 # Settings (environment): RECIPE (the config name, default v2), VERSION (of the all-data model, default
 # 2.0.0; the fold models are VERSION-foldK, a kept epoch VERSION-foldK-eNN), FOLDS (the folds to export, check and
 # copy, default "0 1 2 3 4": FOLDS=2 after a fold trained here, so the others are not redone; a fold with kept
-# epochs also gets them averaged, in RESULTS/foldK/averaged/), DEST (default training/runs/gpu), SCANS
+# epochs also gets them averaged, in RESULTS/foldK/averaged/, and a swing.{md,png} of best, kept and averaged), DEST (default training/runs/gpu), SCANS
 # (wholescan scan names for the fold models; default the checks), RESULTS (default training/results/v2
 # for v2, training/results/v2/RECIPE otherwise), PYTHON.
 set -euo pipefail
@@ -108,6 +108,20 @@ for k in $FOLDS; do
         mkdir -p "$RESULTS/fold$k/averaged"
         cp "$DEST/eval-$RECIPE-fold$k-averaged/"{summary.json,per_case.csv} \
             "$DEST/wholescan-$RECIPE-fold$k-averaged/"{wholescan.md,wholescan.csv} "$RESULTS/fold$k/averaged/"
+    fi
+    # The best epoch, the kept epochs and their average side by side (`tradeoff`): $RESULTS/foldK/swing.{md,png}.
+    if [ -f "${kept[0]}" ] && [ ! -f "$RESULTS/fold$k/swing.md" ]; then
+        swing=(--model "best=$RESULTS/fold$k/wholescan.csv"); group=best
+        for csv in "$RESULTS/fold$k"/wholescan_epoch*.csv; do
+            epoch=$(basename "$csv" .csv); epoch=e${epoch#wholescan_epoch}
+            swing+=(--model "$epoch=$csv"); group="$group,$epoch"
+        done
+        swing+=(--group "$RECIPE fold $k=$group")
+        if [ -f "$RESULTS/fold$k/averaged/wholescan.csv" ]; then
+            swing+=(--model "averaged=$RESULTS/fold$k/averaged/wholescan.csv" --group "kept epochs averaged=averaged")
+        fi
+        "$PYTHON" -m covidseg_training tradeoff "${swing[@]}" --out "$RESULTS/fold$k/swing.md" \
+            --figure "$RESULTS/fold$k/swing.png"
     fi
 done
 # The cross-validation, once every fold's evaluation is here: from the run folder, or from the copies
