@@ -20,7 +20,8 @@
 # Settings (environment): RECIPE (the config name, default v2), VERSION (of the all-data model, default
 # 2.0.0; the fold models are VERSION-foldK, a kept epoch VERSION-foldK-eNN), FOLDS (the folds to export, check and
 # copy, default "0 1 2 3 4": FOLDS=2 after a fold trained here, so the others are not redone; a fold with kept
-# epochs also gets them averaged, in RESULTS/foldK/averaged/, and a swing.{md,png} of best, kept and averaged), DEST (default training/runs/gpu), SCANS
+# epochs also gets them averaged, in RESULTS/foldK/averaged/, and a swing.{md,png} of best, kept and averaged),
+# DEST (default training/runs/gpu), SCANS
 # (wholescan scan names for the fold models; default the checks), RESULTS (default training/results/v2
 # for v2, training/results/v2/RECIPE otherwise), PYTHON.
 set -euo pipefail
