@@ -27,6 +27,7 @@ import cv2
 import numpy as np
 
 from CovidInfectionSegLib.atomic import atomic_path
+from CovidInfectionSegLib.checksums import sha256_of
 from CovidInfectionSegLib.preprocessing import (IntensityRecipe, SliceGeometry, context_indices, pad_to_square,
                                              preprocess_slices)
 
@@ -220,17 +221,9 @@ def _cache_key(path: Path, recipe: IntensityRecipe) -> str:
     # The files' contents, not their times: a shared data folder copied afresh for each session keeps
     # its cache (hashing a scan takes a fraction of a second; its lung mask half a minute).
     files = [path] + [reads for reads in [nodule_reads_beside(path)] if reads is not None]
-    contents = [_file_digest(file) for file in files]
+    contents = [sha256_of(file) for file in files]
     text = json.dumps([CACHE_VERSION, contents, recipe.to_manifest()], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
-
-
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class NegativeSampler:
