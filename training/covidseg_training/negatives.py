@@ -220,7 +220,8 @@ def _recipe_key(recipe: IntensityRecipe) -> str:
 def _cache_key(path: Path, recipe: IntensityRecipe) -> str:
     # The files' contents, not their times: a shared data folder copied afresh for each session keeps
     # its cache (hashing a scan takes a fraction of a second; its lung mask half a minute).
-    files = [path] + [reads for reads in [nodule_reads_beside(path)] if reads is not None]
+    reads = nodule_reads_beside(path)
+    files = [path] if reads is None else [path, reads]
     contents = [sha256_of(file) for file in files]
     text = json.dumps([CACHE_VERSION, contents, recipe.to_manifest()], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
