@@ -1,0 +1,97 @@
+"""A run stopped between epochs and started again ends where it would have ended without the stop.
+
+Folds on a 2-core CPU take longer than one session, so they are trained over several, each resuming
+from ``last.pt``; the cross-validation's figures are only those of the recipe if a resumed run is the
+same run. Here the stop is a KeyboardInterrupt (as Ctrl-C gives) raised right after an epoch's line
+is logged, when its checkpoints are written (a killed run leaves the same: each file is written whole
+and renamed into place), in a tiny run with deep supervision and hard negatives, whose every
+epoch draws its slices, augmentation and negatives from the seed, the epoch and the model."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from covidseg_training.config import TrainConfig
+from covidseg_training.data import INFECTION, LUNG, SliceDataset
+from covidseg_training.train import train
+
+EPOCHS = 3
+
+
+def mostly_infected_slices(path):
+    """12 random 64 x 64 slices of 6 cases, nearly all infection: after one epoch at a high learning rate
+    the model calls infection on the negatives too, so epochs 2 and 3 draw hard negatives from it."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (12, 64, 64), dtype=np.uint8)
+    labels = np.full((12, 64, 64), INFECTION, dtype=np.uint8)
+    labels[:, :8] = LUNG
+    SliceDataset(images, labels, np.repeat(np.array(["a", "b", "c", "d", "e", "f"]), 2)).save(path)
+    return path
+
+
+def tiny_config(root, chest_file, name: str) -> TrainConfig:
+    return TrainConfig.from_dict({
+        "name": name, "data": str(mostly_infected_slices(root / f"{name}.npz")), "output_dir": str(root / "runs"),
+        "fold": 0, "n_folds": 3, "input_size": 64, "base_channels": 4, "depth": 2, "epochs": EPOCHS,
+        "keep_from_epoch": 2, "batch_size": 4, "learning_rate": 0.2, "warmup_epochs": 1, "threads": 1,
+        "device": "cpu", "deep_supervision": True,
+        "negatives": {"scans": [chest_file.name], "per_epoch": 6, "hard_share": 0.5, "root": str(chest_file.parent)},
+    })
+
+
+def stop_after_epoch(epoch: int):
+    def log(line: str) -> None:
+        if line.startswith("{") and json.loads(line.rstrip(" *"))["epoch"] == epoch:
+            raise KeyboardInterrupt
+    return log
+
+
+def without_timing(history: list[dict]) -> list[dict]:
+    return [{key: value for key, value in record.items() if key != "seconds"} for record in history]
+
+
+def saved(path):
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def runs(chest_file, tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume")
+    whole = train(tiny_config(root, chest_file, "whole"), log=lambda _: None)
+    config = tiny_config(root, chest_file, "stopped")
+    with pytest.raises(KeyboardInterrupt):
+        train(config, log=stop_after_epoch(1))
+    stopped_at = json.loads((root / "runs" / "stopped" / "fold0" / "history.json").read_text())
+    messages: list[str] = []
+    resumed = train(config, log=messages.append)
+    return {"whole": whole, "resumed": resumed, "stopped_at": stopped_at, "messages": messages}
+
+
+def test_the_stop_left_one_epoch_and_the_restart_resumed_it(runs):
+    assert [record["epoch"] for record in runs["stopped_at"]] == [1]
+    assert any(message.startswith("resumed ") and message.endswith("at epoch 1") for message in runs["messages"])
+    assert sum(message.startswith("{") for message in runs["messages"]) == EPOCHS - 1, "epochs 2 and 3 only"
+
+
+def test_a_resumed_run_has_the_history_of_a_run_that_was_not_stopped(runs):
+    whole = json.loads((runs["whole"] / "history.json").read_text())
+    resumed = json.loads((runs["resumed"] / "history.json").read_text())
+    assert [record["epoch"] for record in resumed] == list(range(1, EPOCHS + 1))
+    assert [record["slices"]["hard_negative"] for record in whole] == [0, 3, 3], "drawn by the model from epoch 2"
+    assert without_timing(resumed) == without_timing(whole)
+
+
+@pytest.mark.parametrize("name", ["last.pt", "best.pt", "epoch02.pt", "epoch03.pt"])
+def test_a_resumed_run_ends_with_the_same_weights(runs, name):
+    whole, resumed = saved(runs["whole"] / name), saved(runs["resumed"] / name)
+    for key, value in whole["model"].items():
+        torch.testing.assert_close(resumed["model"][key], value, rtol=0, atol=0, msg=f"{name}: {key}")
+    if name == "last.pt":
+        assert resumed["state"]["step"] == whole["state"]["step"]
+        for index, moments in whole["optimizer"]["state"].items():
+            torch.testing.assert_close(resumed["optimizer"]["state"][index]["exp_avg"], moments["exp_avg"],
+                                       rtol=0, atol=0, msg=f"AdamW moment of parameter {index}")
