@@ -16,26 +16,24 @@ import pytest
 import torch
 
 from covidseg_training.config import TrainConfig
-from covidseg_training.data import INFECTION, LUNG, SliceDataset
+from covidseg_training.data import INFECTION, LUNG
 from covidseg_training.train import train
+from labelled_slices import write_labelled_slices
 
 EPOCHS = 3
 
 
 def mostly_infected_slices(path):
-    """12 random 64 x 64 slices of 6 cases, nearly all infection: after one epoch at a high learning rate
-    the model calls infection on the negatives too, so epochs 2 and 3 draw hard negatives from it."""
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 255, (12, 64, 64), dtype=np.uint8)
+    """The tiny labelled slices, nearly all infection: after one epoch at a high learning rate the model
+    calls infection on the negatives too, so epochs 2 and 3 draw hard negatives from it."""
     labels = np.full((12, 64, 64), INFECTION, dtype=np.uint8)
     labels[:, :8] = LUNG
-    SliceDataset(images, labels, np.repeat(np.array(["a", "b", "c", "d", "e", "f"]), 2)).save(path)
-    return path
+    return write_labelled_slices(path, labels)
 
 
-def tiny_config(root, chest_file, name: str) -> TrainConfig:
+def tiny_config(data, root, chest_file, name: str) -> TrainConfig:
     return TrainConfig.from_dict({
-        "name": name, "data": str(mostly_infected_slices(root / f"{name}.npz")), "output_dir": str(root / "runs"),
+        "name": name, "data": str(data), "output_dir": str(root / "runs"),
         "fold": 0, "n_folds": 3, "input_size": 64, "base_channels": 4, "depth": 2, "epochs": EPOCHS,
         "keep_from_epoch": 2, "batch_size": 4, "learning_rate": 0.2, "warmup_epochs": 1, "threads": 1,
         "device": "cpu", "deep_supervision": True,
@@ -61,8 +59,9 @@ def saved(path):
 @pytest.fixture(scope="module")
 def runs(chest_file, tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
-    whole = train(tiny_config(root, chest_file, "whole"), log=lambda _: None)
-    config = tiny_config(root, chest_file, "stopped")
+    data = mostly_infected_slices(root / "labelled.npz")
+    whole = train(tiny_config(data, root, chest_file, "whole"), log=lambda _: None)
+    config = tiny_config(data, root, chest_file, "stopped")
     with pytest.raises(KeyboardInterrupt):
         train(config, log=stop_after_epoch(1))
     stopped_at = json.loads((root / "runs" / "stopped" / "fold0" / "history.json").read_text())
