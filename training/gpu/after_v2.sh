@@ -20,7 +20,8 @@
 # Settings (environment): RECIPE (the config name, default v2), VERSION (of the all-data model, default
 # 2.0.0; the fold models are VERSION-foldK, a kept epoch VERSION-foldK-eNN), FOLDS (the folds to export, check and
 # copy, default "0 1 2 3 4": FOLDS=2 after a fold trained here, so the others are not redone; a fold with kept
-# epochs also gets them averaged, in RESULTS/foldK/averaged/, and a swing.{md,png} of best, kept and averaged),
+# epochs also gets them averaged, in RESULTS/foldK/averaged/, and a swing.{md,png} of best, kept and averaged;
+# a fold already copied into RESULTS from the same run, with its package here, is skipped),
 # DEST (default training/runs/gpu), SCANS
 # (wholescan scan names for the fold models; default the checks), RESULTS (default training/results/v2
 # for v2, training/results/v2/RECIPE otherwise), PYTHON.
@@ -68,6 +69,14 @@ export_and_check() {
 
 for k in $FOLDS; do
     [ -f "$runs/$RECIPE/fold$k/best.pt" ] || { echo "fold $k: no checkpoint"; continue; }
+    # A fold whose run is the one already copied into $RESULTS (same history) and whose package is here was
+    # done by an earlier call: its checks take half an hour, so it is not redone (remove
+    # $RESULTS/foldK/history.json to redo it).
+    if cmp -s "$runs/$RECIPE/fold$k/history.json" "$RESULTS/fold$k/history.json" \
+            && [ -f "$RESULTS/fold$k/wholescan.csv" ] && [ -f "$packages/covid_unet_${RECIPE}_fold$k.json" ]; then
+        echo "fold $k: already in $RESULTS/fold$k (same history.json); not redone"
+        continue
+    fi
     if [ ! -f "$runs/$RECIPE/fold$k/eval/summary.json" ]; then  # a GPU time limit stopped it, or `train` (no evaluation) made it
         epochs=$("$PYTHON" -c "import json, sys; print(len(json.load(open(sys.argv[1]))))" "$runs/$RECIPE/fold$k/history.json")
         echo "fold $k: no evaluation yet (trained $epochs epochs): evaluating its best.pt here"
