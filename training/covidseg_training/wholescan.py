@@ -48,7 +48,7 @@ from scipy import ndimage
 
 from CovidInfectionSegLib.atomic import write_text_atomic
 from CovidInfectionSegLib.imageio import to_canonical
-from CovidInfectionSegLib.inference import cpu_name, pick_device
+from CovidInfectionSegLib.inference import PRECISIONS, cpu_name, pick_device, pick_precision
 from CovidInfectionSegLib.model_package import ModelError, ModelPackage, default_model_path, load_model_package
 from CovidInfectionSegLib.pipeline import SegmentationResult, segment_file
 from CovidInfectionSegLib.postprocessing import INFECTION, WITHOUT_ANATOMY_CHECKS, PostprocessingSettings
@@ -155,12 +155,14 @@ def trained_on(model: ModelPackage, scan_name: str) -> bool:
 
 def check_scan(spec: ScanSpec, model: ModelPackage, device: str, preview_path: Path | None = None, *,
                preview_slices: int = PREVIEW_SLICES, flip_tta: bool = False,
-               settings: PostprocessingSettings | None = None) -> dict[str, Any]:
+               settings: PostprocessingSettings | None = None, precision: str = "auto") -> dict[str, Any]:
     """Segment one scan as users do (with ``flip_tta`` as ``covidseg segment --flip-tta`` does; ``settings``
-    other than the engine's post-processing defaults), measure it, and write its preview; returns its table
-    row (``network_s``: seconds of preprocessing and network)."""
+    other than the engine's post-processing defaults; ``precision`` as ``covidseg segment --precision``),
+    measure it, and write its preview; returns its table row (``network_s``: seconds of preprocessing and
+    network)."""
     reads = parse_nodule_xml(spec.nodules) if spec.nodules is not None else None  # bad XML: fail before the work
-    result = segment_file(spec.path, model, device=device, flip_tta=flip_tta, settings=settings)
+    result = segment_file(spec.path, model, device=device, flip_tta=flip_tta, settings=settings,
+                          precision=precision)
     ct = sitk.Cast(to_canonical(result.input_image), sitk.sitkFloat32)
     volume = sitk.GetArrayFromImage(ct)
     spacing = ct.GetSpacing()[::-1]
@@ -187,7 +189,8 @@ def check_scan(spec: ScanSpec, model: ModelPackage, device: str, preview_path: P
         "infection_components": len(components),
         "largest_infection_component_ml": components[0]["ml"] if components else 0.0, "components": components,
         "flip_tta": "yes" if flip_tta else "no",
-        "anatomy_checks": "no" if settings == WITHOUT_ANATOMY_CHECKS else "yes", "network_s": result.timings["preprocess_infer"],
+        "anatomy_checks": "no" if settings == WITHOUT_ANATOMY_CHECKS else "yes", "precision": result.precision,
+        "network_s": result.timings["preprocess_infer"],
     }
     if preview_path is not None:
         write_scan_preview(result, spec, row, labels, classical, nodules, preview_path, preview_slices)
@@ -234,7 +237,8 @@ COLUMNS = (
     "low_slices_infection_ml", "nodule_voxels", "nodule_ml", "nodule_infection_voxels",
     "nodule_infection_percent", "nodule_infection_percent_target", "nodule_infection_percent_met",
     "nodule_readers", "nodule_outlines", "nodule_contours_unmatched", "nodule_marks_left_out",
-    "infection_components", "largest_infection_component_ml", "notes", "flip_tta", "anatomy_checks", "network_s",
+    "infection_components", "largest_infection_component_ml", "notes", "flip_tta", "anatomy_checks", "precision",
+    "network_s",
 )
 
 
@@ -351,15 +355,16 @@ def summary_lines(row: dict[str, Any], spec: ScanSpec) -> list[str]:
     return [line.replace("**", "") for line in lines]
 
 
-def machine_lines(argv: Sequence[str], device: str, note: str) -> list[str]:
-    """Where and how the table was made: command, date, CPU, threads, device."""
+def machine_lines(argv: Sequence[str], device: str, note: str, precision: str) -> list[str]:
+    """Where and how the table was made: command, date, CPU, threads, device, precision."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     command = "python -m covidseg_training wholescan " + shlex.join(argv)
     return [
         f"Command: `{command.strip()}` (from `training/`), "
         f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC.",
         f"Machine: {cpu_name()}, {cores} cores available, torch {torch.__version__} with "
-        f"{torch.get_num_threads()} threads, device {device}" + (f"; {note}" if note else "") + ".",
+        f"{torch.get_num_threads()} threads, device {device}, precision {precision}"
+        + (f"; {note}" if note else "") + ".",
     ]
 
 
@@ -446,6 +451,9 @@ def parse_arguments(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--nodules", action="append", default=[], metavar="SCAN=XML",
                         help="LIDC nodule XML of a scan (the LIDC scans' own by default)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="the network's arithmetic, as covidseg segment --precision (default auto: bf16 on a "
+                             "CPU with native bf16, else fp32; tables compared across machines want one of them)")
     parser.add_argument("--preview-slices", type=int, default=PREVIEW_SLICES, choices=range(1, 65), metavar="N",
                         help="slices per montage, 1 to 64, besides each nodule's largest slice (default %(default)s)")
     parser.add_argument("--note", default="", help="added to the table's machine line (e.g. 'shared, busy CPU')")
@@ -459,7 +467,7 @@ def parse_arguments(argv: Sequence[str]) -> argparse.Namespace:
 
 def run_one(spec: ScanSpec, model: ModelPackage, model_path: str | None, device: str, out: Path, *,
             preview_slices: int = PREVIEW_SLICES, flip_tta: bool = False,
-            settings: PostprocessingSettings | None = None) -> dict[str, Any]:
+            settings: PostprocessingSettings | None = None, precision: str = "auto") -> dict[str, Any]:
     """One scan's row (a failure is a row too), its targets, and its record ``<scan>.json`` in ``out``."""
     row: dict[str, Any] = {
         "scan": spec.name, "path": display_path(spec.path), "model_name": model.name,
@@ -468,7 +476,7 @@ def run_one(spec: ScanSpec, model: ModelPackage, model_path: str | None, device:
     }
     try:
         row.update(check_scan(spec, model, device, out / f"{spec.name}.png", preview_slices=preview_slices,
-                              flip_tta=flip_tta, settings=settings), status="ok")
+                              flip_tta=flip_tta, settings=settings, precision=precision), status="ok")
     except (InputError, ValueError, OSError) as error:
         row.update(status=f"failed: {error}")
     apply_targets(row, spec.targets)
@@ -486,6 +494,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         device = str(pick_device(args.device))
     except (RuntimeError, ValueError) as error:
         raise SystemExit(f"--device: {error}") from error
+    try:
+        precision = pick_precision(args.precision, torch.device(device))
+    except (RuntimeError, ValueError) as error:
+        raise SystemExit(f"--precision: {error}") from error
     model_for = _pairs(args.model_for, "--model-for")
     model_paths = {spec.name: model_for.get(spec.name, args.model) for spec in specs}
     models: dict[str, ModelPackage] = {}
@@ -505,7 +517,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             model = models[str(model_paths[spec.name])]
             print(f"[{index}/{len(specs)}] {spec.name}: {spec.path} with {model.name} {model.version}", flush=True)
             row = run_one(spec, model, model_paths[spec.name], device, out, preview_slices=args.preview_slices,
-                          flip_tta=args.flip_tta, settings=WITHOUT_ANATOMY_CHECKS if args.no_anatomy_checks else None)
+                          flip_tta=args.flip_tta, settings=WITHOUT_ANATOMY_CHECKS if args.no_anatomy_checks else None,
+                          precision=precision)
             print(f"    {row['status']}" + ("" if row["status"] != "ok" else
                   f": lung {row['lung_ml']:.0f} mL, infection {row['infection_ml']:.1f} mL, outside classical "
                   f"{row['outside_classical_ml']:.1f} mL, missed {row['classical_missed_ml']:.1f} mL"), flush=True)
@@ -515,7 +528,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               "the table was not written", file=sys.stderr)
         return 130
     write_text_atomic(out / "wholescan.csv", table_csv(rows))
-    write_text_atomic(out / "wholescan.md", table_markdown(rows, machine_lines(argv, device, args.note)))
+    write_text_atomic(out / "wholescan.md", table_markdown(rows, machine_lines(argv, device, args.note, precision)))
     previews = sum(row["status"] == "ok" for row in rows)
     print(f"wrote {out / 'wholescan.md'}, {out / 'wholescan.csv'} and {previews} previews (<scan>.png) in {out}")
     return 0 if all(row["status"] == "ok" for row in rows) else 1

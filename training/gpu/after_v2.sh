@@ -23,8 +23,9 @@
 # epochs also gets them averaged, in RESULTS/foldK/averaged/, and a swing.{md,png} of best, kept and averaged;
 # a fold already copied into RESULTS from the same run, with its package here, is skipped),
 # DEST (default training/runs/gpu), SCANS
-# (wholescan scan names for the fold models; default the checks), RESULTS (default training/results/v2
-# for v2, training/results/v2/RECIPE otherwise), PYTHON.
+# (wholescan scan names for the fold models; default the checks), PRECISION (of the whole-scan checks, as
+# `wholescan --precision`; default auto: bf16 on a CPU with native bf16, else fp32), RESULTS (default
+# training/results/v2 for v2, training/results/v2/RECIPE otherwise), PYTHON.
 set -euo pipefail
 FROM=$(cd "${1:?usage: after_v2.sh FOLDER_WITH_RESULTS}" && pwd)
 cd "$(dirname "$0")/.."
@@ -35,6 +36,7 @@ PYTHON=${PYTHON:-python}
 VERSION=${VERSION:-2.0.0}
 FOLDS=${FOLDS:-"0 1 2 3 4"}
 SCANS=${SCANS:-"covid-chest-ct example-chest-ct-kernel-L example-chest-ct-kernel-B"}
+PRECISION=${PRECISION:-auto}
 if [ -f "$FROM/results.tar.gz" ]; then
     runs=$DEST/runs
     mkdir -p "$runs"
@@ -64,7 +66,8 @@ for png in sorted(Path(sys.argv[1]).glob('*.png')):
 # array `scans` on it into folder $5; further arguments go to export.
 export_and_check() {
     "$PYTHON" -m covidseg_training export --checkpoint "$1" --out "$2" --name "$3" --version "$4" "${@:6}"
-    "$PYTHON" -m covidseg_training wholescan --device cpu --model "$2/$3.json" "${scans[@]}" --out "$5"
+    "$PYTHON" -m covidseg_training wholescan --device cpu --precision "$PRECISION" --model "$2/$3.json" "${scans[@]}" \
+        --out "$5"
 }
 
 for k in $FOLDS; do
@@ -181,7 +184,7 @@ if [ -f "$runs/${RECIPE}_all/all/best.pt" ] && [ -f "$runs/$RECIPE/crossval/summ
                 "Held out, it is in:${folds:- no committed fold table}" >&2
         fi
     done
-    "$PYTHON" -m covidseg_training wholescan --device cpu --model "$packages/covid_unet_v2.json" \
+    "$PYTHON" -m covidseg_training wholescan --device cpu --precision "$PRECISION" --model "$packages/covid_unet_v2.json" \
         ${model_for[@]+"${model_for[@]}"} --out "$DEST/wholescan-v$VERSION"
     cp "$DEST/wholescan-v$VERSION/wholescan.md" "$RESULTS/wholescan_v$VERSION.md"
     cp "$DEST/wholescan-v$VERSION/wholescan.csv" "$RESULTS/wholescan_v$VERSION.csv"

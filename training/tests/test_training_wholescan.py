@@ -13,8 +13,10 @@ import cv2
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 
 from CovidInfectionSegLib.imageio import read_image, to_canonical
+from CovidInfectionSegLib.inference import pick_precision
 from CovidInfectionSegLib.model_package import load_model_package
 from CovidInfectionSegLib.pipeline import segment_file
 from CovidInfectionSegLib.postprocessing import WITHOUT_ANATOMY_CHECKS
@@ -219,6 +221,26 @@ def test_no_anatomy_checks_is_passed_to_the_engine_and_recorded(synthetic_scan, 
     assert float(row["lung_ml"]) == pytest.approx(result.measurements.total.lung_ml, abs=1e-3)
     assert result.measurements.total.lung_ml > default.measurements.total.lung_ml + 1, "the stomach's gas stays lung"
     assert "Post-processing without its anatomy checks" in (tmp_path / "out" / "wholescan.md").read_text()
+
+
+def test_precision_is_passed_to_the_engine_and_recorded(synthetic_scan, tmp_path):
+    row = wholescan_row(synthetic_scan, tmp_path / "fp32", "--precision=fp32")
+    result = segment_file(synthetic_scan["scan"], load_model_package(synthetic_scan["model"]), device="cpu",
+                          precision="fp32")
+    assert row["precision"] == "fp32" == result.precision
+    assert float(row["lung_ml"]) == pytest.approx(result.measurements.total.lung_ml, abs=1e-3)
+    assert "device cpu, precision fp32" in (tmp_path / "fp32" / "wholescan.md").read_text()
+    # The default is the engine's: bf16 on a CPU with native bf16, fp32 elsewhere; the table says which.
+    default = wholescan_row(synthetic_scan, tmp_path / "auto", "--preview-slices=1")
+    assert default["precision"] == pick_precision("auto", torch.device("cpu"))
+    assert f"precision {default['precision']}" in (tmp_path / "auto" / "wholescan.md").read_text()
+
+
+def test_a_precision_the_device_cannot_run_is_refused_before_any_work(synthetic_scan, tmp_path):
+    with pytest.raises(SystemExit, match="--precision: precision 'fp16' is for CUDA only"):
+        training_main(["wholescan", "--model", str(synthetic_scan["model"]), "--out", str(tmp_path / "out"),
+                       "--device", "cpu", "--precision", "fp16", "--scan", f"chest={synthetic_scan['scan']}"])
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_scan_that_fails_is_a_row_and_the_exit_code(synthetic_scan, tmp_path):
