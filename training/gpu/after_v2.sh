@@ -10,8 +10,9 @@
 # JPEG (about 300 kB each; the PNGs are 2-3 MB).
 #
 #   bash training/gpu/after_v2.sh FILES_AT     (the folder holding results.tar.gz and checkpoints-N.tar)
-#   bash training/gpu/after_v2.sh RUNS         (a runs folder holding v2/foldK/, e.g. training/runs for
-#                                               folds trained on this machine: used in place, not copied)
+#   bash training/gpu/after_v2.sh RUNS         (a runs folder holding v2/foldK/ or v2_all/all/, e.g.
+#                                               training/runs for runs trained on this machine: used in
+#                                               place, not copied; folds that are not there are skipped)
 #   RECIPE=v2_dense bash training/gpu/after_v2.sh training/runs
 #                                              (the folds of configs/v2_dense.yaml, in v2_dense/foldK/;
 #                                               results in results/v2/v2_dense/, the all-data model
@@ -42,10 +43,10 @@ if [ -f "$FROM/results.tar.gz" ]; then
     mkdir -p "$runs"
     tar -xzf "$FROM/results.tar.gz" -C "$runs"
     for file in "$FROM"/checkpoints-*.tar; do tar -xf "$file" -C "$runs"; done
-elif [ -d "$FROM/$RECIPE" ]; then
+elif [ -d "$FROM/$RECIPE" ] || [ -d "$FROM/${RECIPE}_all" ]; then  # the all-data run alone: its folds went with an earlier machine
     runs=$FROM
 else
-    echo "$FROM: neither results.tar.gz (from run_v2.sh) nor a runs folder with $RECIPE/" >&2
+    echo "$FROM: neither results.tar.gz (from run_v2.sh) nor a runs folder with $RECIPE/ or ${RECIPE}_all/" >&2
     exit 2
 fi
 mkdir -p "$RESULTS"
