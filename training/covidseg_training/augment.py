@@ -1,5 +1,5 @@
-"""Training augmentation: geometry, what real scanners vary (window, resolution, noise), and synthetic
-solid masses (masses.py).
+"""Training augmentation: geometry, what real scanners vary (window, resolution, noise), synthetic
+solid masses (masses.py) and synthetic pockets of gas in the negatives' abdomen (gas_pockets.py).
 
 The shared slices already carry the intensity recipe (min-max + CLAHE). To show the network what a
 different scanner looks like *after* the recipe, a degraded slice is passed through the recipe's last
@@ -16,6 +16,7 @@ import numpy as np
 
 from CovidInfectionSegLib.preprocessing import IntensityRecipe, make_clahe, minmax_to_uint8
 
+from .gas_pockets import paint_gas_pockets
 from .masses import paint_masses
 
 
@@ -52,6 +53,10 @@ class AugmentConfig:
     # consolidation untouched.
     mass_p: float = 0.0
     mass_on: str = "all"
+    # Synthetic pockets of gas (an air-filled stomach or bowel loop) painted into the soft tissue of
+    # negative slices and labelled background (gas_pockets.py): the negatives' stomachs are not
+    # air-filled, and the network alone calls an air-filled stomach lung.
+    gas_p: float = 0.0
     # A slice with its neighbours (context_slices): the neighbours' order reversed. The PNG export does
     # not say which way its slice numbers run in each volume, while the engine's canonical volumes run
     # from the feet up: so the network must not rely on which side is up.
@@ -190,11 +195,14 @@ class SliceAugmenter:
         in the middle; ``label`` the slice's (H, W)."""
         if image.ndim == 3:
             return self.stack(image, label)
-        # Masses and harmonisation are drawn only when on, so that configs without them augment
-        # exactly as before they existed. Masses come first: geometry and scanner then act on them too.
+        # Masses, gas pockets and harmonisation are drawn only when on, so that configs without them
+        # augment exactly as before they existed. Masses and gas pockets come first: geometry and
+        # scanner then act on them too.
         masses_here = self.config.mass_p and (negative or self.config.mass_on == "all")
         if masses_here and self.rng.random() < self.config.mass_p:
             image, label = paint_masses(image, label, self.rng)
+        if self.config.gas_p and negative and self.rng.random() < self.config.gas_p:
+            image, label = paint_gas_pockets(image, label, self.rng)
         out = self.geometry(image=image, mask=label)
         image, label = out["image"], out["mask"]
         if self.config.harmonise_p and self.rng.random() < self.config.harmonise_p:
@@ -214,6 +222,8 @@ class SliceAugmenter:
         anatomy, not the scanner). The per-slice min-max and CLAHE stay per slice, as the engine does them."""
         if self.config.mass_p:
             raise ValueError("synthetic masses (augment.mass_p) are painted into one slice; not with neighbours")
+        if self.config.gas_p:
+            raise ValueError("synthetic gas pockets (augment.gas_p) are painted into one slice; not with neighbours")
         if self.rng.random() < self.config.zflip_p:
             images = images[::-1]
         out = self.geometry(image=np.ascontiguousarray(np.moveaxis(images, 0, -1)), mask=label)

@@ -81,6 +81,9 @@ class TrainConfig:
         if config.context_slices and config.augment.mass_p:
             raise ValueError("augment.mass_p with context_slices: the synthetic masses are painted into one slice "
                              "only, so a neighbour would show none; set mass_p to 0 for a context model")
+        if config.context_slices and config.augment.gas_p:
+            raise ValueError("augment.gas_p with context_slices: the synthetic gas pockets are painted into one "
+                             "slice only, so a neighbour would show none; set gas_p to 0 for a context model")
         return config
 
     @classmethod

@@ -154,19 +154,22 @@ def plot_negative_labels(scans: list[tuple[str, np.ndarray, np.ndarray, np.ndarr
     _save_figure(figure, path)
 
 
-def plot_painted_masses(rows: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]], path: Path) -> None:
+def plot_painted_masses(rows: list[tuple[int | str, np.ndarray, np.ndarray, np.ndarray]], path: Path, *,
+                        what: str = "masses", painted_label: int = LUNG,
+                        title: str = "synthetic masses (outlined in blue: lung, no infection); lung outlined, "
+                                     "infection filled") -> None:
     """Synthetic masses as trained (masses.py), one row per slice: (index, image, painted image, painted
-    labels): the slice as it was, and with its masses, "lung, no infection" under them in blue."""
+    labels): the slice as it was, and with its masses, "lung, no infection" under them in blue. ``what``,
+    ``painted_label`` and ``title`` draw other painted things the same way (gas_pockets.py)."""
     plt = _pyplot()
     figure, axes = plt.subplots(len(rows), 2, figsize=(6.4, 3.2 * len(rows)), squeeze=False)
     for row_axes, (index, image, painted, labels) in zip(axes, rows):
         _show_slice(row_axes[0], image, None, f"slice {index}")
-        _show_slice(row_axes[1], painted, labels, "with masses")
-        new = (painted != image) & (labels == LUNG)
+        _show_slice(row_axes[1], painted, labels, f"with {what}")
+        new = (painted != image) & (labels == painted_label)
         if new.any():
             row_axes[1].contour(new, levels=[0.5], colors=[NO_INFECTION_COLOUR], linewidths=0.8)
-    figure.suptitle("synthetic masses (outlined in blue: lung, no infection); lung outlined, infection filled",
-                    fontsize=8)
+    figure.suptitle(title, fontsize=8)
     figure.tight_layout()
     _save_figure(figure, path)
 

@@ -45,9 +45,9 @@ def soft_tissue_gray(image: np.ndarray, lung: np.ndarray) -> float:
 
 
 def mass_shape(shape: tuple[int, int], centre: tuple[float, float], radius: float,
-               rng: np.random.Generator) -> np.ndarray:
-    """A float32 coverage map (0-1) of one mass: a lobulated, stretched disc, spiculated one time in
-    three, its edge blurred by 0.4-1.2 pixels."""
+               rng: np.random.Generator, spicule_p: float = 1 / 3) -> np.ndarray:
+    """A float32 coverage map (0-1) of one mass: a lobulated, stretched disc, spiculated with
+    probability ``spicule_p``, its edge blurred by 0.4-1.2 pixels."""
     rows, cols = np.mgrid[: shape[0], : shape[1]].astype(np.float32)
     angle = rng.uniform(0, np.pi)
     stretch = rng.uniform(0.7, 1.0)
@@ -59,7 +59,7 @@ def mass_shape(shape: tuple[int, int], centre: tuple[float, float], radius: floa
     for harmonic in range(2, 6):
         outline += rng.uniform(0, 0.12) * np.cos(harmonic * theta + rng.uniform(0, 2 * np.pi))
     coverage = (np.hypot(u, v) <= radius * outline).astype(np.float32)
-    if rng.random() < 1 / 3:
+    if rng.random() < spicule_p:
         for direction in rng.uniform(0, 2 * np.pi, int(rng.integers(3, 9))):
             length = radius * rng.uniform(1.3, 2.0)
             end = (centre[1] + length * np.cos(direction), centre[0] + length * np.sin(direction))
