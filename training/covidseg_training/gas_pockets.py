@@ -12,7 +12,7 @@ a gas-fluid level, its posterior part (lower rows: the patient lies on the back)
 that was there. It lies inside the body, at least ``WALL_PX`` beyond its radius from the body's edge
 and from any lung or dark pixel, so it is wrapped in soft tissue as a stomach is.
 
-    python -m covidseg_training.gas_pockets OUT.png [--config CONFIG]   # a preview of painted negatives
+    python -m covidseg_training.gas_pockets OUT.png [--root FOLDER]   # a preview of painted negatives
 """
 
 from __future__ import annotations
@@ -79,21 +79,21 @@ def paint_gas_pockets(image: np.ndarray, label: np.ndarray, rng: np.random.Gener
 def main(argv: list[str] | None = None) -> int:
     from CovidInfectionSegLib.preprocessing import IntensityRecipe
 
-    from .config import TrainConfig
     from .figures import plot_painted_masses
-    from .negatives import load_negatives
+    from .negatives import NegativesConfig, load_negatives
 
     parser = argparse.ArgumentParser(prog="python -m covidseg_training.gas_pockets", description=__doc__.split("\n")[0])
     parser.add_argument("out", type=Path, help="the preview PNG")
-    parser.add_argument("--config", type=Path, default=Path("configs/v2_dense_all_gas_continue.yaml"),
-                        help="a training config: its negative scans (read from ../shared/data, or its cache)")
+    parser.add_argument("--root", default="", help="the folder holding the negative scans (default ../shared/data)")
+    parser.add_argument("--cache", type=Path, default=Path("runs/cache"),
+                        help="where training caches the negatives' slices (read when there, written when not)")
     parser.add_argument("--count", type=int, default=6, help="slices shown")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    config = TrainConfig.load(args.config)
+    negatives = NegativesConfig(root=args.root)  # the training negatives, on 256-pixel slices as trained
     try:
-        scans = load_negatives(config.negatives, IntensityRecipe(input_size=config.input_size),
-                               config.negatives.scans_for_fold(None), cache_dir=Path(config.output_dir) / "cache")
+        scans = load_negatives(negatives, IntensityRecipe(input_size=256), negatives.scans_for_fold(None),
+                               cache_dir=args.cache)
     except FileNotFoundError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -107,8 +107,6 @@ def test_gas_pockets_on_a_real_negative_slice(tmp_path):
 
 def test_the_preview_says_clearly_when_the_negative_scans_are_missing(tmp_path, capsys):
     from covidseg_training.gas_pockets import main
-    config = tmp_path / "config.yaml"
-    config.write_text(f"output_dir: {tmp_path / 'runs'}\nnegatives:\n  per_epoch: 10\n  root: {tmp_path / 'none'}\n")
-    assert main([str(tmp_path / "preview.png"), "--config", str(config)]) == 2
+    assert main([str(tmp_path / "preview.png"), "--root", str(tmp_path / "none"), "--cache", str(tmp_path / "cache")]) == 2
     assert "not found" in capsys.readouterr().err
     assert not (tmp_path / "preview.png").exists()
