@@ -21,6 +21,8 @@ from .masses import paint_masses
 
 
 MASS_ON = ("all", "negatives")
+# The augmentations that paint into the middle slice only, so a model with context cannot use them.
+PAINTED_INTO_ONE_SLICE = {"mass_p": "synthetic masses", "gas_p": "synthetic gas pockets"}
 
 
 @dataclass
@@ -220,10 +222,9 @@ class SliceAugmenter:
         """A slice and its neighbours (C, H, W) augmented alike: one geometry, and every intensity step
         with the same draws on each channel (what differs between neighbouring slices of one scan is the
         anatomy, not the scanner). The per-slice min-max and CLAHE stay per slice, as the engine does them."""
-        if self.config.mass_p:
-            raise ValueError("synthetic masses (augment.mass_p) are painted into one slice; not with neighbours")
-        if self.config.gas_p:
-            raise ValueError("synthetic gas pockets (augment.gas_p) are painted into one slice; not with neighbours")
+        for key, painted in PAINTED_INTO_ONE_SLICE.items():
+            if getattr(self.config, key):
+                raise ValueError(f"{painted} (augment.{key}) are painted into one slice; not with neighbours")
         if self.rng.random() < self.config.zflip_p:
             images = images[::-1]
         out = self.geometry(image=np.ascontiguousarray(np.moveaxis(images, 0, -1)), mask=label)

@@ -10,7 +10,7 @@ import yaml
 
 from CovidInfectionSegLib.preprocessing import IntensityRecipe
 
-from .augment import AugmentConfig
+from .augment import PAINTED_INTO_ONE_SLICE, AugmentConfig
 from .negatives import NegativesConfig
 
 
@@ -78,12 +78,10 @@ class TrainConfig:
                 setattr(augment, key, tuple(getattr(augment, key)))
         config = cls(augment=augment, negatives=negatives, **values)
         config.recipe()  # raises for a negative context
-        if config.context_slices and config.augment.mass_p:
-            raise ValueError("augment.mass_p with context_slices: the synthetic masses are painted into one slice "
-                             "only, so a neighbour would show none; set mass_p to 0 for a context model")
-        if config.context_slices and config.augment.gas_p:
-            raise ValueError("augment.gas_p with context_slices: the synthetic gas pockets are painted into one "
-                             "slice only, so a neighbour would show none; set gas_p to 0 for a context model")
+        for key, painted in PAINTED_INTO_ONE_SLICE.items():
+            if config.context_slices and getattr(config.augment, key):
+                raise ValueError(f"augment.{key} with context_slices: the {painted} are painted into one slice "
+                                 f"only, so a neighbour would show none; set {key} to 0 for a context model")
         return config
 
     @classmethod

@@ -154,13 +154,11 @@ def plot_negative_labels(scans: list[tuple[str, np.ndarray, np.ndarray, np.ndarr
     _save_figure(figure, path)
 
 
-def plot_painted_masses(rows: list[tuple[int | str, np.ndarray, np.ndarray, np.ndarray]], path: Path, *,
-                        what: str = "masses", painted_label: int = LUNG,
-                        title: str = "synthetic masses (outlined in blue: lung, no infection); lung outlined, "
-                                     "infection filled") -> None:
-    """Synthetic masses as trained (masses.py), one row per slice: (index, image, painted image, painted
-    labels): the slice as it was, and with its masses, "lung, no infection" under them in blue. ``what``,
-    ``painted_label`` and ``title`` draw other painted things the same way (gas_pockets.py)."""
+def plot_painted_slices(rows: list[tuple[int | str, np.ndarray, np.ndarray, np.ndarray]], path: Path, *,
+                        what: str, painted_label: int, title: str) -> None:
+    """Synthetic masses (masses.py) or gas pockets (gas_pockets.py) as trained, one row per slice: (index,
+    image, painted image, painted labels): the slice as it was, and with ``what`` painted into it, outlined in
+    blue where it changed and is labelled ``painted_label``."""
     plt = _pyplot()
     figure, axes = plt.subplots(len(rows), 2, figsize=(6.4, 3.2 * len(rows)), squeeze=False)
     for row_axes, (index, image, painted, labels) in zip(axes, rows):

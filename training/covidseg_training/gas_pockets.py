@@ -45,14 +45,14 @@ def tissue_mask(image: np.ndarray, air_gray: float) -> np.ndarray:
 
 
 def paint_gas_pockets(image: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """``image`` (uint8) with 1-2 pockets of gas painted into its soft tissue and ``label`` background
-    under them; both unchanged where no pocket fits."""
+    """``image`` (uint8) with 1-2 pockets of gas painted into its soft tissue, and ``label`` as it was:
+    the pockets lie only where it is background already. ``image`` is unchanged where no pocket fits."""
     air_gray = float(np.percentile(image, 1))
     tissue = tissue_mask(image, air_gray)
     # Distance to anything that is not tissue: outside the body, lung (labelled or dark), other gas.
     solid = tissue & (label == BACKGROUND)
     from_edge = cv2.distanceTransform(solid.astype(np.uint8), cv2.DIST_L2, 5)
-    painted, new_label = image.astype(np.float32), label.copy()
+    painted = image.astype(np.float32)
     taken = np.zeros(label.shape, dtype=bool)
     for _ in range(int(rng.integers(COUNT[0], COUNT[1] + 1))):
         radius = float(np.exp(rng.uniform(*np.log(RADIUS_PX))))
@@ -71,15 +71,14 @@ def paint_gas_pockets(image: np.ndarray, label: np.ndarray, rng: np.random.Gener
         noise = cv2.GaussianBlur(rng.normal(0, 1, label.shape).astype(np.float32), (0, 0), 0.7)
         texture = air_gray + rng.uniform(1, 4) * noise / max(float(noise.std()), 1e-6)
         painted = painted * (1 - coverage) + texture * coverage
-        new_label[coverage > 0.5] = BACKGROUND
         taken |= cv2.dilate((coverage > 0).astype(np.uint8), np.ones((2 * WALL_PX + 1,) * 2, np.uint8)) > 0
-    return np.clip(painted, 0, 255).astype(np.uint8), new_label
+    return np.clip(painted, 0, 255).astype(np.uint8), label
 
 
 def main(argv: list[str] | None = None) -> int:
     from CovidInfectionSegLib.preprocessing import IntensityRecipe
 
-    from .figures import plot_painted_masses
+    from .figures import plot_painted_slices
     from .negatives import NegativesConfig, load_negatives
 
     parser = argparse.ArgumentParser(prog="python -m covidseg_training.gas_pockets", description=__doc__.split("\n")[0])
@@ -108,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         scan, index = pool[int(pick)]
         image, label = scan.slices.images[index], scan.slices.labels[index]
         rows.append((f"{index} of {scan.name}", image, *paint_gas_pockets(image, label, rng)))
-    plot_painted_masses(rows, args.out, what="gas pockets", painted_label=BACKGROUND,
+    plot_painted_slices(rows, args.out, what="gas pockets", painted_label=BACKGROUND,
                         title="synthetic gas pockets (outlined in blue: background); lung outlined")
     print(f"wrote {args.out}")
     return 0

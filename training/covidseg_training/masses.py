@@ -95,7 +95,7 @@ def paint_masses(image: np.ndarray, label: np.ndarray, rng: np.random.Generator)
 
 def main(argv: list[str] | None = None) -> int:
     from .data import SliceDataset
-    from .figures import plot_painted_masses
+    from .figures import plot_painted_slices
 
     parser = argparse.ArgumentParser(prog="python -m covidseg_training.masses", description=__doc__.split("\n")[0])
     parser.add_argument("out", type=Path, help="the preview PNG")
@@ -112,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     lung_pixels = (slices.labels == LUNG).sum(axis=(1, 2))
     chosen = rng.choice(np.flatnonzero(lung_pixels >= 2 * MIN_LUNG_PIXELS), args.count, replace=False)
     rows = [(int(i), slices.images[i], *paint_masses(slices.images[i], slices.labels[i], rng)) for i in sorted(chosen)]
-    plot_painted_masses(rows, args.out)
+    plot_painted_slices(rows, args.out, what="masses", painted_label=LUNG,
+                        title="synthetic masses (outlined in blue: lung, no infection); lung outlined, infection filled")
     print(f"wrote {args.out}")
     return 0
 

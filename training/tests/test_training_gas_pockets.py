@@ -85,10 +85,9 @@ def test_gas_pockets_are_refused_with_context_slices():
         augmenter(np.zeros((3, 64, 64), np.uint8), np.zeros((64, 64), np.uint8))
 
 
-def test_gas_pockets_on_a_real_negative_slice(tmp_path):
+def test_gas_pockets_on_a_real_negative_slice():
     """On the lowest slice of LIDC-IDRI-0003 (its upper abdomen, read as training reads it), a pocket lands
     in the abdomen as dark as the room air, and the labels do not change."""
-    from CovidInfectionSegLib.preprocessing import IntensityRecipe
     from covidseg_training.negatives import NegativesConfig, load_negatives
 
     from shared_data_paths import shared_path
