@@ -168,7 +168,7 @@ def plot_painted_slices(rows: list[tuple[int | str, np.ndarray, np.ndarray, np.n
         if new.any():
             row_axes[1].contour(new, levels=[0.5], colors=[NO_INFECTION_COLOUR], linewidths=0.8)
     figure.suptitle(title, fontsize=8)
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0, 1, 1 - 0.25 / figure.get_figheight()))  # the title above the first row's
     _save_figure(figure, path)
 
 
