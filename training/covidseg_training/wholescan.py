@@ -6,7 +6,8 @@ default post-processing), then on the canonical LPS grid:
 - lung mL (right, left, total; infection included) and infection mL, as the engine measures them;
 - model lung (any label) more than 5 mm outside the classical HU lung mask
   (:func:`classical_lung.classical_lung_mask`): stomach, bowel, air outside the lungs called lung;
-- classical lung more than 5 mm from the model's lung: apex and bases the model missed;
+- classical lung more than 5 mm from the model's lung: apex and bases the model missed (and how much of
+  it lies in the top and the bottom fifth of the classical lung's height);
 - per scan where set, the lung or infection mL in its lowest N slices (covid-chest-ct: 17 slices of
   stomach and bowel below the lungs);
 - for LIDC scans, the share of the radiologists' nodule voxels called infection (:mod:`lidc_nodules`);
@@ -136,6 +137,12 @@ def measure_scan(labels: np.ndarray, classical: np.ndarray, spacing_zyx: Sequenc
         "outside_classical_ml": outside.sum() * voxel_ml,
         "classical_missed_ml": missed.sum() * voxel_ml,
     }
+    with_lung = np.flatnonzero(classical.any(axis=(1, 2)))
+    if len(with_lung):
+        # Fifths of the classical lung's height; canonical z grows towards the head.
+        edges = np.linspace(with_lung[0], with_lung[-1] + 1, 6).round().astype(int)
+        row.update(classical_missed_base_ml=missed[edges[0]:edges[1]].sum() * voxel_ml,
+                   classical_missed_apex_ml=missed[edges[4]:edges[5]].sum() * voxel_ml)
     if low_slices:
         lowest = labels[:low_slices]  # canonical z grows towards the head
         row.update(low_slices_ml=(lowest > 0).sum() * voxel_ml,
@@ -233,7 +240,7 @@ COLUMNS = (
     "scan", "path", "status", "model_name", "model_version", "model_file", "model_trained_on_scan",
     "right_lung_ml", "left_lung_ml", "lung_ml", "infection_ml", "infection_ml_target", "infection_ml_met",
     "classical_lung_ml", "outside_classical_ml", "outside_classical_ml_target", "outside_classical_ml_met",
-    "classical_missed_ml", "low_slices", "low_slices_ml", "low_slices_ml_target", "low_slices_ml_met",
+    "classical_missed_ml", "classical_missed_apex_ml", "classical_missed_base_ml", "low_slices", "low_slices_ml", "low_slices_ml_target", "low_slices_ml_met",
     "low_slices_infection_ml", "nodule_voxels", "nodule_ml", "nodule_infection_voxels",
     "nodule_infection_percent", "nodule_infection_percent_target", "nodule_infection_percent_met",
     "nodule_readers", "nodule_outlines", "nodule_contours_unmatched", "nodule_marks_left_out",
@@ -276,12 +283,20 @@ def _cell(row: dict[str, Any], metric: str, digits: int = 1, unit: str = "") -> 
     return text
 
 
+def _missed_cell(row: dict[str, Any]) -> str:
+    """Classical lung missed, with its part in the top and bottom fifth of the lung where measured."""
+    text = _cell(row, "classical_missed_ml", 0)
+    if row.get("classical_missed_apex_ml", "") not in ("", None):
+        text += f" ({row['classical_missed_apex_ml']:.0f} / {row['classical_missed_base_ml']:.0f})"
+    return text
+
+
 def table_markdown(rows: Sequence[dict[str, Any]], header_lines: Sequence[str]) -> str:
     """The Markdown table for a model card: values with issue 10's targets, then definitions and notes."""
     models = ", ".join(dict.fromkeys(_model_text(row) for row in rows))
     lines = [f"# Whole-scan checks: {models}", "", *header_lines, "",
              "| scan | model | lung mL (right / left / total) | infection mL | model lung >5 mm outside "
-             "classical, mL | classical lung missed >5 mm, mL | lowest slices: lung or infection, mL | "
+             "classical, mL | classical lung missed >5 mm, mL (top / bottom fifth) | lowest slices: lung or infection, mL | "
              "nodule voxels called infection, % |",
              "|---|---|---|---|---|---|---|---|"]
     for row in rows:
@@ -293,7 +308,7 @@ def table_markdown(rows: Sequence[dict[str, Any]], header_lines: Sequence[str]) 
         nodules = "-" if "nodule_voxels" not in row else (
             f"{_cell(row, 'nodule_infection_percent')} of {row['nodule_voxels']} voxels")
         lines.append(f"| {row['scan']} | {_model_text(row)} | {lungs} | {_cell(row, 'infection_ml')} | "
-                     f"{_cell(row, 'outside_classical_ml')} | {_cell(row, 'classical_missed_ml', 0)} | {low} | "
+                     f"{_cell(row, 'outside_classical_ml')} | {_missed_cell(row)} | {low} | "
                      f"{nodules} |")
     lines += ["", *kernel_agreement_lines(rows), "", *DEFINITIONS, ""]
     components = {row["scan"]: row["components"] for row in rows if row.get("components")}
@@ -320,7 +335,7 @@ DEFINITIONS = [
     "lung mL include the infection inside the lungs; \"model lung\" is every labelled voxel. The classical "
     "lung is `classical_lung.classical_lung_mask` on the HU volume (air below -320 HU inside the body, gas "
     "pockets cut out, components above the diaphragm). Distances are 3D Euclidean in mm at the voxel "
-    "spacing. On covid-chest-ct the classical mask leaves out dense consolidation (it takes air below -320 HU), "
+    "spacing. Top and bottom fifth: of the classical lung's height (apex, bases). On covid-chest-ct the classical mask leaves out dense consolidation (it takes air below -320 HU), "
     "so model lung outside it there is partly real, infected lung; its false lung is measured in its lowest "
     "slices instead. \"Lowest slices\": lung or infection in the scan's N lowest axial slices (covid-chest-ct: 17, "
     "stomach and bowel, no lung). Nodules: the union of all LIDC readers' outlined nodules (inclusion "

@@ -65,6 +65,13 @@ def test_classical_lung_more_than_5_mm_from_the_model_is_missed():
     row = measure_scan(labels, classical, SPACING)
     assert row["classical_missed_ml"] == pytest.approx(2 * 400 / 1000)
     assert row["outside_classical_ml"] == 0
+    # The box's 10 slices in fifths of 2: the missed slices 13 and 14 are its top fifth.
+    assert row["classical_missed_apex_ml"] == pytest.approx(2 * 400 / 1000)
+    assert row["classical_missed_base_ml"] == 0
+    labels = classical.astype(np.uint8)
+    labels[5:9] = 0  # the bottom 4 slices: slices 5 and 6 are missed, the bottom fifth
+    row = measure_scan(labels, classical, SPACING)
+    assert (row["classical_missed_base_ml"], row["classical_missed_apex_ml"]) == (pytest.approx(0.8), 0)
 
 
 def test_without_classical_lung_all_model_lung_is_outside():
@@ -106,12 +113,14 @@ def _row(scan: str, lung_ml: float, **values) -> dict:
 
 
 def test_markdown_states_values_targets_and_verdicts():
-    rows = [_row("example-chest-ct-kernel-L", 1000.0), _row("example-chest-ct-kernel-B", 1030.0),
+    rows = [_row("example-chest-ct-kernel-L", 1000.0),
+            _row("example-chest-ct-kernel-B", 1030.0, classical_missed_apex_ml=2.2, classical_missed_base_ml=0.4),
             {"scan": "broken", "status": "failed: no such file", "model_name": "m", "model_version": "2.0.0"}]
     text = table_markdown(rows, ["Command: `x`"])
     assert text.startswith("# Whole-scan checks: m 2.0.0\n")
-    assert ("| example-chest-ct-kernel-L | m 2.0.0 | 500 / 500 / 1000 | 12.0 (< 30: pass) | 25.0 (< 20: **FAIL**) |"
+    assert ("| example-chest-ct-kernel-L | m 2.0.0 | 500 / 500 / 1000 | 12.0 (< 30: pass) | 25.0 (< 20: **FAIL**) | 3 |"
             in text)
+    assert "| 25.0 (< 20: **FAIL**) | 3 (2 / 0) |" in text  # kernel B: missed, of it in the top / bottom fifth
     assert "| broken | m 2.0.0 | failed: no such file |" in text
     assert "3.0% apart (of the smaller; target within 3%: pass)" in text
     assert "**FAIL**" in kernel_agreement_lines([_row("example-chest-ct-kernel-L", 1000.0),
