@@ -57,8 +57,13 @@ class AugmentConfig:
     mass_on: str = "all"
     # Synthetic pockets of gas (an air-filled stomach or bowel loop) painted into the soft tissue of
     # negative slices and labelled background (gas_pockets.py): the negatives' stomachs are not
-    # air-filled, and the network alone calls an air-filled stomach lung.
+    # air-filled, and the network alone calls an air-filled stomach lung. ``gas_max_level``: only into
+    # negative slices at most this high in their scan's lung (NegativeScan.levels: 0 its lowest slice, 1
+    # its highest; a scan without lung counts as below), where stomach and bowel lie; None: every negative
+    # slice. Pockets at every level taught the network that the apex (small dark blobs wrapped in soft
+    # tissue) is not lung (results/v2/README.md).
     gas_p: float = 0.0
+    gas_max_level: float | None = None
     # A slice with its neighbours (context_slices): the neighbours' order reversed. The PNG export does
     # not say which way its slice numbers run in each volume, while the engine's canonical volumes run
     # from the feet up: so the network must not rely on which side is up.
@@ -108,8 +113,9 @@ def blur_to_detail(pixels: np.ndarray, inside: np.ndarray, target: float) -> np.
 
 
 class SliceAugmenter:
-    """Callable ``(image uint8 HxW, label uint8 HxW, negative=False) -> (image, label)``, seeded by
-    ``rng``; ``negative`` says the slice is a whole-scan negative (for ``mass_on``)."""
+    """Callable ``(image uint8 HxW, label uint8 HxW, negative=False, level=nan) -> (image, label)``, seeded
+    by ``rng``; ``negative`` says the slice is a whole-scan negative (for ``mass_on`` and gas pockets),
+    ``level`` where it lies in its scan's lung (for ``gas_max_level``)."""
 
     def __init__(self, config: AugmentConfig, recipe: IntensityRecipe, seed: int = 0):
         self.config = config
@@ -192,9 +198,11 @@ class SliceAugmenter:
         gain = rng.uniform(*LUNG_STD_RANGE) / max(std, 1e-3)
         return np.clip((rendered - mean) * gain + rng.uniform(*LUNG_MEAN_RANGE), 0, 255)
 
-    def __call__(self, image: np.ndarray, label: np.ndarray, negative: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, image: np.ndarray, label: np.ndarray, negative: bool = False,
+                 level: float = float("nan")) -> tuple[np.ndarray, np.ndarray]:
         """``image`` one slice (H, W), or a slice with its neighbours as channels (C, H, W), the slice
-        in the middle; ``label`` the slice's (H, W)."""
+        in the middle; ``label`` the slice's (H, W); ``level`` a negative slice's height in its scan's lung
+        (NaN: unknown, or a scan without lung)."""
         if image.ndim == 3:
             return self.stack(image, label)
         # Masses, gas pockets and harmonisation are drawn only when on, so that configs without them
@@ -203,7 +211,7 @@ class SliceAugmenter:
         masses_here = self.config.mass_p and (negative or self.config.mass_on == "all")
         if masses_here and self.rng.random() < self.config.mass_p:
             image, label = paint_masses(image, label, self.rng)
-        if self.config.gas_p and negative and self.rng.random() < self.config.gas_p:
+        if self.gas_here(negative, level) and self.rng.random() < self.config.gas_p:
             image, label = paint_gas_pockets(image, label, self.rng)
         out = self.geometry(image=image, mask=label)
         image, label = out["image"], out["mask"]
@@ -217,6 +225,11 @@ class SliceAugmenter:
                 image = self.window(image)
             image = self.clahe.apply(minmax_to_uint8(image))
         return np.ascontiguousarray(image), np.ascontiguousarray(label)
+
+    def gas_here(self, negative: bool, level: float) -> bool:
+        """Whether gas pockets may be painted into this slice (see ``AugmentConfig.gas_max_level``)."""
+        limit = self.config.gas_max_level
+        return bool(self.config.gas_p) and negative and (limit is None or not level > limit)
 
     def stack(self, images: np.ndarray, label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """A slice and its neighbours (C, H, W) augmented alike: one geometry, and every intensity step

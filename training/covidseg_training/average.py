@@ -100,14 +100,17 @@ def training_batches(config: TrainConfig, epoch: int, log=print) -> Iterator[tor
     train_set, _ = split(config, load_dataset(config))
     inputs = with_context(train_set, config.context_slices)
     slices = [(inputs[i], train_set.labels[i]) for i in labelled_indices(train_set.cases, config, epoch - 1)]
-    negative = [False] * len(slices)
+    negative, levels = [False] * len(slices), [float("nan")] * len(slices)
     negatives = negative_sampler(config, log)
     if negatives.per_epoch:
-        slices += [negatives.slice(*pick) for pick in negatives.epoch(epoch - 1)]
-        negative += [True] * negatives.per_epoch
+        picks = negatives.epoch(epoch - 1)
+        slices += [negatives.slice(*pick) for pick in picks]
+        negative += [True] * len(picks)
+        levels += [negatives.level(*pick) for pick in picks]
     steps = max(1, len(slices) // config.batch_size)
     order = np.random.default_rng([config.seed, epoch]).permutation(len(slices))  # negatives spread over batches
-    batches = epoch_batches([slices[i] for i in order], config, epoch - 1, steps, [negative[i] for i in order])
+    batches = epoch_batches([slices[i] for i in order], config, epoch - 1, steps, [negative[i] for i in order],
+                            levels=[levels[i] for i in order])
     return (images for images, _labels in batches)
 
 

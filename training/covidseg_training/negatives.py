@@ -286,6 +286,10 @@ class NegativeSampler:
             return data.images[slice_index], data.labels[slice_index]
         return data.images[self.context_rows[scan_index][slice_index]], data.labels[slice_index]
 
+    def level(self, scan_index: int, slice_index: int) -> float:
+        """The slice's height in its scan's lung (:class:`NegativeScan`; NaN for a scan without lung)."""
+        return float(self.scans[scan_index].levels[slice_index])
+
     def inputs(self, scan_index: int) -> np.ndarray:
         """A scan's slices as the network reads them: (N, H, W), or (N, C, H, W) with neighbours."""
         images = self.scans[scan_index].slices.images

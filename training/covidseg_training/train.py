@@ -74,13 +74,15 @@ def autocast(device: torch.device):
 class AugmentedSlices(torch.utils.data.Dataset):
     """One epoch's training slices in training order, each augmented by a generator seeded with (seed,
     epoch, position): the batches do not depend on how many loader workers draw them, nor on whether
-    the run was resumed. ``negative[i]`` says slice i is a whole-scan negative (none are by default).
-    A slice is (H, W), or (C, H, W) with its neighbours (``context_slices``)."""
+    the run was resumed. ``negative[i]`` says slice i is a whole-scan negative (none are by default),
+    ``levels[i]`` where a negative slice lies in its scan's lung (NaN where unknown). A slice is (H, W), or
+    (C, H, W) with its neighbours (``context_slices``)."""
 
     def __init__(self, slices: list[tuple[np.ndarray, np.ndarray]], config: TrainConfig, epoch: int,
-                 negative: list[bool] | None = None):
+                 negative: list[bool] | None = None, levels: list[float] | None = None):
         self.slices = slices
         self.negative = negative or [False] * len(slices)
+        self.levels = levels or [float("nan")] * len(slices)
         self.config = config
         self.epoch = epoch
         self._augmenter: SliceAugmenter | None = None
@@ -93,17 +95,21 @@ class AugmentedSlices(torch.utils.data.Dataset):
             recipe = IntensityRecipe(input_size=self.config.input_size)
             self._augmenter = SliceAugmenter(self.config.augment, recipe, seed=self.config.seed)
         self._augmenter.reseed(self.epoch, position)
-        image, label = self._augmenter(*self.slices[position], negative=self.negative[position])
+        image, label = self._augmenter(*self.slices[position], negative=self.negative[position],
+                                       level=self.levels[position])
         return torch.from_numpy(image), torch.from_numpy(label)
 
 
 def epoch_batches(slices: list[tuple[np.ndarray, np.ndarray]], config: TrainConfig, epoch: int,
                   steps: int, negative: list[bool] | None = None,
-                  device: torch.device = torch.device("cpu")) -> torch.utils.data.DataLoader:
+                  device: torch.device = torch.device("cpu"), levels: list[float] | None = None,
+                  ) -> torch.utils.data.DataLoader:
     """``steps`` batches of augmented slices, prepared by ``config.workers`` processes (0: this one);
-    ``negative`` flags the whole-scan negatives among ``slices``; batches for a GPU ``device`` are pinned."""
+    ``negative`` flags the whole-scan negatives among ``slices``, ``levels`` where they lie in their scan's
+    lung; batches for a GPU ``device`` are pinned."""
     kept = steps * config.batch_size
-    dataset = AugmentedSlices(slices[:kept], config, epoch, None if negative is None else negative[:kept])
+    dataset = AugmentedSlices(slices[:kept], config, epoch, None if negative is None else negative[:kept],
+                              None if levels is None else levels[:kept])
     return torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, shuffle=False,
                                        num_workers=config.workers, persistent_workers=False,
                                        pin_memory=device.type == "cuda")
@@ -301,11 +307,14 @@ def train(config: TrainConfig, log=print) -> Path:
         model.train()
         labelled = labelled_indices(train_set.cases, config, state["epoch"])
         slices = [(train_inputs[i], train_set.labels[i]) for i in labelled]
-        slices += [negatives.slice(*pick) for pick in negatives.epoch(state["epoch"], hardness)]
+        picks = negatives.epoch(state["epoch"], hardness)
+        slices += [negatives.slice(*pick) for pick in picks]
+        levels = [float("nan")] * len(labelled) + [negatives.level(*pick) for pick in picks]
         order = order_rng.permutation(len(slices))
         losses = []
         batches = epoch_batches([slices[i] for i in order], config, state["epoch"], steps_per_epoch,
-                                [i >= len(labelled) for i in order], device)  # the negatives follow the labelled
+                                [i >= len(labelled) for i in order], device,  # the negatives follow the labelled
+                                [levels[i] for i in order])
         for images, labels in batches:
             images = network_batch(images.to(device, non_blocking=True))
             images = images.contiguous(memory_format=torch.channels_last)

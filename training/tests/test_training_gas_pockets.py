@@ -32,6 +32,11 @@ def upper_abdomen_slice() -> tuple[np.ndarray, np.ndarray]:
     return image, label
 
 
+def has_pocket(out: np.ndarray, image: np.ndarray) -> bool:
+    """Whether more than 50 pixels of the body became as dark as air."""
+    return int(((out.astype(int) < AIR + 15) & (image.astype(int) > AIR + 20)).sum()) > 50
+
+
 def test_pockets_lie_in_soft_tissue_at_air_gray_and_are_background():
     image, label = upper_abdomen_slice()
     body = cv2.erode((image > AIR + 20).astype(np.uint8), np.ones((3, 3), np.uint8)) > 0
@@ -68,13 +73,42 @@ def test_the_augmenter_paints_gas_only_into_negative_slices_and_only_when_asked(
     for position in range(3):
         painting.reseed(0, position)
         out, _ = painting(image, label, negative=True)
-        assert (out.astype(int) < AIR + 15).sum() > 50
+        assert has_pocket(out, image)
         painting.reseed(0, position)
         labelled, _ = painting(image, label, negative=False)  # a labelled COVID-19 slice: never
         plain.reseed(0, position)
         same, _ = plain(image, label, negative=True)
         np.testing.assert_array_equal(labelled, image)
         np.testing.assert_array_equal(same, image)
+
+
+def test_gas_max_level_keeps_pockets_out_of_the_slices_above_it():
+    """With ``gas_max_level`` the pockets go only into the negative slices at most that high in their scan's
+    lung (bases and below, where stomach and bowel lie), and into slices of a scan without lung (NaN); not
+    into the apex, where small lung blobs in soft tissue look like a pocket."""
+    image, label = upper_abdomen_slice()
+    recipe = IntensityRecipe(input_size=256)
+    low_only = SliceAugmenter(AugmentConfig(**ONLY_GAS, gas_max_level=0.3), recipe, seed=0)
+    anywhere = SliceAugmenter(AugmentConfig(**ONLY_GAS), recipe, seed=0)
+    for level, painted in ((-0.4, True), (0.0, True), (0.3, True), (float("nan"), True), (0.31, False), (0.9, False)):
+        low_only.reseed(0, 1)
+        out, _ = low_only(image, label, negative=True, level=level)
+        assert has_pocket(out, image) is painted, level
+        anywhere.reseed(0, 1)
+        out, _ = anywhere(image, label, negative=True, level=level)
+        assert has_pocket(out, image), level
+
+
+def test_training_batches_carry_where_each_negative_slice_lies():
+    from covidseg_training.train import epoch_batches
+
+    image, label = upper_abdomen_slice()
+    config = TrainConfig.from_dict({"input_size": 256, "batch_size": 2,
+                                    "augment": {**ONLY_GAS, "gas_max_level": 0.3}})
+    levels = [0.1, 0.9, float("nan"), 0.5]
+    batches = epoch_batches([(image, label)] * 4, config, epoch=0, steps=2, negative=[True] * 4, levels=levels)
+    painted = [has_pocket(batch[i].numpy(), image) for batch, _ in batches for i in range(2)]
+    assert painted == [True, False, True, False]
 
 
 def test_gas_pockets_are_refused_with_context_slices():
