@@ -9,6 +9,10 @@ change between two models a mere shift of the infection threshold would give.
 
 The scripted network is checked against the eager one (and the saved file reloaded and checked
 again) before anything is written; both files are written under temporary names and renamed.
+
+TorchScript writes each module's constants in the order of a Python set of their names, which follows
+Python's string hashing: the archive's bytes (and the manifest's sha256) are the same from run to run only
+with ``PYTHONHASHSEED=0`` (the weights and the outputs are the same either way).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import argparse
 import copy
 import io
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -270,6 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--infection-offset", type=float, default=0.0,
                         help="subtract this from the infection logit (a stricter infection threshold when positive)")
     args = parser.parse_args(argv)
+    if os.environ.get("PYTHONHASHSEED") != "0":
+        print("note: without PYTHONHASHSEED=0 the TorchScript archive's bytes, and so its sha256, differ from run "
+              "to run (the weights do not)", file=sys.stderr)
     cross_validation = None
     if args.crossval:
         cross_validation = cross_validation_summary(read_metrics(args.crossval), str(args.crossval))

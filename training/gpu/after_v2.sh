@@ -38,6 +38,7 @@ VERSION=${VERSION:-2.0.0}
 FOLDS=${FOLDS:-"0 1 2 3 4"}
 SCANS=${SCANS:-"covid-chest-ct example-chest-ct-kernel-L example-chest-ct-kernel-B"}
 PRECISION=${PRECISION:-auto}
+export PYTHONHASHSEED=0  # byte-reproducible TorchScript archives from export (see its docstring)
 if [ -f "$FROM/results.tar.gz" ]; then
     runs=$DEST/runs
     mkdir -p "$runs"

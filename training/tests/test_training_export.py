@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -152,3 +156,25 @@ def test_infection_offset_refuses_metrics_of_the_unshifted_network(checkpoint_pa
     with pytest.raises(ValueError, match="evaluate the exported package"):
         export_checkpoint(checkpoint_path, tmp_path, "strict", "0.1.0", metrics={"per_case": {}}, infection_offset=1.0)
     assert not list(tmp_path.iterdir()), "nothing written"
+
+
+def test_export_is_byte_reproducible_with_a_fixed_string_hash_seed(checkpoint_path, tmp_path, monkeypatch, capsys):
+    """Two exports of one checkpoint in two fresh processes with PYTHONHASHSEED=0 write the same bytes (the
+    archive's constants follow Python's string hashing); without it, export says so."""
+    training = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONHASHSEED": "0",
+           "PYTHONPATH": os.pathsep.join([str(training), str(training.parent / "CovidInfectionSeg")])}
+    digests = []
+    for run in ("a", "b"):
+        done = subprocess.run([sys.executable, "-m", "covidseg_training", "export", "--checkpoint", str(checkpoint_path),
+                               "--out", str(tmp_path / run), "--name", "pkg", "--version", "1.0.0"],
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        assert "PYTHONHASHSEED" not in done.stderr
+        digests.append(json.loads((tmp_path / run / "pkg.json").read_text(encoding="utf-8"))["sha256"])
+    assert (tmp_path / "a" / "pkg.pt").read_bytes() == (tmp_path / "b" / "pkg.pt").read_bytes()
+    assert digests[0] == digests[1]
+    monkeypatch.setenv("PYTHONHASHSEED", "random")
+    assert export_main(["--checkpoint", str(checkpoint_path), "--out", str(tmp_path / "c"), "--name", "pkg",
+                        "--version", "1.0.0"]) == 0
+    assert "without PYTHONHASHSEED=0" in capsys.readouterr().err
