@@ -66,6 +66,7 @@ DISTANCE_MM = 5.0
 PREVIEW_SLICES = 16
 CLASSICAL_COLOR = (0, 220, 255)
 NODULE_COLOR = (255, 0, 255)
+MISSED_COLOR = (255, 140, 0)
 KERNEL_PAIR = ("example-chest-ct-kernel-L", "example-chest-ct-kernel-B")
 KERNEL_AGREEMENT_PERCENT = 3.0
 
@@ -200,25 +201,39 @@ def check_scan(spec: ScanSpec, model: ModelPackage, device: str, preview_path: P
         "network_s": result.timings["preprocess_infer"],
     }
     if preview_path is not None:
-        write_scan_preview(result, spec, row, labels, classical, nodules, preview_path, preview_slices)
+        missed = distance_outside_mm(classical, labels > 0, spacing) > DISTANCE_MM
+        write_scan_preview(result, spec, row, labels, classical, missed, nodules, preview_path, preview_slices)
     return row
 
 
 def write_scan_preview(result: SegmentationResult, spec: ScanSpec, row: dict[str, Any], labels: np.ndarray,
-                       classical: np.ndarray, nodules: np.ndarray | None, path: Path,
+                       classical: np.ndarray, missed: np.ndarray, nodules: np.ndarray | None, path: Path,
                        count: int = PREVIEW_SLICES) -> Path:
-    """The engine's preview montage with the classical lung (and the nodules) outlined; the slices
-    span the model's and the classical lung, plus each nodule's largest slice. Arrays are canonical."""
+    """The engine's preview montage with the classical lung, the part of it the model missed by more than
+    5 mm (``missed``) and the nodules outlined, on :func:`preview_slice_indices`. Arrays are canonical."""
     outlines = [Outline("classical HU lung", CLASSICAL_COLOR, classical)]
-    slices = set(choose_preview_slices((labels > 0) | classical, count))
+    if missed.any():
+        outlines.append(Outline("classical lung missed >5 mm", MISSED_COLOR, missed))
     if nodules is not None and nodules.any():
         outlines.append(Outline("LIDC nodules", NODULE_COLOR, nodules))
-        slices |= set(largest_slices(nodules))
+    slices = preview_slice_indices(labels, classical, missed, nodules, count)
     lines = [f"model {result.model_name} {result.model_version}", *summary_lines(row, spec)]
     montage = render_preview(result.input_image, result.labelmap, result.segments, lines,
                              f"{spec.name}: {spec.path.name}", outlines=outlines,
-                             slice_indices=sorted(slices, reverse=True))
+                             slice_indices=slices)
     return write_png(montage, path)
+
+
+def preview_slice_indices(labels: np.ndarray, classical: np.ndarray, missed: np.ndarray, nodules: np.ndarray | None,
+                          count: int = PREVIEW_SLICES) -> list[int]:
+    """The preview's slices, superior first: ``count`` spread over the model's and the classical lung, the
+    slice where the most classical lung is missed, and each nodule's largest slice."""
+    slices = set(choose_preview_slices((labels > 0) | classical, count))
+    if missed.any():
+        slices.add(int(np.argmax(missed.sum(axis=(1, 2)))))
+    if nodules is not None and nodules.any():
+        slices |= set(largest_slices(nodules))
+    return sorted(slices, reverse=True)
 
 
 def largest_slices(mask: np.ndarray, most: int = 8) -> list[int]:
@@ -358,10 +373,13 @@ def kernel_agreement_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
 
 def summary_lines(row: dict[str, Any], spec: ScanSpec) -> list[str]:
     """Short lines for the preview's header."""
+    missed = f"classical missed >5 mm {row['classical_missed_ml']:.0f} mL"
+    if row.get("classical_missed_apex_ml", "") not in ("", None):
+        missed += (f" (top fifth {row['classical_missed_apex_ml']:.0f}, "
+                   f"bottom fifth {row['classical_missed_base_ml']:.0f})")
     lines = [f"lung {row['lung_ml']:.0f} mL (R {row['right_lung_ml']:.0f} / L {row['left_lung_ml']:.0f}), "
              f"infection {_cell(row, 'infection_ml')} mL",
-             f"model lung >5 mm outside classical {_cell(row, 'outside_classical_ml')} mL; "
-             f"classical missed >5 mm {row['classical_missed_ml']:.0f} mL"]
+             f"model lung >5 mm outside classical {_cell(row, 'outside_classical_ml')} mL; {missed}"]
     if spec.low_slices:
         lines.append(f"lowest {spec.low_slices} slices: lung or infection {_cell(row, 'low_slices_ml')} mL")
     if "nodule_voxels" in row:

@@ -25,7 +25,8 @@ from covidseg_training.classical_lung import classical_lung_mask
 from covidseg_training.infection_components import components_csv, infection_components
 from covidseg_training.lidc_nodules import nodule_mask, parse_nodule_xml
 from covidseg_training.wholescan import (
-    COVID, HEALTHY, LIDC, Target, apply_targets, kernel_agreement_lines, measure_scan, table_csv, table_markdown,
+    COVID, HEALTHY, LIDC, ScanSpec, Target, apply_targets, kernel_agreement_lines, measure_scan, preview_slice_indices,
+    summary_lines, table_csv, table_markdown,
 )
 from synthetic_lidc import nodule, roi, square, write_read_message
 from whole_chest import SPACING_ZYX, whole_chest
@@ -72,6 +73,22 @@ def test_classical_lung_more_than_5_mm_from_the_model_is_missed():
     labels[5:9] = 0  # the bottom 4 slices: slices 5 and 6 are missed, the bottom fifth
     row = measure_scan(labels, classical, SPACING)
     assert (row["classical_missed_base_ml"], row["classical_missed_apex_ml"]) == (pytest.approx(0.8), 0)
+
+
+def test_the_preview_shows_the_slice_where_most_lung_is_missed_and_says_where_it_sits():
+    classical = np.zeros((60, 40, 40), dtype=bool)
+    classical[5:55, 10:30, 10:30] = True
+    labels = classical.astype(np.uint8)
+    missed = np.zeros_like(classical)
+    missed[52, 12:20, 12:20] = True  # the apex: not on the spread of 4 slices over 5-54
+    missed[20, 12:14, 12:14] = True
+    chosen = preview_slice_indices(labels, classical, missed, None, count=4)
+    assert 52 in chosen and 20 not in chosen and chosen == sorted(chosen, reverse=True)
+    assert 52 not in preview_slice_indices(labels, classical, np.zeros_like(classical), None, count=4)
+    spec = ScanSpec("kernel", Path("k.nii.gz"), HEALTHY)
+    line = summary_lines(_row("kernel", 1000.0, classical_missed_apex_ml=2.2, classical_missed_base_ml=0.4), spec)[1]
+    assert line.endswith("classical missed >5 mm 3 mL (top fifth 2, bottom fifth 0)")
+    assert summary_lines(_row("kernel", 1000.0), spec)[1].endswith("classical missed >5 mm 3 mL")
 
 
 def test_without_classical_lung_all_model_lung_is_outside():
