@@ -17,8 +17,9 @@ default post-processing), then on the canonical LPS grid:
 Writes ``wholescan.csv``, ``wholescan.md`` (a Markdown table with the targets of issue 10 beside each
 value, ready for a model card, and each scan's five largest infection components), one ``<scan>.json``
 record as each scan finishes, one ``<scan>_infection_components.csv`` (every component of at least
-0.1 mL) and one ``<scan>.png`` montage per scan: the model's segments, the classical mask's outline
-and, for LIDC, the nodules' outlines.
+0.1 mL) and one ``<scan>.png`` montage per scan: the model's segments, the classical mask's outline, the
+classical lung missed by more than 5 mm outlined (its worst slice always shown) and, for LIDC, the
+nodules' outlines.
 
     python -m covidseg_training wholescan --out runs/wholescan-v1
     python -m covidseg_training wholescan --model runs/v2/fold0/model.json \\
