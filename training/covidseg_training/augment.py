@@ -16,7 +16,7 @@ import numpy as np
 
 from CovidInfectionSegLib.preprocessing import IntensityRecipe, make_clahe, minmax_to_uint8
 
-from .gas_pockets import paint_gas_pockets
+from .gas_pockets import RADIUS_PX as GAS_RADIUS_PX, paint_gas_pockets
 from .masses import paint_masses
 
 
@@ -61,9 +61,11 @@ class AugmentConfig:
     # negative slices at most this high in their scan's lung (NegativeScan.levels: 0 its lowest slice, 1
     # its highest; a scan without lung counts as below), where stomach and bowel lie; None: every negative
     # slice. Pockets at every level taught the network that the apex (small dark blobs wrapped in soft
-    # tissue) is not lung (results/v2/README.md).
+    # tissue) is not lung (results/v2/README.md). ``gas_radius_px``: the range of a pocket's radius in
+    # pixels of the training slice (default 8-35: about 2-12 cm across).
     gas_p: float = 0.0
     gas_max_level: float | None = None
+    gas_radius_px: tuple[float, float] = GAS_RADIUS_PX
     # A slice with its neighbours (context_slices): the neighbours' order reversed. The PNG export does
     # not say which way its slice numbers run in each volume, while the engine's canonical volumes run
     # from the feet up: so the network must not rely on which side is up.
@@ -72,6 +74,9 @@ class AugmentConfig:
     def __post_init__(self) -> None:
         if self.mass_on not in MASS_ON:
             raise ValueError(f"augment.mass_on must be one of {', '.join(MASS_ON)}, not {self.mass_on!r}")
+        low, high = self.gas_radius_px
+        if not 0 < low <= high:
+            raise ValueError(f"augment.gas_radius_px must be [low, high] with 0 < low <= high, not {list(self.gas_radius_px)}")
 
 
 # Lung texture and gray level of the network's uint8 input, measured 2026-11-30 (ad hoc, AMD EPYC here):
@@ -212,7 +217,7 @@ class SliceAugmenter:
         if masses_here and self.rng.random() < self.config.mass_p:
             image, label = paint_masses(image, label, self.rng)
         if self.gas_here(negative, level) and self.rng.random() < self.config.gas_p:
-            image, label = paint_gas_pockets(image, label, self.rng)
+            image, label = paint_gas_pockets(image, label, self.rng, self.config.gas_radius_px)
         out = self.geometry(image=image, mask=label)
         image, label = out["image"], out["mask"]
         if self.config.harmonise_p and self.rng.random() < self.config.harmonise_p:

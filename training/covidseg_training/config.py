@@ -73,9 +73,9 @@ class TrainConfig:
         if "holdout" in negatives:
             negatives["holdout"] = {int(fold): list(names) for fold, names in negatives["holdout"].items()}
         negatives = NegativesConfig(**negatives)
-        for key in ("scale_range", "downsample_range"):
-            if isinstance(getattr(augment, key), list):
-                setattr(augment, key, tuple(getattr(augment, key)))
+        for key, value in vars(augment).items():  # YAML ranges come as lists
+            if isinstance(value, list):
+                setattr(augment, key, tuple(value))
         config = cls(augment=augment, negatives=negatives, **values)
         config.recipe()  # raises for a negative context
         for key, painted in PAINTED_INTO_ONE_SLICE.items():

@@ -44,9 +44,11 @@ def tissue_mask(image: np.ndarray, air_gray: float) -> np.ndarray:
     return components == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
 
 
-def paint_gas_pockets(image: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def paint_gas_pockets(image: np.ndarray, label: np.ndarray, rng: np.random.Generator,
+                      radius_px: tuple[float, float] = RADIUS_PX) -> tuple[np.ndarray, np.ndarray]:
     """``image`` (uint8) with 1-2 pockets of gas painted into its soft tissue, and ``label`` as it was:
-    the pockets lie only where it is background already. ``image`` is unchanged where no pocket fits."""
+    the pockets lie only where it is background already. ``image`` is unchanged where no pocket fits.
+    ``radius_px``: the range of a pocket's radius (drawn log-uniformly), in pixels of the slice."""
     air_gray = float(np.percentile(image, 1))
     tissue = tissue_mask(image, air_gray)
     # Distance to anything that is not tissue: outside the body, lung (labelled or dark), other gas.
@@ -55,7 +57,7 @@ def paint_gas_pockets(image: np.ndarray, label: np.ndarray, rng: np.random.Gener
     painted = image.astype(np.float32)
     taken = np.zeros(label.shape, dtype=bool)
     for _ in range(int(rng.integers(COUNT[0], COUNT[1] + 1))):
-        radius = float(np.exp(rng.uniform(*np.log(RADIUS_PX))))
+        radius = float(np.exp(rng.uniform(*np.log(radius_px))))
         # The lobulated outline reaches about 1.5 radii at most.
         room = (from_edge >= 1.5 * radius + WALL_PX) & ~taken
         candidates = np.flatnonzero(room)

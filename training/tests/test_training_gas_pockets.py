@@ -99,6 +99,22 @@ def test_gas_max_level_keeps_pockets_out_of_the_slices_above_it():
         assert has_pocket(out, image), level
 
 
+def test_gas_radius_px_sets_the_pockets_size_and_is_checked():
+    """Pockets drawn with a radius of 15-16 pixels cover at least pi * 15**2 * 0.5 pixels each (lobulated, some
+    half fluid); with 4-5 pixels far less. A range that is not 0 < low <= high is refused by name."""
+    image, label = upper_abdomen_slice()
+    for radius_px, smallest, largest in (((15.0, 16.0), 300, 2 * 1600), ((4.0, 5.0), 10, 2 * 160)):
+        for seed in range(5):
+            out, _ = paint_gas_pockets(image, label, np.random.default_rng(seed), radius_px)
+            gas = (out.astype(int) < AIR + 15) & (image.astype(int) > AIR + 20)
+            count, _ = cv2.connectedComponents(gas.astype(np.uint8))
+            assert count >= 2, radius_px
+            assert smallest <= np.count_nonzero(gas) <= largest, (radius_px, np.count_nonzero(gas))
+    with pytest.raises(ValueError, match="augment.gas_radius_px must be"):
+        TrainConfig.from_dict({"augment": {"gas_radius_px": [20, 10]}})
+    assert TrainConfig.from_dict({"augment": {"gas_radius_px": [15, 35]}}).augment.gas_radius_px == (15, 35)
+
+
 def test_training_batches_carry_where_each_negative_slice_lies():
     from covidseg_training.train import epoch_batches
 
