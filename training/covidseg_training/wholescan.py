@@ -126,14 +126,21 @@ def default_scan(name: str, root: Path = SHARED_DATA) -> ScanSpec:
 # ------------------------------------------------------------------------------------------ measuring
 
 
+def missed_lung(labels: np.ndarray, classical: np.ndarray, spacing_zyx: Sequence[float]) -> np.ndarray:
+    """The classical lung more than 5 mm from the model's lung (any label)."""
+    return distance_outside_mm(classical, labels > 0, spacing_zyx) > DISTANCE_MM
+
+
 def measure_scan(labels: np.ndarray, classical: np.ndarray, spacing_zyx: Sequence[float], *,
-                 low_slices: int = 0, nodules: np.ndarray | None = None) -> dict[str, float]:
+                 low_slices: int = 0, nodules: np.ndarray | None = None,
+                 missed: np.ndarray | None = None) -> dict[str, float]:
     """The checks on the canonical (z, y, x) grid: ``labels`` is the engine's labelmap (1 right lung,
-    2 left lung, 3 infection), ``classical`` the classical lung mask; volumes in mL."""
+    2 left lung, 3 infection), ``classical`` the classical lung mask, ``missed`` :func:`missed_lung` where the
+    caller has it already; volumes in mL."""
     voxel_ml = float(np.prod(spacing_zyx)) / 1000.0
     model_lung = labels > 0
     outside = distance_outside_mm(model_lung, classical, spacing_zyx) > DISTANCE_MM
-    missed = distance_outside_mm(classical, model_lung, spacing_zyx) > DISTANCE_MM
+    missed = missed_lung(labels, classical, spacing_zyx) if missed is None else missed
     row: dict[str, float] = {
         "classical_lung_ml": classical.sum() * voxel_ml,
         "outside_classical_ml": outside.sum() * voxel_ml,
@@ -189,11 +196,12 @@ def check_scan(spec: ScanSpec, model: ModelPackage, device: str, preview_path: P
                         f"non-nodule marks; {found.unmatched_contours} of {found.contours} contours matched no slice")
     components = infection_components(labels, volume, spacing, nodules)
     del volume
+    missed = missed_lung(labels, classical, spacing)  # for the table and the preview
     m = result.measurements
     row = {
         "right_lung_ml": m.right_lung.lung_ml, "left_lung_ml": m.left_lung.lung_ml, "lung_ml": m.total.lung_ml,
         "infection_ml": m.total.infection_ml,
-        **measure_scan(labels, classical, spacing, low_slices=spec.low_slices, nodules=nodules),
+        **measure_scan(labels, classical, spacing, low_slices=spec.low_slices, nodules=nodules, missed=missed),
         "low_slices": spec.low_slices or "", **nodule_row, "notes": "; ".join(notes),
         "infection_components": len(components),
         "largest_infection_component_ml": components[0]["ml"] if components else 0.0, "components": components,
@@ -202,7 +210,6 @@ def check_scan(spec: ScanSpec, model: ModelPackage, device: str, preview_path: P
         "network_s": result.timings["preprocess_infer"],
     }
     if preview_path is not None:
-        missed = distance_outside_mm(classical, labels > 0, spacing) > DISTANCE_MM
         write_scan_preview(result, spec, row, labels, classical, missed, nodules, preview_path, preview_slices)
     return row
 
@@ -256,8 +263,8 @@ COLUMNS = (
     "scan", "path", "status", "model_name", "model_version", "model_file", "model_trained_on_scan",
     "right_lung_ml", "left_lung_ml", "lung_ml", "infection_ml", "infection_ml_target", "infection_ml_met",
     "classical_lung_ml", "outside_classical_ml", "outside_classical_ml_target", "outside_classical_ml_met",
-    "classical_missed_ml", "classical_missed_apex_ml", "classical_missed_base_ml", "low_slices", "low_slices_ml", "low_slices_ml_target", "low_slices_ml_met",
-    "low_slices_infection_ml", "nodule_voxels", "nodule_ml", "nodule_infection_voxels",
+    "classical_missed_ml", "classical_missed_apex_ml", "classical_missed_base_ml", "low_slices", "low_slices_ml",
+    "low_slices_ml_target", "low_slices_ml_met", "low_slices_infection_ml", "nodule_voxels", "nodule_ml", "nodule_infection_voxels",
     "nodule_infection_percent", "nodule_infection_percent_target", "nodule_infection_percent_met",
     "nodule_readers", "nodule_outlines", "nodule_contours_unmatched", "nodule_marks_left_out",
     "infection_components", "largest_infection_component_ml", "notes", "flip_tta", "anatomy_checks", "precision",
