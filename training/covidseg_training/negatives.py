@@ -82,12 +82,23 @@ class NegativesConfig:
     # the model calls on each negative slice at the epoch's start (all of it false); 0 draws them all
     # uniformly. The rest are drawn uniformly as without it.
     hard_share: float = 0.0
+    # Apex negatives: this share of each epoch's negative slices is drawn from the top of the lungs
+    # (level ``apex_level`` to 1, see :class:`NegativeScan`) of the scans whose lung top lies inside the
+    # scan, evenly over those scans; 0 leaves them to the uniform draw (about one slice in ten).
+    apex_share: float = 0.0
+    apex_level: float = 0.8
 
     def __post_init__(self) -> None:
         if self.lung_label not in LUNG_LABELS:
             raise ValueError(f"negatives.lung_label must be one of {LUNG_LABELS}, not {self.lung_label!r}")
-        if not 0.0 <= self.hard_share <= 1.0:
-            raise ValueError(f"negatives.hard_share must lie in [0, 1], not {self.hard_share!r}")
+        for name in ("hard_share", "apex_share"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"negatives.{name} must lie in [0, 1], not {getattr(self, name)!r}")
+        if self.hard_share + self.apex_share > 1.0:
+            raise ValueError(f"negatives.hard_share + apex_share must not exceed 1, not "
+                             f"{self.hard_share} + {self.apex_share}")
+        if not 0.0 <= self.apex_level < 1.0:
+            raise ValueError(f"negatives.apex_level must lie in [0, 1), not {self.apex_level!r}")
 
     def scans_for_fold(self, fold: int | None) -> list[str]:
         """The negative scans a model of ``fold`` trains on (all of them when ``fold`` is None)."""
@@ -233,10 +244,13 @@ class NegativeSampler:
     depends only on the seed and the epoch, so a resumed run draws what an uninterrupted one would.
 
     With ``hard_share`` above 0 and the infection the model calls on each slice (``hardness``, see
-    :meth:`epoch`), that share of the draw goes to the slices in proportion to it instead."""
+    :meth:`epoch`), that share of the draw goes to the slices in proportion to it instead. With
+    ``apex_share`` above 0, that share goes to the apex slices (:meth:`apex_slices`), evenly over the
+    scans that have them."""
 
     def __init__(self, scans: list[NegativeScan], per_epoch: int, seed: int = 0, lung_label: str = "lung",
-                 hard_share: float = 0.0, context_slices: int = 0):
+                 hard_share: float = 0.0, context_slices: int = 0, apex_share: float = 0.0,
+                 apex_level: float = 0.8):
         self.scans = [scan for scan in scans if len(scan.slices.images)]
         if lung_label in ("lung_or_infection", "no_infection_where_dense"):
             for scan in self.scans:
@@ -247,6 +261,8 @@ class NegativeSampler:
         self.per_epoch = per_epoch if self.scans else 0
         self.seed = seed
         self.hard_share = hard_share
+        self.apex_share = apex_share
+        self.apex_level = apex_level
         self.context_slices = context_slices
         # Each slice's neighbours in its scan, as the engine picks them (end slices repeated). The adjacent
         # slices: the negative scans are 2.5-3 mm apart, where a ``context_mm`` of 2-4 mm makes the engine
@@ -260,6 +276,20 @@ class NegativeSampler:
             return 0
         return int(round(self.per_epoch * self.hard_share))
 
+    def apex_slices(self, scan_index: int) -> np.ndarray:
+        """The scan's slices at the top of its lungs (level ``apex_level`` to 1); none when the lungs
+        reach the scan's top slice (an abdominal scan's lung bases, not an apex)."""
+        levels = self.scans[scan_index].levels
+        if not np.any(levels > 1.0):
+            return np.zeros(0, dtype=np.int64)
+        return np.flatnonzero((levels >= self.apex_level) & (levels <= 1.0))
+
+    def apex_count(self) -> int:
+        """How many of an epoch's draws go to apex slices: none when no scan has an apex."""
+        if not any(len(self.apex_slices(s)) for s in range(len(self.scans))):
+            return 0
+        return int(round(self.per_epoch * self.apex_share))
+
     def epoch(self, epoch: int, hardness: list[np.ndarray] | None = None) -> list[tuple[int, int]]:
         """``per_epoch`` (scan index, slice index) pairs for epoch ``epoch``. ``hardness``: per scan (in
         ``scans`` order), a weight per slice (the infection pixels the model calls there)."""
@@ -267,7 +297,8 @@ class NegativeSampler:
             return []
         rng = np.random.default_rng([self.seed, epoch])
         hard = self.hard_count(hardness)
-        scan_of = rng.permutation(np.arange(self.per_epoch - hard) % len(self.scans))
+        apex = self.apex_count()
+        scan_of = rng.permutation(np.arange(self.per_epoch - hard - apex) % len(self.scans))
         picks = [(int(s), int(rng.integers(len(self.scans[s].slices.images)))) for s in scan_of]
         if hard:
             weights = np.concatenate([np.asarray(h, dtype=np.float64) for h in hardness])
@@ -277,6 +308,11 @@ class NegativeSampler:
             for flat in rng.choice(len(weights), size=hard, p=weights / weights.sum()):
                 scan = int(np.searchsorted(starts, flat, side="right") - 1)
                 picks.append((scan, int(flat - starts[scan])))
+        if apex:
+            with_apex = [s for s in range(len(self.scans)) if len(self.apex_slices(s))]
+            for s in rng.permutation(np.arange(apex) % len(with_apex)):
+                scan = with_apex[int(s)]
+                picks.append((scan, int(rng.choice(self.apex_slices(scan)))))
         return picks
 
     def slice(self, scan_index: int, slice_index: int) -> tuple[np.ndarray, np.ndarray]:

@@ -177,10 +177,16 @@ def negative_sampler(config: TrainConfig, log=print) -> NegativeSampler:
     names = config.negatives.scans_for_fold(config.fold)
     recipe = IntensityRecipe(input_size=config.input_size)
     scans = load_negatives(config.negatives, recipe, names, cache_dir=Path(config.output_dir) / "cache")
+    sampler = NegativeSampler(scans, config.negatives.per_epoch, seed=config.seed,
+                              lung_label=config.negatives.lung_label, hard_share=config.negatives.hard_share,
+                              context_slices=config.context_slices, apex_share=config.negatives.apex_share,
+                              apex_level=config.negatives.apex_level)
+    apex = sampler.apex_count()
+    apex_slices = sum(len(sampler.apex_slices(index)) for index in range(len(sampler.scans)))
     log(f"negatives: {config.negatives.per_epoch} slices per epoch from {', '.join(names)} "
-        f"({sum(len(scan.slices.images) for scan in scans)} slices)")
-    return NegativeSampler(scans, config.negatives.per_epoch, seed=config.seed, lung_label=config.negatives.lung_label,
-                           hard_share=config.negatives.hard_share, context_slices=config.context_slices)
+        f"({sum(len(scan.slices.images) for scan in scans)} slices)"
+        + (f", {apex} of them drawn from the {apex_slices} apex slices" if apex else ""))
+    return sampler
 
 
 def negative_hardness(model: torch.nn.Module, negatives: NegativeSampler, device: torch.device) -> list[np.ndarray]:

@@ -357,3 +357,42 @@ def test_no_infection_where_dense_relabels_only_the_aerated_lung(chest_file):
     np.testing.assert_array_equal(labels == LUNG_UNKNOWN, lung & ~scan.dense)
     assert (labels == LUNG_UNKNOWN).sum() > (labels == LUNG).sum() > 0
     assert not (labels == INFECTION).any()
+
+
+def test_apex_share_draws_from_the_top_of_the_lungs_of_scans_that_hold_it(chest_file):
+    """A quarter of the draw goes to the slices at level 0.8-1 of the scans whose lung top lies inside
+    the scan, evenly over them; a scan cut off at its lungs (an abdominal scan's bases) gives none.
+    Without apex_share the draw is the uniform one as before."""
+    (scan,) = load_negatives(NegativesConfig(root=str(chest_file.parent)), RECIPE, [chest_file.name])
+    assert (scan.levels > 1).any(), "the test scan has slices above its lungs"
+    top_lung = int(np.flatnonzero(scan.levels <= 1.0)[-1]) + 1
+    cut = type(scan)("cut", scan.slices.subset(np.arange(len(scan.levels)) < top_lung), scan.levels[:top_lung],
+                     scan.dense[:top_lung])
+    sampler = NegativeSampler([scan, cut], per_epoch=400, seed=3, apex_share=0.25)
+    apex = set(sampler.apex_slices(0).tolist())
+    assert apex == set(np.flatnonzero((scan.levels >= 0.8) & (scan.levels <= 1.0)).tolist()) and apex
+    assert not len(sampler.apex_slices(1)), "lungs reaching the scan's top slice: no apex in that scan"
+    picks = sampler.epoch(0)
+    assert len(picks) == 400 and sampler.apex_count() == 100
+    uniform, drawn_apex = picks[:300], picks[300:]
+    assert np.bincount([s for s, _ in uniform]).tolist() == [150, 150]
+    assert {s for s, _ in drawn_apex} == {0} and {i for _, i in drawn_apex} == apex
+    assert sampler.epoch(0) == picks, "reproducible for a resumed run"
+    plain = NegativeSampler([scan, cut], per_epoch=400, seed=3)
+    assert plain.apex_count() == 0 and len(plain.epoch(0)) == 400
+    assert NegativeSampler([cut], per_epoch=400, apex_share=0.25).apex_count() == 0, "no apex anywhere"
+    with pytest.raises(ValueError, match="apex_share"):
+        NegativesConfig(apex_share=-0.1)
+    with pytest.raises(ValueError, match="hard_share \\+ apex_share"):
+        NegativesConfig(hard_share=0.6, apex_share=0.5)
+    with pytest.raises(ValueError, match="apex_level"):
+        NegativesConfig(apex_level=1.0)
+
+
+def test_training_log_states_the_apex_draw(chest_file, tmp_path):
+    config = TrainConfig.from_dict({"output_dir": str(tmp_path), "negatives": {
+        "scans": [chest_file.name], "per_epoch": 8, "root": str(chest_file.parent), "apex_share": 0.5}})
+    lines = []
+    sampler = negative_sampler(config, log=lines.append)
+    assert sampler.apex_count() == 4
+    assert f"4 of them drawn from the {len(sampler.apex_slices(0))} apex slices" in lines[0]
