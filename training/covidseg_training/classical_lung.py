@@ -3,7 +3,7 @@
 Used twice: as the lung label of negative training slices (scans with no COVID-19 and no expert
 masks) and as the reference of the whole-scan checks (model lung outside it, lung it misses). It is
 the textbook threshold-and-components method with two additions for what the shared scans showed
-(an air-filled stomach touching the lung base, a trachea joined to the lungs), so it is only
+(an air-filled stomach touching the lung base, a trachea joined to the lungs or not pure gas), so it is only
 trusted on aerated lungs:
 
 1. air is below ``AIR_HU`` (-320 HU); air connected to a slice's border is outside the body (room
@@ -17,7 +17,10 @@ trusted on aerated lungs:
 4. lung cut away with the pockets' walls is given back (geodesic dilation that does not enter gas),
    then vessels at the lung edge are closed and holes up to ``MAX_HOLE_CM2`` filled per slice:
    vessels and nodules, but not the dome of the liver or spleen seen as an island in the lung base,
-   nor the mediastinum where the two lungs touch in front and behind it.
+   nor the mediastinum where the two lungs touch in front and behind it;
+5. a trachea that step 2 missed (on 5 mm slices of a sharp kernel it reads -930 HU, not pure gas) is
+   taken out: the small, round pieces of a slice's mask near the lungs' midline that stack into a
+   tube at least ``AIRWAY_MIN_MM`` long. Lung tips at the apex lie to the side, not on the midline.
 
 Arrays are (z, y, x) in the engine's canonical LPS orientation (z grows towards the head); spacing is
 (z, y, x) in mm.
@@ -40,6 +43,11 @@ CLOSING_MM = 3.0
 # Holes in a slice's lung mask on the shared scans: vessels and nodules up to 4.4 cm2; the liver or
 # spleen dome inside the lung base 6.7-57 cm2; the mediastinum between touching lungs 50 cm2.
 MAX_HOLE_CM2 = 5.0
+# The trachea on the shared scans: 0.8-4.5 cm2 a slice, its centre 12 mm or less from the midpoint of
+# the lungs' left-right extent; the smallest lung tips at the apex lie 35 mm or more from it.
+AIRWAY_MAX_CM2 = 6.0
+AIRWAY_MIDLINE_MM = 25.0
+AIRWAY_MIN_MM = 10.0
 
 
 def classical_lung_mask(volume_hu: np.ndarray, spacing_zyx: tuple[float, float, float]) -> np.ndarray:
@@ -55,7 +63,8 @@ def classical_lung_mask(volume_hu: np.ndarray, spacing_zyx: tuple[float, float, 
         return lungs
     # Give back the lung that the pockets' walls took, without crossing into the gas itself.
     lungs = dilate_in_plane(lungs, spacing, GAS_WALL_MM, within=inside & ~gas)
-    return fill_vessels(lungs, spacing)
+    lungs = fill_vessels(lungs, spacing)
+    return lungs & ~trachea_pieces(lungs, spacing)
 
 
 def _open_in_plane(mask: np.ndarray, spacing: np.ndarray, mm: float) -> np.ndarray:
@@ -115,6 +124,34 @@ def fill_vessels(lungs: np.ndarray, spacing: np.ndarray, closing_mm: float = CLO
         small = np.bincount(holes.ravel(), minlength=count + 1) <= max_hole_pixels
         small[0] = False
         out[z] = closed | small[holes]
+    return out
+
+
+def trachea_pieces(lungs: np.ndarray, spacing: np.ndarray) -> np.ndarray:
+    """The pieces of ``lungs`` that are a trachea: per slice, components of at most ``AIRWAY_MAX_CM2``,
+    no more than twice as long as wide, centred within ``AIRWAY_MIDLINE_MM`` of the midpoint of the
+    lungs' left-right extent, that stack in 3D into a tube at least ``AIRWAY_MIN_MM`` long."""
+    columns = np.flatnonzero(lungs.any(axis=(0, 1)))
+    if not len(columns):
+        return np.zeros_like(lungs)
+    midline_mm = (columns[0] + columns[-1]) / 2 * spacing[2]
+    pixel_cm2 = float(spacing[1] * spacing[2]) / 100.0
+    candidates = np.zeros_like(lungs)
+    for z in np.flatnonzero(lungs.any(axis=(1, 2))):
+        labels, _ = ndimage.label(lungs[z])
+        for index, box in enumerate(ndimage.find_objects(labels), start=1):
+            piece = labels[box] == index
+            height_mm = (box[0].stop - box[0].start) * spacing[1]
+            width_mm = (box[1].stop - box[1].start) * spacing[2]
+            centre_mm = (box[1].start + box[1].stop) / 2 * spacing[2]
+            if (piece.sum() * pixel_cm2 <= AIRWAY_MAX_CM2 and max(height_mm, width_mm) <= 2 * min(height_mm, width_mm)
+                    and abs(centre_mm - midline_mm) <= AIRWAY_MIDLINE_MM):
+                candidates[z][box] |= piece
+    tubes, _ = ndimage.label(candidates)
+    out = np.zeros_like(lungs)
+    for index, box in enumerate(ndimage.find_objects(tubes), start=1):
+        if (box[0].stop - box[0].start) * spacing[0] >= AIRWAY_MIN_MM:
+            out[box] |= tubes[box] == index
     return out
 
 

@@ -43,7 +43,8 @@ NEGATIVE_SCANS = {
 }
 DEFAULT_HOLDOUT = {0: ["LIDC-IDRI-0001"], 1: ["LIDC-IDRI-0003"], 2: ["LIDC-IDRI-0001"],
                    3: ["LIDC-IDRI-0003"], 4: ["LIDC-IDRI-0001"]}
-CACHE_VERSION = 3  # 2: each cache records its recipe, so a machine without the scans can use it; 3: dense
+CACHE_VERSION = 4  # 2: each cache records its recipe, so a machine without the scans can use it; 3: dense
+# 4: the classical lung mask leaves out a trachea that is not pure gas (LIDC-IDRI-0003)
 # Where they come from (the README beside each scan), for the model manifest.
 LIDC_SOURCE = "LIDC-IDRI (Armato III SG et al., TCIA, doi:10.7937/K9/TCIA.2015.LO9QL9SX), CC BY 3.0"
 NEGATIVE_SCAN_SOURCES = {

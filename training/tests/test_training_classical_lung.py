@@ -25,6 +25,32 @@ def test_lungs_found_and_gas_below_the_diaphragm_left_out():
     assert not (mask & above_lungs).any(), "the trachea above the lungs is not lung"
 
 
+def test_a_trachea_that_is_not_pure_gas_is_not_lung_but_the_apex_tips_are():
+    """On 5 mm slices of a sharp kernel the trachea reads about -930 HU, not pure gas: the midline tube
+    is still taken out, and the lung tips beside it at the apex stay."""
+    chest = whole_chest()
+    volume = chest.volume.copy()
+    volume[chest.trachea] = -930.0 + np.random.default_rng(1).normal(0, 8, chest.trachea.sum())
+    mask = classical_lung_mask(volume, SPACING_ZYX)
+    # At the carina (z 30-31) the airway joins both lungs within the slice: only the tube above it goes.
+    above_carina = chest.trachea & (np.arange(mask.shape[0]) >= 32)[:, None, None]
+    assert not (mask & above_carina).any(), "the trachea is not lung"
+    assert dice(mask, chest.lungs) > 0.95
+    tips = chest.lungs[40]
+    assert (mask[40] & tips).sum() > 0.8 * tips.sum(), "the lung tips at the apex are lung"
+
+
+def test_real_kernels_lungs_end_at_the_same_slice():
+    """example-chest-ct: kernel B's trachea reads -930 HU above the apex (kernel L's is pure gas); the
+    classical lungs of both kernels end at the same slice (kernel B's went 8 slices higher with it)."""
+    masks = {}
+    for kernel in "LB":
+        volume, spacing = _canonical(shared_path("example-chest-ct", f"Lung_Dx-A0001_kernel-{kernel}.nii.gz"))
+        masks[kernel] = classical_lung_mask(volume, spacing)
+    tops = {kernel: np.flatnonzero(mask.any(axis=(1, 2)))[-1] for kernel, mask in masks.items()}
+    assert tops["L"] == tops["B"]
+
+
 def test_vessels_are_filled_but_not_an_organ_dome_inside_the_lung():
     """A dense island the size of a vessel or nodule is lung; one the size of the liver dome seen in
     the lung base (or the mediastinum between touching lungs) is not."""
