@@ -19,8 +19,9 @@ trusted on aerated lungs:
    vessels and nodules, but not the dome of the liver or spleen seen as an island in the lung base,
    nor the mediastinum where the two lungs touch in front and behind it;
 5. a trachea that step 2 missed (on 5 mm slices of a sharp kernel it reads -930 HU, not pure gas) is
-   taken out: the small, round pieces of a slice's mask near the lungs' midline that stack into a
-   tube at least ``AIRWAY_MIN_MM`` long. Lung tips at the apex lie to the side, not on the midline.
+   taken out before the closing of step 4: the small, round pieces of a slice's mask near the lungs'
+   midline that stack into a tube at least ``AIRWAY_MIN_MM`` long, bridged over the few slices where
+   it touches a lung. Lung tips at the apex lie to the side, not on the midline.
 
 Arrays are (z, y, x) in the engine's canonical LPS orientation (z grows towards the head); spacing is
 (z, y, x) in mm.
@@ -48,6 +49,7 @@ MAX_HOLE_CM2 = 5.0
 AIRWAY_MAX_CM2 = 6.0
 AIRWAY_MIDLINE_MM = 25.0
 AIRWAY_MIN_MM = 10.0
+AIRWAY_GAP_MM = 15.0
 
 
 def classical_lung_mask(volume_hu: np.ndarray, spacing_zyx: tuple[float, float, float]) -> np.ndarray:
@@ -63,8 +65,9 @@ def classical_lung_mask(volume_hu: np.ndarray, spacing_zyx: tuple[float, float, 
         return lungs
     # Give back the lung that the pockets' walls took, without crossing into the gas itself.
     lungs = dilate_in_plane(lungs, spacing, GAS_WALL_MM, within=inside & ~gas)
-    lungs = fill_vessels(lungs, spacing)
-    return lungs & ~trachea_pieces(lungs, spacing)
+    # The trachea goes before the vessels' closing, which would bridge it to a lung a few mm away.
+    trachea = trachea_pieces(lungs, spacing)
+    return fill_vessels(lungs & ~trachea, spacing) & ~trachea
 
 
 def _open_in_plane(mask: np.ndarray, spacing: np.ndarray, mm: float) -> np.ndarray:
@@ -130,7 +133,9 @@ def fill_vessels(lungs: np.ndarray, spacing: np.ndarray, closing_mm: float = CLO
 def trachea_pieces(lungs: np.ndarray, spacing: np.ndarray) -> np.ndarray:
     """The pieces of ``lungs`` that are a trachea: per slice, components of at most ``AIRWAY_MAX_CM2``,
     no more than twice as long as wide, centred within ``AIRWAY_MIDLINE_MM`` of the midpoint of the
-    lungs' left-right extent, that stack in 3D into a tube at least ``AIRWAY_MIN_MM`` long."""
+    lungs' left-right extent, that stack in 3D into a tube at least ``AIRWAY_MIN_MM`` long. Where the
+    tube touches a lung within a slice for up to ``AIRWAY_GAP_MM``, the mask within 2 mm of its pieces
+    in the slices above and below is the trachea there."""
     columns = np.flatnonzero(lungs.any(axis=(0, 1)))
     if not len(columns):
         return np.zeros_like(lungs)
@@ -152,6 +157,11 @@ def trachea_pieces(lungs: np.ndarray, spacing: np.ndarray) -> np.ndarray:
     for index, box in enumerate(ndimage.find_objects(tubes), start=1):
         if (box[0].stop - box[0].start) * spacing[0] >= AIRWAY_MIN_MM:
             out[box] |= tubes[box] == index
+    with_tube = np.flatnonzero(out.any(axis=(1, 2)))
+    for lower, upper in zip(with_tube[:-1], with_tube[1:]):
+        if 1 < upper - lower and (upper - lower - 1) * spacing[0] <= AIRWAY_GAP_MM:
+            footprint = dilate_in_plane((out[lower] | out[upper])[None], spacing, 2.0)
+            out[lower + 1 : upper] |= lungs[lower + 1 : upper] & footprint
     return out
 
 

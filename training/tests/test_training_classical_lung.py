@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
 
 from CovidInfectionSegLib.imageio import read_image, to_canonical
@@ -25,12 +26,17 @@ def test_lungs_found_and_gas_below_the_diaphragm_left_out():
     assert not (mask & above_lungs).any(), "the trachea above the lungs is not lung"
 
 
-def test_a_trachea_that_is_not_pure_gas_is_not_lung_but_the_apex_tips_are():
+@pytest.mark.parametrize("bridge", [False, True], ids=["apart", "touching-a-lung"])
+def test_a_trachea_that_is_not_pure_gas_is_not_lung_but_the_apex_tips_are(bridge):
     """On 5 mm slices of a sharp kernel the trachea reads about -930 HU, not pure gas: the midline tube
-    is still taken out, and the lung tips beside it at the apex stay."""
+    is still taken out, also over two slices where a strip of air joins it to the right lung, and the
+    lung tips beside it at the apex stay."""
     chest = whole_chest()
     volume = chest.volume.copy()
-    volume[chest.trachea] = -930.0 + np.random.default_rng(1).normal(0, 8, chest.trachea.sum())
+    airway = chest.trachea.copy()
+    if bridge:
+        airway[36:38, 50:52, 48:60] = True
+    volume[airway] = -930.0 + np.random.default_rng(1).normal(0, 8, airway.sum())
     mask = classical_lung_mask(volume, SPACING_ZYX)
     # At the carina (z 30-31) the airway joins both lungs within the slice: only the tube above it goes.
     above_carina = chest.trachea & (np.arange(mask.shape[0]) >= 32)[:, None, None]
