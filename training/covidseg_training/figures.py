@@ -121,35 +121,46 @@ def plot_examples(images: np.ndarray, truth: np.ndarray, predicted: np.ndarray,
     _save_figure(figure, path)
 
 
+def negative_preview_slices(levels: np.ndarray, labels: np.ndarray) -> list[int | None]:
+    """The slices :func:`plot_negative_labels` shows of a scan: the apex (the middle of the slices at level
+    0.8-1, when the lungs' top lies inside the scan), the mid-lung slice with the most "lung, no
+    infection" (else the most lung) and the base slice so picked; None where the scan has no such slice."""
+    no_infection = (labels == LUNG).sum(axis=(1, 2))
+    lung_any = no_infection + (labels == LUNG_UNKNOWN).sum(axis=(1, 2))
+    apex = np.flatnonzero((levels >= 0.8) & (levels <= 1.0)) if np.any(levels > 1.0) else np.zeros(0, dtype=int)
+    picks: list[int | None] = [int(apex[len(apex) // 2]) if len(apex) else None]
+    for candidates in (np.flatnonzero((levels >= 0.3) & (levels <= 0.8)), np.flatnonzero((levels >= 0.0) & (levels <= 0.1))):
+        if not len(candidates):
+            picks.append(None)
+            continue
+        score = no_infection[candidates] if no_infection[candidates].any() else lung_any[candidates]
+        picks.append(int(candidates[np.argmax(score)]))
+    return picks
+
+
 def plot_negative_labels(scans: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]], lung_label: str,
                          path: Path) -> None:
     """What the negatives teach, one row per scan: (name, images, labels, levels) as the training
-    sampler hands them out. Two slices each: the mid-lung slice with the most "lung, no infection"
-    (else the most lung), and a slice at the lung base. Lung, no infection in blue; "lung or
-    infection" (the loss takes either) in green; background uncoloured."""
+    sampler hands them out. Three slices each (:func:`negative_preview_slices`): apex, mid-lung, base.
+    Lung, no infection in blue; "lung or infection" (the loss takes either) in green; background
+    uncoloured."""
     plt = _pyplot()
-    figure, axes = plt.subplots(len(scans), 2, figsize=(6.4, 3.2 * len(scans)), squeeze=False)
+    figure, axes = plt.subplots(len(scans), 3, figsize=(9.6, 3.2 * len(scans)), squeeze=False)
     for row_axes, (name, images, labels, levels) in zip(axes, scans):
-        mid = np.flatnonzero((levels >= 0.3) & (levels <= 0.8))
-        base = np.flatnonzero((levels >= 0.0) & (levels <= 0.1))
-        no_infection = (labels == LUNG).sum(axis=(1, 2))
-        lung_any = no_infection + (labels == LUNG_UNKNOWN).sum(axis=(1, 2))
-        picks = []
-        for candidates in (mid, base):
-            if len(candidates):
-                score = no_infection[candidates] if no_infection[candidates].any() else lung_any[candidates]
-                picks.append(int(candidates[np.argmax(score)]))
-        for axis, index in zip(row_axes, picks):
+        missing = ("no apex: its lungs reach the scan's top", "no mid-lung slice", "no base slice")
+        for axis, index, absent in zip(row_axes, negative_preview_slices(levels, labels), missing):
+            axis.axis("off")
+            if index is None:
+                axis.set_title(f"{name}: {absent}", fontsize=7)
+                continue
             overlay = np.zeros((*labels[index].shape, 4))
             overlay[labels[index] == LUNG_UNKNOWN] = (*LUNG_COLOUR, 0.35)
             overlay[labels[index] == LUNG] = (*NO_INFECTION_COLOUR, 0.9)
             axis.imshow(images[index], cmap="gray")
             axis.imshow(overlay)
             axis.set_title(f"{name}, slice {index} (level {levels[index]:.2f})", fontsize=7)
-        for axis in row_axes:
-            axis.axis("off")
     figure.suptitle(f"negatives as trained (lung_label: {lung_label}): blue lung, no infection; "
-                    "green lung or infection", fontsize=8)
+                    "green lung or infection; apex, mid-lung and base of each scan", fontsize=8)
     figure.tight_layout()
     _save_figure(figure, path)
 

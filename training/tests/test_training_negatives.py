@@ -396,3 +396,14 @@ def test_training_log_states_the_apex_draw(chest_file, tmp_path):
     sampler = negative_sampler(config, log=lines.append)
     assert sampler.apex_count() == 4
     assert f"4 of them drawn from the {len(sampler.apex_slices(0))} apex slices" in lines[0]
+
+
+def test_preview_shows_apex_mid_and_base_and_no_apex_where_the_lungs_reach_the_top(chest_file):
+    from covidseg_training.figures import negative_preview_slices
+
+    (scan,) = load_negatives(NegativesConfig(root=str(chest_file.parent)), RECIPE, [chest_file.name])
+    apex, mid, base = negative_preview_slices(scan.levels, scan.slices.labels)
+    assert 0.8 <= scan.levels[apex] <= 1.0 and 0.3 <= scan.levels[mid] <= 0.8 and 0.0 <= scan.levels[base] <= 0.1
+    top = int(np.flatnonzero(scan.levels <= 1.0)[-1]) + 1
+    cut_apex, cut_mid, _ = negative_preview_slices(scan.levels[:top], scan.slices.labels[:top])
+    assert cut_apex is None and cut_mid == mid
