@@ -16,7 +16,7 @@ import numpy as np
 
 from CovidInfectionSegLib.preprocessing import IntensityRecipe, make_clahe, minmax_to_uint8
 
-from .gas_pockets import RADIUS_PX as GAS_RADIUS_PX, paint_gas_pockets
+from .gas_pockets import FLUID_LEVEL_P as GAS_FLUID_LEVEL_P, RADIUS_PX as GAS_RADIUS_PX, paint_gas_pockets
 from .masses import paint_masses
 
 
@@ -62,10 +62,13 @@ class AugmentConfig:
     # its highest; a scan without lung counts as below), where stomach and bowel lie; None: every negative
     # slice. Pockets at every level taught the network that the apex (small dark blobs wrapped in soft
     # tissue) is not lung (results/v2/README.md). ``gas_radius_px``: the range of a pocket's radius in
-    # pixels of the training slice (default 8-35: about 2-12 cm across).
+    # pixels of the training slice (default 8-35: about 2-12 cm across). ``gas_fluid_level_p``: the share
+    # of pockets with a gas-fluid level, a straight lower edge as a supine stomach has and an apical lung
+    # tip has not.
     gas_p: float = 0.0
     gas_max_level: float | None = None
     gas_radius_px: tuple[float, float] = GAS_RADIUS_PX
+    gas_fluid_level_p: float = GAS_FLUID_LEVEL_P
     # A slice with its neighbours (context_slices): the neighbours' order reversed. The PNG export does
     # not say which way its slice numbers run in each volume, while the engine's canonical volumes run
     # from the feet up: so the network must not rely on which side is up.
@@ -77,6 +80,8 @@ class AugmentConfig:
         low, high = self.gas_radius_px
         if not 0 < low <= high:
             raise ValueError(f"augment.gas_radius_px must be [low, high] with 0 < low <= high, not {list(self.gas_radius_px)}")
+        if not 0.0 <= self.gas_fluid_level_p <= 1.0:
+            raise ValueError(f"augment.gas_fluid_level_p must lie in [0, 1], not {self.gas_fluid_level_p!r}")
 
 
 # Lung texture and gray level of the network's uint8 input, measured 2026-11-30 (ad hoc, AMD EPYC here):
@@ -217,7 +222,8 @@ class SliceAugmenter:
         if masses_here and self.rng.random() < self.config.mass_p:
             image, label = paint_masses(image, label, self.rng)
         if self.gas_here(negative, level) and self.rng.random() < self.config.gas_p:
-            image, label = paint_gas_pockets(image, label, self.rng, self.config.gas_radius_px)
+            image, label = paint_gas_pockets(image, label, self.rng, self.config.gas_radius_px,
+                                             self.config.gas_fluid_level_p)
         out = self.geometry(image=image, mask=label)
         image, label = out["image"], out["mask"]
         if self.config.harmonise_p and self.rng.random() < self.config.harmonise_p:

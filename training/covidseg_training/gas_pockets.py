@@ -45,10 +45,12 @@ def tissue_mask(image: np.ndarray, air_gray: float) -> np.ndarray:
 
 
 def paint_gas_pockets(image: np.ndarray, label: np.ndarray, rng: np.random.Generator,
-                      radius_px: tuple[float, float] = RADIUS_PX) -> tuple[np.ndarray, np.ndarray]:
+                      radius_px: tuple[float, float] = RADIUS_PX,
+                      fluid_level_p: float = FLUID_LEVEL_P) -> tuple[np.ndarray, np.ndarray]:
     """``image`` (uint8) with 1-2 pockets of gas painted into its soft tissue, and ``label`` as it was:
     the pockets lie only where it is background already. ``image`` is unchanged where no pocket fits.
-    ``radius_px``: the range of a pocket's radius (drawn log-uniformly), in pixels of the slice."""
+    ``radius_px``: the range of a pocket's radius (drawn log-uniformly), in pixels of the slice;
+    ``fluid_level_p``: the share of pockets with a gas-fluid level (a straight lower edge)."""
     air_gray = float(np.percentile(image, 1))
     tissue = tissue_mask(image, air_gray)
     # Distance to anything that is not tissue: outside the body, lung (labelled or dark), other gas.
@@ -65,7 +67,7 @@ def paint_gas_pockets(image: np.ndarray, label: np.ndarray, rng: np.random.Gener
             continue
         centre = np.unravel_index(int(rng.choice(candidates)), label.shape)
         coverage = mass_shape(label.shape, centre, radius, rng, spicule_p=0.0)
-        if rng.random() < FLUID_LEVEL_P:
+        if rng.random() < fluid_level_p:
             level = centre[0] + rng.uniform(-0.3, 0.6) * radius
             rows = np.arange(label.shape[0], dtype=np.float32)[:, None]
             coverage *= np.clip(level - rows + 0.5, 0.0, 1.0)  # the fluid below stays tissue

@@ -159,3 +159,21 @@ def test_the_preview_says_clearly_when_the_negative_scans_are_missing(tmp_path, 
     assert main([str(tmp_path / "preview.png"), "--root", str(tmp_path / "none"), "--cache", str(tmp_path / "cache")]) == 2
     assert "not found" in capsys.readouterr().err
     assert not (tmp_path / "preview.png").exists()
+
+
+def test_gas_fluid_level_p_gives_every_pocket_a_straight_lower_edge_or_none():
+    """With gas_fluid_level_p 1 a pocket's lowest row of gas is most of its widest (the fluid level cuts
+    it straight); with 0 it is the narrow bottom of a lobulated disc. Out of [0, 1] is refused by name."""
+    image, label = upper_abdomen_slice()
+    for p, low, high in ((1.0, 0.7, 1.0), (0.0, 0.0, 0.3)):
+        ratios = []
+        for seed in range(12):
+            out, _ = paint_gas_pockets(image, label, np.random.default_rng(seed), (15.0, 30.0), fluid_level_p=p)
+            gas = (out.astype(int) < AIR + 15) & (image.astype(int) > AIR + 20)
+            count, components = cv2.connectedComponents(gas.astype(np.uint8))
+            for component in range(1, count):
+                widths = (components == component).sum(axis=1)
+                ratios.append(widths[np.flatnonzero(widths)[-1]] / widths.max())
+        assert low <= float(np.median(ratios)) <= high, (p, ratios)
+    with pytest.raises(ValueError, match="augment.gas_fluid_level_p must lie in"):
+        AugmentConfig(gas_fluid_level_p=1.5)
