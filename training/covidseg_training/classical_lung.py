@@ -45,7 +45,8 @@ CLOSING_MM = 3.0
 # spleen dome inside the lung base 6.7-57 cm2; the mediastinum between touching lungs 50 cm2.
 MAX_HOLE_CM2 = 5.0
 # The trachea on the shared scans: 0.8-4.5 cm2 a slice, its centre 12 mm or less from the midpoint of
-# the lungs' left-right extent; the smallest lung tips at the apex lie 35 mm or more from it.
+# the lungs' left-right extent. The apical lung tips lie 25-50 mm from that midpoint, and
+# none stays under 6 cm2 for 10 mm.
 AIRWAY_MAX_CM2 = 6.0
 AIRWAY_MIDLINE_MM = 25.0
 AIRWAY_MIN_MM = 10.0
