@@ -15,6 +15,7 @@ import numpy as np
 from CovidInfectionSegLib.atomic import atomic_path
 
 from .data import INFECTION, LUNG, LUNG_UNKNOWN
+from .negatives import apex_indices
 
 BOXPLOT_COLUMNS = ("lung_dice", "lung_nsd", "infection_dice", "infection_nsd")
 # The segments' colours in the manifest (Slicer's GenericAnatomyColors), as matplotlib RGB.
@@ -122,12 +123,12 @@ def plot_examples(images: np.ndarray, truth: np.ndarray, predicted: np.ndarray,
 
 
 def negative_preview_slices(levels: np.ndarray, labels: np.ndarray) -> list[int | None]:
-    """The slices :func:`plot_negative_labels` shows of a scan: the apex (the middle of the slices at level
-    0.8-1, when the lungs' top lies inside the scan), the mid-lung slice with the most "lung, no
+    """The slices :func:`plot_negative_labels` shows of a scan: the apex (the middle of
+    :func:`negatives.apex_indices`, the slices at level 0.8-1 when the lungs' top lies inside the scan), the mid-lung slice with the most "lung, no
     infection" (else the most lung) and the base slice so picked; None where the scan has no such slice."""
     no_infection = (labels == LUNG).sum(axis=(1, 2))
     lung_any = no_infection + (labels == LUNG_UNKNOWN).sum(axis=(1, 2))
-    apex = np.flatnonzero((levels >= 0.8) & (levels <= 1.0)) if np.any(levels > 1.0) else np.zeros(0, dtype=int)
+    apex = apex_indices(levels)
     picks: list[int | None] = [int(apex[len(apex) // 2]) if len(apex) else None]
     for candidates in (np.flatnonzero((levels >= 0.3) & (levels <= 0.8)), np.flatnonzero((levels >= 0.0) & (levels <= 0.1))):
         if not len(candidates):

@@ -43,6 +43,7 @@ NEGATIVE_SCANS = {
 }
 DEFAULT_HOLDOUT = {0: ["LIDC-IDRI-0001"], 1: ["LIDC-IDRI-0003"], 2: ["LIDC-IDRI-0001"],
                    3: ["LIDC-IDRI-0003"], 4: ["LIDC-IDRI-0001"]}
+APEX_LEVEL = 0.8  # the top fifth of the lungs (NegativeScan.levels)
 CACHE_VERSION = 4  # 2: each cache records its recipe, so a machine without the scans can use it; 3: dense
 # 4: the classical lung mask leaves out a trachea that is not pure gas (LIDC-IDRI-0003)
 # Where they come from (the README beside each scan), for the model manifest.
@@ -87,7 +88,7 @@ class NegativesConfig:
     # (level ``apex_level`` to 1, see :class:`NegativeScan`) of the scans whose lung top lies inside the
     # scan, evenly over those scans; 0 leaves them to the uniform draw (about one slice in ten).
     apex_share: float = 0.0
-    apex_level: float = 0.8
+    apex_level: float = APEX_LEVEL
 
     def __post_init__(self) -> None:
         if self.lung_label not in LUNG_LABELS:
@@ -177,6 +178,14 @@ def lung_levels(lungs: np.ndarray) -> np.ndarray:
     return (z - with_lung[0]) / max(1, with_lung[-1] - with_lung[0])
 
 
+def apex_indices(levels: np.ndarray, apex_level: float = APEX_LEVEL) -> np.ndarray:
+    """The slices at the top of a scan's lungs (level ``apex_level`` to 1); none when the lungs reach the
+    scan's top slice (an abdominal scan's lung bases, not an apex)."""
+    if not np.any(levels > 1.0):
+        return np.zeros(0, dtype=np.int64)
+    return np.flatnonzero((levels >= apex_level) & (levels <= 1.0))
+
+
 def load_negatives(config: NegativesConfig, recipe: IntensityRecipe, names: list[str],
                    cache_dir: Path | None = None) -> list[NegativeScan]:
     """The named negative scans, from ``cache_dir`` when an up-to-date copy is there (the lung masks
@@ -251,7 +260,7 @@ class NegativeSampler:
 
     def __init__(self, scans: list[NegativeScan], per_epoch: int, seed: int = 0, lung_label: str = "lung",
                  hard_share: float = 0.0, context_slices: int = 0, apex_share: float = 0.0,
-                 apex_level: float = 0.8):
+                 apex_level: float = APEX_LEVEL):
         self.scans = [scan for scan in scans if len(scan.slices.images)]
         if lung_label in ("lung_or_infection", "no_infection_where_dense"):
             for scan in self.scans:
@@ -263,7 +272,7 @@ class NegativeSampler:
         self.seed = seed
         self.hard_share = hard_share
         self.apex_share = apex_share
-        self.apex_level = apex_level
+        self.apex_rows = [apex_indices(scan.levels, apex_level) for scan in self.scans]
         self.context_slices = context_slices
         # Each slice's neighbours in its scan, as the engine picks them (end slices repeated). The adjacent
         # slices: the negative scans are 2.5-3 mm apart, where a ``context_mm`` of 2-4 mm makes the engine
@@ -278,16 +287,12 @@ class NegativeSampler:
         return int(round(self.per_epoch * self.hard_share))
 
     def apex_slices(self, scan_index: int) -> np.ndarray:
-        """The scan's slices at the top of its lungs (level ``apex_level`` to 1); none when the lungs
-        reach the scan's top slice (an abdominal scan's lung bases, not an apex)."""
-        levels = self.scans[scan_index].levels
-        if not np.any(levels > 1.0):
-            return np.zeros(0, dtype=np.int64)
-        return np.flatnonzero((levels >= self.apex_level) & (levels <= 1.0))
+        """The scan's apex slices (:func:`apex_indices` at ``apex_level``)."""
+        return self.apex_rows[scan_index]
 
     def apex_count(self) -> int:
         """How many of an epoch's draws go to apex slices: none when no scan has an apex."""
-        if not any(len(self.apex_slices(s)) for s in range(len(self.scans))):
+        if not any(len(rows) for rows in self.apex_rows):
             return 0
         return int(round(self.per_epoch * self.apex_share))
 
@@ -310,10 +315,10 @@ class NegativeSampler:
                 scan = int(np.searchsorted(starts, flat, side="right") - 1)
                 picks.append((scan, int(flat - starts[scan])))
         if apex:
-            with_apex = [s for s in range(len(self.scans)) if len(self.apex_slices(s))]
+            with_apex = [s for s, rows in enumerate(self.apex_rows) if len(rows)]
             for s in rng.permutation(np.arange(apex) % len(with_apex)):
                 scan = with_apex[int(s)]
-                picks.append((scan, int(rng.choice(self.apex_slices(scan)))))
+                picks.append((scan, int(rng.choice(self.apex_rows[scan]))))
         return picks
 
     def slice(self, scan_index: int, slice_index: int) -> tuple[np.ndarray, np.ndarray]:

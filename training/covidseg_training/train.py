@@ -182,7 +182,7 @@ def negative_sampler(config: TrainConfig, log=print) -> NegativeSampler:
                               context_slices=config.context_slices, apex_share=config.negatives.apex_share,
                               apex_level=config.negatives.apex_level)
     apex = sampler.apex_count()
-    apex_slices = sum(len(sampler.apex_slices(index)) for index in range(len(sampler.scans)))
+    apex_slices = sum(len(rows) for rows in sampler.apex_rows)
     log(f"negatives: {config.negatives.per_epoch} slices per epoch from {', '.join(names)} "
         f"({sum(len(scan.slices.images) for scan in scans)} slices)"
         + (f", {apex} of them drawn from the {apex_slices} apex slices" if apex else ""))
