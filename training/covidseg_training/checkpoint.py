@@ -121,3 +121,20 @@ def model_with_weights(state: dict[str, torch.Tensor], config: TrainConfig, sour
                          f"base_channels={config.base_channels}, depth={config.depth}): "
                          f"{str(error).splitlines()[0]}") from error
     return model
+
+
+def save_half_precision_copy(path: str | Path, out: str | Path) -> dict[str, Any]:
+    """Write ``path`` (a ``best.pt``-style checkpoint) to ``out`` with its floating-point weights in float16:
+    half the bytes, for carrying a checkpoint where files are limited in size (the GPU machine returns
+    files of at most 16 MiB; a 24-channel network's best.pt is 17.5 MB). ``load_checkpoint`` reads the copy
+    as it reads the original (the weights go back to float32 as they load), so evaluate, export and
+    wholescan take it unchanged; the rounding (a relative 2^-11 per weight) is not undone, and the copy's
+    record says it was made. Returns that record."""
+    path = Path(path)
+    content = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(content, dict) or "model" not in content or "config" not in content:
+        raise ValueError(f"{path}: not a training checkpoint with 'model' and 'config'")
+    state = {name: value.half() if value.is_floating_point() else value for name, value in content["model"].items()}
+    record = {**content.get("record", {}), "weights": f"float16 copy of {path.name}"}
+    torch.save({"model": state, "config": content["config"], "record": record}, out)
+    return record

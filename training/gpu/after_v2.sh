@@ -87,10 +87,23 @@ for k in $FOLDS; do
         echo "fold $k: no evaluation yet (trained $epochs epochs): evaluating its best.pt here"
         "$PYTHON" -m covidseg_training evaluate --checkpoint "$runs/$RECIPE/fold$k/best.pt" --out "$runs/$RECIPE/fold$k/eval"
     fi
+    # A best.pt that came back as its float16 copy (run_v2.sh, for a checkpoint over 15 MiB) is not the file
+    # the GPU machine evaluated: it is evaluated here too, and its package carries these metrics.
+    metrics=$runs/$RECIPE/fold$k/eval/summary.json
+    if ! "$PYTHON" -c "import json, sys; from pathlib import Path; from covidseg_training.model_and_data import sha256_of
+sys.exit(json.load(open(sys.argv[1])).get('evaluated_sha256') != sha256_of(Path(sys.argv[2])))" \
+            "$metrics" "$runs/$RECIPE/fold$k/best.pt"; then
+        echo "fold $k: best.pt is not the file its eval/ measured (a float16 copy): evaluating it here too"
+        [ -f "$runs/$RECIPE/fold$k/eval_float16/summary.json" ] || "$PYTHON" -m covidseg_training evaluate \
+            --checkpoint "$runs/$RECIPE/fold$k/best.pt" --out "$runs/$RECIPE/fold$k/eval_float16"
+        metrics=$runs/$RECIPE/fold$k/eval_float16/summary.json
+        mkdir -p "$RESULTS/fold$k/float16"
+        cp "$metrics" "$runs/$RECIPE/fold$k/eval_float16/per_case.csv" "$RESULTS/fold$k/float16/"
+    fi
     scans=()
     for scan in $SCANS "${held_out[$k]}"; do scans+=(--scan "$scan"); done
     export_and_check "$runs/$RECIPE/fold$k/best.pt" "$packages" "covid_unet_${RECIPE}_fold$k" "$VERSION-fold$k" \
-        "$DEST/wholescan-$RECIPE-fold$k" --metrics "$runs/$RECIPE/fold$k/eval/summary.json"
+        "$DEST/wholescan-$RECIPE-fold$k" --metrics "$metrics"
     "$PYTHON" -m covidseg_training evaluate --checkpoint "$packages/covid_unet_${RECIPE}_fold$k.json" \
         --config "configs/$RECIPE.yaml" --fold "$k" --flip-tta --no-robustness --out "$DEST/eval-flip-tta-$RECIPE-fold$k"
     mkdir -p "$RESULTS/fold$k/flip_tta"

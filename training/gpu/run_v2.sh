@@ -15,8 +15,10 @@
 #   DEVICE    cuda (default) or cpu;  WORKERS  augmenting processes per run (default 2)
 #   EPOCHS    overrides the configs' epochs;  EXTRA  YAML lines added to every config (a smoke test)
 #   BUDGET_S  seconds the runs may take before they are stopped to be resumed (default 450)
-#   KEEP      config names whose best.pt come back, two per file (default: v2 v2_all)
+#   KEEP      config names whose best.pt come back, in files of at most 15 MiB; one larger than that
+#             alone comes back as its float16 copy (default: v2 v2_all)
 #   RUNS      the runs' folder, under training/ (default runs)
+#   FILE_LIMIT_KIB  the checkpoints' files' size limit (default 15360: 15 MiB; smaller in a smoke test)
 # Writes to $OUT (default training/runs/gpu-out): results.tar.gz (each run's config, history and
 # eval/, the crossval/ aggregate, the logs) and checkpoints-N.tar.
 set -uo pipefail
@@ -33,7 +35,7 @@ started=$(date +%s)
 
 if ! python3 -c "import albumentations" 2> /dev/null; then  # the GPU image lacks the training extra
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-        data/gpu/b/wheels/*.whl || exit 2
+        data/gpu/a/wheels/*.whl || exit 2
     export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH=../CovidInfectionSeg:.${PYTHONPATH:+:$PYTHONPATH}
@@ -73,20 +75,37 @@ for pid in "${pids[@]}"; do wait "$pid" || status=1; done
 echo "runs ended after $(( $(date +%s) - started )) s (status $status)"
 for log in "$RUNS"/logs/*.log; do echo "== $log"; tail -n 3 "$log"; done
 
-rm -rf "$RUNS/v2/crossval"  # each fold's crossval wrote its own one-fold aggregate there
-if ls "$RUNS"/v2/fold{0,1,2,3,4}/eval/summary.json > /dev/null 2>&1; then
-    python3 -m covidseg_training crossval "$RUNS/v2.gpu.yaml" --device "$DEVICE" || status=1
-fi
+# Each fold's crossval wrote its own one-fold aggregate into NAME/crossval: aggregate again, over the five
+# folds, each config that has them all evaluated (after_v2.sh takes a crossval/ it finds as the five folds').
+for name in $(for job in $JOBS; do [ "$job" != "${job%%:*}" ] && echo "${job%%:*}"; done | sort -u); do
+    rm -rf "${RUNS:?}/$name/crossval"
+    if ls "$RUNS/$name"/fold{0,1,2,3,4}/eval/summary.json > /dev/null 2>&1; then
+        python3 -m covidseg_training crossval "$RUNS/$name.gpu.yaml" --device "$DEVICE" || status=1
+    fi
+done
 
 # Paths inside the archives start at the runs' folder (v2/fold0/..., whatever RUNS is called).
 tar -czf "$OUT/results.tar.gz" -C "$RUNS" --exclude='*.pt' --exclude='cache' --exclude='*.npz' --exclude=gpu-out . || status=1
-checkpoints=()
+# The kept best.pt in tar files of at most 15 MiB (the tool returns files of up to 16 MiB). A checkpoint
+# over 15 MiB alone (a 24-channel network's is 17.5 MB) goes as its float16 copy, under the same name: its
+# record says so, and its eval/ stays the float32 original's (after_v2.sh evaluates the copy again).
+limit=$((${FILE_LIMIT_KIB:-15360} * 1024))
+part=0; size=0; batch=()
+pack_batch() { [ ${#batch[@]} -gt 0 ] && { part=$((part + 1)); tar -cf "$OUT/checkpoints-$part.tar" -C "$RUNS" "${batch[@]}"; }; batch=(); size=0; }
 for name in $KEEP; do
-    for file in "$RUNS/$name"/*/best.pt; do [ -f "$file" ] && checkpoints+=("${file#"$RUNS"/}"); done
+    for file in "$RUNS/$name"/*/best.pt; do
+        [ -f "$file" ] || continue
+        if [ "$(stat -c %s "$file")" -gt "$limit" ]; then
+            python3 -c "import sys; from covidseg_training.checkpoint import save_half_precision_copy as h
+h(sys.argv[1], sys.argv[2])" "$file" "${file%.pt}.float16.pt" && mv "$file" "${file%.pt}.float32.pt" \
+                && mv "${file%.pt}.float16.pt" "$file" || status=1
+        fi
+        bytes=$(stat -c %s "$file")
+        [ $((size + bytes)) -gt "$limit" ] && pack_batch
+        batch+=("${file#"$RUNS"/}"); size=$((size + bytes))
+    done
 done
-for ((i = 0; i < ${#checkpoints[@]}; i += 2)); do
-    tar -cf "$OUT/checkpoints-$((i / 2 + 1)).tar" -C "$RUNS" "${checkpoints[@]:i:2}"
-done
+pack_batch
 ls -la "$OUT"
 echo "finished after $(( $(date +%s) - started )) s"
 exit $status

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from CovidInfectionSegLib.model_package import load_model_package
-from covidseg_training.checkpoint import build_model, load_checkpoint, load_network
+from covidseg_training.checkpoint import build_model, load_checkpoint, load_network, save_half_precision_copy
 from covidseg_training.config import TrainConfig
 from covidseg_training.export import describe_training_data, export_checkpoint, main as export_main, verify_same_output
 from covidseg_training.manifest import SEGMENTS
@@ -178,3 +178,25 @@ def test_export_is_byte_reproducible_with_a_fixed_string_hash_seed(checkpoint_pa
     assert export_main(["--checkpoint", str(checkpoint_path), "--out", str(tmp_path / "c"), "--name", "pkg",
                         "--version", "1.0.0"]) == 0
     assert "without PYTHONHASHSEED=0" in capsys.readouterr().err
+
+
+def test_float16_copy_of_a_checkpoint_is_half_the_size_and_computes_nearly_the_same(checkpoint_path, tmp_path):
+    """run_v2.sh carries a checkpoint over the GPU machine's file limit as this copy; evaluate, export and
+    wholescan read it as they read best.pt, and its record says it was rounded."""
+    copy = tmp_path / "best.pt"
+    record = save_half_precision_copy(checkpoint_path, copy)
+    assert record == {"epoch": 3, "weights": "float16 copy of best.pt"}
+    stored = torch.load(copy, weights_only=False)
+    assert {value.dtype for value in stored["model"].values() if value.is_floating_point()} == {torch.float16}
+    weight_bytes = sum(value.numel() * 4 for value in stored["model"].values() if value.is_floating_point())
+    assert checkpoint_path.stat().st_size - copy.stat().st_size >= 0.45 * weight_bytes  # half of them gone
+    original, rounded = load_checkpoint(checkpoint_path), load_checkpoint(copy)
+    assert rounded.record["weights"] == "float16 copy of best.pt"
+    assert next(rounded.model.parameters()).dtype == torch.float32
+    inputs = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        expected, got = original.model(inputs), rounded.model(inputs)
+    assert not torch.equal(expected, got)  # rounded, not the same weights
+    torch.testing.assert_close(got, expected, atol=2e-2, rtol=0)
+    assert export_main(["--checkpoint", str(copy), "--out", str(tmp_path / "models"), "--name", "tiny_unet",
+                        "--version", "1.0.0"]) == 0
