@@ -28,7 +28,7 @@ from .config import TrainConfig
 from .evaluate import METRICS, STRUCTURES, describe, evaluate, write_table
 from .figures import plot_boxplot
 from .model_and_data import DEFAULT_PIXEL_MM, evaluated_file, validation_set
-from .train import run_dir, train
+from .train import pick_device, run_dir, train
 
 
 def fold_config(config: TrainConfig, fold: int) -> TrainConfig:
@@ -50,7 +50,10 @@ def run_fold(config: TrainConfig, *, pixel_mm: float, robustness: bool, log: Cal
     checkpoint = load_checkpoint(fold_dir / "best.pt")
     meta = {"model": f"checkpoint {checkpoint.path}", **evaluated_file(checkpoint.path), "fold": config.fold, "n_folds": config.n_folds,
             "split_seed": config.seed, "data": config.data or "shared PNG export (ma2020-covid19-ct-png)"}
-    evaluate(checkpoint.model, validation_set(config), eval_dir, pixel_mm=pixel_mm, robustness=robustness, meta=meta)
+    # On the training device: on the GPU machine, five folds evaluated on the CPU's few threads per run (wider
+    # network, robustness pass) were still running after as long as their 30 epochs had taken (2026-12-04).
+    evaluate(checkpoint.model, validation_set(config), eval_dir, pixel_mm=pixel_mm, robustness=robustness, meta=meta,
+             device=pick_device(config.device))
     return eval_dir
 
 

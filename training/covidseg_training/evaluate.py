@@ -184,13 +184,14 @@ def write_table(path: Path, rows: list[dict[str, Any]]) -> None:
 
 def evaluate(network: torch.nn.Module, dataset: SliceDataset, out_dir: str | Path, *,
              pixel_mm: float = DEFAULT_PIXEL_MM, robustness: bool = True, meta: dict[str, Any] | None = None,
-             batch_size: int = 16) -> dict[str, Any]:
-    """Run ``network`` over ``dataset`` (the validation fold), write every table and plot, return the summary."""
+             batch_size: int = 16, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Run ``network`` over ``dataset`` (the validation fold) on ``device`` in float32, write every table and
+    plot, return the summary."""
     if len(dataset.images) == 0:
         raise ValueError("the validation set is empty: nothing to evaluate")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    predictions: Predictions = predict_dataset(network, dataset, batch_size)
+    predictions: Predictions = predict_dataset(network, dataset, batch_size, device=device)
     slice_mm = dataset.pixel_sizes(pixel_mm)
     slice_rows, case_rows = metric_tables(predictions.labels, dataset.labels, dataset.cases, slice_mm)
     sweep = threshold_sweep(predictions.infection_probability, dataset.labels, dataset.cases)
@@ -226,7 +227,8 @@ def evaluate(network: torch.nn.Module, dataset: SliceDataset, out_dir: str | Pat
     plot_curves(sweep, pr_rows, average_precision, out_dir / "pr_curve.png", out_dir / "threshold_sweep.png")
     plot_examples(dataset.images, dataset.labels, predictions.labels, slice_rows, out_dir / "examples.png")
     if robustness:
-        report = robustness_report(network, dataset, slice_mm, as_is=predictions, batch_size=batch_size)
+        report = robustness_report(network, dataset, slice_mm, as_is=predictions, batch_size=batch_size,
+                                   device=device)
         write_text_atomic(out_dir / "robustness.json", json.dumps(report, indent=2) + "\n")
         summary["robustness"] = {name: {k: report[name][k] for k in ("pooled", "case_mean", "case_max", "meets_target",
                                                                      "infection_dice_pooled")}

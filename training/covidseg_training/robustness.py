@@ -83,10 +83,12 @@ def infection_dice(predicted: np.ndarray, truth: np.ndarray) -> float:
 
 
 def robustness_report(network: torch.nn.Module, dataset: SliceDataset, pixel_mm: float | np.ndarray,
-                      as_is: Predictions | None = None, batch_size: int = 16) -> dict[str, Any]:
-    """Healthy-lung false positives as is and at :data:`DEGRADED_PIXEL_MM`, with the pass/fail verdict."""
-    as_is = as_is or predict_dataset(network, dataset, batch_size)
-    degraded = predict_dataset(network, dataset, batch_size, degrade_resolution(dataset.images, pixel_mm))
+                      as_is: Predictions | None = None, batch_size: int = 16,
+                      device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Healthy-lung false positives as is and at :data:`DEGRADED_PIXEL_MM`, with the pass/fail verdict
+    (the network run on ``device``)."""
+    as_is = as_is or predict_dataset(network, dataset, batch_size, device=device)
+    degraded = predict_dataset(network, dataset, batch_size, degrade_resolution(dataset.images, pixel_mm), device)
     sizes = np.asarray(pixel_mm, dtype=float)
     report: dict[str, Any] = {"target_below": TARGET_FALSE_POSITIVE,
                               "pixel_mm": float(sizes) if sizes.ndim == 0 else [float(sizes.min()), float(sizes.max())],
