@@ -90,9 +90,9 @@ for k in $FOLDS; do
     # A best.pt that came back as its float16 copy (run_v2.sh, for a checkpoint over 15 MiB) is not the file
     # the GPU machine evaluated: it is evaluated here too, and its package carries these metrics.
     metrics=$runs/$RECIPE/fold$k/eval/summary.json
-    if ! "$PYTHON" -c "import json, sys; from pathlib import Path; from covidseg_training.model_and_data import sha256_of
-sys.exit(json.load(open(sys.argv[1])).get('evaluated_sha256') != sha256_of(Path(sys.argv[2])))" \
-            "$metrics" "$runs/$RECIPE/fold$k/best.pt"; then
+    if ! "$PYTHON" -c "import json, sys; from pathlib import Path; from covidseg_training.export import check_metrics_belong_to
+try: check_metrics_belong_to(json.load(open(sys.argv[1])), Path(sys.argv[2]))
+except ValueError: sys.exit(1)" "$metrics" "$runs/$RECIPE/fold$k/best.pt"; then
         echo "fold $k: best.pt is not the file its eval/ measured (a float16 copy): evaluating it here too"
         [ -f "$runs/$RECIPE/fold$k/eval_float16/summary.json" ] || "$PYTHON" -m covidseg_training evaluate \
             --checkpoint "$runs/$RECIPE/fold$k/best.pt" --out "$runs/$RECIPE/fold$k/eval_float16"
