@@ -95,7 +95,8 @@ pack_batch() { [ ${#batch[@]} -gt 0 ] && { part=$((part + 1)); tar -cf "$OUT/che
 for name in $KEEP; do
     for file in "$RUNS/$name"/*/best.pt; do
         [ -f "$file" ] || continue
-        if [ "$(stat -c %s "$file")" -gt "$limit" ]; then
+        # best.float32.pt beside it: a call before this one made the copy (a second copy would replace the original)
+        if [ "$(stat -c %s "$file")" -gt "$limit" ] && [ ! -f "${file%.pt}.float32.pt" ]; then
             python3 -c "import sys; from covidseg_training.checkpoint import save_half_precision_copy as h
 h(sys.argv[1], sys.argv[2])" "$file" "${file%.pt}.float16.pt" && mv "$file" "${file%.pt}.float32.pt" \
                 && mv "${file%.pt}.float16.pt" "$file" || status=1
