@@ -210,6 +210,15 @@ def test_info_is_readable_and_json_prints_the_whole_manifest(tiny_model_manifest
     printed = capsys.readouterr().out
     assert "cross-validation (5 folds, mean over folds):" in printed
     assert "lung_dice 0.980 +- 0.005, infection_dice 0.721 +- 0.079, infection_nsd 0.800" in printed
+    assert "last epoch" not in printed
+
+    # and the same Dice at each fold's last epoch, where the fold's own cases did not pick the epoch
+    record["cross_validation"]["at_last_epoch"] = {"lung_dice": {"mean": 0.979, "sd": 0.004},
+                                                   "infection_dice": {"mean": 0.702, "sd": 0.09}, "note": "text"}
+    with_cv.write_text(json.dumps(record), encoding="utf-8")
+    assert main(["info", "--model", str(with_cv)]) == EXIT_OK
+    assert ("at each fold's last epoch: lung_dice 0.979 +- 0.004, infection_dice 0.702 +- 0.090\n"
+            in capsys.readouterr().out)
 
 
 def test_batch_resegments_a_changed_input_and_leaves_out_its_own_outputs(tmp_path, scans, tiny_model_manifest, capsys):

@@ -433,6 +433,11 @@ def cross_validation_lines(manifest: dict[str, Any]) -> list[str]:
         return [f"{heading}: no figures found in the manifest's cross_validation block"]
     lines = [f"{heading}:"]
     lines += [f"           {', '.join(figures[start:start + 3])}" for start in range(0, len(figures), 3)]
+    last = block.get("at_last_epoch")
+    last_figures = [f"{name} {_figure(value)}" for name, value in last.items() if _figure(value)] \
+        if isinstance(last, dict) else []
+    if last_figures:  # the figures above are of epochs picked on the held-out cases themselves
+        lines.append(f"           at each fold's last epoch: {', '.join(last_figures)}")
     return lines
 
 

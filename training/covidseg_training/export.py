@@ -146,8 +146,8 @@ def read_metrics(path: Path | None) -> dict[str, Any]:
 
 def cross_validation_summary(crossval_summary: dict[str, Any], source: str = "") -> dict[str, Any]:
     """The manifest's ``cross_validation`` block from ``crossval``'s aggregate ``summary.json``: per
-    metric the mean and sd of the fold means (what ``covidseg info`` shows), and healthy lung called
-    infection, as is and at 3 mm."""
+    metric the mean and sd of the fold means (what ``covidseg info`` shows), the same Dice at each fold's
+    last epoch where the summary has it, and healthy lung called infection, as is and at 3 mm."""
     over_folds = crossval_summary.get("over_folds")
     if not isinstance(over_folds, dict) or not over_folds:
         raise ValueError(f"{source or 'crossval summary'}: no 'over_folds' figures (not a crossval summary.json?)")
@@ -158,6 +158,15 @@ def cross_validation_summary(crossval_summary: dict[str, Any], source: str = "")
         "note": "the recipe's patient-grouped cross-validation: each fold's per-case mean on its validation "
                 "slices, then the mean and sd over folds",
     }
+    selection = crossval_summary.get("epoch_selection")
+    if isinstance(selection, dict) and isinstance(selection.get("over_folds"), dict):
+        last = {metric: selection["over_folds"].get(f"{metric}_last") for metric in ("lung_dice", "infection_dice")}
+        block["at_last_epoch"] = {
+            **{metric: {"mean": stats["mean"], "sd": stats["sd"]} for metric, stats in last.items() if isinstance(stats, dict)},
+            "note": "each fold's last epoch, from its training history: the figures above are of the epoch with "
+                    "the best score on the fold's own validation cases (optimistic); the all-data model is its "
+                    "last epoch",
+        }
     healthy = crossval_summary.get("healthy_lung_called_infection")
     if isinstance(healthy, dict):
         block["healthy_lung_called_infection"] = {name: {"mean": healthy[name]["mean"], "sd": healthy[name]["sd"]}

@@ -251,6 +251,11 @@ def training_forward(model: UNet2D, config: TrainConfig, device: torch.device):
     return torch.compile(forward)
 
 
+def selection_score(record: dict) -> float:
+    """What picks ``best.pt`` among a run's epochs: validation lung Dice plus infection Dice (per case)."""
+    return record["lung_dice"] + record["infection_dice"]
+
+
 def out_of_patience(state: dict, config: TrainConfig) -> bool:
     """Whether early stopping ends the run: no better validation score for config.patience epochs."""
     return state["epoch"] - state["best_epoch"] >= config.patience
@@ -344,7 +349,7 @@ def train(config: TrainConfig, log=print) -> Path:
         if val_set is not None and len(val_set.images):
             predicted = predict_labels(model, val_inputs, device)
             record.update(per_case_dice(predicted, val_set.labels, val_set.cases))
-            score = record["lung_dice"] + record["infection_dice"]
+            score = selection_score(record)
         else:
             score = float(state["epoch"])  # no validation: the latest model is the best one
         state["history"].append(record)

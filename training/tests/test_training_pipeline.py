@@ -99,6 +99,49 @@ def test_crossval_aggregate(pipeline):
     assert int(table[("over cases", "lung_hd95")]["n"]) == 4
 
 
+def test_crossval_puts_each_folds_last_epoch_beside_the_epoch_picked_on_its_own_cases(pipeline):
+    from covidseg_training.checkpoint import load_checkpoint
+
+    selection = json.loads((pipeline["runs"] / "crossval" / "summary.json").read_text(encoding="utf-8"))["epoch_selection"]
+    for fold in (0, 1):
+        folder = pipeline["runs"] / f"fold{fold}"
+        history = json.loads((folder / "history.json").read_text(encoding="utf-8"))
+        row = selection["per_fold"][str(fold)]
+        kept = load_checkpoint(folder / "best.pt").record  # what eval/ measured
+        assert row["selected_epoch"] == kept["epoch"] and row["infection_dice_selected"] == kept["infection_dice"]
+        assert row["last_epoch"] == 25 and row["infection_dice_last"] == history[-1]["infection_dice"]
+        assert row["lung_dice_last"] == history[-1]["lung_dice"]
+        # the kept epoch has the best validation score of all, the last one included
+        assert row["lung_dice_selected"] + row["infection_dice_selected"] >= row["lung_dice_last"] + row["infection_dice_last"]
+    assert selection["over_folds"]["infection_dice_last"]["mean"] == pytest.approx(
+        np.mean([selection["per_fold"][k]["infection_dice_last"] for k in ("0", "1")]))
+
+
+def test_epoch_selection_reads_copied_tables_and_needs_every_folds_history(tmp_path):
+    from covidseg_training.crossval import epoch_selection
+
+    def fold_folder(name, history):  # tables copied without the run, as in training/results/
+        folder = tmp_path / name
+        folder.mkdir()
+        if history is not None:
+            (folder / "history.json").write_text(json.dumps(history), encoding="utf-8")
+        return folder
+
+    scores = [(0.90, 0.50), (0.95, 0.70), (0.96, 0.69), (0.97, 0.60)]  # epochs 2 and 3 tie at 1.65
+    history = [{"epoch": i + 1, "loss": 1.0, "lung_dice": lung, "infection_dice": infection}
+               for i, (lung, infection) in enumerate(scores)]
+    selection = epoch_selection({0: fold_folder("a", history), 1: fold_folder("b", history[:2])})
+    assert selection["per_fold"]["0"] == {"selected_epoch": 2, "last_epoch": 4, "lung_dice_selected": 0.95,
+                                          "infection_dice_selected": 0.70, "lung_dice_last": 0.97,
+                                          "infection_dice_last": 0.60}
+    assert selection["per_fold"]["1"]["selected_epoch"] == selection["per_fold"]["1"]["last_epoch"] == 2
+    assert selection["over_folds"]["infection_dice_last"]["mean"] == pytest.approx(0.65)
+    assert selection["over_folds"]["infection_dice_selected"]["mean"] == pytest.approx(0.70)
+    assert epoch_selection({0: fold_folder("c", history), 1: fold_folder("d", None)}) is None
+    no_validation = [{"epoch": 1, "loss": 1.0}]  # an all-data run's history
+    assert epoch_selection({0: fold_folder("e", no_validation)}) is None
+
+
 def test_crossval_resumes_without_retraining(pipeline, capsys):
     best = pipeline["runs"] / "fold0" / "best.pt"
     before = best.stat().st_mtime_ns
@@ -152,9 +195,12 @@ def test_manifest_carries_the_cross_validation_that_covidseg_info_shows(pipeline
     assert block["folds"] == [0, 1]
     assert block["mean_of_fold_means"]["infection_dice"]["mean"] == aggregate["over_folds"]["infection_dice"]["mean"]
     assert set(block["healthy_lung_called_infection"]) == {"as_is", "degraded"}
+    last = aggregate["epoch_selection"]["over_folds"]["infection_dice_last"]
+    assert block["at_last_epoch"]["infection_dice"] == {"mean": last["mean"], "sd": last["sd"]}
     text = "\n".join(describe_model(package))
     assert "cross-validation (2 folds, mean over folds)" in text
     assert f"lung_dice {aggregate['over_folds']['lung_dice']['mean']:.3f}" in text
+    assert "at each fold's last epoch: lung_dice " in text and f"infection_dice {last['mean']:.3f}" in text
 
 
 def test_export_refuses_a_file_that_is_not_a_crossval_summary(pipeline, tmp_path):
