@@ -78,9 +78,9 @@ def summary_rows(case_rows: list[dict[str, Any]], fold_rows: list[dict[str, Any]
 
 
 def _history_of(eval_dir: Path) -> list[dict[str, Any]] | None:
-    """A fold's training history: beside its eval/ folder in a run, or in the folder itself where the tables
-    were copied (training/results/...)."""
-    for path in (eval_dir.parent / "history.json", eval_dir / "history.json"):
+    """A fold's training history: in the folder itself where the tables were copied (training/results/...),
+    or beside its eval/ folder in a run."""
+    for path in (eval_dir / "history.json", eval_dir.parent / "history.json"):
         if path.is_file():
             return json.loads(path.read_text(encoding="utf-8"))
     return None
