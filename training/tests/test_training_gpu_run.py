@@ -39,8 +39,9 @@ def run_script(training: Path, out: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "OUT": str(out), "DEVICE": "cpu",
            "WORKERS": "0", "BUDGET_S": "300", "KEEP": "tiny", "FILE_LIMIT_KIB": str(FILE_LIMIT_KIB),
            "JOBS": "tiny:0 tiny:1 tiny:2 tiny:3 tiny:4 tiny_all"}
-    return subprocess.run(["bash", str(training / "gpu" / "run_v2.sh")], env=env, capture_output=True, text=True,
-                          timeout=900)
+    # utf-8 whatever the locale: crossval prints "±"
+    return subprocess.run(["bash", str(training / "gpu" / "run_v2.sh")], env=env, capture_output=True,
+                          encoding="utf-8", errors="replace", timeout=900)
 
 
 @pytest.fixture(scope="module")
