@@ -36,6 +36,10 @@ class TrainConfig:
     # labels (0: none); training only, an exported model has none (see unet.UNet2D).
     deep_supervision: int = 0
     patience: int = 10
+    # Which epoch becomes best.pt (the fold model that is evaluated, exported and checked on whole scans):
+    # "best", the best validation score, picked on the fold's own held-out cases (an optimistic estimate);
+    # or "last", the rule an all-data model follows, picked by no held-out case (no early stopping then).
+    keep_epoch: str = "best"
     # From this epoch on, each epoch's weights are also kept as epochNN.pt (best.pt's format), so the
     # whole-scan figures can be measured over the run's last epochs, not only at one checkpoint; 0: off.
     keep_from_epoch: int = 0
@@ -78,6 +82,8 @@ class TrainConfig:
                 setattr(augment, key, tuple(value))
         config = cls(augment=augment, negatives=negatives, **values)
         config.recipe()  # raises for a negative context
+        if config.keep_epoch not in ("best", "last"):
+            raise ValueError(f"keep_epoch must be 'best' or 'last', not {config.keep_epoch!r}")
         for key, painted in PAINTED_INTO_ONE_SLICE.items():
             if config.context_slices and getattr(config.augment, key):
                 raise ValueError(f"augment.{key} with context_slices: the {painted} are painted into one slice "

@@ -95,14 +95,17 @@ def epoch_selection(eval_dirs: dict[int, Path]) -> dict[str, Any] | None:
         history = [record for record in _history_of(eval_dir) or [] if "infection_dice" in record]
         if not history:
             return None
-        selected = max(history, key=selection_score)  # the first of equal scores, as training keeps it
+        kept = [record for record in history if record.get("kept")]
+        # histories written before training marked the kept epoch: its rule (the first of equal scores)
+        selected = kept[-1] if kept else max(history, key=selection_score)
         per_fold[str(fold)] = {"selected_epoch": selected["epoch"], "last_epoch": history[-1]["epoch"],
                                **{f"{metric}_selected": selected[metric] for metric in ("lung_dice", "infection_dice")},
                                **{f"{metric}_last": history[-1][metric] for metric in ("lung_dice", "infection_dice")}}
     return {
-        "note": "validation scores from each fold's training history (under the training's autocast); the "
-                "selected epoch (best.pt, what the fold's eval/ measured) was picked on the same held-out cases, "
-                "so its figures are optimistic; the last epoch is the rule the all-data model follows",
+        "note": "validation scores from each fold's training history (under the training's autocast); unless "
+                "the run kept its last epoch (keep_epoch: last), the selected epoch (best.pt, what the fold's "
+                "eval/ measured) was picked on the same held-out cases, so its figures are optimistic; the last "
+                "epoch is the rule the all-data model follows",
         "per_fold": per_fold,
         "over_folds": {f"{metric}_{which}": describe(row[f"{metric}_{which}"] for row in per_fold.values())
                        for which in ("selected", "last") for metric in ("lung_dice", "infection_dice")},

@@ -264,7 +264,8 @@ def out_of_patience(state: dict, config: TrainConfig) -> bool:
 def train(config: TrainConfig, log=print) -> Path:
     """Train one model as ``config`` says; returns the run folder holding ``best.pt`` and ``history.json``.
 
-    ``best.pt`` is the checkpoint with the best validation score (or the last one without validation);
+    ``best.pt`` is the checkpoint with the best validation score (or the last one without validation or
+    with ``keep_epoch: last``);
     with ``keep_from_epoch`` the weights of each epoch from then on are kept too, as ``epochNN.pt``.
     """
     seed_everything(config.seed)
@@ -349,11 +350,13 @@ def train(config: TrainConfig, log=print) -> Path:
         if val_set is not None and len(val_set.images):
             predicted = predict_labels(model, val_inputs, device)
             record.update(per_case_dice(predicted, val_set.labels, val_set.cases))
+        if val_set is not None and len(val_set.images) and config.keep_epoch == "best":
             score = selection_score(record)
         else:
-            score = float(state["epoch"])  # no validation: the latest model is the best one
-        state["history"].append(record)
+            score = float(state["epoch"])  # no validation, or keep_epoch "last": the latest model is kept
         improved = score > state["best_score"]
+        record["kept"] = improved  # these weights become best.pt (the last epoch marked so is the one it holds)
+        state["history"].append(record)
         weights = {"model": model.state_dict(), "config": config.to_dict(), "record": record}
         if improved:
             state["best_score"], state["best_epoch"] = score, state["epoch"]
@@ -363,7 +366,7 @@ def train(config: TrainConfig, log=print) -> Path:
         save_atomic(resume_point(model, optimizer, scaler, state), last_path)
         write_text_atomic(out_dir / "history.json", json.dumps(state["history"], indent=2))
         log(json.dumps(record) + (" *" if improved else ""))
-        if val_set is not None and out_of_patience(state, config):
+        if val_set is not None and config.keep_epoch == "best" and out_of_patience(state, config):
             log(f"early stop: no improvement for {config.patience} epochs")
             state["stopped_early"] = True  # a rerun (crossval resuming) must not train this fold further
             save_atomic(resume_point(model, optimizer, scaler, state), last_path)
