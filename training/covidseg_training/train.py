@@ -302,6 +302,9 @@ def train(config: TrainConfig, log=print) -> Path:
     negatives = negative_sampler(config, log)
     train_inputs = with_context(train_set, config.context_slices)
     val_inputs = None if val_set is None else with_context(val_set, config.context_slices)
+    validating = val_set is not None and len(val_set.images) > 0
+    # the validation score picks best.pt (and may stop the run early); otherwise each epoch replaces it
+    score_picks = validating and config.keep_epoch == "best"
     steps_per_epoch = max(1, (len(train_set.images) + negatives.per_epoch) // config.batch_size)
     order_rng = np.random.default_rng(config.seed)
     for _ in range(state["epoch"]):
@@ -347,13 +350,10 @@ def train(config: TrainConfig, log=print) -> Path:
                   "slices": {"labelled": len(train_set.images), "negative": negatives.per_epoch,
                              **hard_negative_record(negatives, hardness)},
                   "precision": str(precision_for(device)).replace("torch.", "")}
-        if val_set is not None and len(val_set.images):
+        if validating:
             predicted = predict_labels(model, val_inputs, device)
             record.update(per_case_dice(predicted, val_set.labels, val_set.cases))
-        if val_set is not None and len(val_set.images) and config.keep_epoch == "best":
-            score = selection_score(record)
-        else:
-            score = float(state["epoch"])  # no validation, or keep_epoch "last": the latest model is kept
+        score = selection_score(record) if score_picks else float(state["epoch"])
         improved = score > state["best_score"]
         record["kept"] = improved  # these weights become best.pt (the last epoch marked so is the one it holds)
         state["history"].append(record)
@@ -366,7 +366,7 @@ def train(config: TrainConfig, log=print) -> Path:
         save_atomic(resume_point(model, optimizer, scaler, state), last_path)
         write_text_atomic(out_dir / "history.json", json.dumps(state["history"], indent=2))
         log(json.dumps(record) + (" *" if improved else ""))
-        if val_set is not None and config.keep_epoch == "best" and out_of_patience(state, config):
+        if score_picks and out_of_patience(state, config):
             log(f"early stop: no improvement for {config.patience} epochs")
             state["stopped_early"] = True  # a rerun (crossval resuming) must not train this fold further
             save_atomic(resume_point(model, optimizer, scaler, state), last_path)
