@@ -26,6 +26,7 @@ from CovidInfectionSegLib.cli import (
     main,
 )
 from CovidInfectionSegLib.sample_data import synthetic_chest
+from dicom_series import write_dicom_series
 
 ALL_SUFFIXES = (".seg.nrrd", ".labels.nii.gz", ".measurements.csv", ".measurements.json", ".preview.png")
 
@@ -135,26 +136,6 @@ def test_batch_needs_a_folder_with_scans(tmp_path, tiny_model_manifest):
     model = ["--model", str(tiny_model_manifest), "-q"]
     assert main(["batch", str(empty), "-o", str(tmp_path / "o"), *model]) == EXIT_USAGE
     assert main(["batch", str(tmp_path / "absent"), "-o", str(tmp_path / "o"), *model]) == EXIT_USAGE
-
-
-def write_dicom_series(image: sitk.Image, folder: Path) -> None:
-    """A minimal CT DICOM series, one file per slice."""
-    folder.mkdir(parents=True)
-    image = sitk.Cast(image, sitk.sitkInt16)
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    for k in range(image.GetDepth()):
-        plane = image[:, :, k]
-        position = image.TransformIndexToPhysicalPoint((0, 0, k))
-        for tag, value in {
-            "0008|0060": "CT", "0020|000d": "1.2.826.0.1.3680043.2.1125.1", "0020|000e": "1.2.826.0.1.3680043.2.1125.2",
-            "0020|0032": "\\".join(f"{v:f}" for v in position), "0020|0037": "1\\0\\0\\0\\1\\0",
-            "0020|0013": str(k + 1), "0028|0030": f"{image.GetSpacing()[1]}\\{image.GetSpacing()[0]}",
-            "0018|0050": str(image.GetSpacing()[2]),
-        }.items():
-            plane.SetMetaData(tag, value)
-        writer.SetFileName(str(folder / f"slice{k:03d}.dcm"))
-        writer.Execute(plane)
 
 
 def test_find_scans_lists_files_and_dicom_folders_and_skips_the_output(tmp_path, scans):

@@ -26,7 +26,9 @@
 # DEST (default training/runs/gpu), SCANS
 # (wholescan scan names for the fold models; default the checks), PRECISION (of the whole-scan checks, as
 # `wholescan --precision`; default auto: bf16 on a CPU with native bf16, else fp32), RESULTS (default
-# training/results/v2 for v2, training/results/v2/RECIPE otherwise), PYTHON.
+# training/results/v2 for v2, training/results/v2/RECIPE otherwise), DATA (the shared data folder of the
+# whole-scan checks, as `wholescan --data`; default ../shared/data), LABELLED (the labelled slices of the
+# flip-TTA evaluation, as `evaluate --data`; default the config's), PYTHON.
 set -euo pipefail
 FROM=$(cd "${1:?usage: after_v2.sh FOLDER_WITH_RESULTS}" && pwd)
 cd "$(dirname "$0")/.."
@@ -38,6 +40,8 @@ VERSION=${VERSION:-2.0.0}
 FOLDS=${FOLDS:-"0 1 2 3 4"}
 SCANS=${SCANS:-"covid-chest-ct example-chest-ct-kernel-L example-chest-ct-kernel-B"}
 PRECISION=${PRECISION:-auto}
+data=(); [ -n "${DATA:-}" ] && data=(--data "$DATA")
+labelled=(); [ -n "${LABELLED:-}" ] && labelled=(--data "$LABELLED")
 export PYTHONHASHSEED=0  # byte-reproducible TorchScript archives from export (see its docstring)
 if [ -f "$FROM/results.tar.gz" ]; then
     runs=$DEST/runs
@@ -69,7 +73,7 @@ for png in sorted(Path(sys.argv[1]).glob('*.png')):
 export_and_check() {
     "$PYTHON" -m covidseg_training export --checkpoint "$1" --out "$2" --name "$3" --version "$4" "${@:6}"
     "$PYTHON" -m covidseg_training wholescan --device cpu --precision "$PRECISION" --model "$2/$3.json" "${scans[@]}" \
-        --out "$5"
+        ${data[@]+"${data[@]}"} --out "$5"
 }
 
 for k in $FOLDS; do
@@ -105,7 +109,8 @@ except ValueError: sys.exit(1)" "$metrics" "$runs/$RECIPE/fold$k/best.pt"; then
     export_and_check "$runs/$RECIPE/fold$k/best.pt" "$packages" "covid_unet_${RECIPE}_fold$k" "$VERSION-fold$k" \
         "$DEST/wholescan-$RECIPE-fold$k" --metrics "$metrics"
     "$PYTHON" -m covidseg_training evaluate --checkpoint "$packages/covid_unet_${RECIPE}_fold$k.json" \
-        --config "configs/$RECIPE.yaml" --fold "$k" --flip-tta --no-robustness --out "$DEST/eval-flip-tta-$RECIPE-fold$k"
+        --config "configs/$RECIPE.yaml" --fold "$k" ${labelled[@]+"${labelled[@]}"} --flip-tta --no-robustness \
+        --out "$DEST/eval-flip-tta-$RECIPE-fold$k"
     mkdir -p "$RESULTS/fold$k/flip_tta"
     cp "$runs/$RECIPE/fold$k/eval/summary.json" "$runs/$RECIPE/fold$k/eval/per_case.csv" "$runs/$RECIPE/fold$k/history.json" \
         "$RESULTS/fold$k/"
@@ -200,7 +205,7 @@ if [ -f "$runs/${RECIPE}_all/all/best.pt" ] && [ -f "$runs/$RECIPE/crossval/summ
         fi
     done
     "$PYTHON" -m covidseg_training wholescan --device cpu --precision "$PRECISION" --model "$packages/covid_unet_v2.json" \
-        ${model_for[@]+"${model_for[@]}"} --out "$DEST/wholescan-v$VERSION"
+        ${model_for[@]+"${model_for[@]}"} ${data[@]+"${data[@]}"} --out "$DEST/wholescan-v$VERSION"
     cp "$DEST/wholescan-v$VERSION/wholescan.md" "$RESULTS/wholescan_v$VERSION.md"
     cp "$DEST/wholescan-v$VERSION/wholescan.csv" "$RESULTS/wholescan_v$VERSION.csv"
     mkdir -p "$RESULTS/wholescan_v$VERSION"

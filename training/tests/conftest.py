@@ -1,4 +1,5 @@
-"""Fixtures for the training pipeline tests: a synthetic Zenodo record served on 127.0.0.1, prepared once."""
+"""Fixtures for the training pipeline tests: a synthetic Zenodo record served on 127.0.0.1, prepared once, and
+run_v2.sh's tiny runs of five folds and an all-data model, made once (gpu_scripts.py)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from synthetic_zenodo import FileServer, record_listing, write_record  # noqa: E402
 from whole_chest import SPACING_ZYX, whole_chest  # noqa: E402
 from labelled_slices import write_labelled_slices  # noqa: E402
+from gpu_scripts import make_training_tree, run_gpu_script  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -50,3 +52,13 @@ def chest_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("negatives") / "chest.nii.gz"
     sitk.WriteImage(image, str(path))
     return path
+
+
+@pytest.fixture(scope="session")
+def gpu_run(tmp_path_factory) -> dict:
+    """training/gpu/run_v2.sh run once on the CPU in a training/ tree of its own (gpu_scripts.py): the tree,
+    its runs/, the folder it wrote results.tar.gz and checkpoints-N.tar to, and the call's result."""
+    training = make_training_tree(tmp_path_factory.mktemp("tree"))
+    out = training / "runs" / "gpu-out"
+    result = run_gpu_script(training, out)
+    return {"training": training, "runs": training / "runs", "out": out, "result": result}

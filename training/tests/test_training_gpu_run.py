@@ -6,59 +6,16 @@ skips what is finished."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 import tarfile
-from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
-from labelled_slices import write_labelled_slices
-
-SCRIPT = Path(__file__).resolve().parents[1] / "gpu" / "run_v2.sh"
-TINY = {"name": "tiny", "n_folds": 5, "fold": 0, "seed": 0, "input_size": 64, "base_channels": 4, "depth": 2,
-        "epochs": 2, "batch_size": 4, "learning_rate": 0.01, "warmup_epochs": 1, "patience": 30, "threads": 1,
-        "device": "cpu", "data": "", "output_dir": "runs"}
-# A tiny network's best.pt is 53 KiB, its float16 copy 36 KiB: both over the limit, so each goes as a copy
-# in a tar of its own, and a second call must not copy the copy over the original.
-FILE_LIMIT_KIB = 30
+from gpu_scripts import FILE_LIMIT_KIB, KEPT, run_gpu_script
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
                                 reason="run_v2.sh needs bash and coreutils' timeout")
-
-
-def run_script(training: Path, out: Path) -> subprocess.CompletedProcess:
-    bin_dir = training.parent / "bin"  # the script calls python3: this interpreter, with the project installed
-    bin_dir.mkdir(exist_ok=True)
-    if not (bin_dir / "python3").exists():
-        (bin_dir / "python3").symlink_to(sys.executable)
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "OUT": str(out), "DEVICE": "cpu",
-           "WORKERS": "0", "BUDGET_S": "300", "KEEP": "tiny", "FILE_LIMIT_KIB": str(FILE_LIMIT_KIB),
-           "JOBS": "tiny:0 tiny:1 tiny:2 tiny:3 tiny:4 tiny_all"}
-    # utf-8 whatever the locale: crossval prints "±"
-    return subprocess.run(["bash", str(training / "gpu" / "run_v2.sh")], env=env, capture_output=True,
-                          encoding="utf-8", errors="replace", timeout=900)
-
-
-@pytest.fixture(scope="module")
-def gpu_run(tmp_path_factory):
-    """A copy of the script in a training/ of its own (configs and data/ma2020.npz as pack.sh leaves them),
-    run once."""
-    training = tmp_path_factory.mktemp("tree") / "training"
-    (training / "gpu").mkdir(parents=True)
-    shutil.copy2(SCRIPT, training / "gpu" / "run_v2.sh")
-    (training / "configs").mkdir()
-    (training / "configs" / "tiny.yaml").write_text(yaml.safe_dump(TINY))
-    (training / "configs" / "tiny_all.yaml").write_text(yaml.safe_dump({**TINY, "name": "tiny_all", "fold": None}))
-    (training / "data").mkdir()
-    write_labelled_slices(training / "data" / "ma2020.npz")
-    out = training / "runs" / "gpu-out"
-    result = run_script(training, out)
-    return {"training": training, "runs": training / "runs", "out": out, "result": result}
 
 
 def test_every_run_ends_and_the_script_succeeds(gpu_run):
@@ -94,13 +51,13 @@ def test_kept_checkpoints_travel_as_float16_copies_in_tar_files_under_the_limit(
             assert len(files) == 1 or sum(member.size for member in files) <= limit, part.name
             for member in files:
                 members[member.name] = archive.extractfile(member).read()
-    assert sorted(members) == [f"tiny/fold{fold}/best.pt" for fold in range(5)]  # KEEP names tiny only
-    for fold in range(5):
-        original = runs / "tiny" / f"fold{fold}" / "best.float32.pt"
+    assert sorted(members) == [f"{run}/best.pt" for run in KEPT]
+    for run in KEPT:
+        original = runs / run / "best.float32.pt"
         assert original.stat().st_size > limit  # why it went as a copy
-        copy = torch.load(runs / "tiny" / f"fold{fold}" / "best.pt", map_location="cpu", weights_only=False)
+        copy = torch.load(runs / run / "best.pt", map_location="cpu", weights_only=False)
         assert copy["record"]["weights"] == "float16 copy of best.pt"
-        assert members[f"tiny/fold{fold}/best.pt"] == (runs / "tiny" / f"fold{fold}" / "best.pt").read_bytes()
+        assert members[f"{run}/best.pt"] == (runs / run / "best.pt").read_bytes()
         weights = [value for value in copy["model"].values() if value.is_floating_point()]
         assert weights and all(value.dtype == torch.float16 for value in weights)
         full = torch.load(original, map_location="cpu", weights_only=False)["model"]
@@ -115,11 +72,11 @@ def test_a_second_call_skips_the_finished_runs(gpu_run, tmp_path):
               for path in (fold / "eval" / "summary.json", fold / "best.pt", fold / "best.float32.pt")}
     all_data = gpu_run["runs"] / "tiny_all" / "all" / "history.json"
     before[all_data] = all_data.read_bytes()
-    result = run_script(gpu_run["training"], tmp_path / "again")
+    result = run_gpu_script(gpu_run["training"], tmp_path / "again")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for fold in range(5):
         log = (gpu_run["runs"] / "logs" / f"tiny-fold{fold}.log").read_text(encoding="utf-8")
         assert "finished before" in log and "training into" not in log
     assert {path: path.read_bytes() for path in before} == before  # nothing retrained, the originals kept
     assert (tmp_path / "again" / "results.tar.gz").is_file()
-    assert len(list((tmp_path / "again").glob("checkpoints-*.tar"))) == 5  # the copies go again
+    assert len(list((tmp_path / "again").glob("checkpoints-*.tar"))) == len(KEPT)  # the copies go again

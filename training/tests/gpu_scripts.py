@@ -1,0 +1,102 @@
+"""training/gpu/run_v2.sh and after_v2.sh as real child processes on the CPU, in a training/ tree of their
+own: tiny runs of five folds and an all-data model (run_v2.sh), and a stand-in for ../shared/data of
+small synthetic scans under the real scans' names, for after_v2.sh's whole-scan checks."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import yaml
+
+from covidseg_training.wholescan import DEFAULT_SCANS
+from labelled_slices import write_labelled_slices
+from synthetic_lidc import nodule, roi, square, write_read_message
+from whole_chest import SPACING_ZYX, whole_chest
+
+_spec = importlib.util.spec_from_file_location(
+    "_engine_dicom_series", Path(__file__).resolve().parents[2] / "Testing" / "dicom_series.py")
+_dicom_series = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_dicom_series)
+write_dicom_series = _dicom_series.write_dicom_series
+
+GPU_SCRIPTS = Path(__file__).resolve().parents[1] / "gpu"
+TINY = {"name": "tiny", "n_folds": 5, "fold": 0, "seed": 0, "input_size": 64, "base_channels": 4, "depth": 2,
+        "epochs": 2, "batch_size": 4, "learning_rate": 0.01, "warmup_epochs": 1, "patience": 30, "threads": 1,
+        "device": "cpu", "data": "", "output_dir": "runs"}
+# A tiny network's best.pt is 53 KiB, its float16 copy 36 KiB: both over the limit, so each goes as a copy
+# in a tar of its own, and a second call must not copy the copy over the original.
+FILE_LIMIT_KIB = 30
+KEPT = [f"tiny/fold{fold}" for fold in range(5)] + ["tiny_all/all"]  # the runs whose best.pt come back (KEEP)
+ORIGIN_XYZ = (-96.0, -96.0, -60.0)
+
+
+def script_env(training: Path, **settings: str) -> dict[str, str]:
+    """The environment of a script call: ``python3`` and ``python`` on PATH are this interpreter, with the
+    project installed, and utf-8 output whatever the locale (crossval prints "±")."""
+    bin_dir = training.parent / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name in ("python3", "python"):
+        if not (bin_dir / name).exists():
+            (bin_dir / name).symlink_to(sys.executable)
+    return {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "PYTHONIOENCODING": "utf-8",
+            **settings}
+
+
+def run_gpu_script(training: Path, out: Path) -> subprocess.CompletedProcess:
+    """run_v2.sh on the CPU: five tiny folds and the all-data model, their kept checkpoints into ``out``."""
+    env = script_env(training, OUT=str(out), DEVICE="cpu", WORKERS="0", BUDGET_S="300", KEEP="tiny tiny_all",
+                     FILE_LIMIT_KIB=str(FILE_LIMIT_KIB), JOBS="tiny:0 tiny:1 tiny:2 tiny:3 tiny:4 tiny_all")
+    return subprocess.run(["bash", str(training / "gpu" / "run_v2.sh")], env=env, capture_output=True,
+                          encoding="utf-8", errors="replace", timeout=900)
+
+
+def run_after_script(training: Path, files_at: Path, shared: Path, folds: str) -> subprocess.CompletedProcess:
+    """after_v2.sh on what run_v2.sh left in ``files_at``, with ``shared`` as the shared data folder."""
+    env = script_env(training, RECIPE="tiny", FOLDS=folds, DATA=str(shared), LABELLED="data/ma2020.npz",
+                     PRECISION="fp32")
+    return subprocess.run(["bash", str(training / "gpu" / "after_v2.sh"), str(files_at)], env=env,
+                          capture_output=True, encoding="utf-8", errors="replace", timeout=900)
+
+
+def make_training_tree(root: Path) -> Path:
+    """A training/ folder with both scripts, the tiny configs and data/ma2020.npz, as pack.sh leaves it."""
+    training = root / "training"
+    (training / "gpu").mkdir(parents=True)
+    for script in ("run_v2.sh", "after_v2.sh"):
+        shutil.copy2(GPU_SCRIPTS / script, training / "gpu" / script)
+    (training / "configs").mkdir()
+    (training / "configs" / "tiny.yaml").write_text(yaml.safe_dump(TINY))
+    (training / "configs" / "tiny_all.yaml").write_text(yaml.safe_dump({**TINY, "name": "tiny_all", "fold": None}))
+    (training / "data").mkdir()
+    write_labelled_slices(training / "data" / "ma2020.npz")
+    return training
+
+
+def chest_image(seed: int) -> sitk.Image:
+    image = sitk.GetImageFromArray(whole_chest(seed).volume.astype(np.int16))
+    image.SetSpacing(SPACING_ZYX[::-1])
+    image.SetOrigin(ORIGIN_XYZ)
+    return image
+
+
+def write_shared_data(root: Path) -> Path:
+    """Every scan of ``wholescan.DEFAULT_SCANS`` at its path under ``root``: the synthetic whole chest (a
+    different seed each), the LIDC scans with a read outlining 7 x 7 pixels of the right lung."""
+    for seed, (relative, _targets, _low, nodules) in enumerate(DEFAULT_SCANS.values()):
+        path = root / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.suffix in (".nii", ".gz"):
+            sitk.WriteImage(chest_image(seed), str(path))
+        else:
+            write_dicom_series(chest_image(seed), path)
+        if nodules:
+            z_mm = ORIGIN_XYZ[2] + SPACING_ZYX[0] * 26  # slice 26, the lungs' middle
+            write_read_message(root / nodules, [[nodule("N", [roi(z_mm, square(34, 58, 40, 64))])]])
+    return root
