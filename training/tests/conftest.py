@@ -6,7 +6,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
@@ -14,7 +13,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from synthetic_zenodo import FileServer, record_listing, write_record  # noqa: E402
-from whole_chest import SPACING_ZYX, whole_chest  # noqa: E402
+from whole_chest import chest_image  # noqa: E402
 from labelled_slices import write_labelled_slices  # noqa: E402
 from gpu_scripts import make_training_tree, run_gpu_script  # noqa: E402
 
@@ -45,10 +44,7 @@ def labelled_slices(tmp_path) -> Path:
 def chest_file(tmp_path_factory):
     """The synthetic whole chest as a NIfTI file in HU, written with a non-canonical orientation (RAS)
     so the engine's reader has to reorient it."""
-    chest = whole_chest()
-    image = sitk.GetImageFromArray(chest.volume.astype(np.int16))
-    image.SetSpacing(SPACING_ZYX[::-1])
-    image = sitk.DICOMOrient(image, "RAS")
+    image = sitk.DICOMOrient(chest_image(origin_xyz=(0.0, 0.0, 0.0)), "RAS")
     path = tmp_path_factory.mktemp("negatives") / "chest.nii.gz"
     sitk.WriteImage(image, str(path))
     return path

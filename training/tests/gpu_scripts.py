@@ -11,14 +11,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import SimpleITK as sitk
 import yaml
 
 from covidseg_training.wholescan import DEFAULT_SCANS
 from labelled_slices import write_labelled_slices
-from synthetic_lidc import nodule, roi, square, write_read_message
-from whole_chest import SPACING_ZYX, whole_chest
+from whole_chest import chest_image, write_nodule_read
 
 _spec = importlib.util.spec_from_file_location(
     "_engine_dicom_series", Path(__file__).resolve().parents[2] / "Testing" / "dicom_series.py")
@@ -34,7 +32,6 @@ TINY = {"name": "tiny", "n_folds": 5, "fold": 0, "seed": 0, "input_size": 64, "b
 # in a tar of its own, and a second call must not copy the copy over the original.
 FILE_LIMIT_KIB = 30
 KEPT = [f"tiny/fold{fold}" for fold in range(5)] + ["tiny_all/all"]  # the runs whose best.pt come back (KEEP)
-ORIGIN_XYZ = (-96.0, -96.0, -60.0)
 
 
 def script_env(training: Path, **settings: str) -> dict[str, str]:
@@ -79,13 +76,6 @@ def make_training_tree(root: Path) -> Path:
     return training
 
 
-def chest_image(seed: int) -> sitk.Image:
-    image = sitk.GetImageFromArray(whole_chest(seed).volume.astype(np.int16))
-    image.SetSpacing(SPACING_ZYX[::-1])
-    image.SetOrigin(ORIGIN_XYZ)
-    return image
-
-
 def write_shared_data(root: Path) -> Path:
     """Every scan of ``wholescan.DEFAULT_SCANS`` at its path under ``root``: the synthetic whole chest (a
     different seed each), the LIDC scans with a read outlining 7 x 7 pixels of the right lung."""
@@ -97,6 +87,5 @@ def write_shared_data(root: Path) -> Path:
         else:
             write_dicom_series(chest_image(seed), path)
         if nodules:
-            z_mm = ORIGIN_XYZ[2] + SPACING_ZYX[0] * 26  # slice 26, the lungs' middle
-            write_read_message(root / nodules, [[nodule("N", [roi(z_mm, square(34, 58, 40, 64))])]])
+            write_nodule_read(root / nodules)
     return root

@@ -20,7 +20,7 @@ from covidseg_training.config import TrainConfig
 from covidseg_training.data import LUNG, SliceDataset, context_stacks, with_context
 from covidseg_training.negatives import NegativeSampler, NegativeScan
 from covidseg_training.unet import UNet2D
-from whole_chest import SPACING_ZYX, whole_chest
+from whole_chest import SHAPE, chest_image
 
 NO_AUGMENTATION = {"flip_p": 0.0, "rotate90_p": 0.0, "affine_p": 0.0, "elastic_p": 0.0, "scanner_p": 0.0,
                    "zflip_p": 0.0}
@@ -121,9 +121,7 @@ def test_a_trained_context_model_exports_a_package_the_engine_runs(tmp_path, lab
     from covidseg_training.__main__ import main as cli
     from covidseg_training.train import train
 
-    chest = whole_chest()
-    image = sitk.GetImageFromArray(chest.volume.astype(np.int16))
-    image.SetSpacing(SPACING_ZYX[::-1])
+    image = chest_image(origin_xyz=(0.0, 0.0, 0.0))
     sitk.WriteImage(image, str(tmp_path / "chest.nii.gz"))
     config = TrainConfig.from_dict({
         "name": "context", "data": str(labelled_slices), "output_dir": str(tmp_path / "runs"), "fold": 0,
@@ -145,4 +143,4 @@ def test_a_trained_context_model_exports_a_package_the_engine_runs(tmp_path, lab
     assert manifest["recipe"]["context_slices"] == 1 and manifest["recipe"]["context_mm"] == 2.5
     package = load_model_package(tmp_path / "models" / "context_unet.json")
     result = segment_image(image, package, device="cpu")
-    assert sitk.GetArrayFromImage(result.labelmap).shape == chest.volume.shape
+    assert sitk.GetArrayFromImage(result.labelmap).shape == SHAPE

@@ -8,13 +8,13 @@ small synthetic scans under the real scans' names (gpu_scripts.write_shared_data
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import shutil
 from pathlib import Path
 
 import pytest
 
+from CovidInfectionSegLib.checksums import sha256_of
 from covidseg_training.negatives import DEFAULT_HOLDOUT
 from covidseg_training.wholescan import DEFAULT_SCANS
 from gpu_scripts import run_after_script, write_shared_data
@@ -36,10 +36,6 @@ def after_run(gpu_run, tmp_path_factory) -> dict:
 
 def rows(path: Path) -> dict[str, dict[str, str]]:
     return {row["scan"]: row for row in csv.DictReader(path.open(encoding="utf-8"))}
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def test_the_script_succeeds(after_run):
@@ -68,9 +64,9 @@ def test_a_float16_copy_is_evaluated_again_and_its_package_carries_those_metrics
     best = after_run["dest"] / "runs" / "tiny" / f"fold{fold}" / "best.pt"
     again = json.loads((after_run["results"] / f"fold{fold}" / "float16" / "summary.json").read_text(encoding="utf-8"))
     first = json.loads((after_run["results"] / f"fold{fold}" / "summary.json").read_text(encoding="utf-8"))
-    assert again["evaluated_sha256"] == sha256(best) != first["evaluated_sha256"]
+    assert again["evaluated_sha256"] == sha256_of(best) != first["evaluated_sha256"]
     manifest = json.loads((after_run["dest"] / "packages" / f"covid_unet_tiny_fold{fold}.json").read_text(encoding="utf-8"))
-    assert manifest["metrics"]["evaluated_sha256"] == sha256(best)
+    assert manifest["metrics"]["evaluated_sha256"] == sha256_of(best)
 
 
 @pytest.mark.parametrize("fold", FOLDS)

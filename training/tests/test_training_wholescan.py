@@ -28,8 +28,7 @@ from covidseg_training.wholescan import (
     COVID, HEALTHY, LIDC, ScanSpec, Target, apply_targets, kernel_agreement_lines, measure_scan, preview_slice_indices,
     summary_lines, table_csv, table_markdown,
 )
-from synthetic_lidc import nodule, roi, square, write_read_message
-from whole_chest import SPACING_ZYX, whole_chest
+from whole_chest import SPACING_ZYX, chest_image, write_nodule_read
 
 _spec = importlib.util.spec_from_file_location(
     "_engine_model_factory", Path(__file__).resolve().parents[2] / "Testing" / "model_factory.py")
@@ -164,12 +163,8 @@ def synthetic_scan(tmp_path_factory) -> dict:
     """The synthetic whole chest as a NIfTI file, a nodule XML outlining 7 x 7 pixels in its right
     lung, and two tiny real TorchScript packages."""
     folder = tmp_path_factory.mktemp("wholescan")
-    image = sitk.GetImageFromArray(whole_chest().volume.astype(np.int16))
-    image.SetSpacing(SPACING_ZYX[::-1])
-    image.SetOrigin((-96.0, -96.0, -60.0))
-    sitk.WriteImage(image, str(folder / "chest.nii.gz"))
-    z_mm = -60.0 + 2.5 * 26  # slice 26, the lungs' middle
-    write_read_message(folder / "chest.xml", [[nodule("N", [roi(z_mm, square(34, 58, 40, 64))])]])
+    sitk.WriteImage(chest_image(), str(folder / "chest.nii.gz"))
+    write_nodule_read(folder / "chest.xml")
     return {"scan": folder / "chest.nii.gz", "xml": folder / "chest.xml",
             "model": model_factory.write_model_package(folder / "model"),
             "other_model": model_factory.write_model_package(folder / "other", name="other")}

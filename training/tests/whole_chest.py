@@ -6,11 +6,16 @@ Arrays are canonical LPS (z, y, x): z grows towards the head, the right lung has
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+import SimpleITK as sitk
+
+from synthetic_lidc import nodule, roi, square, write_read_message
 
 SPACING_ZYX = (2.5, 1.5, 1.5)
 SHAPE = (48, 128, 128)
+ORIGIN_XYZ = (-96.0, -96.0, -60.0)
 
 
 @dataclass
@@ -56,3 +61,18 @@ def whole_chest(seed: int = 0) -> WholeChest:
     bowel = ((y - 70) / 6.0) ** 2 + ((x - 40) / 6.0) ** 2 + ((z - 3) / 2.0) ** 2 <= 1
     volume[bowel] = -995.0 + rng.normal(0, 8, bowel.sum())
     return WholeChest(volume, lungs & ~airway, trachea & np.broadcast_to(body, SHAPE), stomach, bowel)
+
+
+def chest_image(seed: int = 0, origin_xyz: tuple[float, float, float] = ORIGIN_XYZ) -> sitk.Image:
+    """The whole chest of ``seed`` as an int16 image in HU at ``SPACING_ZYX``, canonical axes."""
+    image = sitk.GetImageFromArray(whole_chest(seed).volume.astype(np.int16))
+    image.SetSpacing(SPACING_ZYX[::-1])
+    image.SetOrigin(origin_xyz)
+    return image
+
+
+def write_nodule_read(path: Path, origin_xyz: tuple[float, float, float] = ORIGIN_XYZ) -> Path:
+    """An LIDC read message outlining 7 x 7 pixels of the right lung on slice 26, the lungs' middle, of
+    :func:`chest_image` at ``origin_xyz``."""
+    z_mm = origin_xyz[2] + SPACING_ZYX[0] * 26
+    return write_read_message(path, [[nodule("N", [roi(z_mm, square(34, 58, 40, 64))])]])
