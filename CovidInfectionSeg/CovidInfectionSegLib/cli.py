@@ -425,7 +425,7 @@ def cross_validation_lines(manifest: dict[str, Any]) -> list[str]:
         return [f"cross-validation: not in the manifest{instead} (see the model card)"]
     statistics = next((block[key] for key in ("mean_of_fold_means", "over_folds", "summary", "metrics")
                        if isinstance(block.get(key), dict)), block)
-    figures = [f"{name} {_figure(value)}" for name, value in statistics.items() if _figure(value)]
+    figures = _named_figures(statistics)
     folds = block.get("folds", block.get("n_folds"))
     count = len(folds) if isinstance(folds, list) else folds
     heading = f"cross-validation ({count} folds, mean over folds)" if count else "cross-validation (mean over folds)"
@@ -434,11 +434,16 @@ def cross_validation_lines(manifest: dict[str, Any]) -> list[str]:
     lines = [f"{heading}:"]
     lines += [f"           {', '.join(figures[start:start + 3])}" for start in range(0, len(figures), 3)]
     last = block.get("at_last_epoch")
-    last_figures = [f"{name} {_figure(value)}" for name, value in last.items() if _figure(value)] \
-        if isinstance(last, dict) else []
+    last_figures = _named_figures(last) if isinstance(last, dict) else []
     if last_figures:  # the figures above are of epochs picked on the held-out cases themselves
         lines.append(f"           at each fold's last epoch: {', '.join(last_figures)}")
     return lines
+
+
+def _named_figures(statistics: dict[str, Any]) -> list[str]:
+    """Each metric of ``statistics`` that has a figure, as "name figure" (see ``_figure``)."""
+    named = ((name, _figure(value)) for name, value in statistics.items())
+    return [f"{name} {figure}" for name, figure in named if figure]
 
 
 def _figure(value: Any) -> str:

@@ -33,7 +33,7 @@ from .config import TrainConfig
 from .evaluate import METRICS, STRUCTURES, describe, evaluate, write_table
 from .figures import plot_boxplot
 from .model_and_data import DEFAULT_PIXEL_MM, evaluated_file, validation_set
-from .train import pick_device, run_dir, selection_score, train
+from .train import SELECTION_METRICS, pick_device, run_dir, selection_score, train
 
 
 def fold_config(config: TrainConfig, fold: int) -> TrainConfig:
@@ -99,8 +99,8 @@ def epoch_selection(eval_dirs: dict[int, Path]) -> dict[str, Any] | None:
         # histories written before training marked the kept epoch: its rule (the first of equal scores)
         selected = kept[-1] if kept else max(history, key=selection_score)
         per_fold[str(fold)] = {"selected_epoch": selected["epoch"], "last_epoch": history[-1]["epoch"],
-                               **{f"{metric}_selected": selected[metric] for metric in ("lung_dice", "infection_dice")},
-                               **{f"{metric}_last": history[-1][metric] for metric in ("lung_dice", "infection_dice")}}
+                               **{f"{metric}_selected": selected[metric] for metric in SELECTION_METRICS},
+                               **{f"{metric}_last": history[-1][metric] for metric in SELECTION_METRICS}}
     return {
         "note": "validation scores from each fold's training history (under the training's autocast); unless "
                 "the run kept its last epoch (keep_epoch: last), the selected epoch (best.pt, what the fold's "
@@ -108,7 +108,7 @@ def epoch_selection(eval_dirs: dict[int, Path]) -> dict[str, Any] | None:
                 "epoch is the rule the all-data model follows",
         "per_fold": per_fold,
         "over_folds": {f"{metric}_{which}": describe(row[f"{metric}_{which}"] for row in per_fold.values())
-                       for which in ("selected", "last") for metric in ("lung_dice", "infection_dice")},
+                       for which in ("selected", "last") for metric in SELECTION_METRICS},
     }
 
 

@@ -36,9 +36,9 @@ from CovidInfectionSegLib.checksums import sha256_of
 from .checkpoint import Checkpoint, load_checkpoint
 from .config import TrainConfig
 from .data import INFECTION, patient_folds
-
 from .manifest import MA2020_DATASET, build_manifest
 from .negatives import LUNG_LABEL_MEANS, NEGATIVE_SCAN_SOURCES
+from .train import SELECTION_METRICS
 
 TOLERANCE = 1e-4  # max |scripted - eager| logit difference accepted (float32, same CPU kernels)
 
@@ -160,7 +160,7 @@ def cross_validation_summary(crossval_summary: dict[str, Any], source: str = "")
     }
     selection = crossval_summary.get("epoch_selection")
     if isinstance(selection, dict) and isinstance(selection.get("over_folds"), dict):
-        last = {metric: selection["over_folds"].get(f"{metric}_last") for metric in ("lung_dice", "infection_dice")}
+        last = {metric: selection["over_folds"].get(f"{metric}_last") for metric in SELECTION_METRICS}
         block["at_last_epoch"] = {
             **{metric: {"mean": stats["mean"], "sd": stats["sd"]} for metric, stats in last.items() if isinstance(stats, dict)},
             "note": "each fold's last epoch, from its training history: the figures above are of the epoch with "

@@ -251,9 +251,12 @@ def training_forward(model: UNet2D, config: TrainConfig, device: torch.device):
     return torch.compile(forward)
 
 
+SELECTION_METRICS = ("lung_dice", "infection_dice")
+
+
 def selection_score(record: dict) -> float:
     """What picks ``best.pt`` among a run's epochs: validation lung Dice plus infection Dice (per case)."""
-    return record["lung_dice"] + record["infection_dice"]
+    return sum(record[metric] for metric in SELECTION_METRICS)
 
 
 def out_of_patience(state: dict, config: TrainConfig) -> bool:
