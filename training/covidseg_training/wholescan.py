@@ -309,9 +309,14 @@ def _cell(row: dict[str, Any], metric: str, digits: int = 1, unit: str = "") -> 
 def _missed_cell(row: dict[str, Any]) -> str:
     """Classical lung missed, with its part in the top and bottom fifth of the lung where measured."""
     text = _cell(row, "classical_missed_ml", 0)
-    if row.get("classical_missed_apex_ml", "") not in ("", None):
+    if _has_missed_fifths(row):
         text += f" ({row['classical_missed_apex_ml']:.0f} / {row['classical_missed_base_ml']:.0f})"
     return text
+
+
+def _has_missed_fifths(row: dict[str, Any]) -> bool:
+    """Whether the row splits the classical lung missed into its top and bottom fifth (older tables do not)."""
+    return row.get("classical_missed_apex_ml", "") not in ("", None)
 
 
 def table_markdown(rows: Sequence[dict[str, Any]], header_lines: Sequence[str]) -> str:
@@ -383,7 +388,7 @@ def kernel_agreement_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
 def summary_lines(row: dict[str, Any], spec: ScanSpec) -> list[str]:
     """Short lines for the preview's header."""
     missed = f"classical missed >5 mm {row['classical_missed_ml']:.0f} mL"
-    if row.get("classical_missed_apex_ml", "") not in ("", None):
+    if _has_missed_fifths(row):
         missed += (f" (top fifth {row['classical_missed_apex_ml']:.0f}, "
                    f"bottom fifth {row['classical_missed_base_ml']:.0f})")
     lines = [f"lung {row['lung_ml']:.0f} mL (R {row['right_lung_ml']:.0f} / L {row['left_lung_ml']:.0f}), "
