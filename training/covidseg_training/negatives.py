@@ -255,8 +255,8 @@ class NegativeSampler:
 
     With ``hard_share`` above 0 and the infection the model calls on each slice (``hardness``, see
     :meth:`epoch`), that share of the draw goes to the slices in proportion to it instead. With
-    ``apex_share`` above 0, that share goes to the apex slices (:meth:`apex_slices`), evenly over the
-    scans that have them."""
+    ``apex_share`` above 0, that share goes to the apex slices (``apex_rows``: :func:`apex_indices` at
+    ``apex_level``), evenly over the scans that have them."""
 
     def __init__(self, scans: list[NegativeScan], per_epoch: int, seed: int = 0, lung_label: str = "lung",
                  hard_share: float = 0.0, context_slices: int = 0, apex_share: float = 0.0,
@@ -285,10 +285,6 @@ class NegativeSampler:
         if hardness is None or not sum(float(np.sum(h)) for h in hardness):
             return 0
         return int(round(self.per_epoch * self.hard_share))
-
-    def apex_slices(self, scan_index: int) -> np.ndarray:
-        """The scan's apex slices (:func:`apex_indices` at ``apex_level``)."""
-        return self.apex_rows[scan_index]
 
     def apex_count(self) -> int:
         """How many of an epoch's draws go to apex slices: none when no scan has an apex."""

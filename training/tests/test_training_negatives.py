@@ -369,9 +369,9 @@ def test_apex_share_draws_from_the_top_of_the_lungs_of_scans_that_hold_it(chest_
     cut = type(scan)("cut", scan.slices.subset(np.arange(len(scan.levels)) < top_lung), scan.levels[:top_lung],
                      scan.dense[:top_lung])
     sampler = NegativeSampler([scan, cut], per_epoch=400, seed=3, apex_share=0.25)
-    apex = set(sampler.apex_slices(0).tolist())
+    apex = set(sampler.apex_rows[0].tolist())
     assert apex == set(np.flatnonzero((scan.levels >= 0.8) & (scan.levels <= 1.0)).tolist()) and apex
-    assert not len(sampler.apex_slices(1)), "lungs reaching the scan's top slice: no apex in that scan"
+    assert not len(sampler.apex_rows[1]), "lungs reaching the scan's top slice: no apex in that scan"
     picks = sampler.epoch(0)
     assert len(picks) == 400 and sampler.apex_count() == 100
     uniform, drawn_apex = picks[:300], picks[300:]
@@ -395,7 +395,7 @@ def test_training_log_states_the_apex_draw(chest_file, tmp_path):
     lines = []
     sampler = negative_sampler(config, log=lines.append)
     assert sampler.apex_count() == 4
-    assert f"4 of them drawn from the {len(sampler.apex_slices(0))} apex slices" in lines[0]
+    assert f"4 of them drawn from the {len(sampler.apex_rows[0])} apex slices" in lines[0]
 
 
 def test_preview_shows_apex_mid_and_base_and_no_apex_where_the_lungs_reach_the_top(chest_file):
