@@ -18,11 +18,18 @@ from covidseg_training.wholescan import DEFAULT_SCANS
 from labelled_slices import write_labelled_slices
 from whole_chest import chest_image, write_nodule_read
 
-_spec = importlib.util.spec_from_file_location(
-    "_engine_dicom_series", Path(__file__).resolve().parents[2] / "Testing" / "dicom_series.py")
-_dicom_series = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_dicom_series)
-write_dicom_series = _dicom_series.write_dicom_series
+
+def _engine_test_module(name: str):
+    """A helper module of the engine's tests (Testing/<name>.py), which is not on this suite's path."""
+    spec = importlib.util.spec_from_file_location(
+        f"_engine_{name}", Path(__file__).resolve().parents[2] / "Testing" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+write_dicom_series = _engine_test_module("dicom_series").write_dicom_series
+build_wheel = _engine_test_module("local_wheels").build_wheel
 
 GPU_SCRIPTS = Path(__file__).resolve().parents[1] / "gpu"
 TINY = {"name": "tiny", "n_folds": 5, "fold": 0, "seed": 0, "input_size": 64, "base_channels": 4, "depth": 2,
@@ -63,10 +70,10 @@ def run_after_script(training: Path, files_at: Path, shared: Path, folds: str) -
 
 
 def make_training_tree(root: Path) -> Path:
-    """A training/ folder with both scripts, the tiny configs and data/ma2020.npz, as pack.sh leaves it."""
+    """A training/ folder with the three scripts, the tiny configs and data/ma2020.npz, as pack.sh leaves it."""
     training = root / "training"
     (training / "gpu").mkdir(parents=True)
-    for script in ("run_v2.sh", "after_v2.sh"):
+    for script in ("pack.sh", "run_v2.sh", "after_v2.sh"):
         shutil.copy2(GPU_SCRIPTS / script, training / "gpu" / script)
     (training / "configs").mkdir()
     (training / "configs" / "tiny.yaml").write_text(yaml.safe_dump(TINY))
