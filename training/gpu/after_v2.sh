@@ -6,8 +6,9 @@
 # model on every scan, each LIDC scan scored by a fold model here that did not train on it) and copy the
 # small tables into results/v2/, ready to commit. A fold that the GPU machine's time limit stopped
 # before its evaluation is evaluated here as it is (its history.json says after how many epochs), and
-# the cross-validation is aggregated here when it was not there. The whole-scan previews come along as
-# JPEG (about 300 kB each; the PNGs are 2-3 MB).
+# the cross-validation is aggregated here when it was not there (only one over all five folds is copied
+# and goes into a release). The whole-scan previews come along as JPEG (about 300 kB each; the PNGs are
+# 2-3 MB).
 #
 #   bash training/gpu/after_v2.sh FILES_AT     (the folder holding results.tar.gz and checkpoints-N.tar)
 #   bash training/gpu/after_v2.sh RUNS         (a runs folder holding v2/foldK/ or v2_all/all/, e.g.
@@ -165,13 +166,24 @@ for k in 0 1 2 3 4; do
     elif [ -f "$RESULTS/fold$k/summary.json" ] && [ -f "$RESULTS/fold$k/per_case.csv" ]; then eval_dirs+=("$RESULTS/fold$k")
     fi
 done
-if [ ! -d "$runs/$RECIPE/crossval" ] && [ ${#eval_dirs[@]} -eq 5 ]; then
+# How many folds the aggregate in $runs/$RECIPE/crossval covers: a fold's own `crossval --folds K` leaves
+# one there, which is that fold's tables again, not a cross-validation.
+crossval_folds() {
+    "$PYTHON" -c "import json, sys; print(len(json.load(open(sys.argv[1]))['folds']))" \
+        "$runs/$RECIPE/crossval/summary.json" 2> /dev/null || echo 0
+}
+if [ "$(crossval_folds)" != 5 ] && [ ${#eval_dirs[@]} -eq 5 ]; then
+    rm -rf "${runs:?}/$RECIPE/crossval"
     "$PYTHON" -c "import sys; from pathlib import Path; from covidseg_training.crossval import aggregate
 aggregate({k: Path(d) for k, d in enumerate(sys.argv[2:])}, Path(sys.argv[1]))" "$runs/$RECIPE/crossval" "${eval_dirs[@]}"
 fi
-if [ -d "$runs/$RECIPE/crossval" ]; then
+crossval=""
+if [ "$(crossval_folds)" = 5 ]; then
+    crossval=$runs/$RECIPE/crossval/summary.json
     mkdir -p "$RESULTS/crossval"
     cp "$runs/$RECIPE/crossval/"{summary.json,summary.csv,folds.csv,per_case.csv} "$RESULTS/crossval/"
+else
+    echo "cross-validation: ${#eval_dirs[@]} of 5 folds evaluated; none copied, no release (the folds' own tables are in $RESULTS/foldK/)"
 fi
 if [ "$RECIPE" = v2 ]; then  # the single-fold screens, beside v2's folds
     for screen in "$runs"/v2_*/fold*/eval/summary.json; do
@@ -182,10 +194,9 @@ if [ "$RECIPE" = v2 ]; then  # the single-fold screens, beside v2's folds
     done
 fi
 
-if [ -f "$runs/${RECIPE}_all/all/best.pt" ] && [ -f "$runs/$RECIPE/crossval/summary.json" ]; then
+if [ -f "$runs/${RECIPE}_all/all/best.pt" ] && [ -n "$crossval" ]; then
     "$PYTHON" -m covidseg_training export --checkpoint "$runs/${RECIPE}_all/all/best.pt" --out "$packages" \
-        --name covid_unet_v2 --version "$VERSION" --metrics "$RESULTS/fold0/summary.json" \
-        --crossval "$runs/$RECIPE/crossval/summary.json"
+        --name covid_unet_v2 --version "$VERSION" --metrics "$RESULTS/fold0/summary.json" --crossval "$crossval"
     # Each held-out LIDC scan is scored by the first fold model here that left it out (held_out above:
     # folds 0, 2, 4 left out one scan, folds 1, 3 the other). A fold's package can be gone with its
     # machine: the all-data model then scores that scan itself, flagged as trained on in the table,

@@ -108,3 +108,28 @@ def test_a_second_call_does_not_redo_a_fold(after_run):
     for fold in FOLDS:
         assert f"fold {fold}: already in" in result.stdout
     assert {path: path.read_bytes() for path in tables} == tables
+
+
+def test_a_single_fold_screen_copies_no_cross_validation_and_makes_no_release(after_run, tmp_path):
+    # A screen trained here: fold 1 alone, whose own `crossval --folds 1` left a one-fold aggregate, and an
+    # all-data model beside it. Fold 1's tables and package are those of the call above, so it is not redone.
+    from covidseg_training.crossval import aggregate
+
+    training = tmp_path / "training"
+    for folder in ("gpu", "configs", "data"):
+        shutil.copytree(after_run["training"] / folder, training / folder)
+    runs = training / "runs"
+    for run in ("tiny/fold1", "tiny_all"):
+        shutil.copytree(after_run["dest"] / "runs" / run, runs / run)
+    aggregate({1: runs / "tiny" / "fold1" / "eval"}, runs / "tiny" / "crossval")
+    results = training / "results" / "v2" / "tiny"
+    shutil.copytree(after_run["results"] / "fold1", results / "fold1")
+    (training / "runs" / "gpu" / "packages").mkdir(parents=True)
+    for package in (after_run["dest"] / "packages").glob("covid_unet_tiny_fold1.*"):
+        shutil.copy2(package, training / "runs" / "gpu" / "packages" / package.name)
+    result = run_after_script(training, runs, after_run["shared"], "1")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "fold 1: already in" in result.stdout
+    assert "cross-validation: 1 of 5 folds evaluated; none copied, no release" in result.stdout
+    assert not (results / "crossval").exists()
+    assert not list((training / "runs" / "gpu" / "packages").glob("covid_unet_v2.*"))
