@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -47,8 +48,12 @@ def script_env(training: Path, **settings: str) -> dict[str, str]:
     bin_dir = training.parent / "bin"
     bin_dir.mkdir(exist_ok=True)
     for name in ("python3", "python"):
-        if not (bin_dir / name).exists():
-            (bin_dir / name).symlink_to(sys.executable)
+        launcher = bin_dir / name
+        if not launcher.exists():
+            # a script that runs it by its own path, not a symlink: a symlinked virtual environment's
+            # python, outside its folder, starts as the base interpreter without the environment's packages
+            launcher.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} "$@"\n', encoding="utf-8")
+            launcher.chmod(0o755)
     return {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "PYTHONIOENCODING": "utf-8",
             **settings}
 
