@@ -124,12 +124,13 @@ def test_a_single_fold_screen_copies_no_cross_validation_and_makes_no_release(af
     aggregate({1: runs / "tiny" / "fold1" / "eval"}, runs / "tiny" / "crossval")
     results = training / "results" / "v2" / "tiny"
     shutil.copytree(after_run["results"] / "fold1", results / "fold1")
-    (training / "runs" / "gpu" / "packages").mkdir(parents=True)
+    packages = runs / "gpu" / "packages"
+    packages.mkdir(parents=True)
     for package in (after_run["dest"] / "packages").glob("covid_unet_tiny_fold1.*"):
-        shutil.copy2(package, training / "runs" / "gpu" / "packages" / package.name)
+        shutil.copy2(package, packages / package.name)
     result = run_after_script(training, runs, after_run["shared"], "1")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "fold 1: already in" in result.stdout
     assert "cross-validation: 1 of 5 folds evaluated; none copied, no release" in result.stdout
     assert not (results / "crossval").exists()
-    assert not list((training / "runs" / "gpu" / "packages").glob("covid_unet_v2.*"))
+    assert not list(packages.glob("covid_unet_v2.*"))
