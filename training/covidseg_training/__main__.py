@@ -1,5 +1,5 @@
 """``python -m covidseg_training COMMAND ...``: download, prepare, train, average, crossval, evaluate, robustness,
-export, path_probe, wholescan, tradeoff."""
+export, ensemble, path_probe, wholescan, tradeoff."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ COMMANDS = {
     "evaluate": ("evaluate", "metrics, curves and plots on a validation fold"),
     "robustness": ("robustness", "healthy lung called infection, as is and at 3 mm resolution"),
     "export": ("export", "checkpoint -> TorchScript .pt + JSON manifest"),
+    "ensemble": ("ensemble", "several model packages -> one package, the mean of their softmax"),
     "path_probe": ("path_probe", "can a small classifier tell the PNG export from engine-read negatives?"),
     "wholescan": ("wholescan", "whole real scans through the engine: false lung and infection, missed lung, nodules"),
     "tradeoff": ("tradeoff", "models side by side: healthy-scan infection, COVID-19 infection found, fit"),

@@ -25,7 +25,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -225,12 +225,8 @@ def export_checkpoint(
     out_dir.mkdir(parents=True, exist_ok=True)
     scripted = script_model(model, config.input_size, channels=config.channels)
     weights_path = out_dir / f"{name}.pt"
-    with atomic_path(weights_path) as temporary, warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        buffer = io.BytesIO()  # not the temporary file: its random name would become the archive's inner folder
-        torch.jit.save(scripted, buffer)
-        temporary.write_bytes(buffer.getvalue())
-        verify_same_output(model, torch.jit.load(str(temporary)), config.input_size, seed=1, channels=config.channels)
+    save_scripted(scripted, weights_path, lambda saved: verify_same_output(
+        model, saved, config.input_size, seed=1, channels=config.channels))
     recipe = config.recipe()
     manifest = build_manifest(
         weights_path,
@@ -251,6 +247,17 @@ def export_checkpoint(
     manifest_path = out_dir / f"{name}.json"
     write_text_atomic(manifest_path, json.dumps(manifest, indent=2, default=_json_default) + "\n")
     return manifest_path
+
+
+def save_scripted(scripted: torch.jit.ScriptModule, path: Path, check: Callable[[torch.jit.ScriptModule], Any]) -> None:
+    """Write ``scripted`` to ``path`` under a temporary name, load it back and ``check`` it, then rename: a
+    ``check`` that raises leaves nothing at ``path``."""
+    with atomic_path(path) as temporary, warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        buffer = io.BytesIO()  # not the temporary file: its random name would become the archive's inner folder
+        torch.jit.save(scripted, buffer)
+        temporary.write_bytes(buffer.getvalue())
+        check(torch.jit.load(str(temporary)))
 
 
 def with_infection_logit_lowered(model: torch.nn.Module, offset: float) -> torch.nn.Module:
