@@ -40,13 +40,11 @@ class MeanSoftmax(torch.nn.Module):
         self.members = torch.nn.ModuleList(members)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        total = torch.zeros(0)
-        count = 0
-        for member in self.members:
+        total = torch.zeros(0)  # TorchScript wants it typed before the loop; the first member replaces it
+        for index, member in enumerate(self.members):
             probabilities = member(x).float().softmax(dim=1)
-            total = probabilities if count == 0 else total + probabilities
-            count += 1
-        return (total / count).clamp_min(1e-12).log()
+            total = probabilities if index == 0 else total + probabilities
+        return (total / len(self.members)).clamp_min(1e-12).log()
 
 
 def check_same_input(packages: list[ModelPackage]) -> None:
