@@ -294,11 +294,16 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("PYTHONHASHSEED") != "0":
         print("note: without PYTHONHASHSEED=0 the TorchScript archive's bytes, and so its sha256, differ from run "
               "to run (the weights do not)", file=sys.stderr)
-    cross_validation = None
-    if args.crossval:
-        cross_validation = cross_validation_summary(read_metrics(args.crossval), str(args.crossval))
-    manifest_path = export_checkpoint(args.checkpoint, args.out, args.name, args.version, read_metrics(args.metrics),
-                                      cross_validation=cross_validation, infection_offset=args.infection_offset)
+    try:
+        cross_validation = None
+        if args.crossval:
+            cross_validation = cross_validation_summary(read_metrics(args.crossval), str(args.crossval))
+        manifest_path = export_checkpoint(args.checkpoint, args.out, args.name, args.version,
+                                          read_metrics(args.metrics), cross_validation=cross_validation,
+                                          infection_offset=args.infection_offset)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"export: {error}", file=sys.stderr)
+        return 2
     manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     print(f"wrote {manifest_path.parent / manifest['file']} ({manifest['architecture']['parameters']} parameters, "
           f"sha256 {manifest['sha256'][:12]}) and {manifest_path}")

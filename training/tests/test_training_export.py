@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -127,6 +128,18 @@ def test_bad_checkpoints_are_named(tmp_path):
     torch.save({"model": state, "config": TrainConfig(base_channels=8, depth=2).to_dict()}, wrong)
     with pytest.raises(ValueError, match="wrong.pt: weights do not fit a UNet2D\\(in_channels=1, base_channels=8"):
         load_checkpoint(wrong)
+
+
+def test_export_command_names_a_bad_checkpoint_without_a_traceback(tmp_path, capsys):
+    last_style = tmp_path / "last.pt"
+    torch.save({"model": {}, "optimizer": {}, "state": {}}, last_style)
+    out = tmp_path / "models"
+    for checkpoint, message in ((last_style, "last.pt: not a training checkpoint.*use best.pt"),
+                                (tmp_path / "nope.pt", "nope.pt: checkpoint not found")):
+        assert export_main(["--checkpoint", str(checkpoint), "--out", str(out), "--name", "x", "--version", "1.0.0"]) == 2
+        err = capsys.readouterr().err
+        assert re.search(f"^export: .*{message}", err, re.MULTILINE) and "Traceback" not in err
+        assert not out.exists() or not list(out.iterdir()), "nothing written"
 
 
 def test_infection_offset_shifts_only_the_infection_logit(checkpoint_path, tmp_path):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import locale
+import re
 from pathlib import Path
 
 import numpy as np
@@ -203,18 +204,21 @@ def test_manifest_carries_the_cross_validation_that_covidseg_info_shows(pipeline
     assert "at each fold's last epoch: lung_dice " in text and f"infection_dice {last['mean']:.3f}" in text
 
 
-def test_export_refuses_a_file_that_is_not_a_crossval_summary(pipeline, tmp_path):
-    with pytest.raises(ValueError, match="no 'over_folds' figures"):
-        cli(["export", "--checkpoint", str(pipeline["runs"] / "fold0" / "best.pt"), "--out", str(tmp_path),
-             "--name", "x", "--version", "0.0.1", "--crossval", str(pipeline["runs"] / "fold0" / "eval" / "summary.json")])
+def test_export_refuses_a_file_that_is_not_a_crossval_summary(pipeline, tmp_path, capsys):
+    assert cli(["export", "--checkpoint", str(pipeline["runs"] / "fold0" / "best.pt"), "--out", str(tmp_path),
+                "--name", "x", "--version", "0.0.1",
+                "--crossval", str(pipeline["runs"] / "fold0" / "eval" / "summary.json")]) == 2
+    assert re.search("^export: .*no 'over_folds' figures", capsys.readouterr().err, re.MULTILINE)
+    assert not list(tmp_path.iterdir()), "nothing written"
 
 
-def test_export_refuses_metrics_of_another_checkpoint(pipeline, tmp_path):
+def test_export_refuses_metrics_of_another_checkpoint(pipeline, tmp_path, capsys):
     fold1_summary = pipeline["runs"] / "fold1" / "eval" / "summary.json"
     assert json.loads(fold1_summary.read_text(encoding="utf-8"))["evaluated_sha256"]
-    with pytest.raises(ValueError, match="the metrics were computed on .*fold1.*not on .*fold0"):
-        cli(["export", "--checkpoint", str(pipeline["runs"] / "fold0" / "best.pt"), "--out", str(tmp_path),
-             "--name", "x", "--version", "0.0.1", "--metrics", str(fold1_summary)])
+    assert cli(["export", "--checkpoint", str(pipeline["runs"] / "fold0" / "best.pt"), "--out", str(tmp_path),
+                "--name", "x", "--version", "0.0.1", "--metrics", str(fold1_summary)]) == 2
+    assert re.search("^export: .*the metrics were computed on .*fold1.*not on .*fold0", capsys.readouterr().err,
+                     re.MULTILINE)
     assert not list(tmp_path.iterdir()), "nothing written"
 
 
