@@ -38,7 +38,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unknown command {command!r}\n\n{usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(f"covidseg_training.{COMMANDS[command][0]}")
-    return int(module.main(rest) or 0)
+    try:
+        return int(module.main(rest) or 0)
+    except FileNotFoundError as error:  # a path that is not there is the user's to fix: one line, no traceback
+        print(f"{command}: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
