@@ -48,7 +48,8 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         keys = sorted(content) if isinstance(content, dict) else type(content).__name__
         raise ValueError(
             f"{path}: not a training checkpoint with 'model' and 'config' (found {keys}); "
-            "last.pt holds no config: use best.pt"
+            "last.pt holds no config: use best.pt, or an epochNN.pt that keep_from_epoch kept (for the last epoch, "
+            "keep_from_epoch: EPOCHS)"
         )
     config = TrainConfig.from_dict(content["config"])
     model = model_with_weights(content["model"], config, str(path))

@@ -117,7 +117,7 @@ def test_bad_checkpoints_are_named(tmp_path):
         load_checkpoint(tmp_path / "nope.pt")
     last_style = tmp_path / "last.pt"
     torch.save({"model": {}, "optimizer": {}, "state": {}}, last_style)
-    with pytest.raises(ValueError, match="last.pt: not a training checkpoint.*use best.pt"):
+    with pytest.raises(ValueError, match="last.pt: not a training checkpoint.*use best.pt, or an epochNN.pt"):
         load_checkpoint(last_style)
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a checkpoint")
@@ -134,9 +134,10 @@ def test_export_command_names_a_bad_checkpoint_without_a_traceback(tmp_path, cap
     last_style = tmp_path / "last.pt"
     torch.save({"model": {}, "optimizer": {}, "state": {}}, last_style)
     out = tmp_path / "models"
-    for checkpoint, message in ((last_style, "last.pt: not a training checkpoint.*use best.pt"),
+    for checkpoint, message in ((last_style, "last.pt: not a training checkpoint.*use best.pt, or an epochNN.pt"),
                                 (tmp_path / "nope.pt", "nope.pt: checkpoint not found")):
-        assert export_main(["--checkpoint", str(checkpoint), "--out", str(out), "--name", "x", "--version", "1.0.0"]) == 2
+        args = ["--checkpoint", str(checkpoint), "--out", str(out), "--name", "x", "--version", "1.0.0"]
+        assert export_main(args) == 2
         err = capsys.readouterr().err
         assert re.search(f"^export: .*{message}", err, re.MULTILINE) and "Traceback" not in err
         assert not out.exists() or not list(out.iterdir()), "nothing written"
