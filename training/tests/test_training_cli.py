@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-TRAINING = Path(__file__).resolve().parents[1]
-
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TRAINING), str(TRAINING.parent / "CovidInfectionSeg")])}
-    return subprocess.run([sys.executable, "-m", "covidseg_training", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)
+    """The command in a child process of this interpreter, where the project is installed (as gpu_scripts runs it)."""
+    return subprocess.run([sys.executable, "-m", "covidseg_training", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300)
 
 
 @pytest.mark.parametrize("args, named", [
