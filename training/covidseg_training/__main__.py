@@ -43,6 +43,13 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as error:  # a path that is not there is the user's to fix: one line, no traceback
         print(f"{command}: {error}", file=sys.stderr)
         return 2
+    except SystemExit as error:
+        if not isinstance(error.code, str):  # argparse's own exits (--help, a bad option) keep their code
+            raise
+        # A command's refusal of its arguments (raise SystemExit("why")): exit 2 as argparse's, so that exit 1
+        # keeps meaning "ran, and some of the work failed" (wholescan's failed scans).
+        print(f"{command}: {error.code}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -34,3 +34,13 @@ def test_usage_and_an_unknown_command(tmp_path):
     assert done.returncode == 0 and "wholescan" in done.stdout and "ensemble" in done.stdout
     done = run_cli("tran", cwd=tmp_path)
     assert done.returncode == 2 and "unknown command 'tran'" in done.stderr
+
+
+def test_a_refused_argument_is_one_line_and_exit_2(tmp_path):
+    # Commands that refuse an argument with a message of their own (tradeoff, wholescan, evaluate) exit 2 as
+    # argparse does, not 1.
+    done = run_cli("tradeoff", "--model", f"x={tmp_path / 'missing'}", "--out", "t.md", cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("tradeoff: ") and "no wholescan.csv" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not list(tmp_path.iterdir()), "nothing written"
