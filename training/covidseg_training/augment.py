@@ -24,6 +24,17 @@ MASS_ON = ("all", "negatives")
 # The augmentations that paint into the middle slice only, so a model with context cannot use them.
 PAINTED_INTO_ONE_SLICE = {"mass_p": "synthetic masses", "gas_p": "synthetic gas pockets"}
 
+# Lung texture and gray level of the network's uint8 input, measured 2026-11-30 (ad hoc, AMD EPYC here):
+# detail (std of the image minus its Gaussian blur at sigma 1, inside the eroded lung), 5th-95th
+# percentile per slice: PNG export 19-42, the sharp kernel L of example-chest-ct 17-31, the soft scans
+# read by the engine (LIDC-IDRI-0001/0003, covid-chest-ct, kernel B) 10-20. Mean and std of 32 x 32
+# lung patches: export 64-104 and 35-60 per case, engine-read scans 57-84 and 31-41.
+BASE_DETAIL_RANGE = (6.0, 9.0)  # blurred down to this, below every scan's
+DETAIL_RANGE = (11.0, 32.0)  # then noise up to this, soft to sharp
+LUNG_MEAN_RANGE = (55.0, 105.0)
+LUNG_STD_RANGE = (30.0, 55.0)
+MIN_LUNG_PIXELS = 500
+
 
 @dataclass
 class AugmentConfig:
@@ -48,7 +59,10 @@ class AugmentConfig:
     # detail level, then fine noise up to a random one) and its lung brought to a random gray level and
     # contrast, so that neither texture nor gray level says which data path a slice came from (with it
     # on every slice the path probe's AUC is at chance; see results/path_probe.md).
+    # ``harmonise_base_detail``: the range of lung detail the slice is blurred down to before the noise
+    # (default 6-9, below every scan's); a higher range keeps more of the slice's own fine texture.
     harmonise_p: float = 0.0
+    harmonise_base_detail: tuple[float, float] = BASE_DETAIL_RANGE
     # Synthetic solid masses painted into the lung and labelled "lung, no infection" (masses.py), so
     # that nodules and tumours are not called infection. ``mass_on``: into every kind of slice ("all"),
     # or into the negative slices only ("negatives"), so that the labelled COVID-19 slices keep their
@@ -82,18 +96,12 @@ class AugmentConfig:
             raise ValueError(f"augment.gas_radius_px must be [low, high] with 0 < low <= high, not {list(self.gas_radius_px)}")
         if not 0.0 <= self.gas_fluid_level_p <= 1.0:
             raise ValueError(f"augment.gas_fluid_level_p must lie in [0, 1], not {self.gas_fluid_level_p!r}")
+        low, high = self.harmonise_base_detail
+        if not 0 < low <= high:
+            raise ValueError("augment.harmonise_base_detail must be [low, high] with 0 < low <= high, "
+                             f"not {list(self.harmonise_base_detail)}")
 
 
-# Lung texture and gray level of the network's uint8 input, measured 2026-11-30 (ad hoc, AMD EPYC here):
-# detail (std of the image minus its Gaussian blur at sigma 1, inside the eroded lung), 5th-95th
-# percentile per slice: PNG export 19-42, the sharp kernel L of example-chest-ct 17-31, the soft scans
-# read by the engine (LIDC-IDRI-0001/0003, covid-chest-ct, kernel B) 10-20. Mean and std of 32 x 32
-# lung patches: export 64-104 and 35-60 per case, engine-read scans 57-84 and 31-41.
-BASE_DETAIL_RANGE = (6.0, 9.0)  # blurred down to this, below every scan's
-DETAIL_RANGE = (11.0, 32.0)  # then noise up to this, soft to sharp
-LUNG_MEAN_RANGE = (55.0, 105.0)
-LUNG_STD_RANGE = (30.0, 55.0)
-MIN_LUNG_PIXELS = 500
 
 
 def detail_region(region: np.ndarray) -> np.ndarray | None:
@@ -199,7 +207,7 @@ class SliceAugmenter:
         if inside is None:  # too little lung: the whole slice
             region = np.ones(label.shape, dtype=bool)
             inside = detail_region(region)
-        base = blur_to_detail(pixels, inside, rng.uniform(*BASE_DETAIL_RANGE))
+        base = blur_to_detail(pixels, inside, rng.uniform(*self.config.harmonise_base_detail))
         noise = cv2.GaussianBlur(rng.normal(0.0, 1.0, pixels.shape).astype(np.float32), (0, 0), 0.6)
         have, unit = detail_in(base, inside), detail_in(noise, inside)
         target = rng.uniform(*DETAIL_RANGE)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import cv2
 import numpy as np
+import pytest
 import torch
 
 from CovidInfectionSegLib.preprocessing import IntensityRecipe
@@ -59,3 +60,35 @@ def test_harmonising_hides_which_path_a_slice_came_from():
     assert probe(sharp, soft, epochs=2)["auc"] > 0.95
     torch.manual_seed(0)
     assert probe(sharp, soft, augment=AugmentConfig(**ONLY_HARMONISE), epochs=2)["auc"] < 0.8
+
+
+def test_a_higher_base_detail_keeps_more_of_the_slices_own_texture():
+    # The re-rendering blurs the slice down to ``harmonise_base_detail`` before its noise: the higher that
+    # range, the more of the slice's own fine texture (where faint ground glass lies) survives.
+    rng = np.random.default_rng(1)
+    label = np.zeros((96, 96), np.uint8)
+    label[16:80, 10:86] = LUNG
+    image = _texture(rng, (96, 96), 90, 40, 0.5)  # sharp
+    lung = label == LUNG
+
+    def kept(base_detail):
+        config = AugmentConfig(**ONLY_HARMONISE, harmonise_base_detail=base_detail)
+        augmenter = SliceAugmenter(config, IntensityRecipe(input_size=96), seed=0)
+        correlations = []
+        for position in range(6):
+            augmenter.reseed(0, position)
+            out, _ = augmenter(image, label)
+            correlations.append(np.corrcoef(out[lung].astype(float), image[lung].astype(float))[0, 1])
+        return float(np.mean(correlations))
+
+    default, mild = kept((6.0, 9.0)), kept((12.0, 16.0))
+    assert mild > default + 0.1, (default, mild)
+    assert AugmentConfig().harmonise_base_detail == (6.0, 9.0)
+
+
+def test_harmonise_base_detail_comes_from_the_config_and_is_checked():
+    from covidseg_training.config import TrainConfig
+
+    assert TrainConfig.from_dict({"augment": {"harmonise_base_detail": [12, 16]}}).augment.harmonise_base_detail == (12, 16)
+    with pytest.raises(ValueError, match="augment.harmonise_base_detail must be"):
+        TrainConfig.from_dict({"augment": {"harmonise_base_detail": [16, 12]}})
