@@ -102,8 +102,6 @@ class AugmentConfig:
                              f"not {list(self.harmonise_base_detail)}")
 
 
-
-
 def detail_region(region: np.ndarray) -> np.ndarray | None:
     """Where the texture's detail is measured (:func:`detail_in`): the non-zero pixels of ``region``
     eroded by 2, or None where too few remain to say."""
