@@ -91,15 +91,12 @@ class AugmentConfig:
     def __post_init__(self) -> None:
         if self.mass_on not in MASS_ON:
             raise ValueError(f"augment.mass_on must be one of {', '.join(MASS_ON)}, not {self.mass_on!r}")
-        low, high = self.gas_radius_px
-        if not 0 < low <= high:
-            raise ValueError(f"augment.gas_radius_px must be [low, high] with 0 < low <= high, not {list(self.gas_radius_px)}")
+        for name in ("gas_radius_px", "harmonise_base_detail"):
+            low, high = getattr(self, name)
+            if not 0 < low <= high:
+                raise ValueError(f"augment.{name} must be [low, high] with 0 < low <= high, not {list(getattr(self, name))}")
         if not 0.0 <= self.gas_fluid_level_p <= 1.0:
             raise ValueError(f"augment.gas_fluid_level_p must lie in [0, 1], not {self.gas_fluid_level_p!r}")
-        low, high = self.harmonise_base_detail
-        if not 0 < low <= high:
-            raise ValueError("augment.harmonise_base_detail must be [low, high] with 0 < low <= high, "
-                             f"not {list(self.harmonise_base_detail)}")
 
 
 def detail_region(region: np.ndarray) -> np.ndarray | None:

@@ -18,6 +18,7 @@ from covidseg_training.augment import (
     detail_in,
     detail_region,
 )
+from covidseg_training.config import TrainConfig
 from covidseg_training.data import LUNG, SliceDataset
 from covidseg_training.path_probe import probe
 
@@ -87,8 +88,6 @@ def test_a_higher_base_detail_keeps_more_of_the_slices_own_texture():
 
 
 def test_harmonise_base_detail_comes_from_the_config_and_is_checked():
-    from covidseg_training.config import TrainConfig
-
     assert TrainConfig.from_dict({"augment": {"harmonise_base_detail": [12, 16]}}).augment.harmonise_base_detail == (12, 16)
     with pytest.raises(ValueError, match="augment.harmonise_base_detail must be"):
         TrainConfig.from_dict({"augment": {"harmonise_base_detail": [16, 12]}})
