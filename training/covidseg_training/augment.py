@@ -66,9 +66,11 @@ class AugmentConfig:
     # Synthetic solid masses painted into the lung and labelled "lung, no infection" (masses.py), so
     # that nodules and tumours are not called infection. ``mass_on``: into every kind of slice ("all"),
     # or into the negative slices only ("negatives"), so that the labelled COVID-19 slices keep their
-    # consolidation untouched.
+    # consolidation untouched. ``mass_halo_p``: the share of masses with a ground-glass halo, as a
+    # part-solid nodule has (masses.py).
     mass_p: float = 0.0
     mass_on: str = "all"
+    mass_halo_p: float = 0.0
     # Synthetic pockets of gas (an air-filled stomach or bowel loop) painted into the soft tissue of
     # negative slices and labelled background (gas_pockets.py): the negatives' stomachs are not
     # air-filled, and the network alone calls an air-filled stomach lung. ``gas_max_level``: only into
@@ -95,8 +97,9 @@ class AugmentConfig:
             low, high = getattr(self, name)
             if not 0 < low <= high:
                 raise ValueError(f"augment.{name} must be [low, high] with 0 < low <= high, not {list(getattr(self, name))}")
-        if not 0.0 <= self.gas_fluid_level_p <= 1.0:
-            raise ValueError(f"augment.gas_fluid_level_p must lie in [0, 1], not {self.gas_fluid_level_p!r}")
+        for name in ("gas_fluid_level_p", "mass_halo_p"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"augment.{name} must lie in [0, 1], not {getattr(self, name)!r}")
 
 
 def detail_region(region: np.ndarray) -> np.ndarray | None:
@@ -223,7 +226,7 @@ class SliceAugmenter:
         # scanner then act on them too.
         masses_here = self.config.mass_p and (negative or self.config.mass_on == "all")
         if masses_here and self.rng.random() < self.config.mass_p:
-            image, label = paint_masses(image, label, self.rng)
+            image, label = paint_masses(image, label, self.rng, self.config.mass_halo_p)
         if self.gas_here(negative, level) and self.rng.random() < self.config.gas_p:
             image, label = paint_gas_pockets(image, label, self.rng, self.config.gas_radius_px,
                                              self.config.gas_fluid_level_p)

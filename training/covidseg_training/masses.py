@@ -15,7 +15,13 @@ labelled slices and about 180 on kernel B of example-chest-ct, whose tumour read
 the lung: its centre at least 0.6 of its radius from the lung's edge, so a juxtapleural mass meets
 the pleura but a pleural-based band that looks like subpleural consolidation is not drawn.
 
-    python -m covidseg_training.masses OUT.png [--data data/ma2020.npz]   # a preview of painted slices
+With ``halo_p`` a mass gets a ground-glass halo, as a part-solid nodule has (LIDC-IDRI-0003's largest
+nodule is 58% ground glass) and as the lung around example-chest-ct's tumour reads: a wider, softer
+disc around the core where the lung is raised part of the way to soft tissue (0.2-0.5 of it; the
+labelled slices' infection sits at 0.35, IQR 0.28-0.42, measured 2026-12-05 ad hoc), vessels still
+showing through, also labelled "lung, no infection".
+
+    python -m covidseg_training.masses OUT.png [--data data/ma2020.npz] [--halo-p 1]   # a preview of painted slices
 """
 
 from __future__ import annotations
@@ -34,6 +40,9 @@ COUNT = (1, 3)
 GRAY_OF_SOFT_TISSUE = (0.8, 1.0)
 MIN_LUNG_PIXELS = 1500
 INFECTION_CLEARANCE_PX = 4  # between a mass's outline and any infection
+HALO_RADIUS = (1.4, 2.0)  # a halo's outer radius, in radii of its core (within the infection clearance)
+HALO_TOWARD_SOFT_TISSUE = (0.2, 0.5)
+HALO_BLUR_PX = (1.5, 3.0)
 
 
 def soft_tissue_gray(image: np.ndarray, lung: np.ndarray) -> float:
@@ -67,15 +76,26 @@ def mass_shape(shape: tuple[int, int], centre: tuple[float, float], radius: floa
     return cv2.GaussianBlur(coverage, (0, 0), rng.uniform(0.4, 1.2))
 
 
-def paint_masses(image: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def halo_shape(shape: tuple[int, int], centre: tuple[float, float], radius: float,
+               rng: np.random.Generator) -> np.ndarray:
+    """A float32 coverage map (0-1) of a ground-glass halo's outer extent: a lobulated disc of
+    ``HALO_RADIUS`` times the core's radius, without spicules, its edge blurred by ``HALO_BLUR_PX``."""
+    outer = mass_shape(shape, centre, radius * rng.uniform(*HALO_RADIUS), rng, spicule_p=0.0)
+    return cv2.GaussianBlur(outer, (0, 0), rng.uniform(*HALO_BLUR_PX))
+
+
+def paint_masses(image: np.ndarray, label: np.ndarray, rng: np.random.Generator,
+                 halo_p: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """``image`` (uint8) with 1-3 solid masses painted into its lung and ``label`` with "lung, no
-    infection" (``LUNG``) under them; both unchanged where the slice has too little clear lung."""
+    infection" (``LUNG``) under them; both unchanged where the slice has too little clear lung. Each
+    mass has a ground-glass halo with probability ``halo_p`` (labelled ``LUNG`` too)."""
     lung = (label == LUNG) | (label == LUNG_UNKNOWN)
     if np.count_nonzero(lung) < MIN_LUNG_PIXELS:
         return image, label
     from_edge = cv2.distanceTransform(lung.astype(np.uint8), cv2.DIST_L2, 5)
     from_infection = cv2.distanceTransform((label != INFECTION).astype(np.uint8), cv2.DIST_L2, 5)
     gray = soft_tissue_gray(image, lung)
+    clear = from_infection >= INFECTION_CLEARANCE_PX  # a halo's lobes may reach past the clearance of its centre
     painted, new_label = image.astype(np.float32), label.copy()
     for _ in range(int(rng.integers(COUNT[0], COUNT[1] + 1))):
         radius = float(np.exp(rng.uniform(*np.log(RADIUS_PX))))
@@ -86,6 +106,10 @@ def paint_masses(image: np.ndarray, label: np.ndarray, rng: np.random.Generator)
             continue
         centre = np.unravel_index(int(rng.choice(candidates)), label.shape)
         coverage = mass_shape(label.shape, centre, radius, rng) * lung
+        if halo_p and rng.random() < halo_p:
+            halo = np.clip(halo_shape(label.shape, centre, radius, rng) - coverage, 0, 1) * lung * clear
+            painted = painted + rng.uniform(*HALO_TOWARD_SOFT_TISSUE) * (gray - painted) * halo
+            new_label[(halo > 0.5) & lung] = LUNG
         noise = cv2.GaussianBlur(rng.normal(0, 1, label.shape).astype(np.float32), (0, 0), 0.7)
         texture = gray * rng.uniform(*GRAY_OF_SOFT_TISSUE) + rng.uniform(3, 10) * noise / max(float(noise.std()), 1e-6)
         painted = painted * (1 - coverage) + texture * coverage
@@ -102,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=Path("data/ma2020.npz"), help="a prepared .npz of slices")
     parser.add_argument("--count", type=int, default=6, help="slices shown")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--halo-p", type=float, default=0.0, help="the share of masses with a ground-glass halo")
     args = parser.parse_args(argv)
     if not args.data.is_file():
         print(f"error: no prepared slices at {args.data} (python -m covidseg_training prepare writes them)",
@@ -111,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(args.seed)
     lung_pixels = (slices.labels == LUNG).sum(axis=(1, 2))
     chosen = rng.choice(np.flatnonzero(lung_pixels >= 2 * MIN_LUNG_PIXELS), args.count, replace=False)
-    rows = [(int(i), slices.images[i], *paint_masses(slices.images[i], slices.labels[i], rng)) for i in sorted(chosen)]
+    rows = [(int(i), slices.images[i], *paint_masses(slices.images[i], slices.labels[i], rng, args.halo_p))
+            for i in sorted(chosen)]
     plot_painted_slices(rows, args.out, what="masses", painted_label=LUNG,
                         title="synthetic masses (outlined in blue: lung, no infection); lung outlined, infection filled")
     print(f"wrote {args.out}")

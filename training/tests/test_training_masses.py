@@ -59,6 +59,33 @@ def test_masses_go_into_clear_lung_at_soft_tissue_gray_and_are_labelled_lung(lun
     assert painted_any >= 10
 
 
+def test_a_halo_of_ground_glass_surrounds_the_masses_when_asked():
+    image, label = chest_slice(LUNG_UNKNOWN)
+    lung = label == LUNG_UNKNOWN
+    from_infection = cv2.distanceTransform((label != INFECTION).astype(np.uint8), cv2.DIST_L2, 5)
+    hazy_share = {}
+    for halo_p in (0.0, 1.0):
+        shares = []
+        for seed in range(12):
+            out, out_label = paint_masses(image, label, np.random.default_rng(seed), halo_p)
+            changed = out != image
+            assert not (changed & ~lung).any(), "a mass or halo reached outside the lung"
+            assert from_infection[changed].min() >= INFECTION_CLEARANCE_PX
+            np.testing.assert_array_equal(out_label[label == INFECTION], INFECTION)
+            painted = (out_label == LUNG) & (label != LUNG)
+            if painted.any():
+                gray = out[painted].astype(int)
+                shares.append(float(np.mean((gray > 65) & (gray < 125))))  # between lung (50) and soft tissue
+        assert len(shares) >= 10
+        hazy_share[halo_p] = float(np.median(shares))
+    assert hazy_share[1.0] >= 0.4 and hazy_share[0.0] <= 0.2, hazy_share
+
+
+def test_a_mass_halo_p_outside_0_1_is_refused_by_name():
+    with pytest.raises(ValueError, match="augment.mass_halo_p must lie in"):
+        AugmentConfig(mass_p=0.3, mass_halo_p=1.5)
+
+
 def test_a_slice_with_too_little_lung_is_left_alone():
     image, label = chest_slice()
     label[label == LUNG] = 0
