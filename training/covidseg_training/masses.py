@@ -40,7 +40,7 @@ COUNT = (1, 3)
 GRAY_OF_SOFT_TISSUE = (0.8, 1.0)
 MIN_LUNG_PIXELS = 1500
 INFECTION_CLEARANCE_PX = 4  # between a mass's outline and any infection
-HALO_RADIUS = (1.4, 2.0)  # a halo's outer radius, in radii of its core (within the infection clearance)
+HALO_RADIUS = (1.4, 2.0)  # a halo's outer radius, in radii of its core
 HALO_TOWARD_SOFT_TISSUE = (0.2, 0.5)
 HALO_BLUR_PX = (1.5, 3.0)
 
