@@ -128,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--halo-p", type=float, default=0.0, help="the share of masses with a ground-glass halo")
     args = parser.parse_args(argv)
+    if not 0.0 <= args.halo_p <= 1.0:
+        parser.error(f"--halo-p must lie in [0, 1], not {args.halo_p}")
     if not args.data.is_file():
         print(f"error: no prepared slices at {args.data} (python -m covidseg_training prepare writes them)",
               file=sys.stderr)
