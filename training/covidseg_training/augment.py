@@ -8,7 +8,7 @@ steps again (min-max, CLAHE), imported from the runtime engine so both sides use
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import albumentations as A
 import cv2
@@ -67,10 +67,13 @@ class AugmentConfig:
     # that nodules and tumours are not called infection. ``mass_on``: into every kind of slice ("all"),
     # or into the negative slices only ("negatives"), so that the labelled COVID-19 slices keep their
     # consolidation untouched. ``mass_halo_p``: the share of masses with a ground-glass halo, as a
-    # part-solid nodule has (masses.py).
+    # part-solid nodule has (masses.py). ``mass_from_epoch``: the first epoch (counted from 1) with
+    # masses; later than 1, a network that has already learnt the real slices meets them at the end of
+    # the learning-rate schedule, as a short fine-tune does, without a second schedule of its own.
     mass_p: float = 0.0
     mass_on: str = "all"
     mass_halo_p: float = 0.0
+    mass_from_epoch: int = 1
     # Synthetic pockets of gas (an air-filled stomach or bowel loop) painted into the soft tissue of
     # negative slices and labelled background (gas_pockets.py): the negatives' stomachs are not
     # air-filled, and the network alone calls an air-filled stomach lung. ``gas_max_level``: only into
@@ -100,6 +103,14 @@ class AugmentConfig:
         for name in ("gas_fluid_level_p", "mass_halo_p"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"augment.{name} must lie in [0, 1], not {getattr(self, name)!r}")
+        if isinstance(self.mass_from_epoch, bool) or not isinstance(self.mass_from_epoch, int) or self.mass_from_epoch < 1:
+            raise ValueError(f"augment.mass_from_epoch must be a whole number of at least 1 (the first epoch, "
+                             f"counted from 1), not {self.mass_from_epoch!r}")
+
+    def in_epoch(self, epoch: int) -> "AugmentConfig":
+        """The augmentation of epoch ``epoch`` (counted from 1): without masses before ``mass_from_epoch``,
+        where no random number is drawn for them either, so those epochs are the run's without masses."""
+        return replace(self, mass_p=0.0) if epoch < self.mass_from_epoch else self
 
 
 def detail_region(region: np.ndarray) -> np.ndarray | None:

@@ -88,6 +88,9 @@ class TrainConfig:
             if config.context_slices and getattr(config.augment, key):
                 raise ValueError(f"augment.{key} with context_slices: the {painted} are painted into one slice "
                                  f"only, so a neighbour would show none; set {key} to 0 for a context model")
+        if config.augment.mass_p and config.augment.mass_from_epoch > config.epochs:
+            raise ValueError(f"augment.mass_from_epoch {config.augment.mass_from_epoch} is after the last epoch "
+                             f"({config.epochs}): no epoch would get the masses")
         return config
 
     @classmethod

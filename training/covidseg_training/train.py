@@ -93,7 +93,7 @@ class AugmentedSlices(torch.utils.data.Dataset):
     def __getitem__(self, position: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self._augmenter is None:  # one per worker process
             recipe = IntensityRecipe(input_size=self.config.input_size)
-            self._augmenter = SliceAugmenter(self.config.augment, recipe, seed=self.config.seed)
+            self._augmenter = SliceAugmenter(self.config.augment.in_epoch(self.epoch + 1), recipe, seed=self.config.seed)
         self._augmenter.reseed(self.epoch, position)
         image, label = self._augmenter(*self.slices[position], negative=self.negative[position],
                                        level=self.levels[position])

@@ -136,6 +136,43 @@ def test_training_batches_carry_which_slices_are_negative():
     assert untouched == [not flag for flag in flags]
 
 
+def test_masses_start_at_mass_from_epoch_and_earlier_epochs_draw_what_a_run_without_them_draws():
+    from covidseg_training.config import TrainConfig
+    from covidseg_training.train import epoch_batches
+
+    image, label = chest_slice(LUNG_UNKNOWN, with_infection=False)
+    settings = {"input_size": 128, "batch_size": 2, "epochs": 4, "augment": {"kernel_p": 0.5}}
+    late = TrainConfig.from_dict({**settings, "augment": {"kernel_p": 0.5, "mass_p": 1, "mass_halo_p": 0.5,
+                                                          "mass_from_epoch": 3}})
+    without = TrainConfig.from_dict(settings)
+
+    def epoch(config, index):  # index counts from 0, the epochs in the config from 1
+        return [tensor.numpy() for batch in epoch_batches([(image, label)] * 4, config, epoch=index, steps=2)
+                for tensor in batch]
+
+    for index in (0, 1):  # epochs 1 and 2: every augmentation as without masses, to the pixel
+        for ours, theirs in zip(epoch(late, index), epoch(without, index), strict=True):
+            np.testing.assert_array_equal(ours, theirs)
+    for index in (2, 3):  # epochs 3 and 4: every slice gets masses, labelled "lung, no infection"
+        labels = epoch(late, index)[1::2]
+        assert all((batch[i] == LUNG).any() for batch in labels for i in range(2))
+        assert not any((batch[i] == LUNG).any() for batch in epoch(without, index)[1::2] for i in range(2))
+
+
+@pytest.mark.parametrize("value", [0, -1, 2.5, True])
+def test_a_mass_from_epoch_that_is_not_an_epoch_is_refused_by_name(value):
+    with pytest.raises(ValueError, match="augment.mass_from_epoch must be a whole number of at least 1"):
+        AugmentConfig(mass_p=0.3, mass_from_epoch=value)
+
+
+def test_masses_from_after_the_last_epoch_are_refused():
+    from covidseg_training.config import TrainConfig
+
+    with pytest.raises(ValueError, match="augment.mass_from_epoch 31 is after the last epoch .30.: no epoch"):
+        TrainConfig.from_dict({"epochs": 30, "augment": {"mass_p": 0.3, "mass_from_epoch": 31}})
+    assert TrainConfig.from_dict({"epochs": 30, "augment": {"mass_p": 0.3, "mass_from_epoch": 30}})
+
+
 def test_an_unknown_mass_on_is_refused_by_name():
     from covidseg_training.config import TrainConfig
 
@@ -153,3 +190,7 @@ def test_preview_writes_a_picture_and_refuses_missing_data(tmp_path, capsys):
     assert masses.main([str(tmp_path / "other.png"), "--data", str(tmp_path / "none.npz")]) == 2
     assert "no prepared slices" in capsys.readouterr().err
     assert not (tmp_path / "other.png").exists()
+    with pytest.raises(SystemExit):
+        masses.main([str(tmp_path / "third.png"), "--data", str(data), "--halo-p", "1.5"])
+    assert "--halo-p must lie in [0, 1], not 1.5" in capsys.readouterr().err
+    assert not (tmp_path / "third.png").exists()
