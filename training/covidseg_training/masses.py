@@ -95,6 +95,7 @@ def paint_masses(image: np.ndarray, label: np.ndarray, rng: np.random.Generator,
     from_edge = cv2.distanceTransform(lung.astype(np.uint8), cv2.DIST_L2, 5)
     from_infection = cv2.distanceTransform((label != INFECTION).astype(np.uint8), cv2.DIST_L2, 5)
     gray = soft_tissue_gray(image, lung)
+    clear = from_infection >= INFECTION_CLEARANCE_PX  # a halo's lobes may reach past the clearance of its centre
     painted, new_label = image.astype(np.float32), label.copy()
     for _ in range(int(rng.integers(COUNT[0], COUNT[1] + 1))):
         radius = float(np.exp(rng.uniform(*np.log(RADIUS_PX))))
@@ -106,8 +107,6 @@ def paint_masses(image: np.ndarray, label: np.ndarray, rng: np.random.Generator,
         centre = np.unravel_index(int(rng.choice(candidates)), label.shape)
         coverage = mass_shape(label.shape, centre, radius, rng) * lung
         if halo_p and rng.random() < halo_p:
-            # A halo's lobes may reach past the clearance of its centre: kept off the infection here too.
-            clear = from_infection >= INFECTION_CLEARANCE_PX
             halo = np.clip(halo_shape(label.shape, centre, radius, rng) - coverage, 0, 1) * lung * clear
             painted = painted + rng.uniform(*HALO_TOWARD_SOFT_TISSUE) * (gray - painted) * halo
             new_label[(halo > 0.5) & lung] = LUNG
