@@ -2,7 +2,7 @@
 precision where the hardware has it (:func:`precision_for`), augmented batches prepared by worker
 processes, and a checkpoint every epoch so a killed run resumes where it stopped.
 
-    python -m covidseg_training.train training/configs/v1.yaml [--fold K] [--epochs N]
+    python -m covidseg_training.train training/configs/v1.yaml [--fold K] [--epochs N] [--stop-after N]
 """
 
 from __future__ import annotations
@@ -264,13 +264,17 @@ def out_of_patience(state: dict, config: TrainConfig) -> bool:
     return state["epoch"] - state["best_epoch"] >= config.patience
 
 
-def train(config: TrainConfig, log=print) -> Path:
+def train(config: TrainConfig, log=print, stop_after: int | None = None) -> Path:
     """Train one model as ``config`` says; returns the run folder holding ``best.pt`` and ``history.json``.
 
     ``best.pt`` is the checkpoint with the best validation score (or the last one without validation or
     with ``keep_epoch: last``);
     with ``keep_from_epoch`` the weights of each epoch from then on are kept too, as ``epochNN.pt``.
+    ``stop_after``: stop once epoch ``stop_after`` of the config's schedule is done (its ``last.pt`` is
+    the resume point of that epoch, which a later call goes on from, or a second config forks from).
     """
+    if stop_after is not None and not 1 <= stop_after <= config.epochs:
+        raise ValueError(f"stop_after must be an epoch of the run (1 to {config.epochs}), not {stop_after}")
     seed_everything(config.seed)
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -319,7 +323,10 @@ def train(config: TrainConfig, log=print) -> Path:
         state["stopped_early"] = False
     if state.get("stopped_early"):
         log(f"{out_dir}: already finished (early stop at epoch {state['epoch']})")
-    while state["epoch"] < config.epochs and not state.get("stopped_early"):
+    last_epoch = config.epochs if stop_after is None else stop_after
+    if state["epoch"] > last_epoch:
+        raise ValueError(f"{last_path} is at epoch {state['epoch']}, past --stop-after {stop_after}")
+    while state["epoch"] < last_epoch and not state.get("stopped_early"):
         started = time.time()
         hardness = negative_hardness(model, negatives, device) if negatives.per_epoch and negatives.hard_share else None
         model.train()
@@ -385,11 +392,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, help="overrides the config: processes preparing augmented batches")
     parser.add_argument("--compile", action="store_true", default=None,
                         help="overrides the config: torch.compile the training step (needs a C++ compiler on the CPU)")
+    parser.add_argument("--stop-after", type=int, metavar="EPOCH",
+                        help="stop after this epoch of the config's schedule; a later call resumes from there")
     args = parser.parse_args(argv)
     config = TrainConfig.load(args.config).override(fold=args.fold, epochs=args.epochs, device=args.device,
                                                     workers=args.workers, compile=args.compile)
     print(run_dir(config))
-    train(config, log=lambda line: print(line, flush=True))
+    train(config, log=lambda line: print(line, flush=True), stop_after=args.stop_after)
     return 0
 
 

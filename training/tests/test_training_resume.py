@@ -67,7 +67,16 @@ def runs(chest_file, tmp_path_factory):
     stopped_at = json.loads((root / "runs" / "stopped" / "fold0" / "history.json").read_text())
     messages: list[str] = []
     resumed = train(config, log=messages.append)
-    return {"whole": whole, "resumed": resumed, "stopped_at": stopped_at, "messages": messages}
+    # --stop-after: the same pause asked for, as training/cpu/fork_screen.sh does before it forks a control
+    paused_config = tiny_config(data, root, chest_file, "paused")
+    paused = train(paused_config, log=lambda _: None, stop_after=2)
+    paused_at = json.loads((paused / "history.json").read_text())
+    paused_last = saved(paused / "last.pt")["state"]["epoch"]
+    train(paused_config, log=lambda _: None)
+    with pytest.raises(ValueError, match="at epoch 3, past --stop-after 2"):
+        train(paused_config, log=lambda _: None, stop_after=2)
+    return {"whole": whole, "resumed": resumed, "stopped_at": stopped_at, "messages": messages, "paused": paused,
+            "paused_at": paused_at, "paused_last": paused_last}
 
 
 def test_the_stop_left_one_epoch_and_the_restart_resumed_it(runs):
@@ -84,9 +93,24 @@ def test_a_resumed_run_has_the_history_of_a_run_that_was_not_stopped(runs):
     assert without_timing(resumed) == without_timing(whole)
 
 
+def test_stop_after_ends_the_call_at_that_epoch_and_the_next_call_goes_on_as_one_run(runs):
+    assert [record["epoch"] for record in runs["paused_at"]] == [1, 2] and runs["paused_last"] == 2
+    whole = json.loads((runs["whole"] / "history.json").read_text())
+    assert without_timing(json.loads((runs["paused"] / "history.json").read_text())) == without_timing(whole)
+
+
+def test_stop_after_must_be_an_epoch_of_the_run(tmp_path):
+    config = TrainConfig.from_dict({"name": "never", "epochs": 3, "output_dir": str(tmp_path)})
+    for epoch in (0, 4):
+        with pytest.raises(ValueError, match=r"stop_after must be an epoch of the run \(1 to 3\)"):
+            train(config, log=lambda _: None, stop_after=epoch)
+    assert not (tmp_path / "never").exists(), "refused before anything was written"
+
+
 @pytest.mark.parametrize("name", ["last.pt", "best.pt", "epoch02.pt", "epoch03.pt"])
-def test_a_resumed_run_ends_with_the_same_weights(runs, name):
-    whole, resumed = saved(runs["whole"] / name), saved(runs["resumed"] / name)
+@pytest.mark.parametrize("run", ["resumed", "paused"])
+def test_a_resumed_run_ends_with_the_same_weights(runs, name, run):
+    whole, resumed = saved(runs["whole"] / name), saved(runs[run] / name)
     for key, value in whole["model"].items():
         torch.testing.assert_close(resumed["model"][key], value, rtol=0, atol=0, msg=f"{name}: {key}")
     if name == "last.pt":
