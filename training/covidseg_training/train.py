@@ -304,6 +304,9 @@ def train(config: TrainConfig, log=print, stop_after: int | None = None) -> Path
     elif config.init_from:
         model.load_state_dict(initial_state(config.init_from, config), strict=not config.deep_supervision)
         log(f"starting from the weights of {config.init_from}")
+    last_epoch = config.epochs if stop_after is None else stop_after
+    if stop_after is not None and state["epoch"] > stop_after:  # before the negatives and the inputs are built
+        raise ValueError(f"{last_path} is at epoch {state['epoch']}, past --stop-after {stop_after}")
 
     forward = training_forward(model, config, device)
     negatives = negative_sampler(config, log)
@@ -323,9 +326,6 @@ def train(config: TrainConfig, log=print, stop_after: int | None = None) -> Path
         state["stopped_early"] = False
     if state.get("stopped_early"):
         log(f"{out_dir}: already finished (early stop at epoch {state['epoch']})")
-    last_epoch = config.epochs if stop_after is None else stop_after
-    if state["epoch"] > last_epoch:
-        raise ValueError(f"{last_path} is at epoch {state['epoch']}, past --stop-after {stop_after}")
     while state["epoch"] < last_epoch and not state.get("stopped_early"):
         started = time.time()
         hardness = negative_hardness(model, negatives, device) if negatives.per_epoch and negatives.hard_share else None

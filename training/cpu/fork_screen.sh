@@ -141,11 +141,7 @@ done
 for name in arm_e$LAST control_e$LAST control_e${LAST}_offset1 control_e${LAST}_offset2 shared_e$FORK; do evaluate "$name"; done
 
 # 7. Into RESULTS.
-jpegs() {  # PNG_FOLDER JPEG_FOLDER
-    "$PYTHON" -c "import sys, cv2; from pathlib import Path
-for png in sorted(Path(sys.argv[1]).glob('*.png')):
-    cv2.imwrite(str(Path(sys.argv[2]) / (png.stem + '.jpg')), cv2.imread(str(png)), [cv2.IMWRITE_JPEG_QUALITY, 85])" "$1" "$2"
-}
+jpegs() { "$PYTHON" -m covidseg_training.jpeg_previews "$1" "$2"; }  # PNG_FOLDER JPEG_FOLDER
 table() {  # NAME DESTINATION
     mkdir -p "$2"
     cp "$work/wholescan-$1/wholescan.md" "$work/wholescan-$1/wholescan.csv" "$work/eval-$1/per_case.csv" \

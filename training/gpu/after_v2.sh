@@ -63,11 +63,7 @@ holdout = TrainConfig.load('configs/$RECIPE.yaml').negatives.holdout
 print(' '.join(holdout[fold][0] for fold in range(5)))")"
 
 # The whole-scan previews of folder $1 as JPEG in folder $2.
-jpeg_previews() {
-    "$PYTHON" -c "import sys, cv2; from pathlib import Path
-for png in sorted(Path(sys.argv[1]).glob('*.png')):
-    cv2.imwrite(str(Path(sys.argv[2]) / (png.stem + '.jpg')), cv2.imread(str(png)), [cv2.IMWRITE_JPEG_QUALITY, 85])" "$1" "$2"
-}
+jpeg_previews() { "$PYTHON" -m covidseg_training.jpeg_previews "$1" "$2"; }
 
 # Export checkpoint $1 as package $3 (version $4) into folder $2, and run the whole-scan checks of the
 # array `scans` on it into folder $5; further arguments go to export.
