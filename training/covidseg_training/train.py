@@ -264,6 +264,10 @@ def out_of_patience(state: dict, config: TrainConfig) -> bool:
     return state["epoch"] - state["best_epoch"] >= config.patience
 
 
+class RunRefused(ValueError):
+    """A run that ``train`` will not start as asked: the message says why and what to change."""
+
+
 def train(config: TrainConfig, log=print, stop_after: int | None = None) -> Path:
     """Train one model as ``config`` says; returns the run folder holding ``best.pt`` and ``history.json``.
 
@@ -274,7 +278,7 @@ def train(config: TrainConfig, log=print, stop_after: int | None = None) -> Path
     the resume point of that epoch, which a later call goes on from, or a second config forks from).
     """
     if stop_after is not None and not 1 <= stop_after <= config.epochs:
-        raise ValueError(f"stop_after must be an epoch of the run (1 to {config.epochs}), not {stop_after}")
+        raise RunRefused(f"stop_after must be an epoch of the run (1 to {config.epochs}), not {stop_after}")
     seed_everything(config.seed)
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -285,7 +289,7 @@ def train(config: TrainConfig, log=print, stop_after: int | None = None) -> Path
 
     dataset = load_dataset(config)
     if dataset.images.shape[1:] != (config.input_size, config.input_size):
-        raise ValueError(f"{config.data or 'the PNG export'}: slices are {dataset.images.shape[1:]} pixels but the "
+        raise RunRefused(f"{config.data or 'the PNG export'}: slices are {dataset.images.shape[1:]} pixels but the "
                          f"config says input_size {config.input_size}; prepare the data at that size or fix the config")
     train_set, val_set = split(config, dataset)
     if config.max_train_slices:
@@ -306,7 +310,7 @@ def train(config: TrainConfig, log=print, stop_after: int | None = None) -> Path
         log(f"starting from the weights of {config.init_from}")
     last_epoch = config.epochs if stop_after is None else stop_after
     if stop_after is not None and state["epoch"] > stop_after:  # before the negatives and the inputs are built
-        raise ValueError(f"{last_path} is at epoch {state['epoch']}, past --stop-after {stop_after}")
+        raise RunRefused(f"{last_path} is at epoch {state['epoch']}, past --stop-after {stop_after}")
 
     forward = training_forward(model, config, device)
     negatives = negative_sampler(config, log)
@@ -398,7 +402,10 @@ def main(argv: list[str] | None = None) -> int:
     config = TrainConfig.load(args.config).override(fold=args.fold, epochs=args.epochs, device=args.device,
                                                     workers=args.workers, compile=args.compile)
     print(run_dir(config))
-    train(config, log=lambda line: print(line, flush=True), stop_after=args.stop_after)
+    try:
+        train(config, log=lambda line: print(line, flush=True), stop_after=args.stop_after)
+    except RunRefused as error:
+        raise SystemExit(str(error)) from None  # one line and exit 2 from the CLI, not a traceback
     return 0
 
 

@@ -10,10 +10,14 @@ epoch draws its slices, augmentation and negatives from the seed, the epoch and 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from covidseg_training.config import TrainConfig
 from covidseg_training.data import INFECTION, LUNG
@@ -105,6 +109,16 @@ def test_stop_after_must_be_an_epoch_of_the_run(tmp_path):
         with pytest.raises(ValueError, match=r"stop_after must be an epoch of the run \(1 to 3\)"):
             train(config, log=lambda _: None, stop_after=epoch)
     assert not (tmp_path / "never").exists(), "refused before anything was written"
+
+
+def test_the_cli_refuses_a_stop_after_outside_the_run_in_one_line(tmp_path):
+    config = tmp_path / "never.yaml"
+    config.write_text(yaml.safe_dump({"name": "never", "epochs": 3, "output_dir": str(tmp_path / "runs")}))
+    done = subprocess.run([sys.executable, "-m", "covidseg_training", "train", str(config), "--stop-after", "4"],
+                          capture_output=True, text=True, cwd=Path(__file__).parents[1], timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip() == "train: stop_after must be an epoch of the run (1 to 3), not 4"
+    assert not (tmp_path / "runs" / "never").exists(), "refused before anything was written"
 
 
 @pytest.mark.parametrize("name", ["last.pt", "best.pt", "epoch02.pt", "epoch03.pt"])
