@@ -185,12 +185,18 @@ def plot_painted_slices(rows: list[tuple[int | str, np.ndarray, np.ndarray, np.n
 
 
 def plot_tradeoff(points: list[dict[str, Any]], curve: list[str], curve_name: str, path: Path) -> None:
+    """``tradeoff_figure`` saved to ``path``."""
+    _save_figure(tradeoff_figure(points, curve, curve_name), path)
+
+
+def tradeoff_figure(points: list[dict[str, Any]], curve: list[str], curve_name: str):
     """Up to three panels against infection found on the COVID-19 scan (``covid_found``): the mean
     infection on the healthy kernels (``healthy_mean``, target under 30 mL), the mean share of LIDC nodule
     voxels called infection (``nodule_mean``) and the fit to the labelled slices (``fit``); a panel no
     point has a value for is left out. ``points`` hold those keys and a ``label`` each (None where
     unknown), and optionally a ``group`` (points of a group share a colour and a legend entry); the
-    labels in ``curve`` are joined by a line."""
+    labels in ``curve`` are joined by a line. The legend (the line and the groups) is drawn above the
+    panels, where it covers none of them."""
     plt = _pyplot()
     panels = [(key, ylabel) for key, ylabel in (
         ("healthy_mean", "example-chest-ct infection, mean of kernels L and B (mL)"),
@@ -224,6 +230,8 @@ def plot_tradeoff(points: list[dict[str, Any]], curve: list[str], curve_name: st
         axis.grid(alpha=0.3)
         if key == "healthy_mean":
             axis.axhline(30, color="0.8", linestyle="--", zorder=0)
-    if len(curve) > 1 or groups:
-        axes[0][0].legend(loc="upper left", fontsize=8)
-    _save_figure(figure, path)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    if handles:  # above the panels: inside one it covered the points in its corner
+        figure.legend(handles, labels, loc="lower center", bbox_to_anchor=(0.5, 0.98), ncol=min(len(handles), 2),
+                      fontsize=8, frameon=False)
+    return figure

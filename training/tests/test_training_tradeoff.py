@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from covidseg_training.figures import tradeoff_figure
 from covidseg_training.tradeoff import healthy_mean, main as tradeoff_main, nodule_mean, read_model
 
 COLUMNS = ("scan", "infection_ml", "largest_infection_component_ml", "nodule_infection_percent")
@@ -100,3 +101,18 @@ def test_bad_groups_are_named(tmp_path):
     with pytest.raises(SystemExit, match="no file"):
         tradeoff_main(["--model", f"x={tmp_path / 'gone.csv'}", "--out", str(tmp_path / "t.md")])
     assert not (tmp_path / "t.md").exists()
+
+
+def test_the_legend_lies_outside_every_panel():
+    points = [{"label": f"e{epoch}", "covid_found": 200.0 + 10 * epoch, "healthy_mean": 40.0 - epoch,
+               "nodule_mean": 30.0 + epoch, "fit": 0.70 + epoch / 100, "group": "arm" if epoch > 2 else None}
+              for epoch in range(1, 6)]
+    figure = tradeoff_figure(points, ["e1", "e2"], "control's line")
+    figure.canvas.draw()
+    renderer = figure.canvas.get_renderer()
+    legend = figure.legends[0].get_window_extent(renderer)
+    assert [text.get_text() for text in figure.legends[0].get_texts()] == ["control's line", "arm"]
+    assert len(figure.axes) == 3
+    for axis in figure.axes:
+        assert axis.get_legend() is None
+        assert not legend.overlaps(axis.get_window_extent(renderer)), "the legend covers a panel"
