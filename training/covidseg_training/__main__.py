@@ -1,4 +1,5 @@
-"""``python -m covidseg_training COMMAND ...``: download, prepare, train, average, crossval, evaluate, robustness,
+"""``python -m covidseg_training COMMAND ...``: download, prepare, train, average, crossval, aggregate, evaluate,
+robustness,
 export, ensemble, path_probe, wholescan, tradeoff."""
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ COMMANDS = {
     "train": ("train", "train one fold (or all data) from a config YAML"),
     "average": ("average", "average a run's kept epochs (epochNN.pt) into one checkpoint"),
     "crossval": ("crossval", "train + evaluate every fold, then aggregate"),
+    "aggregate": ("aggregate", "folds evaluated one by one -> the cross-validation tables"),
     "evaluate": ("evaluate", "metrics, curves and plots on a validation fold"),
     "robustness": ("robustness", "healthy lung called infection, as is and at 3 mm resolution"),
     "export": ("export", "checkpoint -> TorchScript .pt + JSON manifest"),

@@ -158,8 +158,8 @@ done
 # committed in $RESULTS/foldK/ for a fold whose run folder went with an earlier machine.
 eval_dirs=()
 for k in 0 1 2 3 4; do
-    if [ -f "$runs/$RECIPE/fold$k/eval/summary.json" ]; then eval_dirs+=("$runs/$RECIPE/fold$k/eval")
-    elif [ -f "$RESULTS/fold$k/summary.json" ] && [ -f "$RESULTS/fold$k/per_case.csv" ]; then eval_dirs+=("$RESULTS/fold$k")
+    if [ -f "$runs/$RECIPE/fold$k/eval/summary.json" ]; then eval_dirs+=("$k=$runs/$RECIPE/fold$k/eval")
+    elif [ -f "$RESULTS/fold$k/summary.json" ] && [ -f "$RESULTS/fold$k/per_case.csv" ]; then eval_dirs+=("$k=$RESULTS/fold$k")
     fi
 done
 # How many folds the aggregate in $runs/$RECIPE/crossval covers: a fold's own `crossval --folds K` leaves
@@ -170,8 +170,7 @@ crossval_folds() {
 }
 if [ "$(crossval_folds)" != 5 ] && [ ${#eval_dirs[@]} -eq 5 ]; then
     rm -rf "${runs:?}/$RECIPE/crossval"
-    "$PYTHON" -c "import sys; from pathlib import Path; from covidseg_training.crossval import aggregate
-aggregate({k: Path(d) for k, d in enumerate(sys.argv[2:])}, Path(sys.argv[1]))" "$runs/$RECIPE/crossval" "${eval_dirs[@]}"
+    "$PYTHON" -m covidseg_training aggregate "$runs/$RECIPE/crossval" "${eval_dirs[@]}"
 fi
 crossval=""
 if [ "$(crossval_folds)" = 5 ]; then
