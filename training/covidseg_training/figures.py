@@ -198,6 +198,7 @@ def tradeoff_figure(points: list[dict[str, Any]], curve: list[str], curve_name: 
     labels in ``curve`` are joined by a line. The legend (the line and the groups) is drawn above the
     panels, where it covers none of them."""
     plt = _pyplot()
+    from adjustText import adjust_text
     panels = [(key, ylabel) for key, ylabel in (
         ("healthy_mean", "example-chest-ct infection, mean of kernels L and B (mL)"),
         ("nodule_mean", "LIDC nodule voxels called infection (%), mean of the scans checked"),
@@ -214,6 +215,7 @@ def tradeoff_figure(points: list[dict[str, Any]], curve: list[str], curve_name: 
         if len(line) > 1:
             axis.plot([x for x, _ in line], [y for _, y in line], "-", color="0.6", zorder=1, label=curve_name)
         legend_done: set[str] = set()
+        labels = []
         for point in points:
             x, y = point["covid_found"], point[key]
             if x is None or y is None:
@@ -223,13 +225,16 @@ def tradeoff_figure(points: list[dict[str, Any]], curve: list[str], curve_name: 
             axis.scatter([x], [y], s=30, zorder=2, color=colour,
                          label=group if group and group not in legend_done else None)
             legend_done.add(group)
-            axis.annotate(point["label"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            labels.append(axis.text(x, y, point["label"], fontsize=8))
         axis.axvline(200, color="0.8", linestyle="--", zorder=0)
         axis.set_xlabel("covid-chest-ct: infection found (mL; target at least 200)")
         axis.set_ylabel(ylabel)
         axis.grid(alpha=0.3)
         if key == "healthy_mean":
             axis.axhline(30, color="0.8", linestyle="--", zorder=0)
+        # neighbouring epochs sit a few mL apart: their labels are moved apart, each joined to its point
+        adjust_text(labels, ax=axis, iter_lim=500,  # a step limit, not its default time limit: the same figure on any machine
+                    arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.5})
     handles, labels = axes[0][0].get_legend_handles_labels()
     if handles:  # above the panels: inside one it covered the points in its corner
         figure.legend(handles, labels, loc="lower center", bbox_to_anchor=(0.5, 0.98), ncol=min(len(handles), 2),

@@ -116,3 +116,19 @@ def test_the_legend_lies_outside_every_panel():
     for axis in figure.axes:
         assert axis.get_legend() is None
         assert not legend.overlaps(axis.get_window_extent(renderer)), "the legend covers a panel"
+
+
+def test_labels_of_neighbouring_points_do_not_cover_each_other():
+    # five epochs a few mL apart, as a run's last epochs sit: their labels would be drawn on top of each other
+    points = [{"label": f"late masses e{epoch}", "covid_found": 200.0 + 2 * (epoch % 3), "healthy_mean": 8.0 + epoch % 2,
+               "nodule_mean": 44.0 + epoch % 2, "fit": None} for epoch in range(26, 31)]
+    points.append({"label": "control e30", "covid_found": 260.0, "healthy_mean": 30.0, "nodule_mean": 69.0,
+                   "fit": None})
+    figure = tradeoff_figure(points, [], "")
+    figure.canvas.draw()
+    renderer = figure.canvas.get_renderer()
+    for axis in figure.axes:
+        boxes = [text.get_window_extent(renderer) for text in axis.texts]
+        assert len(boxes) == len(points)
+        overlapping = [(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1:] if a.overlaps(b)]
+        assert not overlapping, f"{len(overlapping)} pairs of labels overlap"
