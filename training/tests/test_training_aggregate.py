@@ -18,7 +18,7 @@ RECIPE = TRAINING / "results" / "v2" / "v2_dense_hardneg"
 
 def run_aggregate(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "covidseg_training", "aggregate", *args], capture_output=True,
-                          text=True, cwd=TRAINING, timeout=300)
+                          text=True, encoding="utf-8", cwd=TRAINING, timeout=300)  # it prints ±, whatever the locale
 
 
 def test_the_committed_folds_give_the_committed_cross_validation(tmp_path):
