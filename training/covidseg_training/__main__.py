@@ -1,6 +1,5 @@
 """``python -m covidseg_training COMMAND ...``: download, prepare, train, average, crossval, aggregate, evaluate,
-robustness,
-export, ensemble, path_probe, wholescan, tradeoff."""
+robustness, export, ensemble, path_probe, wholescan, tradeoff."""
 
 from __future__ import annotations
 

@@ -196,7 +196,7 @@ def tradeoff_figure(points: list[dict[str, Any]], curve: list[str], curve_name: 
     point has a value for is left out. ``points`` hold those keys and a ``label`` each (None where
     unknown), and optionally a ``group`` (points of a group share a colour and a legend entry); the
     labels in ``curve`` are joined by a line. The legend (the line and the groups) is drawn above the
-    panels, where it covers none of them."""
+    panels, where it covers none of them, and the points' labels are moved off each other (adjustText)."""
     plt = _pyplot()
     from adjustText import adjust_text
     panels = [(key, ylabel) for key, ylabel in (
