@@ -215,7 +215,7 @@ def tradeoff_figure(points: list[dict[str, Any]], curve: list[str], curve_name: 
         if len(line) > 1:
             axis.plot([x for x, _ in line], [y for _, y in line], "-", color="0.6", zorder=1, label=curve_name)
         legend_done: set[str] = set()
-        labels = []
+        texts = []
         for point in points:
             x, y = point["covid_found"], point[key]
             if x is None or y is None:
@@ -225,7 +225,7 @@ def tradeoff_figure(points: list[dict[str, Any]], curve: list[str], curve_name: 
             axis.scatter([x], [y], s=30, zorder=2, color=colour,
                          label=group if group and group not in legend_done else None)
             legend_done.add(group)
-            labels.append(axis.text(x, y, point["label"], fontsize=8))
+            texts.append(axis.text(x, y, point["label"], fontsize=8))
         axis.axvline(200, color="0.8", linestyle="--", zorder=0)
         axis.set_xlabel("covid-chest-ct: infection found (mL; target at least 200)")
         axis.set_ylabel(ylabel)
@@ -233,7 +233,7 @@ def tradeoff_figure(points: list[dict[str, Any]], curve: list[str], curve_name: 
         if key == "healthy_mean":
             axis.axhline(30, color="0.8", linestyle="--", zorder=0)
         # neighbouring epochs sit a few mL apart: their labels are moved apart, each joined to its point
-        adjust_text(labels, ax=axis, iter_lim=500,  # a step limit, not its default time limit: the same figure on any machine
+        adjust_text(texts, ax=axis, iter_lim=500,  # a step limit, not its default time limit: the same figure on any machine
                     arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.5})
     handles, labels = axes[0][0].get_legend_handles_labels()
     if handles:  # above the panels: inside one it covered the points in its corner
