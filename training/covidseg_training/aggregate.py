@@ -16,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .crossval import aggregate
+from .crossval import aggregate, print_summary
 
 
 def parse_folds(items: list[str]) -> dict[int, Path]:
@@ -41,10 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", type=Path, help="folder for the cross-validation tables")
     parser.add_argument("folds", nargs="+", metavar="FOLD=FOLDER", help="a fold's evaluation folder")
     args = parser.parse_args(argv)
-    result = aggregate(parse_folds(args.folds), args.out)
-    for column in ("lung_dice", "infection_dice"):
-        stats = result["over_folds"][column]
-        print(f"{column}: {stats['mean']:.3f} ± {stats['sd']:.3f} over {stats['n']} folds")
+    print_summary(aggregate(parse_folds(args.folds), args.out))
     print(f"wrote {args.out}")
     return 0
 

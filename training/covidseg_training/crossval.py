@@ -148,6 +148,17 @@ def aggregate(eval_dirs: dict[int, Path], out_dir: Path) -> dict[str, Any]:
     return result
 
 
+def print_summary(result: dict[str, Any]) -> None:
+    """The headline of an aggregate: mean ± sd over the folds, and the last-epoch pair where histories were found."""
+    for column in ("lung_dice", "infection_dice", "infection_nsd"):
+        stats = result["over_folds"][column]
+        print(f"{column}: {stats['mean']:.3f} ± {stats['sd']:.3f} over {stats['n']} folds")
+    if "epoch_selection" in result:
+        last = result["epoch_selection"]["over_folds"]
+        print(f"at each fold's last epoch (no held-out case chose it): lung_dice {last['lung_dice_last']['mean']:.3f}, "
+              f"infection_dice {last['infection_dice_last']['mean']:.3f} (training history)")
+
+
 def crossval(config: TrainConfig, folds: list[int] | None = None, *, pixel_mm: float = DEFAULT_PIXEL_MM,
              robustness: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run (or resume) every fold in ``folds`` (default all) and aggregate; returns the aggregate summary."""
@@ -175,13 +186,7 @@ def main(argv: list[str] | None = None) -> int:
                                                     compile=args.compile)
     result = crossval(config, args.folds, pixel_mm=args.pixel_mm, robustness=not args.no_robustness,
                       log=lambda line: print(line, flush=True))
-    for column in ("lung_dice", "infection_dice", "infection_nsd"):
-        stats = result["over_folds"][column]
-        print(f"{column}: {stats['mean']:.3f} ± {stats['sd']:.3f} over {stats['n']} folds")
-    if "epoch_selection" in result:
-        last = result["epoch_selection"]["over_folds"]
-        print(f"at each fold's last epoch (no held-out case chose it): lung_dice {last['lung_dice_last']['mean']:.3f}, "
-              f"infection_dice {last['infection_dice_last']['mean']:.3f} (training history)")
+    print_summary(result)
     return 0
 
 

@@ -26,6 +26,7 @@ def test_the_committed_folds_give_the_committed_cross_validation(tmp_path):
     done = run_aggregate(str(out), *(f"{fold}={RECIPE / f'fold{fold}'}" for fold in range(5)))
     assert done.returncode == 0, done.stderr
     assert "infection_dice: 0.7" in done.stdout and "over 5 folds" in done.stdout
+    assert "at each fold's last epoch (no held-out case chose it): lung_dice 0.98" in done.stdout  # as crossval prints
     for table in ("per_case.csv", "folds.csv", "summary.csv"):
         assert (out / table).read_bytes() == (RECIPE / "crossval" / table).read_bytes(), table
     ours, committed = (json.loads((folder / "summary.json").read_text()) for folder in (out, RECIPE / "crossval"))
