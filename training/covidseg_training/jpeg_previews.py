@@ -16,11 +16,17 @@ QUALITY = 85
 
 
 def write_jpeg_copies(png_folder: Path, jpeg_folder: Path, quality: int = QUALITY) -> list[Path]:
-    """Write ``<stem>.jpg`` into ``jpeg_folder`` for each ``*.png`` in ``png_folder``; returns the JPEGs."""
+    """Write ``<stem>.jpg`` into ``jpeg_folder`` (made if missing) for each ``*.png`` in ``png_folder``; returns
+    the JPEGs. OpenCV reports a failed read or write only by its return value, so each is checked here."""
     written = []
+    Path(jpeg_folder).mkdir(parents=True, exist_ok=True)
     for png in sorted(Path(png_folder).glob("*.png")):
         jpeg = Path(jpeg_folder) / f"{png.stem}.jpg"
-        cv2.imwrite(str(jpeg), cv2.imread(str(png)), [cv2.IMWRITE_JPEG_QUALITY, quality])
+        image = cv2.imread(str(png))
+        if image is None:
+            raise ValueError(f"{png}: not a readable PNG")
+        if not cv2.imwrite(str(jpeg), image, [cv2.IMWRITE_JPEG_QUALITY, quality]):
+            raise OSError(f"{jpeg}: could not be written")
         written.append(jpeg)
     return written
 
