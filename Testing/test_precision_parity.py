@@ -3,7 +3,9 @@ autocast on a CPU with native bf16, fp16 on CUDA) against ``precision="fp32"``, 
 real chest CTs in shared data: per-label Dice at least 0.99, every lung volume within 1%, every
 infection volume within 1% plus 0.1% of its lung's volume (on a scan with a millilitre of infection
 a few boundary voxels are more than 1% of it, yet move the percent of lung affected by far less than
-0.1 point).
+0.1 point). For the same reason infection may fall under Dice 0.99 when the voxels the two precisions
+label differently add up to at most 1% of the infection plus 0.01% of the lung: on healthy scans with
+under 30 mL of infection in small pieces (model 2.2.0), half a millilitre of boundary voxels is Dice 0.98.
 
 Skips, with the reason, on a CPU without native bf16 (there the fast path is fp32 itself), without
 CUDA for the GPU case, and when the real data is absent.
@@ -31,6 +33,7 @@ SCANS = [
 MIN_DICE = 0.99
 MAX_VOLUME_DIFFERENCE = 0.01
 MAX_INFECTION_DIFFERENCE_OF_LUNG = 0.001
+MAX_INFECTION_VOXELS_DIFFERING_OF_LUNG = 0.0001
 LABELS = {1: "right lung", 2: "left lung", 3: "infection"}
 
 
@@ -61,10 +64,19 @@ def test_fast_path_matches_fp32_on_real_scans(device: str, scan: tuple[str, str]
     assert (fast.precision, full.precision) == (precision, "fp32")
     fast_labels = sitk.GetArrayViewFromImage(fast.labelmap)
     full_labels = sitk.GetArrayViewFromImage(full.labelmap)
-    for value, name in LABELS.items():
-        score = dice(fast_labels == value, full_labels == value)
-        assert score >= MIN_DICE, f"{name}: Dice {score:.4f} between {precision} and fp32"
     fast_volumes, full_volumes = fast.measurements.to_dict(), full.measurements.to_dict()
+    voxel_ml = float(np.prod(full.labelmap.GetSpacing())) / 1000.0
+    for value, name in LABELS.items():
+        ours, reference = fast_labels == value, full_labels == value
+        score = dice(ours, reference)
+        if value == 3 and score < MIN_DICE:
+            differing_ml = np.count_nonzero(ours ^ reference) * voxel_ml
+            allowed = (MAX_VOLUME_DIFFERENCE * full_volumes["total"]["infection_ml"]
+                       + MAX_INFECTION_VOXELS_DIFFERING_OF_LUNG * full_volumes["total"]["lung_ml"])
+            assert differing_ml <= allowed, (f"{name}: Dice {score:.4f} between {precision} and fp32, "
+                                             f"{differing_ml:.2f} mL labelled differently (allowed {allowed:.2f} mL)")
+        else:
+            assert score >= MIN_DICE, f"{name}: Dice {score:.4f} between {precision} and fp32"
     for region in REGIONS:
         ours, reference = fast_volumes[region], full_volumes[region]
         lung_difference = abs(ours["lung_ml"] - reference["lung_ml"])
