@@ -9,7 +9,7 @@ min-max over such raw values turns lungs mid-grey, which the model reads as infe
 
 A recipe may give the network context across slices (a 2.5D input, ``context_slices``): each slice is
 then segmented from a stack of itself and its neighbours above and below, each one put through the
-same per-slice steps, as channels. Models without it (1.x, 2.0.0) see one slice.
+same per-slice steps, as channels. Models without it (1.x, 2.0.0, 2.2.0) see one slice.
 """
 
 from __future__ import annotations
