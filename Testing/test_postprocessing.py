@@ -9,9 +9,11 @@ import pytest
 from CovidInfectionSegLib.postprocessing import (
     INFECTION,
     LEFT_LUNG,
+    MAX_NODULE_ML,
     RIGHT_LUNG,
     SMALL_SECOND_COMPONENT,
     WITHOUT_ANATOMY_CHECKS,
+    WITHOUT_NODULE_CHECK,
     PostprocessingSettings,
     ellipsoid_structure,
     postprocess,
@@ -182,6 +184,7 @@ def test_infection_far_from_the_lungs_is_removed_and_near_it_kept() -> None:
     far[8:13, 2:8, 36:44] = True  # anterior, between the lungs, far from both (e.g. a bright structure)
     classes[inside] = INFECTED
     classes[near | far] = INFECTED
+    hu[near] = -400.0  # ground glass at the lung's edge (at soft-tissue HU it would be a small solid nodule)
     result = postprocess(classes, hu, SPACING)
     assert np.all(result.labels[inside] == INFECTION)
     assert np.all(result.labels[near] == INFECTION) and np.all(result.side[near] == LEFT_LUNG)
@@ -211,6 +214,43 @@ def test_infection_in_fat_with_a_thin_lung_rim_is_dropped_but_a_lesion_in_aerate
         classes, hu, SPACING, intensities_in_hu=False, settings=PostprocessingSettings(min_lung_component_ml=0.5)
     )
     assert np.any(kept.labels[fat_call] == INFECTION)
+
+
+def test_a_small_solid_nodule_is_lung_while_ground_glass_and_large_consolidation_stay_infection() -> None:
+    classes, hu, right, left = chest(shape=(24, 70, 90))
+    voxel_ml = float(np.prod(SPACING)) / 1000.0
+    nodule = ellipsoid(classes.shape, (12, 35, 22), (2, 4, 4)) & right  # solid, about 0.8 mL
+    ground_glass = ellipsoid(classes.shape, (6, 35, 22), (2, 4, 4)) & right
+    consolidation = ellipsoid(classes.shape, (12, 35, 65), (5, 12, 11)) & left  # solid, over a 30 mm ball
+    assert np.count_nonzero(consolidation) * voxel_ml > MAX_NODULE_ML
+    classes[nodule | ground_glass | consolidation] = INFECTED
+    hu[nodule | consolidation] = 30.0
+    hu[ground_glass] = -600.0
+    result = postprocess(classes, hu, SPACING)
+    assert np.all(result.labels[nodule] == RIGHT_LUNG), "the nodule is lung of its side, not background"
+    assert np.all(result.labels[ground_glass] == INFECTION)
+    assert np.all(result.labels[consolidation] == INFECTION)
+    assert any("are nodules, not pneumonia" in note for note in result.notes), result.notes
+    off = postprocess(classes, hu, SPACING, settings=WITHOUT_NODULE_CHECK)
+    assert np.all(off.labels[nodule] == INFECTION)
+    np.testing.assert_array_equal(off.labels[~nodule], result.labels[~nodule])
+    without_hu = postprocess(classes, hu, SPACING, intensities_in_hu=False)  # min-max data: no HU, no rule
+    assert np.all(without_hu.labels[nodule] == INFECTION)
+
+
+def test_a_nodule_is_solid_by_its_share_of_voxels_above_minus_100_hu() -> None:
+    classes, hu, right, left = chest(shape=(24, 70, 90))
+    lesion = ellipsoid(classes.shape, (12, 35, 22), (3, 6, 6)) & right
+    classes[lesion] = INFECTED
+    hu[lesion] = -600.0
+    z, y, x = np.nonzero(lesion)
+    order = np.argsort(x, kind="stable")
+    for share, expected in ((0.2, INFECTION), (0.3, RIGHT_LUNG)):
+        hu[lesion] = -600.0
+        solid = order[: int(share * order.size)]
+        hu[z[solid], y[solid], x[solid]] = -50.0
+        result = postprocess(classes, hu, SPACING)
+        assert np.all(result.labels[lesion] == expected), f"{share:.0%} solid"
 
 
 def test_infection_is_counted_on_its_lung_side() -> None:

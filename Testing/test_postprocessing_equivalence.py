@@ -34,6 +34,7 @@ from CovidInfectionSegLib.postprocessing import (
     keep_infection_near_lungs,
     large_components_first,
     postprocess,
+    relabel_solid_nodules,
     remove_border_connected,
     remove_small_components,
     split_left_right,
@@ -64,6 +65,7 @@ def whole_grid_postprocess(classes, intensities, spacing_xyz, intensities_in_hu=
     infection = remove_small_components(infection, settings.min_infection_mm3 / float(np.prod(spacing)))
     if intensities_in_hu:
         drop_unaerated_infection(infection, side, intensities, spacing, settings, notes)
+        relabel_solid_nodules(infection, intensities, spacing, settings, notes)
     labels = side.copy()
     labels[infection] = INFECTION
     return labels, side, notes
@@ -154,6 +156,9 @@ def cluttered_chest(seed: int, shape=(40, 96, 112)) -> tuple[np.ndarray, np.ndar
     blobs = ndimage.binary_dilation(noise > 0.9997, structure=ball)
     classes[blobs] = INFECTED  # inside, across the edges and far outside the lungs
     hu[blobs] = rng.normal(-300, 150, np.count_nonzero(blobs)).astype(np.int16)
+    blob_labels, count = ndimage.label(blobs)
+    solid = np.isin(blob_labels, np.arange(1, count + 1, 2))  # every other blob a solid nodule
+    hu[solid] = rng.normal(20, 30, np.count_nonzero(solid)).astype(np.int16)
     classes[(noise > 0.9985) & ~blobs] = LUNG  # specks of "lung"
     classes[:, :3, 20:60] = LUNG  # air along the anterior border
     hu[:, :3, 20:60] = -1000
@@ -181,7 +186,7 @@ def test_the_clutter_exercises_every_rule() -> None:
     found = " ".join(" ".join(whole_grid_postprocess(*cluttered_chest(seed), (1.5, 1.5, 3.0),
                                                      settings=PostprocessingSettings(min_lung_component_ml=1.0))[2])
                      for seed in range(6))
-    for rule in ("image border", "under 1 mL", "not air-filled"):
+    for rule in ("image border", "under 1 mL", "not air-filled", "are nodules"):
         assert rule in found
 
 

@@ -23,9 +23,8 @@ from typing import Any, Sequence
 import numpy as np
 from scipy import ndimage
 
-from CovidInfectionSegLib.postprocessing import INFECTION, label
+from CovidInfectionSegLib.postprocessing import INFECTION, SOLID_HU, label
 
-SOLID_HU = -100.0
 DENSE_HU = -300.0
 GROUND_GLASS_HU = -750.0
 MIN_COMPONENT_ML = 0.1

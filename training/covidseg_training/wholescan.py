@@ -39,7 +39,7 @@ import json
 import os
 import shlex
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -53,7 +53,12 @@ from CovidInfectionSegLib.imageio import to_canonical
 from CovidInfectionSegLib.inference import PRECISIONS, cpu_name, pick_device, pick_precision
 from CovidInfectionSegLib.model_package import ModelError, ModelPackage, default_model_path, load_model_package
 from CovidInfectionSegLib.pipeline import SegmentationResult, segment_file
-from CovidInfectionSegLib.postprocessing import INFECTION, WITHOUT_ANATOMY_CHECKS, PostprocessingSettings
+from CovidInfectionSegLib.postprocessing import (
+    INFECTION,
+    WITHOUT_ANATOMY_CHECKS,
+    WITHOUT_NODULE_CHECK,
+    PostprocessingSettings,
+)
 from CovidInfectionSegLib.preview import Outline, choose_preview_slices, render_preview, write_png
 from CovidInfectionSegLib.validation import InputError
 
@@ -164,6 +169,21 @@ def measure_scan(labels: np.ndarray, classical: np.ndarray, spacing_zyx: Sequenc
     return row
 
 
+def anatomy_checks_off(settings: PostprocessingSettings | None) -> bool:
+    """True for ``WITHOUT_ANATOMY_CHECKS``, whatever its nodule check."""
+    return settings is not None and replace(settings, max_nodule_ml=WITHOUT_ANATOMY_CHECKS.max_nodule_ml) == \
+        WITHOUT_ANATOMY_CHECKS
+
+
+def chosen_settings(no_anatomy_checks: bool, no_nodule_check: bool) -> PostprocessingSettings | None:
+    """The post-processing settings of ``--no-anatomy-checks`` and ``--no-nodule-check``; None for the engine's
+    defaults."""
+    if not no_anatomy_checks and not no_nodule_check:
+        return None
+    settings = WITHOUT_ANATOMY_CHECKS if no_anatomy_checks else PostprocessingSettings()
+    return replace(settings, max_nodule_ml=WITHOUT_NODULE_CHECK.max_nodule_ml) if no_nodule_check else settings
+
+
 def trained_on(model: ModelPackage, scan_name: str) -> bool:
     """True when the model's manifest names the scan in its training data (not a held-out check)."""
     return scan_name in json.dumps(model.manifest.get("training_data", {}))
@@ -206,7 +226,9 @@ def check_scan(spec: ScanSpec, model: ModelPackage, device: str, preview_path: P
         "infection_components": len(components),
         "largest_infection_component_ml": components[0]["ml"] if components else 0.0, "components": components,
         "flip_tta": "yes" if flip_tta else "no",
-        "anatomy_checks": "no" if settings == WITHOUT_ANATOMY_CHECKS else "yes", "precision": result.precision,
+        "anatomy_checks": "no" if anatomy_checks_off(settings) else "yes",
+        "nodule_check": "no" if settings is not None and settings.max_nodule_ml <= 0 else "yes",
+        "precision": result.precision,
         "network_s": result.timings["preprocess_infer"],
     }
     if preview_path is not None:
@@ -267,8 +289,8 @@ COLUMNS = (
     "low_slices_ml_target", "low_slices_ml_met", "low_slices_infection_ml", "nodule_voxels", "nodule_ml", "nodule_infection_voxels",
     "nodule_infection_percent", "nodule_infection_percent_target", "nodule_infection_percent_met",
     "nodule_readers", "nodule_outlines", "nodule_contours_unmatched", "nodule_marks_left_out",
-    "infection_components", "largest_infection_component_ml", "notes", "flip_tta", "anatomy_checks", "precision",
-    "network_s",
+    "infection_components", "largest_infection_component_ml", "notes", "flip_tta", "anatomy_checks", "nodule_check",
+    "precision", "network_s",
 )
 
 
@@ -348,6 +370,9 @@ def table_markdown(rows: Sequence[dict[str, Any]], header_lines: Sequence[str]) 
     if any(row.get("anatomy_checks") == "no" for row in rows):
         lines += ["**Post-processing without its anatomy checks** (`--no-anatomy-checks`: no gas pockets, dense "
                   "false lung, wrapped in tissue or outside air), not as `covidseg segment` runs it.", ""]
+    if any(row.get("nodule_check") == "no" for row in rows):
+        lines += ["**Post-processing without its nodule check** (`--no-nodule-check`: small solid infection components "
+                  "stay infection), not as `covidseg segment` runs it.", ""]
     lines += ["Notes per scan:", ""]
     lines += [f"- {row['scan']}: {row['notes']}" for row in rows if row.get("notes")]
     return "\n".join(lines) + "\n"
@@ -509,6 +534,9 @@ def parse_arguments(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--no-anatomy-checks", action="store_true",
                         help="post-process without the anatomy checks (gas pockets, dense false lung, wrapped in "
                              "tissue, outside air), to measure what they do")
+    parser.add_argument("--no-nodule-check", action="store_true",
+                        help="post-process without the nodule check (small solid infection components become "
+                             "lung), to measure what it does")
     return parser.parse_args(list(argv))
 
 
@@ -558,13 +586,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise SystemExit(f"--out: cannot create {out}: {error}") from error
+    settings = chosen_settings(args.no_anatomy_checks, args.no_nodule_check)
     rows: list[dict[str, Any]] = []
     try:
         for index, spec in enumerate(specs, 1):
             model = models[str(model_paths[spec.name])]
             print(f"[{index}/{len(specs)}] {spec.name}: {spec.path} with {model.name} {model.version}", flush=True)
             row = run_one(spec, model, model_paths[spec.name], device, out, preview_slices=args.preview_slices,
-                          flip_tta=args.flip_tta, settings=WITHOUT_ANATOMY_CHECKS if args.no_anatomy_checks else None,
+                          flip_tta=args.flip_tta, settings=settings,
                           precision=precision)
             print(f"    {row['status']}" + ("" if row["status"] != "ok" else
                   f": lung {row['lung_ml']:.0f} mL, infection {row['infection_ml']:.1f} mL, outside classical "

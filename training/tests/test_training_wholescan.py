@@ -19,14 +19,14 @@ from CovidInfectionSegLib.imageio import read_image, to_canonical
 from CovidInfectionSegLib.inference import pick_precision
 from CovidInfectionSegLib.model_package import load_model_package
 from CovidInfectionSegLib.pipeline import segment_file
-from CovidInfectionSegLib.postprocessing import WITHOUT_ANATOMY_CHECKS
+from CovidInfectionSegLib.postprocessing import WITHOUT_ANATOMY_CHECKS, WITHOUT_NODULE_CHECK, PostprocessingSettings
 from covidseg_training.__main__ import main as training_main
 from covidseg_training.classical_lung import classical_lung_mask
 from covidseg_training.infection_components import components_csv, infection_components
 from covidseg_training.lidc_nodules import nodule_mask, parse_nodule_xml
 from covidseg_training.wholescan import (
-    COVID, HEALTHY, LIDC, ScanSpec, Target, apply_targets, kernel_agreement_lines, measure_scan, preview_slice_indices,
-    summary_lines, table_csv, table_markdown,
+    COVID, HEALTHY, LIDC, ScanSpec, Target, anatomy_checks_off, apply_targets, chosen_settings, kernel_agreement_lines,
+    measure_scan, preview_slice_indices, summary_lines, table_csv, table_markdown,
 )
 from whole_chest import SPACING_ZYX, chest_image, write_nodule_read
 
@@ -238,10 +238,29 @@ def test_no_anatomy_checks_is_passed_to_the_engine_and_recorded(synthetic_scan, 
     model = load_model_package(synthetic_scan["model"])
     result = segment_file(synthetic_scan["scan"], model, device="cpu", settings=WITHOUT_ANATOMY_CHECKS)
     default = segment_file(synthetic_scan["scan"], model, device="cpu")
-    assert row["anatomy_checks"] == "no" and row["flip_tta"] == "no"
+    assert row["anatomy_checks"] == "no" and row["flip_tta"] == "no" and row["nodule_check"] == "yes"
     assert float(row["lung_ml"]) == pytest.approx(result.measurements.total.lung_ml, abs=1e-3)
     assert result.measurements.total.lung_ml > default.measurements.total.lung_ml + 1, "the stomach's gas stays lung"
     assert "Post-processing without its anatomy checks" in (tmp_path / "out" / "wholescan.md").read_text()
+
+
+def test_no_nodule_check_is_passed_to_the_engine_and_recorded(synthetic_scan, tmp_path):
+    row = wholescan_row(synthetic_scan, tmp_path / "out", "--no-nodule-check")
+    result = segment_file(synthetic_scan["scan"], load_model_package(synthetic_scan["model"]), device="cpu",
+                          settings=WITHOUT_NODULE_CHECK)
+    assert row["nodule_check"] == "no" and row["anatomy_checks"] == "yes"
+    assert float(row["infection_ml"]) == pytest.approx(result.measurements.total.infection_ml, abs=1e-3)
+    assert "Post-processing without its nodule check" in (tmp_path / "out" / "wholescan.md").read_text()
+
+
+def test_the_two_post_processing_options_combine():
+    assert chosen_settings(False, False) is None
+    assert chosen_settings(True, False) == WITHOUT_ANATOMY_CHECKS
+    assert chosen_settings(False, True) == WITHOUT_NODULE_CHECK
+    both = chosen_settings(True, True)
+    assert both.max_nodule_ml == 0 and anatomy_checks_off(both)
+    assert not anatomy_checks_off(WITHOUT_NODULE_CHECK) and not anatomy_checks_off(None)
+    assert not anatomy_checks_off(PostprocessingSettings())
 
 
 def test_precision_is_passed_to_the_engine_and_recorded(synthetic_scan, tmp_path):
