@@ -435,7 +435,7 @@ def cross_validation_lines(manifest: dict[str, Any]) -> list[str]:
     lines += [f"           {', '.join(figures[start:start + 3])}" for start in range(0, len(figures), 3)]
     last = block.get("at_last_epoch")
     last_figures = _named_figures(last) if isinstance(last, dict) else []
-    if last_figures:  # the figures above are of epochs picked on the held-out cases themselves
+    if last_figures:  # training history's scores of each fold's last epoch (the block's note says which epoch above)
         lines.append(f"           at each fold's last epoch: {', '.join(last_figures)}")
     return lines
 

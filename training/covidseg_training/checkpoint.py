@@ -8,7 +8,7 @@ from __future__ import annotations
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -66,17 +66,32 @@ def is_torchscript_file(path: Path) -> bool:
         return False
 
 
-def load_network(path: str | Path) -> tuple[torch.nn.Module, TrainConfig | None, str]:
-    """A callable network from a training checkpoint, a TorchScript ``.pt`` or a manifest ``.json``.
+class LoadedNetwork(NamedTuple):
+    """What :func:`load_network` gives: the network, its training config (None for a package), a one-line
+    description, and the epoch whose weights it holds (None where the file does not say)."""
 
-    Returns ``(module, config or None, description)``; a TorchScript package carries no training config.
-    """
+    module: torch.nn.Module
+    config: TrainConfig | None
+    description: str
+    epoch: int | None
+
+
+def load_network(path: str | Path) -> LoadedNetwork:
+    """A callable network from a training checkpoint, a TorchScript ``.pt`` or a manifest ``.json``; a
+    package's epoch is the one its manifest's ``metrics.training_record`` names (what export took)."""
     path = Path(path)
     if path.suffix.lower() == ".json" or (path.is_file() and is_torchscript_file(path)):
         package = load_model_package(path)
-        return package.module, None, f"model package {package.describe()}"
+        record = (package.manifest.get("metrics") or {}).get("training_record") or {}
+        return LoadedNetwork(package.module, None, f"model package {package.describe()}", _epoch(record))
     checkpoint = load_checkpoint(path)
-    return checkpoint.model, checkpoint.config, f"checkpoint {path} ({checkpoint.record})"
+    return LoadedNetwork(checkpoint.model, checkpoint.config, f"checkpoint {path} ({checkpoint.record})",
+                         _epoch(checkpoint.record))
+
+
+def _epoch(record: Any) -> int | None:
+    epoch = record.get("epoch") if isinstance(record, dict) else None
+    return epoch if isinstance(epoch, int) and not isinstance(epoch, bool) else None
 
 
 def initial_state(path: str | Path, config: TrainConfig) -> dict[str, torch.Tensor]:

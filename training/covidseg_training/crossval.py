@@ -53,7 +53,8 @@ def run_fold(config: TrainConfig, *, pixel_mm: float, robustness: bool, log: Cal
     log(f"fold {config.fold}: training into {run_dir(config)}")
     fold_dir = train(config, log=log)
     checkpoint = load_checkpoint(fold_dir / "best.pt")
-    meta = {"model": f"checkpoint {checkpoint.path}", **evaluated_file(checkpoint.path), "fold": config.fold, "n_folds": config.n_folds,
+    meta = {"model": f"checkpoint {checkpoint.path}", **evaluated_file(checkpoint.path),
+            "evaluated_epoch": checkpoint.record.get("epoch"), "fold": config.fold, "n_folds": config.n_folds,
             "split_seed": config.seed, "data": config.data or "shared PNG export (ma2020-covid19-ct-png)"}
     # On the training device: on the GPU machine, five folds evaluated on the CPU's few threads per run (wider
     # network, robustness pass) were still running after as long as their 30 epochs had taken (2026-12-04).
@@ -88,8 +89,9 @@ def _history_of(eval_dir: Path) -> list[dict[str, Any]] | None:
 
 def epoch_selection(eval_dirs: dict[int, Path]) -> dict[str, Any] | None:
     """Per fold, the validation Dice (lung, infection; per-case means, as training recorded them) of the
-    epoch that ``best.pt`` kept and of the last epoch trained, and both over the folds. None unless every
-    fold has a history with validation scores."""
+    epoch that ``best.pt`` kept and of the last epoch trained, and both over the folds; with the epoch the
+    fold's eval/ measured where its summary says (``evaluate`` records it) and, over the folds, which of the
+    two that was (:func:`evaluated_at`). None unless every fold has a history with validation scores."""
     per_fold = {}
     for fold, eval_dir in sorted(eval_dirs.items()):
         history = [record for record in _history_of(eval_dir) or [] if "infection_dice" in record]
@@ -98,18 +100,47 @@ def epoch_selection(eval_dirs: dict[int, Path]) -> dict[str, Any] | None:
         kept = [record for record in history if record.get("kept")]
         # histories written before training marked the kept epoch: its rule (the first of equal scores)
         selected = kept[-1] if kept else max(history, key=selection_score)
+        summary_path = eval_dir / "summary.json"
+        evaluated = json.loads(summary_path.read_text(encoding="utf-8")).get("evaluated_epoch") \
+            if summary_path.is_file() else None
         per_fold[str(fold)] = {"selected_epoch": selected["epoch"], "last_epoch": history[-1]["epoch"],
+                               "evaluated_epoch": evaluated,
                                **{f"{metric}_selected": selected[metric] for metric in SELECTION_METRICS},
                                **{f"{metric}_last": history[-1][metric] for metric in SELECTION_METRICS}}
+    evaluated_at_epoch = evaluated_at(per_fold.values())
     return {
-        "note": "validation scores from each fold's training history (under the training's autocast); unless "
-                "the run kept its last epoch (keep_epoch: last), the selected epoch (best.pt, what the fold's "
-                "eval/ measured) was picked on the same held-out cases, so its figures are optimistic; the last "
-                "epoch is the rule the all-data model follows",
+        "note": EPOCH_SELECTION_NOTES[evaluated_at_epoch],
+        "evaluated_at": evaluated_at_epoch,
         "per_fold": per_fold,
         "over_folds": {f"{metric}_{which}": describe(row[f"{metric}_{which}"] for row in per_fold.values())
                        for which in ("selected", "last") for metric in SELECTION_METRICS},
     }
+
+
+EPOCH_SELECTION_NOTES = {
+    "last": "validation scores from each fold's training history (under the training's autocast); every fold's "
+            "eval/ measured its last epoch, the rule the all-data model follows, so no held-out case chose the "
+            "evaluated epochs; the selected epoch is what best.pt kept",
+    "selected": "validation scores from each fold's training history (under the training's autocast); every fold's "
+                "eval/ measured the selected epoch (best.pt), picked on the same held-out cases, so its figures are "
+                "optimistic; the last epoch is the rule the all-data model follows",
+    "unknown": "validation scores from each fold's training history (under the training's autocast); unless "
+               "the run kept its last epoch (keep_epoch: last), the selected epoch (best.pt, what the fold's "
+               "eval/ measured) was picked on the same held-out cases, so its figures are optimistic; the last "
+               "epoch is the rule the all-data model follows; the folds' eval/ summaries do not all say which "
+               "epoch they measured",
+}
+
+
+def evaluated_at(folds: Any) -> str:
+    """"last" when every fold's eval/ measured its last epoch, "selected" when every one measured the
+    selected epoch (and not all the last), else "unknown" (older summaries without the epoch, or a mix)."""
+    rows = list(folds)
+    if rows and all(row["evaluated_epoch"] == row["last_epoch"] for row in rows):
+        return "last"
+    if rows and all(row["evaluated_epoch"] == row["selected_epoch"] for row in rows):
+        return "selected"
+    return "unknown"
 
 
 def aggregate(eval_dirs: dict[int, Path], out_dir: Path) -> dict[str, Any]:

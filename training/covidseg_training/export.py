@@ -144,6 +144,19 @@ def read_metrics(path: Path | None) -> dict[str, Any]:
     return metrics
 
 
+AT_LAST_EPOCH_NOTES = {
+    "last": "each fold's last epoch, from its training history (under the training's autocast); the figures "
+            "above are of the same epochs, evaluated: every fold was taken at its last epoch, as the all-data "
+            "model is",
+    "selected": "each fold's last epoch, from its training history: the figures above are of the epoch with "
+                "the best score on the fold's own validation cases (optimistic); the all-data model is its "
+                "last epoch",
+    "unknown": "each fold's last epoch, from its training history; which epoch the figures above measured is "
+               "not recorded for every fold (if the best on the fold's own validation cases, they are "
+               "optimistic); the all-data model is its last epoch",
+}
+
+
 def cross_validation_summary(crossval_summary: dict[str, Any], source: str = "") -> dict[str, Any]:
     """The manifest's ``cross_validation`` block from ``crossval``'s aggregate ``summary.json``: per
     metric the mean and sd of the fold means (what ``covidseg info`` shows), the same Dice at each fold's
@@ -163,9 +176,7 @@ def cross_validation_summary(crossval_summary: dict[str, Any], source: str = "")
         last = {metric: selection["over_folds"].get(f"{metric}_last") for metric in SELECTION_METRICS}
         block["at_last_epoch"] = {
             **{metric: {"mean": stats["mean"], "sd": stats["sd"]} for metric, stats in last.items() if isinstance(stats, dict)},
-            "note": "each fold's last epoch, from its training history: the figures above are of the epoch with "
-                    "the best score on the fold's own validation cases (optimistic); the all-data model is its "
-                    "last epoch",
+            "note": AT_LAST_EPOCH_NOTES.get(selection.get("evaluated_at"), AT_LAST_EPOCH_NOTES["unknown"]),
         }
     healthy = crossval_summary.get("healthy_lung_called_infection")
     if isinstance(healthy, dict):

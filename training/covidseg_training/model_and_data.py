@@ -51,7 +51,7 @@ def evaluated_file(path: Path) -> dict[str, str]:
 
 
 def resolve_model_and_data(args: argparse.Namespace) -> tuple[torch.nn.Module, SliceDataset, dict[str, Any]]:
-    network, stored_config, description = load_network(args.checkpoint)
+    network, stored_config, description, epoch = load_network(args.checkpoint)
     if args.config:
         config = TrainConfig.load(args.config)
     elif stored_config is not None:
@@ -65,8 +65,8 @@ def resolve_model_and_data(args: argparse.Namespace) -> tuple[torch.nn.Module, S
     dataset = validation_set(config)
     if args.flip_tta:
         network = FlipAveraged(network)
-    meta = {"model": description, **evaluated_file(args.checkpoint), "flip_tta": args.flip_tta,
-            "config": str(args.config) if args.config else "stored in the checkpoint",
+    meta = {"model": description, **evaluated_file(args.checkpoint), "evaluated_epoch": epoch,
+            "flip_tta": args.flip_tta, "config": str(args.config) if args.config else "stored in the checkpoint",
             "data": config.data or "shared PNG export (ma2020-covid19-ct-png)", "fold": config.fold,
             "n_folds": config.n_folds, "split_seed": config.seed}
     return network, dataset, meta

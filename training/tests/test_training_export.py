@@ -98,11 +98,14 @@ def test_manifest_says_what_the_negative_scans_taught_and_where_they_come_from(c
 
 def test_load_network_tells_checkpoints_from_packages(checkpoint_path, tmp_path):
     manifest_path = export_checkpoint(checkpoint_path, tmp_path, "pkg", "1.0.0", training_data={"note": "test"})
+    trained = load_checkpoint(checkpoint_path).record["epoch"]
+    assert isinstance(trained, int)
     for path in (manifest_path, tmp_path / "pkg.pt"):
-        network, config, description = load_network(path)
+        network, config, description, epoch = load_network(path)
         assert config is None and "model package" in description
-    network, config, description = load_network(checkpoint_path)
-    assert config is not None and config.base_channels == 4
+        assert epoch == trained  # the manifest's training record names the epoch export took
+    network, config, description, epoch = load_network(checkpoint_path)
+    assert config is not None and config.base_channels == 4 and epoch == trained
 
 
 def test_verification_catches_a_different_network(checkpoint_path):

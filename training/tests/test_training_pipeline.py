@@ -19,6 +19,7 @@ from CovidInfectionSegLib.model_package import load_model_package
 from covidseg_training import download
 from covidseg_training.__main__ import main as cli
 from covidseg_training.data import SliceDataset
+from covidseg_training.export import AT_LAST_EPOCH_NOTES
 
 TINY_CONFIG = {
     "name": "tiny", "n_folds": 2, "fold": 0, "seed": 0, "input_size": 64, "base_channels": 4, "depth": 2,
@@ -110,12 +111,16 @@ def test_crossval_puts_each_folds_last_epoch_beside_the_epoch_picked_on_its_own_
         row = selection["per_fold"][str(fold)]
         kept = load_checkpoint(folder / "best.pt").record  # what eval/ measured
         assert row["selected_epoch"] == kept["epoch"] and row["infection_dice_selected"] == kept["infection_dice"]
+        assert row["evaluated_epoch"] == kept["epoch"]  # eval/'s summary says which epoch it measured
         assert row["last_epoch"] == 25 and row["infection_dice_last"] == history[-1]["infection_dice"]
         assert row["lung_dice_last"] == history[-1]["lung_dice"]
         # the kept epoch has the best validation score of all, the last one included
         assert row["lung_dice_selected"] + row["infection_dice_selected"] >= row["lung_dice_last"] + row["infection_dice_last"]
     assert selection["over_folds"]["infection_dice_last"]["mean"] == pytest.approx(
         np.mean([selection["per_fold"][k]["infection_dice_last"] for k in ("0", "1")]))
+    rows = selection["per_fold"].values()
+    assert selection["evaluated_at"] == ("last" if all(r["selected_epoch"] == r["last_epoch"] for r in rows)
+                                         else "selected")
 
 
 def test_epoch_selection_reads_copied_tables_and_needs_every_folds_history(tmp_path):
@@ -132,15 +137,40 @@ def test_epoch_selection_reads_copied_tables_and_needs_every_folds_history(tmp_p
     history = [{"epoch": i + 1, "loss": 1.0, "lung_dice": lung, "infection_dice": infection}
                for i, (lung, infection) in enumerate(scores)]
     selection = epoch_selection({0: fold_folder("a", history), 1: fold_folder("b", history[:2])})
-    assert selection["per_fold"]["0"] == {"selected_epoch": 2, "last_epoch": 4, "lung_dice_selected": 0.95,
-                                          "infection_dice_selected": 0.70, "lung_dice_last": 0.97,
-                                          "infection_dice_last": 0.60}
+    assert selection["per_fold"]["0"] == {"selected_epoch": 2, "last_epoch": 4, "evaluated_epoch": None,
+                                          "lung_dice_selected": 0.95, "infection_dice_selected": 0.70,
+                                          "lung_dice_last": 0.97, "infection_dice_last": 0.60}
+    assert selection["evaluated_at"] == "unknown" and "do not all say" in selection["note"]
     assert selection["per_fold"]["1"]["selected_epoch"] == selection["per_fold"]["1"]["last_epoch"] == 2
     assert selection["over_folds"]["infection_dice_last"]["mean"] == pytest.approx(0.65)
     assert selection["over_folds"]["infection_dice_selected"]["mean"] == pytest.approx(0.70)
     assert epoch_selection({0: fold_folder("c", history), 1: fold_folder("d", None)}) is None
     no_validation = [{"epoch": 1, "loss": 1.0}]  # an all-data run's history
     assert epoch_selection({0: fold_folder("e", no_validation)}) is None
+
+
+def test_epoch_selection_says_which_epoch_the_folds_evaluations_measured(tmp_path):
+    from covidseg_training.crossval import epoch_selection
+
+    history = [{"epoch": i + 1, "loss": 1.0, "lung_dice": 0.9, "infection_dice": score}
+               for i, score in enumerate((0.5, 0.7, 0.6))]  # epoch 2 selected, epoch 3 last
+
+    def folds(*evaluated):
+        dirs = {}
+        for fold, epoch in enumerate(evaluated):
+            folder = tmp_path / f"{'_'.join(map(str, evaluated))}_{fold}"
+            folder.mkdir()
+            (folder / "history.json").write_text(json.dumps(history), encoding="utf-8")
+            (folder / "summary.json").write_text(json.dumps({"evaluated_epoch": epoch}), encoding="utf-8")
+            dirs[fold] = folder
+        return epoch_selection(dirs)
+
+    at_last = folds(3, 3)
+    assert at_last["evaluated_at"] == "last" and at_last["per_fold"]["1"]["evaluated_epoch"] == 3
+    assert "no held-out case chose the evaluated epochs" in at_last["note"]
+    at_selected = folds(2, 2)
+    assert at_selected["evaluated_at"] == "selected" and "optimistic" in at_selected["note"]
+    assert folds(2, 3)["evaluated_at"] == "unknown"
 
 
 def test_crossval_resumes_without_retraining(pipeline, capsys):
@@ -198,6 +228,7 @@ def test_manifest_carries_the_cross_validation_that_covidseg_info_shows(pipeline
     assert set(block["healthy_lung_called_infection"]) == {"as_is", "degraded"}
     last = aggregate["epoch_selection"]["over_folds"]["infection_dice_last"]
     assert block["at_last_epoch"]["infection_dice"] == {"mean": last["mean"], "sd": last["sd"]}
+    assert block["at_last_epoch"]["note"] == AT_LAST_EPOCH_NOTES[aggregate["epoch_selection"]["evaluated_at"]]
     text = "\n".join(describe_model(package))
     assert "cross-validation (2 folds, mean over folds)" in text
     assert f"lung_dice {aggregate['over_folds']['lung_dice']['mean']:.3f}" in text
