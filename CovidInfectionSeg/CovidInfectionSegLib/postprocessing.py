@@ -247,7 +247,6 @@ def lungs_and_infection(
     infection = remove_small_components(infection, settings.min_infection_mm3 / float(np.prod(spacing_zyx)))
     if intensities_in_hu:
         drop_unaerated_infection(infection, side, intensities, spacing_zyx, settings, notes)
-    if intensities_in_hu:
         relabel_solid_nodules(infection, intensities, spacing_zyx, settings, notes)
     labels = side.copy()
     labels[infection] = INFECTION
