@@ -1,5 +1,5 @@
 """``python -m covidseg_training COMMAND ...``: download, prepare, train, average, crossval, aggregate, evaluate,
-robustness, export, ensemble, path_probe, wholescan, tradeoff."""
+robustness, export, ensemble, path_probe, wholescan, nodule_sweep, tradeoff."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ COMMANDS = {
     "ensemble": ("ensemble", "several model packages -> one package, the mean of their softmax"),
     "path_probe": ("path_probe", "can a small classifier tell the PNG export from engine-read negatives?"),
     "wholescan": ("wholescan", "whole real scans through the engine: false lung and infection, missed lung, nodules"),
+    "nodule_sweep": ("nodule_sweep", "wholescan folders -> the nodule check at other thresholds"),
     "tradeoff": ("tradeoff", "models side by side: healthy-scan infection, COVID-19 infection found, fit"),
 }
 

@@ -74,8 +74,13 @@ def infection_components(labels: np.ndarray, ct_hu: np.ndarray, spacing_zyx: Seq
 
 def components_csv(rows: Sequence[dict[str, Any]]) -> str:
     """The rows of :func:`infection_components` as CSV (volumes to 3 decimals, percents to 1)."""
+    return rows_csv(rows, COMPONENT_COLUMNS)
+
+
+def rows_csv(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    """Rows as CSV with ``columns``, floats rounded to 3 decimals."""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=COMPONENT_COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     for row in rows:
         writer.writerow({key: round(value, 3) if isinstance(value, float) else value for key, value in row.items()})
