@@ -5,9 +5,6 @@ bright (solid) lesion."""
 from __future__ import annotations
 
 import csv
-import importlib.util
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,17 +13,8 @@ import SimpleITK as sitk
 from CovidInfectionSegLib.postprocessing import MAX_NODULE_ML, MIN_NODULE_SOLID_SHARE
 from covidseg_training.__main__ import main as training_main
 from covidseg_training.nodule_sweep import ball_ml, sweep_folder, sweep_scan
+from engine_model_factory import model_factory
 from whole_chest import ORIGIN_XYZ, SPACING_ZYX, whole_chest
-
-TESTING = Path(__file__).resolve().parents[2] / "Testing"
-
-
-def _engine_test_module(name: str):
-    spec = importlib.util.spec_from_file_location(f"_engine_{name}", TESTING / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_a_ball_of_30_mm_is_the_engines_largest_nodule():
@@ -57,9 +45,10 @@ def chest_with_solid_lesions(tmp_path_factory) -> dict:
     image.SetSpacing(SPACING_ZYX[::-1])
     image.SetOrigin(ORIGIN_XYZ)
     sitk.WriteImage(image, str(folder / "chest.nii.gz"))
-    factory = _engine_test_module("model_factory")  # the engine tests' phantoms use this network too
-    model = factory.write_model_package(folder / "model", factory.ThresholdNet(lung_below=0.3, infection_above=0.75),
-                                        "lunginf")
+    # the engine tests' phantoms use this network too
+    model = model_factory.write_model_package(folder / "model",
+                                              model_factory.ThresholdNet(lung_below=0.3, infection_above=0.75),
+                                              "lunginf")
     runs = {}
     for name, options in (("without", ["--no-nodule-check"]), ("with", [])):
         assert training_main(["wholescan", "--model", str(model), "--device", "cpu", "--out", str(folder / name),

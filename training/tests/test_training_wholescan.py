@@ -4,7 +4,6 @@ to end on a synthetic chest with a real (tiny) TorchScript model."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import io
 import json
 from pathlib import Path
@@ -28,12 +27,9 @@ from covidseg_training.wholescan import (
     COVID, HEALTHY, LIDC, ScanSpec, Target, anatomy_checks_off, apply_targets, chosen_settings, kernel_agreement_lines,
     measure_scan, preview_slice_indices, summary_lines, table_csv, table_markdown,
 )
+from engine_model_factory import model_factory
 from whole_chest import SPACING_ZYX, chest_image, write_nodule_read
 
-_spec = importlib.util.spec_from_file_location(
-    "_engine_model_factory", Path(__file__).resolve().parents[2] / "Testing" / "model_factory.py")
-model_factory = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(model_factory)
 
 SPACING = (2.0, 1.0, 0.5)  # z, y, x mm: one voxel is 1 mm3
 BOX = (slice(5, 15), slice(10, 30), slice(20, 40))
