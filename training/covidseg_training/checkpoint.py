@@ -28,6 +28,11 @@ class Checkpoint:
     config: TrainConfig
     record: dict[str, Any]
 
+    @property
+    def epoch(self) -> int | None:
+        """The epoch whose weights these are, from the record (None where it does not say)."""
+        return record_epoch(self.record)
+
 
 def build_model(config: TrainConfig) -> UNet2D:
     """The network a config describes (3 classes: background, lung, infection), as it is exported and
@@ -83,13 +88,14 @@ def load_network(path: str | Path) -> LoadedNetwork:
     if path.suffix.lower() == ".json" or (path.is_file() and is_torchscript_file(path)):
         package = load_model_package(path)
         record = (package.manifest.get("metrics") or {}).get("training_record") or {}
-        return LoadedNetwork(package.module, None, f"model package {package.describe()}", _epoch(record))
+        return LoadedNetwork(package.module, None, f"model package {package.describe()}", record_epoch(record))
     checkpoint = load_checkpoint(path)
     return LoadedNetwork(checkpoint.model, checkpoint.config, f"checkpoint {path} ({checkpoint.record})",
-                         _epoch(checkpoint.record))
+                         checkpoint.epoch)
 
 
-def _epoch(record: Any) -> int | None:
+def record_epoch(record: Any) -> int | None:
+    """A training record's ``epoch`` (a checkpoint's, or a package manifest's ``training_record``), or None."""
     epoch = record.get("epoch") if isinstance(record, dict) else None
     return epoch if isinstance(epoch, int) and not isinstance(epoch, bool) else None
 

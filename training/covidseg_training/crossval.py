@@ -54,7 +54,7 @@ def run_fold(config: TrainConfig, *, pixel_mm: float, robustness: bool, log: Cal
     fold_dir = train(config, log=log)
     checkpoint = load_checkpoint(fold_dir / "best.pt")
     meta = {"model": f"checkpoint {checkpoint.path}", **evaluated_file(checkpoint.path),
-            "evaluated_epoch": checkpoint.record.get("epoch"), "fold": config.fold, "n_folds": config.n_folds,
+            "evaluated_epoch": checkpoint.epoch, "fold": config.fold, "n_folds": config.n_folds,
             "split_seed": config.seed, "data": config.data or "shared PNG export (ma2020-covid19-ct-png)"}
     # On the training device: on the GPU machine, five folds evaluated on the CPU's few threads per run (wider
     # network, robustness pass) were still running after as long as their 30 epochs had taken (2026-12-04).
@@ -117,18 +117,17 @@ def epoch_selection(eval_dirs: dict[int, Path]) -> dict[str, Any] | None:
     }
 
 
+HISTORY_SCORES = "validation scores from each fold's training history (under the training's autocast); "
 EPOCH_SELECTION_NOTES = {
-    "last": "validation scores from each fold's training history (under the training's autocast); every fold's "
-            "eval/ measured its last epoch, the rule the all-data model follows, so no held-out case chose the "
-            "evaluated epochs; the selected epoch is what best.pt kept",
-    "selected": "validation scores from each fold's training history (under the training's autocast); every fold's "
-                "eval/ measured the selected epoch (best.pt), picked on the same held-out cases, so its figures are "
-                "optimistic; the last epoch is the rule the all-data model follows",
-    "unknown": "validation scores from each fold's training history (under the training's autocast); unless "
-               "the run kept its last epoch (keep_epoch: last), the selected epoch (best.pt, what the fold's "
-               "eval/ measured) was picked on the same held-out cases, so its figures are optimistic; the last "
-               "epoch is the rule the all-data model follows; the folds' eval/ summaries do not all say which "
-               "epoch they measured",
+    "last": HISTORY_SCORES + "every fold's eval/ measured its last epoch, the rule the all-data model follows, so no "
+                             "held-out case chose the evaluated epochs; the selected epoch is what best.pt kept",
+    "selected": HISTORY_SCORES + "every fold's eval/ measured the selected epoch (best.pt), picked on the same held-out "
+                                 "cases, so its figures are optimistic; the last epoch is the rule the all-data model "
+                                 "follows",
+    "unknown": HISTORY_SCORES + "unless the run kept its last epoch (keep_epoch: last), the selected epoch (best.pt, "
+                                "what the fold's eval/ measured) was picked on the same held-out cases, so its figures "
+                                "are optimistic; the last epoch is the rule the all-data model follows; the folds' "
+                                "eval/ summaries do not all say which epoch they measured",
 }
 
 
