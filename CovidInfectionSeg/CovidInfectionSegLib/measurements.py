@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from .atomic import write_text_atomic
+from .slabs import slabs
 
 GRADE_NAMES = ("none", "minimal", "mild", "moderate", "severe", "critical")
 # Lower bound (percent infected) of grades 2..5; grade 1 is anything above 0 below the first bound.
@@ -134,12 +135,15 @@ def measure(side: np.ndarray, infection: np.ndarray, spacing_mm: tuple[float, ..
     if side.shape != infection.shape:
         raise ValueError(f"side map {side.shape} and infection mask {infection.shape} differ in shape")
     voxel_ml = voxel_volume_ml(spacing_mm)
-    infection = infection.astype(bool, copy=False)
-    regions = {}
-    for name, value in (("right_lung", 1), ("left_lung", 2)):
-        in_lung = side == value
-        regions[name] = RegionMeasurement(
-            lung_ml=float(np.count_nonzero(in_lung)) * voxel_ml,
-            infection_ml=float(np.count_nonzero(in_lung & infection)) * voxel_ml,
-        )
-    return Measurements(**regions)
+    lung_voxels = {1: 0, 2: 0}
+    infected_voxels = {1: 0, 2: 0}
+    for slab in slabs(side.shape):  # no full-size temporaries
+        slab_infection = infection[slab].astype(bool, copy=False)
+        for value in lung_voxels:
+            in_lung = side[slab] == value
+            lung_voxels[value] += int(np.count_nonzero(in_lung))
+            infected_voxels[value] += int(np.count_nonzero(in_lung & slab_infection))
+    return Measurements(**{
+        name: RegionMeasurement(lung_ml=lung_voxels[value] * voxel_ml, infection_ml=infected_voxels[value] * voxel_ml)
+        for name, value in (("right_lung", 1), ("left_lung", 2))
+    })

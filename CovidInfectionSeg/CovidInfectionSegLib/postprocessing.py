@@ -54,6 +54,7 @@ import numpy as np
 from scipy import ndimage
 
 from .gas import GAS_MARGIN_HU, GAS_SMOOTHING_MM, air_level_hu
+from .slabs import slabs
 
 RIGHT_LUNG = 1
 LEFT_LUNG = 2
@@ -209,8 +210,14 @@ class Component:
 def candidate_box(classes: np.ndarray, lung_class: int, infection_class: int) -> tuple[slice, ...] | None:
     """The box around the lung and infection voxels, one voxel wider in-plane where the image allows,
     so that a component touches the box's side exactly where it touches the image's border."""
-    candidate = (classes == lung_class) | (classes == infection_class)
-    return bounding_box(candidate, pad=np.array([0, 1, 1]), shape=classes.shape)
+    present = np.zeros(classes.shape[0], dtype=bool)
+    footprint = np.zeros(classes.shape[1:], dtype=bool)
+    for slab in slabs(classes.shape):
+        candidate = classes[slab] == lung_class
+        candidate |= classes[slab] == infection_class
+        present[slab] = candidate.any(axis=tuple(range(1, classes.ndim)))
+        footprint |= candidate.any(axis=0)
+    return box_from_extents(present, footprint, pad=np.array([0, 1, 1]), shape=classes.shape)
 
 
 def lung_region_padding(spacing_zyx: np.ndarray, settings: PostprocessingSettings) -> np.ndarray:
@@ -241,8 +248,10 @@ def lungs_and_infection(
 ) -> np.ndarray:
     """Steps 3 to 6 on the lungs' side map (changed in place) and the network's infection: the labels."""
     for value in (RIGHT_LUNG, LEFT_LUNG):
-        filled = fill_holes(side == value)
-        side[filled & (side == 0)] = value
+        lung = side == value
+        box = bounding_box(lung)
+        if box is not None:  # fill_holes works in the lung's box anyway; its result there is all of it
+            side[box][fill_holes(lung[box]) & (side[box] == 0)] = value
     infection = keep_infection_near_lungs(infection, side, spacing_zyx, settings)
     infection = remove_small_components(infection, settings.min_infection_mm3 / float(np.prod(spacing_zyx)))
     if intensities_in_hu:
@@ -299,10 +308,10 @@ def drop_gas_pockets(
     # Averaged in-plane over about 4 mm: single noise voxels of a sharp kernel's lung read as light as
     # air and would join into "pockets"; averaged, aerated lung stays well above air.
     width = np.maximum(1, np.round(2 * GAS_SMOOTHING_MM / spacing_zyx[1:]).astype(int) | 1)
-    smoothed = ndimage.uniform_filter(intensities.astype(np.float32), size=(1, *width))
-    gas = smoothed < air_hu + GAS_MARGIN_HU
-    del smoothed
-    raw_gas = intensities < air_hu + GAS_MARGIN_HU
+    gas = np.empty(intensities.shape, dtype=bool)
+    for slab in slabs(intensities.shape):  # in-plane averaging: slab by slab is the same
+        smoothed = ndimage.uniform_filter(intensities[slab].astype(np.float32), size=(1, *width))
+        gas[slab] = smoothed < air_hu + GAS_MARGIN_HU
     regrow = np.zeros((3, 3, 3), dtype=bool)
     regrow[1] = ndimage.generate_binary_structure(2, 1)
     pockets, large = large_components(candidate & gas, voxel_ml, np.floor(GAS_RING_MM / spacing_zyx).astype(int) + 1)
@@ -310,7 +319,7 @@ def drop_gas_pockets(
     for index, box in large:
         # The averaging pulled the pocket's edge in; its own gas voxels there belong to it.
         pocket = ndimage.binary_dilation(pockets[box] == index, structure=regrow, iterations=int(width.max()),
-                                         mask=raw_gas[box])
+                                         mask=intensities[box] < air_hu + GAS_MARGIN_HU)
         distance = ndimage.distance_transform_edt(~pocket, sampling=spacing_zyx)
         near = distance <= GAS_WALL_MM
         ring = (distance <= GAS_RING_MM) & ~near & ~gas[box]
@@ -450,10 +459,9 @@ def outside_air(intensities: np.ndarray, box: tuple[slice, ...]) -> np.ndarray:
     inside = box[1:]
     found = np.zeros(tuple(part.stop - part.start for part in box), dtype=bool)
     for index, z in enumerate(range(box[0].start, box[0].stop)):
-        light = intensities[z] < AERATED_HU
-        walled_in = light.copy()
-        remove_border_connected(walled_in[np.newaxis])
-        found[index] = (light & ~walled_in)[inside]
+        regions, touching = border_regions(intensities[z] < AERATED_HU)
+        if touching is not None:
+            found[index] = touching[regions[inside]]
     return found
 
 
@@ -484,7 +492,7 @@ def large_components_first(
 ) -> tuple[np.ndarray, list[int]]:
     """(voxels per label, the labels of at least ``min_lung_component_ml`` from the largest down); notes
     how many smaller ones there were."""
-    sizes = np.bincount(components.ravel())
+    sizes = component_sizes(components)
     sizes[0] = 0
     min_voxels = settings.min_lung_component_ml / voxel_ml
     order = [int(index) for index in np.argsort(sizes)[::-1] if sizes[index] >= min_voxels]
@@ -513,12 +521,26 @@ def remove_border_connected(mask: np.ndarray) -> int:
         plane = mask[z]
         if not (plane[0].any() or plane[-1].any() or plane[:, 0].any() or plane[:, -1].any()):
             continue
-        regions, _count = ndimage.label(plane)
-        touching = np.unique(np.concatenate([regions[0], regions[-1], regions[:, 0], regions[:, -1]]))
-        outside = np.isin(regions, touching[touching > 0])
+        regions, touching = border_regions(plane)
+        if touching is None:
+            continue
+        outside = touching[regions]
         removed += int(np.count_nonzero(outside))
         plane[outside] = False
     return removed
+
+
+def border_regions(plane: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """The 4-connected regions of the 2D mask ``plane`` (a label array) and a table, indexed by label,
+    true for the regions that touch the border (None when there are no regions)."""
+    regions, count = label(plane)
+    if not count:
+        return regions, None
+    touching = np.zeros(count + 1, dtype=bool)
+    for edge in (regions[0], regions[-1], regions[:, 0], regions[:, -1]):
+        touching[edge] = True
+    touching[0] = False
+    return regions, touching
 
 
 def body_midline_x(
@@ -731,7 +753,7 @@ def solid_nodules(
     if box is None:
         return nodules
     components, count = label(infection[box], np.ones((3,) * infection.ndim, dtype=bool))
-    sizes = np.bincount(components.ravel(), minlength=count + 1)
+    sizes = component_sizes(components, count + 1)
     solid = np.bincount(components[intensities[box] > SOLID_HU], minlength=count + 1)
     small = sizes * (float(np.prod(spacing_zyx)) / 1000.0) <= settings.max_nodule_ml
     nodular = small & (solid >= settings.min_nodule_solid_share * sizes)
@@ -746,7 +768,7 @@ def remove_small_components(mask: np.ndarray, min_voxels: float) -> np.ndarray:
     if box is None or min_voxels <= 1:
         return mask
     components, _count = label(mask[box])
-    sizes = np.bincount(components.ravel())
+    sizes = component_sizes(components)
     small = sizes < min_voxels
     small[0] = True
     result = mask.copy()
@@ -763,6 +785,20 @@ def label(mask: np.ndarray, structure: np.ndarray | None = None) -> tuple[np.nda
         return ndimage.label(mask, structure)
 
 
+def component_sizes(components: np.ndarray, minlength: int = 0) -> np.ndarray:
+    """``np.bincount(components.ravel(), minlength=minlength)`` (voxels per label), counted slab by slab:
+    in one go it would first copy the whole label array to 64-bit integers, 4 to 8 times its size."""
+    sizes = np.zeros(minlength, dtype=np.int64)
+    for slab in slabs(components.shape):
+        counts = np.bincount(components[slab].ravel(), minlength=sizes.size)
+        if counts.size > sizes.size:
+            counts[: sizes.size] += sizes
+            sizes = counts
+        else:
+            sizes += counts
+    return sizes
+
+
 def ellipsoid_structure(radius_mm: float, spacing_zyx: np.ndarray) -> np.ndarray:
     """Boolean ball of ``radius_mm`` on an anisotropic voxel grid (for dilation by a physical margin)."""
     radii = np.floor(radius_mm / spacing_zyx).astype(int)
@@ -775,18 +811,28 @@ def bounding_box(
     mask: np.ndarray, pad: np.ndarray | None = None, shape: tuple[int, ...] | None = None
 ) -> tuple[slice, ...] | None:
     """Slices of the smallest box holding every true voxel (optionally padded), or None if empty."""
-    first = np.flatnonzero(mask.any(axis=tuple(range(1, mask.ndim))))
+    present = mask.any(axis=tuple(range(1, mask.ndim)))
+    first = np.flatnonzero(present)
     if first.size == 0:
         return None
     # The first axis's extent first, then the others from that slab only: two passes, not one per axis.
-    footprint = mask[first[0] : first[-1] + 1].any(axis=0)
+    return box_from_extents(present, mask[first[0] : first[-1] + 1].any(axis=0), pad, shape or mask.shape)
+
+
+def box_from_extents(
+    present: np.ndarray, footprint: np.ndarray, pad: np.ndarray | None, shape: tuple[int, ...]
+) -> tuple[slice, ...] | None:
+    """The box of :func:`bounding_box` from which indices of the first axis hold a true voxel
+    (``present``) and the union of the mask over that axis (``footprint``); None if none."""
+    first = np.flatnonzero(present)
+    if first.size == 0:
+        return None
     extents = [first] + [
         np.flatnonzero(footprint.any(axis=tuple(a for a in range(footprint.ndim) if a != axis)))
         for axis in range(footprint.ndim)
     ]
-    shape = shape or mask.shape
-    pad = np.zeros(mask.ndim, dtype=int) if pad is None else pad
+    pad = np.zeros(len(extents), dtype=int) if pad is None else pad
     return tuple(
-        slice(max(0, present[0] - pad[axis]), min(shape[axis], present[-1] + 1 + pad[axis]))
-        for axis, present in enumerate(extents)
+        slice(max(0, indices[0] - pad[axis]), min(shape[axis], indices[-1] + 1 + pad[axis]))
+        for axis, indices in enumerate(extents)
     )
