@@ -306,7 +306,10 @@ class CovidInfectionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.ui.resultsTableView.setMRMLTableNode(applied.tableNode)
         self.ui.resultsTableView.resizeColumnsToContents()
         self.ui.resultsCollapsibleButton.collapsed = False
-        self.ui.warningsLabel.text = "\n".join(_("Warning: {text}").format(text=text) for text in applied.warnings)
+        self.ui.warningsLabel.text = "\n".join(
+            [_("Warning: {text}").format(text=text) for text in applied.warnings]
+            + [_("Post-processing: {text}").format(text=text) for text in applied.notes]
+        )
         total = applied.measurements.total
         device = applied.result.device
         if applied.result.flip_tta:

@@ -27,6 +27,8 @@ from CovidInfectionSegLib.cli import (
 )
 from CovidInfectionSegLib.sample_data import synthetic_chest
 from dicom_series import write_dicom_series
+from model_factory import write_model_package
+from phantoms import chest_phantom, lung_and_infection_net
 
 ALL_SUFFIXES = (".seg.nrrd", ".labels.nii.gz", ".measurements.csv", ".measurements.json", ".preview.png")
 
@@ -69,6 +71,24 @@ def test_segment_writes_every_output(tmp_path, scans, tiny_model_manifest, capsy
     record = json.loads((out / "alpha.measurements.json").read_text(encoding="utf-8"))
     assert record["source"] == str(scans / "alpha.nii.gz")
     assert record["measurements"]["total"]["lung_ml"] > 0
+
+
+def test_segment_prints_what_the_post_processing_changed(tmp_path, capsys):
+    """The notes of the JSON (specks dropped, a small solid blob called lung, not infection) are printed
+    too, so that a changed call is not found only by reading the JSON; -q prints none of them."""
+    model = write_model_package(tmp_path / "model", lung_and_infection_net(), "lunginf")
+    scan = tmp_path / "phantom.nii.gz"
+    sitk.WriteImage(chest_phantom(shape=(20, 112, 112), spacing=(1.5, 1.5, 2.5), infection_in_right=True).image(),
+                    str(scan))
+    assert main(["segment", str(scan), "-o", str(tmp_path / "out"), "--model", str(model), "--device", "cpu"]) == EXIT_OK
+    printed = capsys.readouterr().out
+    notes = json.loads((tmp_path / "out" / "phantom.measurements.json").read_text(encoding="utf-8"))["notes"]
+    assert any("small solid components" in note for note in notes), notes
+    for note in notes:
+        assert f"post-processing: {note}\n" in printed
+    assert main(["segment", str(scan), "-o", str(tmp_path / "quiet"), "--model", str(model), "--device", "cpu",
+                 "-q"]) == EXIT_OK
+    assert capsys.readouterr().out == ""
 
 
 def test_segment_without_preview(tmp_path, scans, tiny_model_manifest):

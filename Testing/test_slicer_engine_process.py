@@ -136,6 +136,7 @@ def test_child_reports_progress_and_its_result_lands_in_the_scene(scene, model_p
             assert table[title][column] == pytest.approx(row[column], abs=2e-3)
     assert run.applied.measurements.right_lung.lung_ml == pytest.approx(phantom.right_lung.sum() * phantom.voxel_ml, abs=1e-3)
     assert any("volume 'chest'" in warning for warning in run.applied.warnings)  # messages name the node
+    assert run.applied.notes == expected.notes and expected.notes  # the post-processing's notes come back too
 
 
 def test_blocking_process_is_the_same_path_and_cleans_up(scene, model_path, phantom, tmp_path, monkeypatch):

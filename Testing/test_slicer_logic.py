@@ -109,6 +109,9 @@ def test_volume_becomes_segmentation_with_input_geometry(scene, model, phantom, 
     assert np.array_equal(image_to_world, ijk_to_ras(volume))
     assert np.array_equal(voxels, sitk.GetArrayViewFromImage(expected.labelmap))
     assert node.GetNodeReference(node.GetReferenceImageGeometryReferenceRole()) is volume
+    # What the post-processing changed (here: specks dropped) goes on the node, as the warnings do.
+    assert expected.notes and applied.notes == expected.notes
+    assert node.GetAttribute("CovidInfectionSeg.postprocessingNotes") == "\n".join(expected.notes)
 
     # Independent of the engine: the phantom's lung volumes, and sides in patient space (RAS x grows
     # toward the patient's right), whatever the voxel order of the input.

@@ -255,6 +255,8 @@ def run_segment(args: argparse.Namespace) -> int:
         paths = write_all(result, default.image if default is not None else None, outdir, stem, options.preview)
     for warning in result.warnings:
         _error(f"warning: {warning}")
+    for note in result.notes:
+        _say(options, f"post-processing: {note}")
     _say(options, "\n".join(measurement_lines(result.measurements)))
     _say(options, "wrote:\n" + "\n".join(f"  {path}" for path in paths.values()))
     return EXIT_OK

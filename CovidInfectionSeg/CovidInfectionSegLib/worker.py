@@ -85,6 +85,11 @@ class WorkerResult:
         return list(self.summary.get("warnings", []))
 
     @property
+    def notes(self) -> list[str]:
+        """What the post-processing changed in the network's output (``postprocess``'s notes)."""
+        return list(self.summary.get("notes", []))
+
+    @property
     def device(self) -> str:
         return str(self.summary.get("device", ""))
 

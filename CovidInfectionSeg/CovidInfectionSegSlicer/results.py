@@ -49,7 +49,7 @@ REGION_TITLES = (("right_lung", "Right lung"), ("left_lung", "Left lung"), ("tot
 @dataclass
 class AppliedSegmentation:
     """What :func:`applyResult` put into the scene, with the result it came from
-    (a :class:`CovidInfectionSegLib.worker.WorkerResult`: ``measurements``, ``warnings``, ``device``)."""
+    (a :class:`CovidInfectionSegLib.worker.WorkerResult`: ``measurements``, ``warnings``, ``notes``, ``device``)."""
 
     segmentationNode: Any
     tableNode: Any
@@ -63,6 +63,10 @@ class AppliedSegmentation:
     @property
     def warnings(self) -> list[str]:
         return self.result.warnings
+
+    @property
+    def notes(self) -> list[str]:
+        return self.result.notes
 
 
 def buildSegments(labelmap: sitk.Image, segments: Sequence[SegmentInfo], ijkToRas: vtk.vtkMatrix4x4) -> list[Any]:
@@ -217,6 +221,7 @@ def _fillSegmentationNode(segmentationNode: Any, inputVolume: Any, result: Any, 
         segmentationNode.SetAttribute(ATTRIBUTE_PREFIX + "device", result.device)
         segmentationNode.SetAttribute(ATTRIBUTE_PREFIX + "flipTTA", "true" if result.flip_tta else "false")
         segmentationNode.SetAttribute(ATTRIBUTE_PREFIX + "warnings", "\n".join(result.warnings))
+        segmentationNode.SetAttribute(ATTRIBUTE_PREFIX + "postprocessingNotes", "\n".join(result.notes))
     finally:
         segmentationNode.EndModify(wasModifying)
 
