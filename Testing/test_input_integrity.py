@@ -80,6 +80,17 @@ def test_file_cut_inside_its_header_is_an_error(tmp_path, name, compressed, data
         read_image(path)
 
 
+def test_when_the_check_and_the_reader_both_fail_the_check_says_why(tmp_path):
+    """The integrity check runs beside the reader; a gzip stream cut inside the NIfTI header makes both
+    fail, and the message is the check's (what is wrong with the file), not the reader's."""
+    path = write(phantom_image(), tmp_path, "scan.nii.gz", True)
+    path.write_bytes(path.read_bytes()[:40])
+    warnings: list[str] = []
+    with pytest.raises(InputError, match=r"truncated") as caught:
+        read_image(path, warnings)
+    assert "cannot be read" not in str(caught.value) and warnings == []
+
+
 COMPRESSED = [entry for entry in FORMATS if entry[1]]
 
 

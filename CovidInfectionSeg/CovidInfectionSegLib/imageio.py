@@ -15,6 +15,7 @@ import os
 import re
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -38,8 +39,8 @@ MISSING_SLICE_GAP = 1.5
 def read_image(path: str | Path, warnings: list[str] | None = None) -> sitk.Image:
     """Read a CT volume with its geometry (origin, spacing, direction) from a file or a DICOM folder.
 
-    A file is first checked byte by byte (:func:`integrity.verify_image_file`: truncation, damaged
-    compressed data, NaN in NIfTI). A folder is read as a DICOM series; when it holds several series
+    A file is checked byte by byte while it is read (:func:`integrity.verify_image_file`: truncation,
+    damaged compressed data, NaN in NIfTI), and the check's error comes first. A folder is read as a DICOM series; when it holds several series
     the one with the most files is read and a message saying so is appended to ``warnings``. A single
     DICOM file (``.dcm`` or any file with the DICOM preamble) reads the series it belongs to. Slices
     missing from a series, and files of the series that cannot be read, are errors. What the readers
@@ -71,7 +72,24 @@ def is_dicom_file(path: str | Path) -> bool:
 
 
 def _read_file(path: Path, warnings: list[str] | None) -> sitk.Image:
-    verify_image_file(path)
+    # The integrity check streams (and decompresses) the whole file as the reader does, and both let go
+    # of the GIL, so they run side by side: on 2 cores a 512 x 512 x 300 .nii.gz takes about the check's
+    # time instead of the sum. The check's verdict comes first: a damaged file gets its own message,
+    # whatever the reader made of it, and nothing the reader printed is reported for it.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="covidseg-verify") as pool:
+        verified = pool.submit(verify_image_file, path)
+        try:
+            image, messages = _read_file_with_itk(path)
+        except InputError:
+            verified.result()
+            raise
+        verified.result()
+    _report(warnings, [f"{path}: reader says: {message}" for message in messages])
+    return image
+
+
+def _read_file_with_itk(path: Path) -> tuple[sitk.Image, list[str]]:
+    """The image in ``path`` and what ITK printed while reading it; :class:`InputError` if it cannot."""
     reader = sitk.ImageFileReader()
     try:
         reader.SetFileName(itk_path(path))
@@ -90,8 +108,7 @@ def _read_file(path: Path, warnings: list[str] | None) -> sitk.Image:
                 f"{path}: unsupported or unreadable file ({reason}); supported: {SUPPORTED_TEXT}"
             ) from error
         raise InputError(f"{path}: cannot be read, the file is damaged or not what its name says ({reason})") from error
-    _report(warnings, [f"{path}: reader says: {message}" for message in messages])
-    return image
+    return image, messages
 
 
 def _read_dicom_folder(folder: Path, warnings: list[str] | None, containing: Path | None = None) -> sitk.Image:

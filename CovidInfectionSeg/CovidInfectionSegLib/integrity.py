@@ -2,8 +2,9 @@
 
 SimpleITK (ITK 5.4) reads some damaged files without a word: a truncated ``.nii`` or ``.nii.gz`` comes
 back with the missing voxels as 0, NaN and infinite voxels of a NIfTI come back as 0, and neither the
-gzip checksum of NRRD data nor the zlib stream of a compressed MetaImage is verified. So before the
-read, :func:`verify_image_file` streams the file once and raises :class:`InputError` when
+gzip checksum of NRRD data nor the zlib stream of a compressed MetaImage is verified. So
+:func:`verify_image_file` streams the file once (``imageio`` runs it beside the reader, and its error
+wins) and raises :class:`InputError` when
 
 - a compressed stream (gzip ``.nii.gz``, gzip/bzip2 NRRD data, zlib MetaImage data) ends early or
   fails its checksum (a flipped byte, a cut-off copy or download),
