@@ -49,6 +49,10 @@ def test_two_separate_lungs_are_labelled_right_and_left_in_lps() -> None:
     np.testing.assert_array_equal(result.labels == RIGHT_LUNG, right)
     np.testing.assert_array_equal(result.labels == LEFT_LUNG, left)
     np.testing.assert_array_equal(result.side, result.labels)
+    # the region holds every label, so the pipeline measures inside it only
+    outside = np.ones(classes.shape, dtype=bool)
+    outside[result.region] = False
+    assert result.region_side.shape == result.region_labels.shape and not result.labels[outside].any()
 
 
 def test_touching_lungs_are_split_at_the_midline() -> None:
@@ -267,6 +271,7 @@ def test_nothing_in_nothing_out() -> None:
     classes = np.zeros((10, 20, 20), dtype=np.uint8)
     result = postprocess(classes, np.zeros(classes.shape, np.float32), SPACING)
     assert not result.labels.any() and not result.side.any()
+    assert result.region_side.size == 0 and result.region_labels.size == 0
 
 
 def test_ellipsoid_structure_is_physical() -> None:

@@ -140,9 +140,9 @@ def segment_image(
         settings=settings or PostprocessingSettings(),
     )
     del classes
-    infection = lungs.labels == INFECTION
-    measurements = measure(lungs.side, infection, canonical.GetSpacing())
-    lesion = largest_lesion(infection, lungs.side, canonical.GetSpacing()[::-1])
+    infection = lungs.region_labels == INFECTION  # no lung or infection outside the region
+    measurements = measure(lungs.region_side, infection, canonical.GetSpacing())
+    lesion = largest_lesion(infection, lungs.region_side, canonical.GetSpacing()[::-1])
     del infection
     label_image = sitk.GetImageFromArray(lungs.labels)
     label_image.CopyInformation(canonical)

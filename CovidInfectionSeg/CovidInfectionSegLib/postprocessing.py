@@ -119,13 +119,28 @@ WITHOUT_NODULE_CHECK = PostprocessingSettings(max_nodule_ml=0.0)
 class LungSegmentation:
     """Post-processed result on the canonical grid.
 
-    ``labels``: 0 background, 1 right lung, 2 left lung, 3 infection. ``side``: 1 right, 2 left for
-    every lung voxel including infected ones (for per-lung measurements). ``notes``: what was dropped.
+    ``labels``: 0 background, 1 right lung, 2 left lung, 3 infection. ``region``: a box of the grid that
+    holds every lung and infection voxel, and ``region_side`` the side map inside it: 1 right, 2 left for
+    every lung voxel including infected ones (for per-lung measurements; outside the box there is none,
+    so measuring inside it is measuring the whole grid). ``notes``: what was dropped or changed.
     """
 
     labels: np.ndarray
-    side: np.ndarray
+    region: tuple[slice, ...]
+    region_side: np.ndarray
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def side(self) -> np.ndarray:
+        """The side map on the whole grid (a new array)."""
+        side = np.zeros(self.labels.shape, dtype=np.uint8)
+        side[self.region] = self.region_side
+        return side
+
+    @property
+    def region_labels(self) -> np.ndarray:
+        """``labels`` inside ``region`` (a view)."""
+        return self.labels[self.region]
 
 
 def postprocess(
@@ -151,10 +166,10 @@ def postprocess(
     spacing = np.asarray(spacing_xyz, dtype=float)[::-1]  # (z, y, x) like the arrays
     notes: list[str] = []
     labels = np.zeros(classes.shape, dtype=np.uint8)
-    side = np.zeros(classes.shape, dtype=np.uint8)
+    nothing = LungSegmentation(labels, (slice(0, 0),) * classes.ndim, np.zeros((0,) * classes.ndim, np.uint8), notes)
     candidates = candidate_box(classes, lung_class, infection_class)
     if candidates is None:
-        return LungSegmentation(labels=labels, side=side, notes=notes)
+        return nothing
     boxed_classes = classes[candidates]
     candidate = boxed_classes == lung_class
     candidate |= boxed_classes == infection_class
@@ -169,7 +184,7 @@ def postprocess(
     )
     del candidate
     if not lungs:
-        return LungSegmentation(labels=labels, side=side, notes=notes)
+        return nothing
     lungs = [component.shifted([part.start for part in candidates]) for component in lungs]  # volume indices
     midline = body_midline_x(
         intensities,
@@ -186,8 +201,7 @@ def postprocess(
         notes,
     )
     labels[region] = region_labels
-    side[region] = region_side
-    return LungSegmentation(labels=labels, side=side, notes=notes)
+    return LungSegmentation(labels=labels, region=region, region_side=region_side, notes=notes)
 
 
 @dataclass(frozen=True)
