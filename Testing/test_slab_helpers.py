@@ -11,7 +11,7 @@ from CovidInfectionSegLib.postprocessing import (
     bounding_box,
     candidate_box,
     component_sizes,
-    outside_air,
+    outside_air_share,
     remove_border_connected,
 )
 from CovidInfectionSegLib.slabs import SLAB_VOXELS, slabs
@@ -74,14 +74,22 @@ def test_remove_border_connected_clears_exactly_the_regions_touching_the_border(
     assert expected.any()  # walled-in regions remain
 
 
-def test_outside_air_is_light_air_reaching_the_border_within_its_slice() -> None:
+@pytest.mark.parametrize("limit", [0.0, 0.2, 0.5, 0.9, 1.0])
+def test_outside_air_share_decides_as_the_whole_count_and_is_exact_when_over_the_limit(limit) -> None:
     light = random_blobs(3)
     intensities = np.where(light, -900, 40).astype(np.int16)
     box = (slice(4, 31), slice(20, 200), slice(0, 90))
-    expected = np.stack([border_connected_reference(plane) for plane in light])[box]
-    found = outside_air(intensities, box)
-    assert found.shape == expected.shape and expected.any() and (~expected & light[box]).any()
-    np.testing.assert_array_equal(found, expected)
+    outside = np.stack([border_connected_reference(plane) for plane in light])[box]
+    for seed in range(6):  # components with little, some and much of them outside
+        mask = random_blobs(10 + seed, fraction=0.3)[box] & (outside if seed % 3 == 0 else light[box] | (seed % 3 == 1))
+        exact = float(np.mean(outside[mask]))
+        share = outside_air_share(intensities, box, mask, limit)
+        assert (share > limit) == (exact > limit), (seed, share, exact)
+        if exact > limit:
+            assert share == pytest.approx(exact, abs=1e-12)
+        else:
+            assert share <= limit
+    assert outside_air_share(intensities, box, np.zeros(outside.shape, dtype=bool), 0.5) == 0.0
 
 
 def test_measure_counts_across_slabs() -> None:

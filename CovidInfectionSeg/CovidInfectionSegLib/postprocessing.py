@@ -180,7 +180,7 @@ def postprocess(
         drop_dense_false_lung(candidate, boxed_classes == lung_class, intensities[candidates], spacing, settings, notes)
     lungs = lung_components(
         candidate, boxed_classes, lung_class, intensities[candidates], spacing, intensities_in_hu, settings, notes,
-        outside_air=lambda box: outside_air(intensities, shifted_box(box, candidates)),
+        outside_air=lambda box, mask, limit: outside_air_share(intensities, shifted_box(box, candidates), mask, limit),
     )
     del candidate
     if not lungs:
@@ -408,13 +408,14 @@ def lung_components(
     intensities_in_hu: bool,
     settings: PostprocessingSettings,
     notes: list[str] | None = None,
-    outside_air: Callable[[tuple[slice, ...]], np.ndarray] | None = None,
+    outside_air: Callable[[tuple[slice, ...], np.ndarray, float], float] | None = None,
 ) -> list[Component]:
     """At most the two largest 3D components of ``candidate`` that are inside the body, big and air-filled
     (median HU of their ``lung_class`` voxels in ``classes``). Clears the border-connected voxels of
     ``candidate`` in place (it is the largest array here; a copy would add its size to the peak memory).
-    ``outside_air(box)``: the :func:`outside_air` mask over a box of ``candidate``; without it (or with
-    ``settings.max_outside_air_share`` 1) components are not checked for lying outside the body."""
+    ``outside_air(box, mask, limit)``: :func:`outside_air_share` of a component in a box of ``candidate``;
+    without it (or with ``settings.max_outside_air_share`` 1) components are not checked for lying outside
+    the body."""
     notes = notes if notes is not None else []
     voxel_ml = float(np.prod(spacing_zyx)) / 1000.0
     outside = remove_border_connected(candidate)
@@ -455,7 +456,7 @@ def lung_components(
             # The largest component is left to the checks above: it spans the whole chest, and on whole
             # slices this check costs about 4 ms a slice.
             if kept and outside_air is not None and settings.max_outside_air_share < 1:
-                share = float(np.mean(outside_air(global_sub)[mask]))
+                share = outside_air(global_sub, mask, settings.max_outside_air_share)
                 if share > settings.max_outside_air_share:
                     notes.append(
                         f"dropped a {sizes[index] * voxel_ml:.0f} mL component lying in air outside the body "
@@ -466,17 +467,27 @@ def lung_components(
     return kept
 
 
-def outside_air(intensities: np.ndarray, box: tuple[slice, ...]) -> np.ndarray:
-    """Within ``box`` of ``intensities`` (z, y, x, in HU): the voxels lighter than ``AERATED_HU`` that
-    reach the image border through such voxels in their axial slice (air and foam around the body; the
-    lungs, airways and bowel gas are walled in). Computed on whole slices, returned for ``box``."""
-    inside = box[1:]
-    found = np.zeros(tuple(part.stop - part.start for part in box), dtype=bool)
-    for index, z in enumerate(range(box[0].start, box[0].stop)):
-        regions, touching = border_regions(intensities[z] < AERATED_HU)
+def outside_air_share(intensities: np.ndarray, box: tuple[slice, ...], mask: np.ndarray, limit: float) -> float:
+    """The share of ``mask`` (a component in ``box`` of ``intensities``, z, y, x in HU) that lies in air
+    outside the body: voxels lighter than ``AERATED_HU`` that reach the image border through such voxels
+    in their axial slice (air and foam around the body; the lungs, airways and bowel gas are walled in),
+    computed on whole slices, from the component's largest cross-section down. It stops once the share can no longer exceed
+    ``limit`` and returns what it found so far (at most ``limit``): a component inside the body costs
+    about half its slices, and ``share > limit`` is decided as on all of them, where it holds with the
+    exact share."""
+    per_slice = mask.sum(axis=tuple(range(1, mask.ndim)))
+    total = int(per_slice.sum())
+    if total == 0:
+        return 0.0
+    unseen, outside = total, 0
+    for index in np.argsort(per_slice, kind="stable")[::-1]:
+        if outside + unseen <= limit * total or per_slice[index] == 0:
+            break
+        regions, touching = border_regions(intensities[box[0].start + index] < AERATED_HU)
         if touching is not None:
-            found[index] = touching[regions[inside]]
-    return found
+            outside += int(np.count_nonzero(touching[regions[box[1:]]] & mask[index]))
+        unseen -= int(per_slice[index])
+    return outside / total
 
 
 def shifted_box(box: tuple[slice, ...], outer: tuple[slice, ...]) -> tuple[slice, ...]:
