@@ -40,12 +40,13 @@ def read_image(path: str | Path, warnings: list[str] | None = None) -> sitk.Imag
     """Read a CT volume with its geometry (origin, spacing, direction) from a file or a DICOM folder.
 
     A file is checked byte by byte while it is read (:func:`integrity.verify_image_file`: truncation,
-    damaged compressed data, NaN in NIfTI), and the check's error comes first. A folder is read as a DICOM series; when it holds several series
-    the one with the most files is read and a message saying so is appended to ``warnings``. A single
-    DICOM file (``.dcm`` or any file with the DICOM preamble) reads the series it belongs to. Slices
-    missing from a series, and files of the series that cannot be read, are errors. What the readers
-    print themselves (ITK warnings) is collected into ``warnings`` instead of reaching the terminal;
-    with ``warnings=None`` it is logged. Raises :class:`InputError` naming the path and the reason.
+    damaged compressed data, NaN in NIfTI), and the check's error comes first. A folder is read as a
+    DICOM series; when it holds several series the one with the most files is read and a message saying
+    so is appended to ``warnings``. A single DICOM file (``.dcm`` or any file with the DICOM preamble)
+    reads the series it belongs to. Slices missing from a series, and files of the series that cannot be
+    read, are errors. What the readers print themselves (ITK warnings) is collected into ``warnings``
+    instead of reaching the terminal; with ``warnings=None`` it is logged. Raises :class:`InputError`
+    naming the path and the reason.
     """
     path = Path(path).expanduser()
     if not path.exists():

@@ -471,10 +471,11 @@ def outside_air_share(intensities: np.ndarray, box: tuple[slice, ...], mask: np.
     """The share of ``mask`` (a component in ``box`` of ``intensities``, z, y, x in HU) that lies in air
     outside the body: voxels lighter than ``AERATED_HU`` that reach the image border through such voxels
     in their axial slice (air and foam around the body; the lungs, airways and bowel gas are walled in),
-    computed on whole slices, from the component's largest cross-section down. It stops once the share can no longer exceed
-    ``limit`` and returns what it found so far (at most ``limit``): a component inside the body costs
-    about half its slices, and ``share > limit`` is decided as on all of them, where it holds with the
-    exact share."""
+    computed on whole slices, from the component's largest cross-section down.
+
+    It stops once the share can no longer exceed ``limit`` and returns what it found so far (at most
+    ``limit``): a component inside the body costs about half its slices, and ``share > limit`` is decided
+    as on all of them, where it holds with the exact share."""
     per_slice = mask.sum(axis=tuple(range(1, mask.ndim)))
     total = int(per_slice.sum())
     if total == 0:
