@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from .postprocessing import bounding_box, label
+from .postprocessing import bounding_box, component_sizes, label
 
 MIN_FOCAL_LESION_ML = 5.0
 MIN_FOCAL_SHARE = 0.5
@@ -47,7 +47,7 @@ def largest_lesion(infection: np.ndarray, side: np.ndarray, spacing_zyx: tuple[f
     if box is None:
         return None
     components, _count = label(infection[box], np.ones((3, 3, 3), dtype=bool))
-    sizes = np.bincount(components.ravel())
+    sizes = component_sizes(components)
     sizes[0] = 0
     index = int(np.argmax(sizes))
     sub = ndimage.find_objects(components, max_label=index)[index - 1]
