@@ -54,7 +54,8 @@ class CovidInfectionSeg(ScriptedLoadableModule):
             "<b>Usage:</b> choose the chest CT, keep <i>Create new segmentation</i> or pick one to overwrite, "
             "choose the device and click <i>Segment</i> (click again to cancel). <i>Mirror averaging</i> runs each "
             "slice a second time mirrored left-right: twice the time; with model v1, less false infection on three of "
-            "four healthy scans. "
+            "four healthy scans. <i>Small solid lesions are nodules</i> (on by default) makes small solid infection "
+            "components lung, as nodules; turn it off to see everything the network called infection. "
             "The results table lists the "
             "volumes; <i>Show 3D</i> builds surfaces. The same logic runs from the Python console and in "
             "batch mode (see docs/slicer.md).<br><br>"
@@ -84,6 +85,7 @@ class CovidInfectionSegParameterNode:
     outputSegmentation: slicer.vtkMRMLSegmentationNode
     device: Device = Device.AUTO
     flipTTA: bool = False
+    noduleCheck: bool = True
 
 
 class CovidInfectionSegLogic(ScriptedLoadableModuleLogic):
@@ -222,6 +224,7 @@ class CovidInfectionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
                 "outputSegmentation": self.ui.outputSegmentationSelector,
                 "device": self.ui.deviceComboBox,
                 "flipTTA": self.ui.flipTTACheckBox,
+                "noduleCheck": self.ui.noduleCheckBox,
             })
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
         self.onParameterNodeModified()
@@ -253,7 +256,7 @@ class CovidInfectionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         with slicer.util.tryWithErrorDisplay(_("Cannot start the segmentation."), waitCursor=True):
             self._run = self.segmentationLogic.start(
                 inputVolume, self._parameterNode.outputSegmentation, self._parameterNode.device.value,
-                self._parameterNode.flipTTA)
+                self._parameterNode.flipTTA, self._parameterNode.noduleCheck)
             self._runInput = inputVolume
             self.ui.segmentButton.text = _("Cancel")
             self.ui.progressBar.setRange(0, 0)  # busy until the child reports the slice count
@@ -314,6 +317,8 @@ class CovidInfectionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         device = applied.result.device
         if applied.result.flip_tta:
             device = _("{device} with mirror averaging").format(device=device)
+        if not applied.result.nodule_check:
+            device = _("{device}, small solid lesions kept as infection").format(device=device)
         self.ui.statusLabel.text = _(
             "Done in {seconds} s on {device}: {lung} mL lung, {percent}% infected, severity grade {grade} ({name})."
         ).format(seconds=f"{seconds:.1f}", device=device, lung=f"{total.lung_ml:.0f}",
@@ -537,6 +542,7 @@ class CovidInfectionSegTest(ScriptedLoadableModuleTest):
         self.assertIsNone(widget._run)
         self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), nodesBefore)
 
+        self.assertTrue(widget.ui.noduleCheckBox.checked)  # on by default: small solid lesions are nodules
         userFlip = widget.ui.flipTTACheckBox.checked
         widget.ui.flipTTACheckBox.checked = True  # the check box reaches the parameter node and the engine
         self.assertTrue(widget.logic.getParameterNode().flipTTA)
@@ -547,6 +553,7 @@ class CovidInfectionSegTest(ScriptedLoadableModuleTest):
         self.assertIsNotNone(widget.ui.resultsTableView.mrmlTableNode())
         output = widget.logic.getParameterNode().outputSegmentation
         self.assertEqual(output.GetAttribute("CovidInfectionSeg.flipTTA"), "true")
+        self.assertEqual(output.GetAttribute("CovidInfectionSeg.noduleCheck"), "true")
         self.assertIn("with mirror averaging", widget.ui.statusLabel.text)
         self.assertEqual(widget.ui.resultsTableView.mrmlTableNode().GetNumberOfRows(), 3)
         widget.ui.flipTTACheckBox.checked = userFlip  # the self-test leaves the user's choice as it found it

@@ -153,7 +153,8 @@ ALLOWED: dict[str, list] = {
             "ui.installDependenciesButton.text", "ui.segmentButton.connect",
             "ui.segmentButton.enabled", "ui.segmentButton.text", "ui.segmentButton.click", "ui.show3DButton.connect",
             "ui.show3DButton.enabled", "ui.progressBar.hide", "ui.progressBar.setRange", "ui.progressBar.show",
-            "ui.progressBar.value", "ui.flipTTACheckBox.checked"),
+            "ui.progressBar.value", "ui.flipTTACheckBox.checked",
+            "ui.noduleCheckBox.checked"),
 }
 
 

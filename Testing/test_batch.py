@@ -148,6 +148,15 @@ def test_resume_decisions(tmp_path, model):
     assert "made by model" in decide(scan, out, outputs, model={"name": "other", "version": "9"}).reason
     assert decide(scan, out, outputs, model=identity, flip_tta=True).reason == (
         "previous outputs were made without --flip-tta")
+    assert decide(scan, out, outputs, model=identity, nodule_check=False).reason == (
+        "previous outputs were made without --no-nodule-check")
+    record_path = out / "a" / "a.measurements.json"
+    record = json.loads(record_path.read_text(encoding="utf-8"))
+    assert record["nodule_check"] is True
+    del record["nodule_check"]  # outputs of a version that did not record it: made with the check, the default
+    record_path.write_text(json.dumps(record), encoding="utf-8")
+    assert not decide(scan, out, outputs, model=identity).redo
+    assert decide(scan, out, outputs, model=identity, nodule_check=False).redo
 
     write_scan(scan.path, seed_shape=(13, 48, 48))  # replaced by another scan
     assert decide(scan, out, outputs).reason.startswith("input changed since the previous run")

@@ -91,6 +91,29 @@ def test_segment_prints_what_the_post_processing_changed(tmp_path, capsys):
     assert capsys.readouterr().out == ""
 
 
+def test_no_nodule_check_keeps_small_solid_components_as_infection(tmp_path):
+    """The phantom's infection is a small solid blob: by default it is taken for a nodule and made lung (a
+    note says so); with --no-nodule-check it stays infection, and the JSON records which was done."""
+    model = write_model_package(tmp_path / "model", lung_and_infection_net(), "lunginf")
+    phantom = chest_phantom(shape=(20, 112, 112), spacing=(1.5, 1.5, 2.5), infection_in_right=True)
+    scan = tmp_path / "phantom.nii.gz"
+    sitk.WriteImage(phantom.image(), str(scan))
+    records = {}
+    for flag, checked in (([], True), (["--no-nodule-check"], False)):
+        out = tmp_path / str(checked)
+        assert main(["segment", str(scan), "-o", str(out), "--model", str(model), "--device", "cpu", "-q",
+                     "--no-preview", *flag]) == EXIT_OK
+        records[checked] = json.loads((out / "phantom.measurements.json").read_text(encoding="utf-8"))
+        assert records[checked]["nodule_check"] is checked
+    assert records[True]["measurements"]["total"]["infection_ml"] == 0.0
+    assert any("small solid components" in note for note in records[True]["notes"])
+    kept = records[False]["measurements"]["total"]["infection_ml"]
+    assert kept == pytest.approx(np.count_nonzero(phantom.infection) * phantom.voxel_ml, rel=0.05)
+    assert not any("small solid components" in note for note in records[False]["notes"])
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "False" / "phantom.labels.nii.gz")))
+    assert np.count_nonzero(labels == 3) == np.count_nonzero(phantom.infection & (labels > 0))
+
+
 def test_segment_without_preview(tmp_path, scans, tiny_model_manifest):
     out = tmp_path / "out"
     assert main(["segment", str(scans / "beta.nrrd"), "-o", str(out), "--model", str(tiny_model_manifest),
@@ -334,15 +357,26 @@ def test_flip_tta_is_recorded(tmp_path, scans, tiny_model_manifest):
         assert json.loads((out / "alpha.measurements.json").read_text(encoding="utf-8"))["flip_tta"] is expected
 
 
-def test_batch_with_flip_tta_redoes_scans_made_without_it(tmp_path, scans, tiny_model_manifest):
+@pytest.mark.parametrize("flag, key, default", [("--flip-tta", "flip_tta", False),
+                                                 ("--no-nodule-check", "nodule_check", True)])
+def test_batch_redoes_scans_made_with_the_other_setting(tmp_path, scans, tiny_model_manifest, flag, key, default):
+    """A setting the JSON records: a batch with the other value segments the scan again and says why."""
     folder = tmp_path / "in"
     folder.mkdir()
     shutil.copy(scans / "alpha.nii.gz", folder / "alpha.nii.gz")
     out = tmp_path / "batch"
     args = ["batch", str(folder), "-o", str(out), "--model", str(tiny_model_manifest), "-q", "--no-preview"]
+
+    def recorded():
+        return json.loads((out / "alpha" / "alpha.measurements.json").read_text(encoding="utf-8"))[key]
+
     assert main(args) == EXIT_OK
-    assert main([*args, "--flip-tta"]) == EXIT_OK
-    assert read_summary(out / "summary.csv")["alpha"]["status"] == "ok"  # redone, not skipped
-    assert json.loads((out / "alpha" / "alpha.measurements.json").read_text(encoding="utf-8"))["flip_tta"] is True
-    assert main([*args, "--flip-tta"]) == EXIT_OK
+    assert recorded() is default
+    assert main([*args, flag]) == EXIT_OK
+    row = read_summary(out / "summary.csv")["alpha"]
+    assert (row["status"], row["note"]) == ("ok", f"segmented: previous outputs were made without {flag}")
+    assert recorded() is not default
+    assert main([*args, flag]) == EXIT_OK
     assert read_summary(out / "summary.csv")["alpha"]["status"] == "skipped"
+    assert main(args) == EXIT_OK
+    assert read_summary(out / "summary.csv")["alpha"]["note"] == f"segmented: previous outputs were made with {flag}"

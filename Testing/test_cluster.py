@@ -25,7 +25,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 from model_factory import HalfBlindNet, write_model_package
-from phantoms import chest_phantom
+from phantoms import chest_phantom, lung_and_infection_net
 from shared_data import shared_path
 from test_faults import kill_9, leftovers, read_summary, start_paused, visible
 
@@ -271,6 +271,31 @@ def test_ray_batch_with_flip_tta_matches_the_local_batch_and_redoes_scans_made_w
     assert (row["status"], row["note"]) == ("ok", "segmented: previous outputs were made without --flip-tta")
     np.testing.assert_array_equal(labels(redo / "alpha", "alpha")[".labels.nii.gz"], mirrored)
     assert leftovers(redo) == []
+
+
+@needs_ray
+def test_ray_batch_without_the_nodule_check_matches_the_local_batch(tmp_path, ray_address):
+    """--no-nodule-check reaches the Ray workers: the phantom's small solid blob stays infection there too."""
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    sitk.WriteImage(chest_phantom(shape=(20, 112, 112), spacing=(1.5, 1.5, 2.5), infection_in_right=True).image(),
+                    str(scans / "alpha.nii.gz"))
+    common = ["--model", str(write_model_package(tmp_path / "model", lung_and_infection_net(), "lunginf")),
+              *FP32_ARGS, "--no-nodule-check"]
+    local, clustered = tmp_path / "local", tmp_path / "ray"
+    assert main(["batch", str(scans), "-o", str(local), "--device", "cpu", *common]) == EXIT_OK
+    assert main(["batch", str(scans), "-o", str(clustered), *common, "--ray", "--cpus-per-worker", "1"]) == EXIT_OK
+    assert_same_results(local, clustered)
+    record = json.loads((clustered / "alpha" / "alpha.measurements.json").read_text())
+    assert record["nodule_check"] is False
+    assert record["measurements"]["total"]["infection_ml"] > 5.0
+    assert main(["batch", str(scans), "-o", str(clustered), *common, "--ray", "--cpus-per-worker", "1"]) == EXIT_OK
+    assert read_summary(clustered / "summary.csv")["alpha"]["status"] == "skipped"
+    with_check = [arg for arg in common if arg != "--no-nodule-check"]  # the default: a Ray run redoes the scan
+    assert main(["batch", str(scans), "-o", str(clustered), *with_check, "--ray", "--cpus-per-worker", "1"]) == EXIT_OK
+    row = read_summary(clustered / "summary.csv")["alpha"]
+    assert (row["status"], row["note"]) == ("ok", "segmented: previous outputs were made with --no-nodule-check")
+    assert json.loads((clustered / "alpha" / "alpha.measurements.json").read_text())["nodule_check"] is True
 
 
 @needs_ray

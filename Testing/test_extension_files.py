@@ -129,7 +129,7 @@ def test_parameter_node_fields_are_connected_to_ui_widgets_with_a_tag_every_vers
         if isinstance(node, ast.ClassDef) and any(getattr(d, "id", None) == "parameterNodeWrapper" for d in node.decorator_list)
     )
     fields = {statement.target.id for statement in wrapper.body if isinstance(statement, ast.AnnAssign)}
-    assert fields == {"inputVolume", "outputSegmentation", "device", "flipTTA"}
+    assert fields == {"inputVolume", "outputSegmentation", "device", "flipTTA", "noduleCheck"}
     calls = [node for node in ast.walk(tree) if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)]
     assert not [call for call in calls if call.func.attr == "connectGui"]
     (connect,) = [call for call in calls if call.func.attr == "connectParametersToGui"]
@@ -137,7 +137,7 @@ def test_parameter_node_fields_are_connected_to_ui_widgets_with_a_tag_every_vers
     widgets = ui_widgets()
     assert {field: widgets[name].get("class") for field, name in mapping.items()} == {
         "inputVolume": "qMRMLNodeComboBox", "outputSegmentation": "qMRMLNodeComboBox", "device": "QComboBox",
-        "flipTTA": "QCheckBox"}
+        "flipTTA": "QCheckBox", "noduleCheck": "QCheckBox"}
     assert not [name for name, widget in widgets.items() if ui_property(widget, "SlicerParameterName") is not None], \
         "a SlicerParameterName in the .ui would be a second, unused binding"
 

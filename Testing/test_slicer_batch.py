@@ -288,17 +288,24 @@ def test_resume_skips_completed_scans_and_redoes_a_changed_input(batch, two_scan
     assert leftovers(out) == []
 
 
-def test_flip_tta_is_recorded_and_a_run_with_the_other_setting_redoes_the_scans(batch, two_scans, tmp_path,
-                                                                             tiny_model_manifest):
+@pytest.mark.parametrize("flag, key, default", [("--flip-tta", "flip_tta", False),
+                                                 ("--no-nodule-check", "nodule_check", True)])
+def test_a_setting_is_recorded_and_a_run_with_the_other_value_redoes_the_scans(batch, two_scans, tmp_path,
+                                                                               tiny_model_manifest, flag, key, default):
     scene = slicer.vtkMRMLScene()
     out = tmp_path / "results"
+
+    def recorded():
+        return json.loads((out / "alpha" / "alpha.measurements.json").read_text(encoding="utf-8"))[key]
+
     assert batch.main(batch_args(two_scans, out, tiny_model_manifest), scene=scene) == 0
-    assert batch.main(batch_args(two_scans, out, tiny_model_manifest, "--flip-tta"), scene=scene) == 0
+    assert recorded() is default
+    assert batch.main(batch_args(two_scans, out, tiny_model_manifest, flag), scene=scene) == 0
     rows = read_summary(out / "summary.csv")
     assert {name: row["status"] for name, row in rows.items()} == {"alpha": "ok", "beta": "ok"}
-    assert rows["alpha"]["note"] == "segmented: previous outputs were made without --flip-tta"
-    assert json.loads((out / "alpha" / "alpha.measurements.json").read_text(encoding="utf-8"))["flip_tta"] is True
-    assert batch.main(batch_args(two_scans, out, tiny_model_manifest, "--flip-tta"), scene=scene) == 0
+    assert rows["alpha"]["note"] == f"segmented: previous outputs were made without {flag}"
+    assert recorded() is not default
+    assert batch.main(batch_args(two_scans, out, tiny_model_manifest, flag), scene=scene) == 0
     assert statuses(out) == {"alpha": "skipped", "beta": "skipped"}
     assert scene.GetNumberOfNodes() == 0
 

@@ -166,6 +166,22 @@ def test_mirror_averaging_reaches_the_child_and_is_recorded_on_the_node(scene, p
         assert node.GetAttribute("CovidInfectionSeg.flipTTA") == ("true" if flip else "false")
 
 
+def test_nodule_check_switch_reaches_the_child_and_is_recorded_on_the_node(scene, model_path, phantom):
+    # The phantom's infection is a small solid blob: a nodule to the check, kept as infection without it.
+    volume = imageToVolumeNode(phantom.image(origin=ORIGIN), scene, "chest")
+    infection_voxels = {}
+    for checked in (True, False):
+        applied = logic_for(model_path).process(volume, device="cpu", noduleCheck=checked)
+        node = applied.segmentationNode
+        assert applied.result.nodule_check is checked
+        assert node.GetAttribute("CovidInfectionSeg.noduleCheck") == ("true" if checked else "false")
+        assert any("small solid components" in note for note in applied.notes) is checked
+        value = node.GetSegmentation().GetSegment("Infection").GetLabelValue()
+        infection_voxels[checked] = int(np.count_nonzero(labelmap_of(node, "Infection")[0] == value))
+    assert infection_voxels[True] == 0
+    assert infection_voxels[False] == pytest.approx(np.count_nonzero(phantom.infection), rel=0.05)
+
+
 # ----------------------------------------------------------------------------------------- cancel
 
 

@@ -282,12 +282,13 @@ def expected_outputs(preview: bool = True) -> list[str]:
 
 def decide(
     scan: Scan, outdir: str | Path, outputs: Sequence[str], overwrite: bool = False,
-    model: dict[str, Any] | None = None, flip_tta: bool = False,
+    model: dict[str, Any] | None = None, flip_tta: bool = False, nodule_check: bool = True,
 ) -> Decision:
     """Whether ``scan`` must be segmented into ``outdir``: not when every output in ``outputs`` (keys
     of :data:`outputs.OUTPUT_SUFFIXES`) is there, its ``measurements.json`` records this input's
-    fingerprint, (when given) the same ``model`` (``{"name", "version"}``) and the same ``flip_tta``
-    (outputs that do not record it were made without). What killed runs left
+    fingerprint, (when given) the same ``model`` (``{"name", "version"}``), the same ``flip_tta``
+    (outputs that do not record it were made without) and the same ``nodule_check`` (outputs that do not
+    record it count as made with it, the default). What killed runs left
     in the scan's folder is finished or removed first. Cheap: reads file metadata, and the input's
     bytes only when its size or times changed. The caller holds the folder lock."""
     scan_dir = Path(outdir) / scan.name
@@ -319,6 +320,8 @@ def decide(
         return Decision(True, f"previous outputs were made by model {record.get('model')}")
     if bool(record.get("flip_tta", False)) != flip_tta:
         return Decision(True, f"previous outputs were made {'without' if flip_tta else 'with'} --flip-tta")
+    if bool(record.get("nodule_check", True)) != nodule_check:
+        return Decision(True, f"previous outputs were made {'with' if nodule_check else 'without'} --no-nodule-check")
     row = {
         "scan": scan.name, "status": "skipped", "error": "",
         **measurement_columns(measurements),
@@ -536,6 +539,7 @@ def run_local_batch(
     overwrite: bool = False,
     model: dict[str, Any] | None = None,
     flip_tta: bool = False,
+    nodule_check: bool = True,
     cancel: Callable[[], bool] | Any = None,
     on_row: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
@@ -552,7 +556,7 @@ def run_local_batch(
         for scan in scans:
             if is_cancelled(cancel):
                 raise SegmentationCancelled("cancelled between scans")
-            decision = decide(scan, outdir, outputs, overwrite, model, flip_tta)
+            decision = decide(scan, outdir, outputs, overwrite, model, flip_tta, nodule_check)
             pause_point("scan")
             if decision.redo:
                 row = run_scan(scan, outdir, segment_and_write, outputs, note=decision.note)

@@ -80,6 +80,7 @@ class Options:
     quiet: bool
     precision: str = "auto"
     flip_tta: bool = False
+    nodule_check: bool = True
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -133,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     run_options.add_argument("--flip-tta", action="store_true",
                              help="test-time augmentation: average each slice with its left-right mirror "
                              "(twice the network time; the model card says what it changes)")
+    run_options.add_argument("--no-nodule-check", dest="nodule_check", action="store_false",
+                             help="keep small solid infection components as infection; by default they are taken "
+                             "for nodules and made lung (the model card's 'Nodule check' says what it changes)")
     run_options.add_argument("--preview", action=argparse.BooleanOptionalAction, default=True,
                              help="write a PNG montage of axial slices with the segments (default on)")
     run_options.add_argument("-q", "--quiet", action="store_true", help="no progress or informational output")
@@ -209,7 +213,7 @@ def non_negative_number(text: str) -> float:
 
 def _options(args: argparse.Namespace) -> Options:
     return Options(device=args.device, batch_size=args.batch_size, preview=args.preview, quiet=args.quiet,
-                   precision=args.precision, flip_tta=args.flip_tta)
+                   precision=args.precision, flip_tta=args.flip_tta, nodule_check=args.nodule_check)
 
 
 def _check_device(device: str, precision: str = "auto") -> None:
@@ -244,7 +248,7 @@ def run_segment(args: argparse.Namespace) -> int:
     with cancel_on_sigint(options.quiet) as cancel:
         with slice_progress(f"segmenting {stem}", options.quiet) as progress:
             run = dict(device=options.device, batch_size=options.batch_size, progress=progress, cancel=cancel,
-                       precision=options.precision, flip_tta=options.flip_tta)
+                       precision=options.precision, flip_tta=options.flip_tta, nodule_check=options.nodule_check)
             try:
                 if default is not None:
                     result = segment_image(default.image, model, name=source, **run)
@@ -302,7 +306,7 @@ def run_batch(args: argparse.Namespace) -> int:
                 return segment_and_write_files(scan, folder, fingerprint, model, preview=options.preview,
                                                device=options.device, batch_size=options.batch_size,
                                                progress=progress, cancel=cancel, precision=options.precision,
-                                               flip_tta=options.flip_tta)
+                                               flip_tta=options.flip_tta, nodule_check=options.nodule_check)
 
         def on_row(row: dict[str, Any]) -> None:
             rows.append(row)
@@ -318,12 +322,13 @@ def run_batch(args: argparse.Namespace) -> int:
             if cluster is None:
                 run_local_batch(scans, outdir, segment_and_write, outputs=expected_outputs(options.preview),
                                 overwrite=args.overwrite, model={"name": model.name, "version": model.version},
-                                flip_tta=options.flip_tta,
+                                flip_tta=options.flip_tta, nodule_check=options.nodule_check,
                                 cancel=cancel, on_row=on_row)
             else:
                 report = run_ray_batch(scans, outdir, model, **cluster, preview=options.preview,
                                        batch_size=options.batch_size, overwrite=args.overwrite, cancel=cancel,
-                                       segment_options={"precision": options.precision, "flip_tta": options.flip_tta},
+                                       segment_options={"precision": options.precision, "flip_tta": options.flip_tta,
+                                                        "nodule_check": options.nodule_check},
                                        on_row=on_row, log=say, forward_logs=not options.quiet)
         except (SegmentationCancelled, KeyboardInterrupt):
             _error(f"cancelled after {len(rows)} of {len(scans)} scans; summary so far: {summary_path}")

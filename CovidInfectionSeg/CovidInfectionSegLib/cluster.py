@@ -338,7 +338,8 @@ def run_ray_batch(
             if is_cancelled(cancel):
                 raise SegmentationCancelled("cancelled before the workers started")
             decision = decide(scan, outdir, outputs, overwrite, {"name": model.name, "version": model.version},
-                              bool((segment_options or {}).get("flip_tta", False)))
+                              bool((segment_options or {}).get("flip_tta", False)),
+                              bool((segment_options or {}).get("nodule_check", True)))
             if decision.redo:
                 absolute = dataclasses.replace(scan, path=Path(os.path.abspath(scan.path)))
                 todo.append(_Job(absolute, decision.note, str(scan.path)))

@@ -7,6 +7,7 @@ read-and-segment path (the CLI's ``segment`` and ``batch`` both use it).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +61,8 @@ class SegmentationResult:
     input_fingerprint: dict[str, Any] | None = None
     precision: str = "fp32"
     flip_tta: bool = False
+    # Whether small solid infection components were made lung (post-processing step 6).
+    nodule_check: bool = True
     # The infection's largest 3D component (None without infection): batch columns, focal-lesion warning.
     largest_lesion: Lesion | None = None
 
@@ -76,6 +79,7 @@ class SegmentationResult:
             "device": self.device,
             "precision": self.precision,
             "flip_tta": self.flip_tta,
+            "nodule_check": self.nodule_check,
             "measurements": self.measurements.to_dict(),
             "largest_infection_lesion": self.largest_lesion_record,
             "warnings": list(self.warnings),
@@ -99,11 +103,15 @@ def segment_image(
     settings: PostprocessingSettings | None = None,
     precision: str = "auto",
     flip_tta: bool = False,
+    nodule_check: bool = True,
 ) -> SegmentationResult:
     """Segment lungs (right, left) and infection in a 3D CT volume.
 
     ``precision`` is ``"auto"``, ``"fp32"``, ``"bf16"`` or ``"fp16"`` (see :func:`inference.pick_precision`).
     ``flip_tta`` averages each slice with its left-right mirror (twice the network time).
+    ``nodule_check=False`` keeps small solid infection components as infection instead of calling them
+    nodules (lung); ``settings`` holds the post-processing's thresholds (default
+    :class:`~.postprocessing.PostprocessingSettings`).
     Raises :class:`validation.InputError` for images that cannot be segmented, :class:`SegmentationCancelled`
     when ``cancel`` fires, ``RuntimeError`` for an unavailable device or precision. ``name`` labels
     warnings and is the result's ``source``; it defaults to the path :func:`imageio.read_image` recorded
@@ -129,6 +137,9 @@ def segment_image(
     if is_cancelled(cancel):
         raise SegmentationCancelled("cancelled after inference")
 
+    settings = settings or PostprocessingSettings()
+    if not nodule_check:
+        settings = dataclasses.replace(settings, max_nodule_ml=0.0)
     post_started = time.perf_counter()
     lungs = postprocess(
         classes,
@@ -137,7 +148,7 @@ def segment_image(
         lung_class=model.label_value("lung"),
         infection_class=model.label_value("infection"),
         intensities_in_hu=in_hu,
-        settings=settings or PostprocessingSettings(),
+        settings=settings,
     )
     del classes
     infection = lungs.region_labels == INFECTION  # no lung or infection outside the region
@@ -172,6 +183,7 @@ def segment_image(
         source=source,
         precision=precision,
         flip_tta=flip_tta,
+        nodule_check=settings.max_nodule_ml > 0,
         largest_lesion=lesion,
     )
 

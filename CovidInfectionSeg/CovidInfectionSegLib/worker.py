@@ -1,7 +1,7 @@
 """The engine in a child process: the entry point the 3D Slicer module starts, and its protocol.
 
     python -m CovidInfectionSegLib.worker segment --input CT.nrrd --output-dir DIR [--device D] [--flip-tta]
-                                                  [--batch-size N] [--model M] [--name TEXT]
+                                                  [--no-nodule-check] [--batch-size N] [--model M] [--name TEXT]
     python -m CovidInfectionSegLib.worker device [--device D]
 
 The child prints one machine-readable line per event on stdout, ``@covidseg {json}``:
@@ -103,6 +103,11 @@ class WorkerResult:
         return bool(self.summary.get("flip_tta", False))
 
     @property
+    def nodule_check(self) -> bool:
+        """Whether small solid infection components were made lung (results that predate the record: yes)."""
+        return bool(self.summary.get("nodule_check", True))
+
+    @property
     def model_name(self) -> str:
         return str(self.summary.get("model", {}).get("name", ""))
 
@@ -154,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--name", default=None, help="how messages name the input (default: its path)")
     segment.add_argument("--flip-tta", action="store_true",
                          help="average each slice with its left-right mirror (twice the network time)")
+    segment.add_argument("--no-nodule-check", dest="nodule_check", action="store_false",
+                         help="keep small solid infection components as infection (default: made lung as nodules)")
     device = commands.add_parser("device", help="report torch, CUDA and the device 'auto' picks")
     device.add_argument("--device", default="auto")
     return parser
@@ -207,7 +214,7 @@ def _segment(args: argparse.Namespace) -> int:
 
     try:
         result = segment_image(image, model, device=args.device, batch_size=args.batch_size, progress=progress, name=name,
-                               flip_tta=args.flip_tta)
+                               flip_tta=args.flip_tta, nodule_check=args.nodule_check)
     except InputError as error:
         return _fail("input", str(error), EXIT_INPUT)
     result.warnings[:0] = warnings

@@ -88,7 +88,7 @@ class SegmentationLogicProtocol(Protocol):
     """What the widget needs from the segmentation logic."""
 
     def start(self, inputVolume: Any, outputSegmentation: Any = None, device: str = "auto",
-              flipTTA: bool = False) -> SegmentationRunProtocol: ...
+              flipTTA: bool = False, noduleCheck: bool = True) -> SegmentationRunProtocol: ...
 
     def queryDevice(self, device: str = "auto") -> DeviceQueryProtocol: ...
 
@@ -271,11 +271,13 @@ class SegmentationLogic:
         self.batchSize = batchSize
 
     def start(self, inputVolume: Any, outputSegmentation: Any = None, device: str = "auto",
-              flipTTA: bool = False) -> SegmentationRun:
+              flipTTA: bool = False, noduleCheck: bool = True) -> SegmentationRun:
         """Check and write ``inputVolume``, start the child; raises InputError before starting for a bad volume.
 
         ``flipTTA`` averages each slice with its left-right mirror: twice the network time; with model v1,
-        less false infection on three of four healthy scans (``training/results/flip_tta_v1.md``)."""
+        less false infection on three of four healthy scans (``training/results/flip_tta_v1.md``).
+        ``noduleCheck=False`` keeps small solid infection components as infection; by default the engine
+        takes them for nodules and makes them lung (the model card's *Nodule check*)."""
         image = volumeNodeToImage(inputVolume)
         if outputSegmentation is not None and outputSegmentation.GetScene() is not inputVolume.GetScene():
             raise InputError(_("segmentation '{name}': the node is not in the input's scene").format(
@@ -289,6 +291,8 @@ class SegmentationLogic:
                          "--name", nodeLabel(inputVolume)]
             if flipTTA:
                 arguments.append("--flip-tta")
+            if not noduleCheck:
+                arguments.append("--no-nodule-check")
             if self.batchSize:
                 arguments += ["--batch-size", self.batchSize]
             if self.model is not None:
@@ -300,14 +304,14 @@ class SegmentationLogic:
         return SegmentationRun(process, inputVolume, outputSegmentation, folder)
 
     def process(self, inputVolume: Any, outputSegmentation: Any = None, device: str = "auto",
-                timeout: float | None = None, flipTTA: bool = False) -> AppliedSegmentation:
+                timeout: float | None = None, flipTTA: bool = False, noduleCheck: bool = True) -> AppliedSegmentation:
         """Segment ``inputVolume`` into ``outputSegmentation`` (a new node when None) and wait.
 
         Returns the nodes and measurements. Raises InputError, :class:`EngineError` (the engine's
         message; ``kind`` says input, device, model or internal) or TimeoutError; the scene is
         unchanged when it raises. Ctrl-C (KeyboardInterrupt) kills the child first.
         """
-        run = self.start(inputVolume, outputSegmentation, device, flipTTA)
+        run = self.start(inputVolume, outputSegmentation, device, flipTTA, noduleCheck)
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
             while not run.poll():

@@ -220,6 +220,7 @@ def _fillSegmentationNode(segmentationNode: Any, inputVolume: Any, result: Any, 
         segmentationNode.SetAttribute(ATTRIBUTE_PREFIX + "model", f"{result.model_name} {result.model_version}")
         segmentationNode.SetAttribute(ATTRIBUTE_PREFIX + "device", result.device)
         segmentationNode.SetAttribute(ATTRIBUTE_PREFIX + "flipTTA", "true" if result.flip_tta else "false")
+        segmentationNode.SetAttribute(ATTRIBUTE_PREFIX + "noduleCheck", "true" if result.nodule_check else "false")
         segmentationNode.SetAttribute(ATTRIBUTE_PREFIX + "warnings", "\n".join(result.warnings))
         segmentationNode.SetAttribute(ATTRIBUTE_PREFIX + "postprocessingNotes", "\n".join(result.notes))
     finally:

@@ -1,7 +1,8 @@
 """Segment every CT scan in a folder through 3D Slicer's MRML scene, without the GUI.
 
     Slicer --no-main-window --python-script CovidInfectionSeg/Scripts/covidseg_slicer_batch.py \\
-        -- --input SCANS_DIR --output RESULTS_DIR [--device auto|cpu|cuda] [--model MODEL.json] [--flip-tta] [--overwrite]
+        -- --input SCANS_DIR --output RESULTS_DIR [--device auto|cpu|cuda] [--model MODEL.json] [--flip-tta]
+           [--no-nodule-check] [--overwrite]
 
 Each scan (NIfTI, NRRD, MetaImage file or DICOM series folder, found recursively) is loaded into the
 scene as a volume node, segmented with the module's logic (the engine runs in a child process with
@@ -15,7 +16,7 @@ Discovery, resume, the folder lock and the summary are the engine's batch module
 a scan's three files are written into a staging folder and moved in only when all are complete, so a
 killed run never leaves half a result or destroys the previous one; ``measurements.json`` records a
 fingerprint of the input, and a re-run skips a scan (``skipped``) only when its outputs are complete for
-the same input, model and ``--flip-tta`` setting, and segments it again when the input changed
+the same input, model, ``--flip-tta`` and ``--no-nodule-check`` settings, and segments it again when the input changed
 (``--overwrite`` redoes every scan). The output folder is locked while the script runs: a second batch on it is refused.
 
 Exit codes, on every path (Slicer without a main window only ends when the script says so, so the
@@ -66,6 +67,8 @@ def build_parser():
     parser.add_argument("--model", type=Path, default=None, help="model manifest (.json) or .pt (default: bundled)")
     parser.add_argument("--flip-tta", action="store_true",
                         help="average each slice with its left-right mirror (twice the network time)")
+    parser.add_argument("--no-nodule-check", dest="nodule_check", action="store_false",
+                        help="keep small solid infection components as infection (default: made lung as nodules)")
     parser.add_argument("--overwrite", action="store_true",
                         help="segment every scan again, also those whose outputs are complete for the same input")
     return parser
@@ -117,7 +120,7 @@ def main(argv: Sequence[str] | None = None, scene: Any = None, interpreter: str 
     summary_path = outdir / SUMMARY_FILE
 
     def segment_and_write(scan: Any, folder: Path, fingerprint: dict) -> Any:
-        return segment_scan(scan, folder, fingerprint, logic, scene, args.device, args.flip_tta)
+        return segment_scan(scan, folder, fingerprint, logic, scene, args.device, args.flip_tta, args.nodule_check)
 
     def report(row: dict[str, Any]) -> None:
         rows.append(row)
@@ -125,7 +128,7 @@ def main(argv: Sequence[str] | None = None, scene: Any = None, interpreter: str 
 
     try:
         run_local_batch(scans, outdir, segment_and_write, outputs=OUTPUTS, overwrite=args.overwrite, model=model,
-                        on_row=report, flip_tta=args.flip_tta)
+                        on_row=report, flip_tta=args.flip_tta, nodule_check=args.nodule_check)
     except BatchFolderError as error:  # locked by another batch, or the summary cannot be written
         return _fail(str(error), EXIT_OUTPUT_IN_USE)
     except StopBatch as error:
@@ -140,7 +143,7 @@ def main(argv: Sequence[str] | None = None, scene: Any = None, interpreter: str 
 
 
 def segment_scan(scan: Any, folder: Path, fingerprint: dict, logic: Any, scene: Any, device: str,
-                 flip_tta: bool = False) -> Any:
+                 flip_tta: bool = False, nodule_check: bool = True) -> Any:
     """Load, segment and save one scan (a ``batch.Scan``) into ``folder``, the staging folder of
     ``batch.run_scan``: ``<stem>.seg.nrrd`` through MRML's writer and the measurement files, whose JSON
     records ``fingerprint``. Returns the engine's result (measurements and warnings, read warnings first).
@@ -165,7 +168,7 @@ def segment_scan(scan: Any, folder: Path, fingerprint: dict, logic: Any, scene: 
         volume = imageToVolumeNode(image, scene, scan.stem)
         added += [volume, volume.GetDisplayNode()]
         del image
-        applied = logic.process(volume, device=device, flipTTA=flip_tta)
+        applied = logic.process(volume, device=device, flipTTA=flip_tta, noduleCheck=nodule_check)
         added += [applied.segmentationNode, applied.segmentationNode.GetDisplayNode(), applied.tableNode]
         summary = dict(applied.result.summary, source=str(scan.path), input_fingerprint=fingerprint)
         summary["warnings"] = read_warnings + list(summary.get("warnings", []))
