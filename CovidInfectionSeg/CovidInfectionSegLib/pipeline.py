@@ -61,7 +61,8 @@ class SegmentationResult:
     input_fingerprint: dict[str, Any] | None = None
     precision: str = "fp32"
     flip_tta: bool = False
-    # Whether small solid infection components were made lung (post-processing step 6).
+    # Whether the nodule check (post-processing step 6: small solid infection made lung) was on; it acts on
+    # CT in HU only.
     nodule_check: bool = True
     # The infection's largest 3D component (None without infection): batch columns, focal-lesion warning.
     largest_lesion: Lesion | None = None

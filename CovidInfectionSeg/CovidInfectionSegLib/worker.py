@@ -104,7 +104,7 @@ class WorkerResult:
 
     @property
     def nodule_check(self) -> bool:
-        """Whether small solid infection components were made lung (results that predate the record: yes)."""
+        """Whether the nodule check (small solid infection made lung) was on (results that predate the record: yes)."""
         return bool(self.summary.get("nodule_check", True))
 
     @property
