@@ -61,8 +61,11 @@ class AugmentConfig:
     # on every slice the path probe's AUC is at chance; see results/path_probe.md).
     # ``harmonise_base_detail``: the range of lung detail the slice is blurred down to before the noise
     # (default 6-9, below every scan's); a higher range keeps more of the slice's own fine texture.
+    # ``harmonise_on``: every kind of slice ("all"), or the negative slices only ("negatives"), so that the
+    # labelled slices keep their own texture (ground glass is a texture) while the negatives take on every look.
     harmonise_p: float = 0.0
     harmonise_base_detail: tuple[float, float] = BASE_DETAIL_RANGE
+    harmonise_on: str = "all"
     # Synthetic solid masses painted into the lung and labelled "lung, no infection" (masses.py), so
     # that nodules and tumours are not called infection. ``mass_on``: into every kind of slice ("all"),
     # or into the negative slices only ("negatives"), so that the labelled COVID-19 slices keep their
@@ -94,8 +97,9 @@ class AugmentConfig:
     zflip_p: float = 0.5
 
     def __post_init__(self) -> None:
-        if self.mass_on not in MASS_ON:
-            raise ValueError(f"augment.mass_on must be one of {', '.join(MASS_ON)}, not {self.mass_on!r}")
+        for name in ("mass_on", "harmonise_on"):
+            if getattr(self, name) not in MASS_ON:
+                raise ValueError(f"augment.{name} must be one of {', '.join(MASS_ON)}, not {getattr(self, name)!r}")
         for name in ("gas_radius_px", "harmonise_base_detail"):
             low, high = getattr(self, name)
             if not 0 < low <= high:
@@ -141,7 +145,8 @@ def blur_to_detail(pixels: np.ndarray, inside: np.ndarray, target: float) -> np.
 
 class SliceAugmenter:
     """Callable ``(image uint8 HxW, label uint8 HxW, negative=False, level=nan) -> (image, label)``, seeded
-    by ``rng``; ``negative`` says the slice is a whole-scan negative (for ``mass_on`` and gas pockets),
+    by ``rng``; ``negative`` says the slice is a whole-scan negative (for ``mass_on``, ``harmonise_on`` and gas
+    pockets),
     ``level`` where it lies in its scan's lung (for ``gas_max_level``)."""
 
     def __init__(self, config: AugmentConfig, recipe: IntensityRecipe, seed: int = 0):
@@ -231,7 +236,7 @@ class SliceAugmenter:
         in the middle; ``label`` the slice's (H, W); ``level`` a negative slice's height in its scan's lung
         (NaN: unknown, or a scan without lung)."""
         if image.ndim == 3:
-            return self.stack(image, label)
+            return self.stack(image, label, negative)
         # Masses, gas pockets and harmonisation are drawn only when on, so that configs without them
         # augment exactly as before they existed. Masses and gas pockets come first: geometry and
         # scanner then act on them too.
@@ -243,7 +248,7 @@ class SliceAugmenter:
                                              self.config.gas_fluid_level_p)
         out = self.geometry(image=image, mask=label)
         image, label = out["image"], out["mask"]
-        if self.config.harmonise_p and self.rng.random() < self.config.harmonise_p:
+        if self.harmonise_here(negative) and self.rng.random() < self.config.harmonise_p:
             image = self.harmonise(image, label).astype(np.uint8)
         if self.rng.random() < self.config.kernel_p:
             image = np.clip(self.kernel(image), 0, 255).astype(np.uint8)
@@ -254,12 +259,16 @@ class SliceAugmenter:
             image = self.clahe.apply(minmax_to_uint8(image))
         return np.ascontiguousarray(image), np.ascontiguousarray(label)
 
+    def harmonise_here(self, negative: bool) -> bool:
+        """Whether this slice may be harmonised (see ``AugmentConfig.harmonise_on``)."""
+        return bool(self.config.harmonise_p) and (negative or self.config.harmonise_on == "all")
+
     def gas_here(self, negative: bool, level: float) -> bool:
         """Whether gas pockets may be painted into this slice (see ``AugmentConfig.gas_max_level``)."""
         limit = self.config.gas_max_level
         return bool(self.config.gas_p) and negative and (limit is None or not level > limit)
 
-    def stack(self, images: np.ndarray, label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def stack(self, images: np.ndarray, label: np.ndarray, negative: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """A slice and its neighbours (C, H, W) augmented alike: one geometry, and every intensity step
         with the same draws on each channel (what differs between neighbouring slices of one scan is the
         anatomy, not the scanner). The per-slice min-max and CLAHE stay per slice, as the engine does them."""
@@ -271,7 +280,7 @@ class SliceAugmenter:
         out = self.geometry(image=np.ascontiguousarray(np.moveaxis(images, 0, -1)), mask=label)
         pixels, label = out["image"], out["mask"]
         channels = [pixels[..., channel] for channel in range(pixels.shape[-1])]
-        if self.config.harmonise_p and self.rng.random() < self.config.harmonise_p:
+        if self.harmonise_here(negative) and self.rng.random() < self.config.harmonise_p:
             seed = int(self.rng.integers(2**63))
             channels = [self.harmonise(c, label, np.random.default_rng(seed)).astype(np.uint8) for c in channels]
         if self.rng.random() < self.config.kernel_p:

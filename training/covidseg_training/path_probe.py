@@ -165,17 +165,19 @@ def score_other_scans(positives: SliceDataset, negatives: list[SliceDataset], ot
     return result
 
 
-def augmented(dataset: SliceDataset, seed: int, config: AugmentConfig) -> SliceDataset:
-    """Every slice once through the training augmentation ``config`` (geometry and scanner variation)."""
+def augmented(dataset: SliceDataset, seed: int, config: AugmentConfig, negative: bool = False) -> SliceDataset:
+    """Every slice once through the training augmentation ``config`` (geometry and scanner variation), as a
+    whole-scan negative's slice when ``negative`` (what only negatives get: ``mass_on``, ``harmonise_on``, gas)."""
     augmenter = SliceAugmenter(config, IntensityRecipe(), seed=seed)
-    pairs = [augmenter(image, label) for image, label in zip(dataset.images, dataset.labels)]
+    pairs = [augmenter(image, label, negative=negative) for image, label in zip(dataset.images, dataset.labels)]
     return SliceDataset(np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs]), dataset.cases)
 
 
 def augmented_paths(positives: SliceDataset, negatives: list[SliceDataset], seed: int,
                     augment: AugmentConfig) -> tuple[SliceDataset, list[SliceDataset]]:
     """Both paths through the training augmentation ``augment``, each slice drawn from ``seed``."""
-    return augmented(positives, seed, augment), [augmented(n, seed + 1 + i, augment) for i, n in enumerate(negatives)]
+    return augmented(positives, seed, augment), [augmented(n, seed + 1 + i, augment, negative=True)
+                                                 for i, n in enumerate(negatives)]
 
 
 def probe(positives: SliceDataset, negatives: list[SliceDataset], augment: AugmentConfig | None = None,

@@ -91,3 +91,30 @@ def test_harmonise_base_detail_comes_from_the_config_and_is_checked():
     assert TrainConfig.from_dict({"augment": {"harmonise_base_detail": [12, 16]}}).augment.harmonise_base_detail == (12, 16)
     with pytest.raises(ValueError, match="augment.harmonise_base_detail must be"):
         TrainConfig.from_dict({"augment": {"harmonise_base_detail": [16, 12]}})
+
+
+def test_harmonising_the_negatives_only_leaves_the_labelled_slices_as_they_are():
+    rng = np.random.default_rng(2)
+    label = np.zeros((96, 96), np.uint8)
+    label[16:80, 10:86] = LUNG
+    image = _texture(rng, (96, 96), 90, 40, 0.5)
+    everywhere = SliceAugmenter(AugmentConfig(**ONLY_HARMONISE), IntensityRecipe(input_size=96), seed=0)
+    negatives_only = SliceAugmenter(AugmentConfig(**ONLY_HARMONISE, harmonise_on="negatives"),
+                                    IntensityRecipe(input_size=96), seed=0)
+    for position in range(4):
+        for augmenter in (everywhere, negatives_only):
+            augmenter.reseed(0, position)
+        labelled, _ = negatives_only(image, label)
+        np.testing.assert_array_equal(labelled, image)
+        negatives_only.reseed(0, position)
+        negative, _ = negatives_only(image, label, negative=True)
+        harmonised, _ = everywhere(image, label, negative=True)
+        np.testing.assert_array_equal(negative, harmonised)  # the same draws as harmonising every slice
+        assert not np.array_equal(negative, image)
+
+
+def test_harmonise_on_comes_from_the_config_and_is_checked():
+    assert TrainConfig.from_dict({"augment": {"harmonise_on": "negatives"}}).augment.harmonise_on == "negatives"
+    assert AugmentConfig().harmonise_on == "all"
+    with pytest.raises(ValueError, match="augment.harmonise_on must be one of all, negatives, not 'positives'"):
+        TrainConfig.from_dict({"augment": {"harmonise_p": 0.5, "harmonise_on": "positives"}})

@@ -74,3 +74,19 @@ def test_probe_records_the_augmentation_it_applied():
     assert probe(positives, negatives, epochs=1)["augment"] is None
     result = probe(positives, negatives, augment=AugmentConfig(kernel_p=1.0), epochs=1)
     assert result["augment"]["kernel_p"] == 1.0 and result["augment"]["flip_p"] == AugmentConfig().flip_p
+
+
+def test_the_negatives_are_augmented_as_negatives():
+    """What training gives the negative slices only (here the harmonisation with ``harmonise_on: negatives``)
+    the probe gives its negatives only."""
+    from covidseg_training.augment import AugmentConfig
+    from covidseg_training.path_probe import augmented_paths
+
+    rng = np.random.default_rng(0)
+    positives = _slices(rng, 4, 10.0, ["p1"] * 4)
+    negatives = [_slices(rng, 4, 40.0, ["n1"] * 4)]
+    only = dict(flip_p=0, rotate90_p=0, affine_p=0, elastic_p=0, scanner_p=0, kernel_p=0, harmonise_p=1)
+    out_positives, (out_negatives,) = augmented_paths(positives, negatives, 0,
+                                                      AugmentConfig(**only, harmonise_on="negatives"))
+    np.testing.assert_array_equal(out_positives.images, positives.images)
+    assert not np.array_equal(out_negatives.images, negatives[0].images)
