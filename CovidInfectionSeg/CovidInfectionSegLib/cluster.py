@@ -333,13 +333,15 @@ def run_ray_batch(
             if on_row is not None:
                 on_row(row)
 
+        # The recorded settings a re-run must match; those not given keep decide's defaults.
+        recorded = {key: bool(value) for key, value in (segment_options or {}).items()
+                    if key in ("flip_tta", "nodule_check")}
         todo = []
         for scan in scans:
             if is_cancelled(cancel):
                 raise SegmentationCancelled("cancelled before the workers started")
             decision = decide(scan, outdir, outputs, overwrite, {"name": model.name, "version": model.version},
-                              bool((segment_options or {}).get("flip_tta", False)),
-                              bool((segment_options or {}).get("nodule_check", True)))
+                              **recorded)
             if decision.redo:
                 absolute = dataclasses.replace(scan, path=Path(os.path.abspath(scan.path)))
                 todo.append(_Job(absolute, decision.note, str(scan.path)))
