@@ -199,9 +199,9 @@ def time_stages(nifti: Path, model: ModelPackage, device: torch.device, precisio
     geometry = SliceGeometry.for_shape(volume.shape[1:], model.recipe.pad_to_square)
     module = prepare_module(model.module, device, precision)
     classify_all(module, images[: 2 * batch_size], geometry, device, batch_size, precision)  # warm-up
-    classes, row = timed("network (ours)", device,
-                         lambda: classify_all(module, images, geometry, device, batch_size, precision),
-                         slices, f"{precision}, batch {batch_size}, {torch.get_num_threads()} threads")
+    _classes, row = timed("network (ours)", device,
+                          lambda: classify_all(module, images, geometry, device, batch_size, precision),
+                          slices, f"{precision}, batch {batch_size}, {torch.get_num_threads()} threads")
     rows.append(row)
     if flip_tta:
         _flipped, row = timed("network (ours, flip TTA)", device,
