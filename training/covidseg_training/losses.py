@@ -1,4 +1,5 @@
-"""Dice + cross-entropy loss, with the total-variation term of TV-UNet as an option."""
+"""Dice + cross-entropy loss, with the total-variation term of TV-UNet and a Tversky weighting of the
+infection's Dice term (Salehi et al. 2017) as options."""
 
 from __future__ import annotations
 
@@ -9,18 +10,27 @@ from .data import BACKGROUND, INFECTION, LUNG, LUNG_UNKNOWN
 
 
 def soft_dice_loss(probabilities: torch.Tensor, target: torch.Tensor, classes: list[int],
-                   known: torch.Tensor | None = None) -> torch.Tensor:
+                   known: torch.Tensor | None = None, missed_weight: dict[int, float] | None = None) -> torch.Tensor:
     """1 - mean soft Dice over ``classes``, pooled over the batch (stable when a slice lacks a class);
-    pixels where ``known`` is False count for no class."""
+    pixels where ``known`` is False count for no class.
+
+    ``missed_weight`` {class: beta} turns that class's Dice into the Tversky index TP / (TP + (1 - beta) FP +
+    beta FN): beta 0.5 is the Dice, above it a missed pixel costs more than a false one."""
     losses = []
     for cls in classes:
         prob = probabilities[:, cls]
         truth = (target == cls).float()
         if known is not None:
             prob = prob * known
-        intersection = (prob * truth).sum()
-        denominator = prob.sum() + truth.sum()
-        losses.append(1 - (2 * intersection + 1) / (denominator + 1))
+        true_positive = (prob * truth).sum()
+        beta = (missed_weight or {}).get(cls, 0.5)
+        if beta == 0.5:  # the Dice: 2 TP + FP + FN, summed as before so that earlier runs train the same
+            denominator = prob.sum() + truth.sum()
+        else:
+            false_positive = prob.sum() - true_positive
+            false_negative = truth.sum() - true_positive
+            denominator = 2 * (true_positive + (1 - beta) * false_positive + beta * false_negative)
+        losses.append(1 - (2 * true_positive + 1) / (denominator + 1))
     return torch.stack(losses).mean()
 
 
@@ -33,9 +43,12 @@ def total_variation(probabilities: torch.Tensor) -> torch.Tensor:
 
 
 def segmentation_loss(
-    logits: torch.Tensor, target: torch.Tensor, dice_weight: float = 1.0, tv_weight: float = 0.0
+    logits: torch.Tensor, target: torch.Tensor, dice_weight: float = 1.0, tv_weight: float = 0.0,
+    infection_missed_weight: float = 0.5,
 ) -> torch.Tensor:
     """Cross-entropy + ``dice_weight`` x soft Dice of lung and infection (+ total variation).
+    ``infection_missed_weight`` above 0.5 makes the infection's Dice term a Tversky index that weighs
+    missed infection more than false infection (:func:`soft_dice_loss`).
 
     Pixels labelled ``LUNG_UNKNOWN`` take the cross-entropy of "lung or infection" (minus the log of
     the two probabilities summed) and no part in the Dice terms.
@@ -53,19 +66,21 @@ def segmentation_loss(
         loss = F.nll_loss(log_probabilities, target.long())
         known = None
     probabilities = log_probabilities.exp()
-    loss = loss + dice_weight * soft_dice_loss(probabilities, target, list(range(1, logits.shape[1])), known)
+    loss = loss + dice_weight * soft_dice_loss(probabilities, target, list(range(1, logits.shape[1])), known,
+                                               {INFECTION: infection_missed_weight})
     if tv_weight:
         loss = loss + tv_weight * total_variation(probabilities)
     return loss
 
 
 def deep_supervision_loss(outputs: list[torch.Tensor], target: torch.Tensor, dice_weight: float = 1.0,
-                          tv_weight: float = 0.0) -> torch.Tensor:
+                          tv_weight: float = 0.0, infection_missed_weight: float = 0.5) -> torch.Tensor:
     """:func:`segmentation_loss` of the full-size logits and of each coarser auxiliary output (against
     the labels subsampled to its size), weighted 1, 1/2, 1/4, ... and normalised to sum 1 (nnU-Net)."""
     weights = [0.5**level for level in range(len(outputs))]
     total = outputs[0].new_zeros((), dtype=torch.float32)
     for level, (logits, weight) in enumerate(zip(outputs, weights)):
         step = 2**level
-        total = total + weight * segmentation_loss(logits, target[..., ::step, ::step], dice_weight, tv_weight)
+        total = total + weight * segmentation_loss(logits, target[..., ::step, ::step], dice_weight, tv_weight,
+                                                  infection_missed_weight)
     return total / sum(weights)

@@ -352,7 +352,8 @@ def train(config: TrainConfig, log=print, stop_after: int | None = None) -> Path
                 group["lr"] = learning_rate_at(config, state["step"], steps_per_epoch)
             with autocast(device):
                 outputs = forward(images)
-            loss = deep_supervision_loss(outputs, labels, config.dice_weight, config.tv_weight)
+            loss = deep_supervision_loss(outputs, labels, config.dice_weight, config.tv_weight,
+                                         config.infection_missed_weight)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
