@@ -23,13 +23,11 @@ def soft_dice_loss(probabilities: torch.Tensor, target: torch.Tensor, classes: l
         if known is not None:
             prob = prob * known
         true_positive = (prob * truth).sum()
+        called, present = prob.sum(), truth.sum()
         beta = (missed_weight or {}).get(cls, 0.5)
-        if beta == 0.5:  # the Dice: 2 TP + FP + FN, summed as before so that earlier runs train the same
-            denominator = prob.sum() + truth.sum()
-        else:
-            false_positive = prob.sum() - true_positive
-            false_negative = truth.sum() - true_positive
-            denominator = 2 * (true_positive + (1 - beta) * false_positive + beta * false_negative)
+        # 2 (TP + (1 - beta) FP + beta FN) = called + present + (2 beta - 1)(present - called); at beta 0.5 the
+        # added term is exactly 0, so the Dice term is summed bit for bit as before the option existed.
+        denominator = called + present + (2 * beta - 1) * (present - called)
         losses.append(1 - (2 * true_positive + 1) / (denominator + 1))
     return torch.stack(losses).mean()
 
