@@ -1,5 +1,6 @@
 """Training augmentation: geometry, what real scanners vary (window, resolution, noise), synthetic
-solid masses (masses.py) and synthetic pockets of gas in the negatives' abdomen (gas_pockets.py).
+solid masses (masses.py), synthetic pockets of gas in the negatives' abdomen (gas_pockets.py) and
+fainter infection in the labelled slices (faint_infection.py).
 
 The shared slices already carry the intensity recipe (min-max + CLAHE). To show the network what a
 different scanner looks like *after* the recipe, a degraded slice is passed through the recipe's last
@@ -16,13 +17,15 @@ import numpy as np
 
 from CovidInfectionSegLib.preprocessing import IntensityRecipe, make_clahe, minmax_to_uint8
 
+from .faint_infection import CONTRAST as FAINT_CONTRAST, fade_infection
 from .gas_pockets import FLUID_LEVEL_P as GAS_FLUID_LEVEL_P, RADIUS_PX as GAS_RADIUS_PX, paint_gas_pockets
 from .masses import paint_masses
 
 
 MASS_ON = ("all", "negatives")
 # The augmentations that paint into the middle slice only, so a model with context cannot use them.
-PAINTED_INTO_ONE_SLICE = {"mass_p": "synthetic masses", "gas_p": "synthetic gas pockets"}
+PAINTED_INTO_ONE_SLICE = {"mass_p": "synthetic masses", "gas_p": "synthetic gas pockets",
+                          "faint_p": "fainter infection"}
 
 # Lung texture and gray level of the network's uint8 input, measured 2026-11-30 (ad hoc, AMD EPYC here):
 # detail (std of the image minus its Gaussian blur at sigma 1, inside the eroded lung), 5th-95th
@@ -91,6 +94,12 @@ class AugmentConfig:
     gas_max_level: float | None = None
     gas_radius_px: tuple[float, float] = GAS_RADIUS_PX
     gas_fluid_level_p: float = GAS_FLUID_LEVEL_P
+    # Fainter infection (faint_infection.py): the share of labelled slices whose infection is brought part of
+    # the way back to the clear lung around it, its density above the lung multiplied by a factor drawn from
+    # ``faint_contrast``; the label stays infection. The faintest ground glass of the export (cases 01, 13,
+    # 18, 19) is what the held-out folds miss most.
+    faint_p: float = 0.0
+    faint_contrast: tuple[float, float] = FAINT_CONTRAST
     # A slice with its neighbours (context_slices): the neighbours' order reversed. The PNG export does
     # not say which way its slice numbers run in each volume, while the engine's canonical volumes run
     # from the feet up: so the network must not rely on which side is up.
@@ -104,7 +113,11 @@ class AugmentConfig:
             low, high = getattr(self, name)
             if not 0 < low <= high:
                 raise ValueError(f"augment.{name} must be [low, high] with 0 < low <= high, not {list(getattr(self, name))}")
-        for name in ("gas_fluid_level_p", "mass_halo_p"):
+        low, high = self.faint_contrast
+        if not 0 < low <= high <= 1:
+            raise ValueError(f"augment.faint_contrast must be [low, high] with 0 < low <= high <= 1, not "
+                             f"{list(self.faint_contrast)}")
+        for name in ("gas_fluid_level_p", "mass_halo_p", "faint_p"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"augment.{name} must lie in [0, 1], not {getattr(self, name)!r}")
         if isinstance(self.mass_from_epoch, bool) or not isinstance(self.mass_from_epoch, int) or self.mass_from_epoch < 1:
@@ -237,9 +250,11 @@ class SliceAugmenter:
         (NaN: unknown, or a scan without lung)."""
         if image.ndim == 3:
             return self.stack(image, label, negative)
-        # Masses, gas pockets and harmonisation are drawn only when on, so that configs without them
-        # augment exactly as before they existed. Masses and gas pockets come first: geometry and
-        # scanner then act on them too.
+        # Fainter infection, masses, gas pockets and harmonisation are drawn only when on, so that configs
+        # without them augment exactly as before they existed. The painting comes first: geometry and
+        # scanner then act on it too.
+        if self.config.faint_p and not negative and self.rng.random() < self.config.faint_p:
+            image = fade_infection(image, label, self.rng, self.config.faint_contrast)
         masses_here = self.config.mass_p and (negative or self.config.mass_on == "all")
         if masses_here and self.rng.random() < self.config.mass_p:
             image, label = paint_masses(image, label, self.rng, self.config.mass_halo_p)
@@ -274,7 +289,7 @@ class SliceAugmenter:
         anatomy, not the scanner). The per-slice min-max and CLAHE stay per slice, as the engine does them."""
         for key, painted in PAINTED_INTO_ONE_SLICE.items():
             if getattr(self.config, key):
-                raise ValueError(f"{painted} (augment.{key}) are painted into one slice; not with neighbours")
+                raise ValueError(f"augment.{key} paints {painted} into one slice; not with neighbours")
         if self.rng.random() < self.config.zflip_p:
             images = images[::-1]
         out = self.geometry(image=np.ascontiguousarray(np.moveaxis(images, 0, -1)), mask=label)

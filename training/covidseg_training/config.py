@@ -90,7 +90,7 @@ class TrainConfig:
             raise ValueError(f"keep_epoch must be 'best' or 'last', not {config.keep_epoch!r}")
         for key, painted in PAINTED_INTO_ONE_SLICE.items():
             if config.context_slices and getattr(config.augment, key):
-                raise ValueError(f"augment.{key} with context_slices: the {painted} are painted into one slice "
+                raise ValueError(f"augment.{key} with context_slices: it paints {painted} into one slice "
                                  f"only, so a neighbour would show none; set {key} to 0 for a context model")
         if config.augment.mass_p and config.augment.mass_from_epoch > config.epochs:
             raise ValueError(f"augment.mass_from_epoch {config.augment.mass_from_epoch} is after the last epoch "

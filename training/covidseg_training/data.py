@@ -45,6 +45,9 @@ class SliceDataset:
 
     @classmethod
     def load(cls, path: Path) -> "SliceDataset":
+        """The slices ``prepare`` wrote to ``path``; a FileNotFoundError that says how to make them if none."""
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"no prepared slices at {path} (python -m covidseg_training prepare writes them)")
         with np.load(path) as data:
             pixel_mm = data["pixel_mm"].astype(np.float32) if "pixel_mm" in data.files else None
             return cls(data["images"], data["labels"], data["cases"].astype(str), pixel_mm)

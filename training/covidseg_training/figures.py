@@ -167,15 +167,17 @@ def plot_negative_labels(scans: list[tuple[str, np.ndarray, np.ndarray, np.ndarr
 
 
 def plot_painted_slices(rows: list[tuple[int | str, np.ndarray, np.ndarray, np.ndarray]], path: Path, *,
-                        what: str, painted_label: int, title: str) -> None:
-    """Synthetic masses (masses.py) or gas pockets (gas_pockets.py) as trained, one row per slice: (index,
-    image, painted image, painted labels): the slice as it was, and with ``what`` painted into it, outlined in
-    blue where it changed and is labelled ``painted_label``."""
+                        what: str, painted_label: int, title: str, fill_labels: bool = True) -> None:
+    """Synthetic masses (masses.py), gas pockets (gas_pockets.py) or fainter infection (faint_infection.py) as
+    trained, one row per slice: (index, image, painted image, painted labels): the slice as it was, and with
+    ``what`` painted into it, outlined in blue where it changed and is labelled ``painted_label``. Without
+    ``fill_labels`` the painted slice is shown without its lung outline and infection fill, where a fill
+    would hide the change."""
     plt = _pyplot()
     figure, axes = plt.subplots(len(rows), 2, figsize=(6.4, 3.2 * len(rows)), squeeze=False)
     for row_axes, (index, image, painted, labels) in zip(axes, rows):
         _show_slice(row_axes[0], image, None, f"slice {index}")
-        _show_slice(row_axes[1], painted, labels, f"with {what}")
+        _show_slice(row_axes[1], painted, labels if fill_labels else None, f"with {what}")
         new = (painted != image) & (labels == painted_label)
         if new.any():
             row_axes[1].contour(new, levels=[0.5], colors=[NO_INFECTION_COLOUR], linewidths=0.8)

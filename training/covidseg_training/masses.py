@@ -130,11 +130,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not 0.0 <= args.halo_p <= 1.0:
         parser.error(f"--halo-p must lie in [0, 1], not {args.halo_p}")
-    if not args.data.is_file():
-        print(f"error: no prepared slices at {args.data} (python -m covidseg_training prepare writes them)",
-              file=sys.stderr)
+    try:
+        slices = SliceDataset.load(args.data)
+    except FileNotFoundError as error:
+        print(f"error: {error}", file=sys.stderr)
         return 2
-    slices = SliceDataset.load(args.data)
     rng = np.random.default_rng(args.seed)
     lung_pixels = (slices.labels == LUNG).sum(axis=(1, 2))
     chosen = rng.choice(np.flatnonzero(lung_pixels >= 2 * MIN_LUNG_PIXELS), args.count, replace=False)
