@@ -1,7 +1,7 @@
 """Fainter infection: a labelled slice's infection brought part of the way back to the lung around it.
 
 Issue 10's weakest fold holds out the cases whose ground glass is faintest. Measured on the PNG export
-(2026-12-07 ad hoc, per slice, median over a case's slices): the infection's median gray level sits at
+(2026-12-06 ad hoc, per slice, median over a case's slices): the infection's median gray level sits at
 0.31-0.40 of the way from the clear lung's median to the soft tissue's (masses.soft_tissue_gray) in most
 cases, 0.24-0.28 in cases 01, 13, 18 and 19 (02: 0.70, 07: 0.50). 2.2.0's recipe finds 40% of fold 2's
 held-out infection (cases 01, 04, 18): the training data hold little ground glass that faint.
