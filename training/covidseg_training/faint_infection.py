@@ -16,7 +16,6 @@ would, and never reaches outside the lung.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -51,14 +50,10 @@ def fade_infection(image: np.ndarray, label: np.ndarray, rng: np.random.Generato
 
 def main(argv: list[str] | None = None) -> int:
     from .data import SliceDataset
-    from .figures import plot_painted_slices
+    from .figures import painted_preview_parser, plot_painted_slices
 
-    parser = argparse.ArgumentParser(prog="python -m covidseg_training.faint_infection",
-                                     description=__doc__.split("\n")[0])
-    parser.add_argument("out", type=Path, help="the preview PNG")
+    parser = painted_preview_parser("faint_infection", __doc__)
     parser.add_argument("--data", type=Path, default=Path("data/ma2020.npz"), help="a prepared .npz of slices")
-    parser.add_argument("--count", type=int, default=6, help="slices shown")
-    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     try:
         slices = SliceDataset.load(args.data)

@@ -7,6 +7,7 @@ matplotlib is imported lazily with the Agg backend, so the figures render withou
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 from typing import Any
 
@@ -184,6 +185,17 @@ def plot_painted_slices(rows: list[tuple[int | str, np.ndarray, np.ndarray, np.n
     figure.suptitle(title, fontsize=8)
     figure.tight_layout(rect=(0, 0, 1, 1 - 0.25 / figure.get_figheight()))  # the title above the first row's
     _save_figure(figure, path)
+
+
+def painted_preview_parser(module: str, doc: str) -> argparse.ArgumentParser:
+    """The arguments every painted-augmentation preview (``python -m covidseg_training.<module> PNG``) takes:
+    the PNG to write, how many slices and the seed. ``doc`` is the module's docstring, whose first line
+    describes it."""
+    parser = argparse.ArgumentParser(prog=f"python -m covidseg_training.{module}", description=doc.split("\n")[0])
+    parser.add_argument("out", type=Path, help="the preview PNG")
+    parser.add_argument("--count", type=int, default=6, help="slices shown")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
 
 
 def plot_tradeoff(points: list[dict[str, Any]], curve: list[str], curve_name: str, path: Path) -> None:

@@ -17,7 +17,6 @@ and from any lung or dark pixel, so it is wrapped in soft tissue as a stomach is
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -82,16 +81,13 @@ def paint_gas_pockets(image: np.ndarray, label: np.ndarray, rng: np.random.Gener
 def main(argv: list[str] | None = None) -> int:
     from CovidInfectionSegLib.preprocessing import IntensityRecipe
 
-    from .figures import plot_painted_slices
+    from .figures import painted_preview_parser, plot_painted_slices
     from .negatives import NegativesConfig, load_negatives
 
-    parser = argparse.ArgumentParser(prog="python -m covidseg_training.gas_pockets", description=__doc__.split("\n")[0])
-    parser.add_argument("out", type=Path, help="the preview PNG")
+    parser = painted_preview_parser("gas_pockets", __doc__)
     parser.add_argument("--root", default="", help="the folder holding the negative scans (default ../shared/data)")
     parser.add_argument("--cache", type=Path, default=Path("runs/cache"),
                         help="where training caches the negatives' slices (read when there, written when not)")
-    parser.add_argument("--count", type=int, default=6, help="slices shown")
-    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     negatives = NegativesConfig(root=args.root)  # the training negatives, on 256-pixel slices as trained
     try:

@@ -26,7 +26,6 @@ showing through, also labelled "lung, no infection".
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -119,13 +118,10 @@ def paint_masses(image: np.ndarray, label: np.ndarray, rng: np.random.Generator,
 
 def main(argv: list[str] | None = None) -> int:
     from .data import SliceDataset
-    from .figures import plot_painted_slices
+    from .figures import painted_preview_parser, plot_painted_slices
 
-    parser = argparse.ArgumentParser(prog="python -m covidseg_training.masses", description=__doc__.split("\n")[0])
-    parser.add_argument("out", type=Path, help="the preview PNG")
+    parser = painted_preview_parser("masses", __doc__)
     parser.add_argument("--data", type=Path, default=Path("data/ma2020.npz"), help="a prepared .npz of slices")
-    parser.add_argument("--count", type=int, default=6, help="slices shown")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--halo-p", type=float, default=0.0, help="the share of masses with a ground-glass halo")
     args = parser.parse_args(argv)
     if not 0.0 <= args.halo_p <= 1.0:
