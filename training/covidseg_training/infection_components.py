@@ -12,6 +12,9 @@ the scan's total infection mL alone does not. Density bands on the CT in HU:
 
 ``largest_solid_ml`` is the largest connected solid part inside the component: a compact mass gives
 one large part, patchy consolidation several small ones.
+
+:func:`mask_components` gives the same rows for any mask: the whole-scan checks use it for the model
+lung outside the classical lung (a solid mass called lung, gas in the stomach called lung).
 """
 
 from __future__ import annotations
@@ -43,19 +46,27 @@ def infection_components(labels: np.ndarray, ct_hu: np.ndarray, spacing_zyx: Seq
     ``labels`` (the engine's labelmap), ``ct_hu`` and ``nodules`` (a boolean mask, e.g. the LIDC
     readers' nodules) share one canonical (z, y, x) grid; slices are indices along z. Each row holds
     the columns of ``COMPONENT_COLUMNS`` (``in_nodules_percent`` only with ``nodules``)."""
-    if labels.shape != ct_hu.shape or (nodules is not None and nodules.shape != labels.shape):
-        raise ValueError(f"labels {labels.shape}, CT {ct_hu.shape} and nodules "
+    return mask_components(labels == INFECTION, ct_hu, spacing_zyx, nodules, min_ml)
+
+
+def mask_components(mask: np.ndarray, ct_hu: np.ndarray, spacing_zyx: Sequence[float],
+                    nodules: np.ndarray | None = None,
+                    min_ml: float = MIN_COMPONENT_ML) -> list[dict[str, Any]]:
+    """The 26-connected components of the boolean ``mask`` of at least ``min_ml``, largest first, with
+    the rows of :func:`infection_components`."""
+    if mask.shape != ct_hu.shape or (nodules is not None and nodules.shape != mask.shape):
+        raise ValueError(f"mask {mask.shape}, CT {ct_hu.shape} and nodules "
                          f"{None if nodules is None else nodules.shape} must share one grid")
     voxel_ml = float(np.prod(spacing_zyx)) / 1000.0
-    components, _count = label(labels == INFECTION, np.ones((3, 3, 3), dtype=bool))
+    components, _count = label(mask, np.ones((3, 3, 3), dtype=bool))
     rows = []
     for index, box in enumerate(ndimage.find_objects(components), start=1):
-        mask = components[box] == index
-        voxels = int(mask.sum())
+        inside = components[box] == index
+        voxels = int(inside.sum())
         if voxels * voxel_ml < min_ml:
             continue
-        hu = ct_hu[box][mask]
-        solid = mask & (ct_hu[box] > SOLID_HU)
+        hu = ct_hu[box][inside]
+        solid = inside & (ct_hu[box] > SOLID_HU)
         parts, count = label(solid, np.ones((3, 3, 3), dtype=bool))
         largest_solid = int(np.bincount(parts[solid]).max()) if count else 0
         row = {
@@ -65,7 +76,7 @@ def infection_components(labels: np.ndarray, ct_hu: np.ndarray, spacing_zyx: Seq
             "ground_glass_percent": 100.0 * float(np.mean((hu >= GROUND_GLASS_HU) & (hu < DENSE_HU))),
             "aerated_percent": 100.0 * float(np.mean(hu < GROUND_GLASS_HU)),
             "largest_solid_ml": largest_solid * voxel_ml,
-            "in_nodules_percent": 100.0 * float(nodules[box][mask].mean()) if nodules is not None else "",
+            "in_nodules_percent": 100.0 * float(nodules[box][inside].mean()) if nodules is not None else "",
         }
         rows.append(row)
     rows.sort(key=lambda row: -row["ml"])

@@ -12,12 +12,14 @@ default post-processing), then on the canonical LPS grid:
   stomach and bowel below the lungs);
 - for LIDC scans, the share of the radiologists' nodule voxels called infection (:mod:`lidc_nodules`);
 - the infection's 3D components, largest first, with their HU make-up (:mod:`infection_components`):
-  where the false infection of a healthy scan sits and what it looks like.
+  where the false infection of a healthy scan sits and what it looks like; the same for the model lung
+  more than 5 mm outside the classical lung (a solid mass called lung, gas in the stomach called lung).
 
 Writes ``wholescan.csv``, ``wholescan.md`` (a Markdown table with the targets of issue 10 beside each
-value, ready for a model card, and each scan's five largest infection components), one ``<scan>.json``
-record as each scan finishes, one ``<scan>_infection_components.csv`` (every component of at least
-0.1 mL) and one ``<scan>.png`` montage per scan: the model's segments, the classical mask's outline, the
+value, ready for a model card, each scan's five largest infection components and three largest
+components of lung outside the classical lung), one ``<scan>.json`` record as each scan finishes, one
+``<scan>_infection_components.csv`` and one ``<scan>_outside_components.csv`` (every component of at
+least 0.1 mL) and one ``<scan>.png`` montage per scan: the model's segments, the classical mask's outline, the
 classical lung missed by more than 5 mm outlined (its worst slice always shown) and, for LIDC, the
 nodules' outlines.
 
@@ -63,7 +65,7 @@ from CovidInfectionSegLib.preview import Outline, choose_preview_slices, render_
 from CovidInfectionSegLib.validation import InputError
 
 from .classical_lung import classical_lung_mask, distance_outside_mm
-from .infection_components import components_csv, components_markdown, infection_components
+from .infection_components import components_csv, components_markdown, infection_components, mask_components
 from .lidc_nodules import nodule_mask, parse_nodule_xml
 from .negatives import SHARED_DATA
 
@@ -136,15 +138,19 @@ def missed_lung(labels: np.ndarray, classical: np.ndarray, spacing_zyx: Sequence
     return distance_outside_mm(classical, labels > 0, spacing_zyx) > DISTANCE_MM
 
 
+def lung_outside_classical(labels: np.ndarray, classical: np.ndarray, spacing_zyx: Sequence[float]) -> np.ndarray:
+    """The model's lung (any label) more than 5 mm outside the classical lung."""
+    return distance_outside_mm(labels > 0, classical, spacing_zyx) > DISTANCE_MM
+
+
 def measure_scan(labels: np.ndarray, classical: np.ndarray, spacing_zyx: Sequence[float], *,
                  low_slices: int = 0, nodules: np.ndarray | None = None,
-                 missed: np.ndarray | None = None) -> dict[str, float]:
+                 missed: np.ndarray | None = None, outside: np.ndarray | None = None) -> dict[str, float]:
     """The checks on the canonical (z, y, x) grid: ``labels`` is the engine's labelmap (1 right lung,
-    2 left lung, 3 infection), ``classical`` the classical lung mask, ``missed`` :func:`missed_lung` where the
-    caller has it already; volumes in mL."""
+    2 left lung, 3 infection), ``classical`` the classical lung mask, ``missed`` :func:`missed_lung` and
+    ``outside`` :func:`lung_outside_classical` where the caller has them already; volumes in mL."""
     voxel_ml = float(np.prod(spacing_zyx)) / 1000.0
-    model_lung = labels > 0
-    outside = distance_outside_mm(model_lung, classical, spacing_zyx) > DISTANCE_MM
+    outside = lung_outside_classical(labels, classical, spacing_zyx) if outside is None else outside
     missed = missed_lung(labels, classical, spacing_zyx) if missed is None else missed
     row: dict[str, float] = {
         "classical_lung_ml": classical.sum() * voxel_ml,
@@ -215,16 +221,21 @@ def check_scan(spec: ScanSpec, model: ModelPackage, device: str, preview_path: P
                         f"{reads.small_nodule_marks} small-nodule centre marks and {reads.non_nodule_marks} "
                         f"non-nodule marks; {found.unmatched_contours} of {found.contours} contours matched no slice")
     components = infection_components(labels, volume, spacing, nodules)
+    outside = lung_outside_classical(labels, classical, spacing)
+    outside_components = mask_components(outside, volume, spacing)
     del volume
     missed = missed_lung(labels, classical, spacing)  # for the table and the preview
     m = result.measurements
     row = {
         "right_lung_ml": m.right_lung.lung_ml, "left_lung_ml": m.left_lung.lung_ml, "lung_ml": m.total.lung_ml,
         "infection_ml": m.total.infection_ml,
-        **measure_scan(labels, classical, spacing, low_slices=spec.low_slices, nodules=nodules, missed=missed),
+        **measure_scan(labels, classical, spacing, low_slices=spec.low_slices, nodules=nodules, missed=missed,
+                       outside=outside),
         "low_slices": spec.low_slices or "", **nodule_row, "notes": "; ".join(notes),
         "infection_components": len(components),
         "largest_infection_component_ml": components[0]["ml"] if components else 0.0, "components": components,
+        "largest_outside_component_ml": outside_components[0]["ml"] if outside_components else 0.0,
+        "outside_components": outside_components,
         "flip_tta": "yes" if flip_tta else "no",
         "anatomy_checks": "no" if anatomy_checks_off(settings) else "yes",
         "nodule_check": "no" if settings is not None and settings.max_nodule_ml <= 0 else "yes",
@@ -289,7 +300,7 @@ COLUMNS = (
     "low_slices_ml_target", "low_slices_ml_met", "low_slices_infection_ml", "nodule_voxels", "nodule_ml", "nodule_infection_voxels",
     "nodule_infection_percent", "nodule_infection_percent_target", "nodule_infection_percent_met",
     "nodule_readers", "nodule_outlines", "nodule_contours_unmatched", "nodule_marks_left_out",
-    "infection_components", "largest_infection_component_ml", "notes", "flip_tta", "anatomy_checks", "nodule_check",
+    "infection_components", "largest_infection_component_ml", "largest_outside_component_ml", "notes", "flip_tta", "anatomy_checks", "nodule_check",
     "precision", "network_s",
 )
 
@@ -367,6 +378,12 @@ def table_markdown(rows: Sequence[dict[str, Any]], header_lines: Sequence[str]) 
                   "`<scan>_infection_components.csv`; slices are canonical, counted from the feet): solid above "
                   "-100 HU, ground glass -750 to -300 HU, aerated below -750 HU.", "",
                   *components_markdown(components), ""]
+    outside = {row["scan"]: row["outside_components"] for row in rows if row.get("outside_components")}
+    if outside:
+        lines += ["Model lung more than 5 mm outside the classical lung, in components (3D, largest first; each "
+                  "scan's three largest, all of at least 0.1 mL in `<scan>_outside_components.csv`): a solid one is "
+                  "a mass or soft tissue called lung, an aerated one below the lungs gas in the stomach or bowel.", "",
+                  *components_markdown(outside, most=3), ""]
     if any(row.get("anatomy_checks") == "no" for row in rows):
         lines += ["**Post-processing without its anatomy checks** (`--no-anatomy-checks`: no gas pockets, dense "
                   "false lung, wrapped in tissue or outside air), not as `covidseg segment` runs it.", ""]
@@ -557,6 +574,7 @@ def run_one(spec: ScanSpec, model: ModelPackage, model_path: str | None, device:
     apply_targets(row, spec.targets)
     if row["status"] == "ok":
         write_text_atomic(out / f"{spec.name}_infection_components.csv", components_csv(row["components"]))
+        write_text_atomic(out / f"{spec.name}_outside_components.csv", components_csv(row["outside_components"]))
     write_text_atomic(out / f"{spec.name}.json", json.dumps(row, indent=2, default=str) + "\n")
     return row
 

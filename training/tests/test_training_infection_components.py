@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from covidseg_training.infection_components import (
-    components_csv, components_markdown, infection_components,
+    components_csv, components_markdown, infection_components, mask_components,
 )
 
 SPACING = (2.0, 1.0, 1.0)  # 2 uL voxels
@@ -48,6 +48,16 @@ def test_small_components_are_left_out_and_nodules_are_optional():
     (mass,) = infection_components(labels, ct, SPACING, min_ml=0.5)
     assert mass["ml"] == pytest.approx(1.2) and mass["in_nodules_percent"] == ""
     assert infection_components(np.ones_like(labels), ct, SPACING) == []
+
+
+def test_any_mask_gives_the_same_rows():
+    labels, ct = scan()
+    assert mask_components(labels == 3, ct, SPACING) == infection_components(labels, ct, SPACING)
+    gas = np.zeros(labels.shape, dtype=bool)
+    gas[0:2, 0:10, 0:10] = True  # 200 voxels of lung at -850 HU, e.g. stomach gas called lung
+    (pocket,) = mask_components(gas, ct, SPACING)
+    assert pocket["ml"] == pytest.approx(0.4) and pocket["aerated_percent"] == 100 and pocket["median_hu"] == -850
+    assert (pocket["first_slice"], pocket["last_slice"], pocket["largest_solid_ml"]) == (0, 1, 0)
 
 
 def test_grids_must_match():

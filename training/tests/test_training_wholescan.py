@@ -21,11 +21,11 @@ from CovidInfectionSegLib.pipeline import segment_file
 from CovidInfectionSegLib.postprocessing import WITHOUT_ANATOMY_CHECKS, WITHOUT_NODULE_CHECK, PostprocessingSettings
 from covidseg_training.__main__ import main as training_main
 from covidseg_training.classical_lung import classical_lung_mask
-from covidseg_training.infection_components import components_csv, infection_components
+from covidseg_training.infection_components import components_csv, infection_components, mask_components
 from covidseg_training.lidc_nodules import nodule_mask, parse_nodule_xml
 from covidseg_training.wholescan import (
     COVID, HEALTHY, LIDC, ScanSpec, Target, anatomy_checks_off, apply_targets, chosen_settings, kernel_agreement_lines,
-    measure_scan, preview_slice_indices, summary_lines, table_csv, table_markdown,
+    lung_outside_classical, measure_scan, preview_slice_indices, summary_lines, table_csv, table_markdown,
 )
 from engine_model_factory import model_factory
 from whole_chest import SPACING_ZYX, chest_image, write_nodule_read
@@ -149,6 +149,28 @@ def test_markdown_lists_each_scans_largest_infection_components():
     text = table_markdown(rows, [])
     assert "| example-chest-ct-kernel-L | 1 of 1 | 46.0 | 42-52 | -380 | 28 / 49 / 8 | 11.9 | - |" in text
     assert "| clean |" not in text.split("Infection components")[1]
+    assert "outside the classical lung, in components" not in text  # no row has any
+
+
+def test_markdown_lists_each_scans_largest_components_of_lung_outside_the_classical_lung():
+    mass = {"rank": 1, "ml": 32.4, "first_slice": 39, "last_slice": 52, "median_hu": 19.0, "solid_percent": 99.0,
+            "ground_glass_percent": 0.4, "aerated_percent": 0.0, "largest_solid_ml": 32.1, "in_nodules_percent": ""}
+    small = [dict(mass, rank=rank, ml=0.5) for rank in range(2, 6)]
+    rows = [_row("example-chest-ct-kernel-B", 1000.0, components=[], outside_components=[mass, *small])]
+    part = table_markdown(rows, []).split("outside the classical lung, in components")[1]
+    assert "| example-chest-ct-kernel-B | 1 of 5 | 32.4 | 39-52 | 19 | 99 / 0 / 0 | 32.1 | - |" in part
+    assert "| 3 of 5 |" in part and "| 4 of 5 |" not in part  # the three largest
+
+
+def test_outside_components_are_the_voxels_measure_scan_counts():
+    classical = reference_box()
+    labels = classical.astype(np.uint8)
+    labels[5:15, 10:30, 59] = 2  # 10 mm right of the box: 200 voxels of 1 mm3
+    outside = lung_outside_classical(labels, classical, SPACING)
+    ct = np.where(labels > 0, -850.0, 30.0)
+    (component,) = mask_components(outside, ct, SPACING)
+    assert component["ml"] == pytest.approx(measure_scan(labels, classical, SPACING)["outside_classical_ml"])
+    assert component["ml"] == pytest.approx(0.2) and component["aerated_percent"] == 100
 
 
 # ------------------------------------------------------------------------------- end to end, synthetic
@@ -208,6 +230,11 @@ def test_command_writes_table_and_previews(synthetic_scan, tmp_path):
         assert (out / f"{name}_infection_components.csv").read_text() == components_csv(expected_rows)
         row = next(r for r in rows if r["scan"] == name)
         assert int(row["infection_components"]) == len(expected_rows)
+        classical = classical_lung_mask(ct, SPACING_ZYX)
+        expected_outside = mask_components(lung_outside_classical(found, classical, SPACING_ZYX), ct, SPACING_ZYX)
+        assert (out / f"{name}_outside_components.csv").read_text() == components_csv(expected_outside)
+        assert float(row["largest_outside_component_ml"]) == pytest.approx(
+            expected_outside[0]["ml"] if expected_outside else 0.0, abs=1e-3)
     for name in ("chest", "again"):
         picture = cv2.imread(str(out / f"{name}.png"))
         assert picture is not None and picture.shape[0] > 300 and picture.shape[1] >= 640
