@@ -19,7 +19,7 @@ from CovidInfectionSegLib.preprocessing import IntensityRecipe, make_clahe, minm
 
 from .faint_infection import CONTRAST as FAINT_CONTRAST, fade_infection
 from .gas_pockets import FLUID_LEVEL_P as GAS_FLUID_LEVEL_P, RADIUS_PX as GAS_RADIUS_PX, paint_gas_pockets
-from .masses import paint_masses
+from .masses import MASS_LABELS, paint_masses
 
 
 MASS_ON = ("all", "negatives")
@@ -76,10 +76,14 @@ class AugmentConfig:
     # part-solid nodule has (masses.py). ``mass_from_epoch``: the first epoch (counted from 1) with
     # masses; later than 1, a network that has already learnt the real slices meets them at the end of
     # the learning-rate schedule, as a short fine-tune does, without a second schedule of its own.
+    # ``mass_label``: "lung" labels every mass lung; "classical" labels a mass that reaches the lung's edge
+    # or is larger than 5 cm2 background, as the classical HU lung mask of the negatives and of the
+    # whole-scan checks does (masses.py).
     mass_p: float = 0.0
     mass_on: str = "all"
     mass_halo_p: float = 0.0
     mass_from_epoch: int = 1
+    mass_label: str = "lung"
     # Synthetic pockets of gas (an air-filled stomach or bowel loop) painted into the soft tissue of
     # negative slices and labelled background (gas_pockets.py): the negatives' stomachs are not
     # air-filled, and the network alone calls an air-filled stomach lung. ``gas_max_level``: only into
@@ -109,6 +113,8 @@ class AugmentConfig:
         for name in ("mass_on", "harmonise_on"):
             if getattr(self, name) not in MASS_ON:
                 raise ValueError(f"augment.{name} must be one of {', '.join(MASS_ON)}, not {getattr(self, name)!r}")
+        if self.mass_label not in MASS_LABELS:
+            raise ValueError(f"augment.mass_label must be one of {', '.join(MASS_LABELS)}, not {self.mass_label!r}")
         for name in ("gas_radius_px", "harmonise_base_detail"):
             low, high = getattr(self, name)
             if not 0 < low <= high:
@@ -257,7 +263,7 @@ class SliceAugmenter:
             image = fade_infection(image, label, self.rng, self.config.faint_contrast)
         masses_here = self.config.mass_p and (negative or self.config.mass_on == "all")
         if masses_here and self.rng.random() < self.config.mass_p:
-            image, label = paint_masses(image, label, self.rng, self.config.mass_halo_p)
+            image, label = paint_masses(image, label, self.rng, self.config.mass_halo_p, self.config.mass_label)
         if self.gas_here(negative, level) and self.rng.random() < self.config.gas_p:
             image, label = paint_gas_pockets(image, label, self.rng, self.config.gas_radius_px,
                                              self.config.gas_fluid_level_p)

@@ -21,7 +21,14 @@ disc around the core where the lung is raised part of the way to soft tissue (0.
 labelled slices' infection sits at 0.35, IQR 0.28-0.42, measured 2026-12-05 ad hoc), vessels still
 showing through, also labelled "lung, no infection".
 
-    python -m covidseg_training.masses OUT.png [--data data/ma2020.npz] [--halo-p 1]   # a preview of painted slices
+With ``mass_label="classical"`` a mass is labelled as the classical HU lung mask (classical_lung.py), which is the
+lung of the negatives and the whole-scan checks' reference, would label it: a mass that reaches the lung's
+edge, or is larger than the holes that mask fills (``MAX_HOLE_CM2`` at the labelled slices' assumed
+1.367 mm pixels), is not lung (background); a small mass inside the lung is lung. Its halo stays lung
+(ground glass is below the mask's -320 HU). The default ``"lung"`` labels every mass lung.
+
+    python -m covidseg_training.masses OUT.png [--data data/ma2020.npz] [--halo-p 1] [--mass-label classical]
+    # a preview of painted slices
 """
 
 from __future__ import annotations
@@ -32,7 +39,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .data import INFECTION, LUNG, LUNG_UNKNOWN
+from .classical_lung import MAX_HOLE_CM2
+from .data import BACKGROUND, INFECTION, LUNG, LUNG_UNKNOWN
 
 RADIUS_PX = (2.5, 18.0)  # 256-pixel slices of 1.2-1.7 mm: masses of about 6 to 55 mm across
 COUNT = (1, 3)
@@ -42,6 +50,22 @@ INFECTION_CLEARANCE_PX = 4  # between a mass's outline and any infection
 HALO_RADIUS = (1.4, 2.0)  # a halo's outer radius, in radii of its core
 HALO_TOWARD_SOFT_TISSUE = (0.2, 0.5)
 HALO_BLUR_PX = (1.5, 3.0)
+MASS_LABELS = ("lung", "classical")
+# The labelled slices' assumed in-plane pixel, as model_and_data.DEFAULT_PIXEL_MM (not imported from there: that
+# module imports the training loop, which imports this one).
+ASSUMED_PIXEL_MM = 350.0 / 256
+MAX_HOLE_PX = MAX_HOLE_CM2 * 100.0 / ASSUMED_PIXEL_MM**2
+EDGE_PX = 1.5  # a mass this close to the lung's edge reaches it
+
+
+def classical_mass_label(core: np.ndarray, from_edge: np.ndarray) -> int:
+    """How the classical lung mask labels a mass whose core is ``core`` (boolean), ``from_edge`` the lung's
+    distance transform: ``BACKGROUND`` where it reaches the lung's edge or is larger than ``MAX_HOLE_PX``,
+    else ``LUNG`` (a hole the mask fills)."""
+    if not core.any():
+        return LUNG
+    reaches_edge = float(from_edge[core].min()) <= EDGE_PX
+    return BACKGROUND if reaches_edge or np.count_nonzero(core) > MAX_HOLE_PX else LUNG
 
 
 def soft_tissue_gray(image: np.ndarray, lung: np.ndarray) -> float:
@@ -84,10 +108,13 @@ def halo_shape(shape: tuple[int, int], centre: tuple[float, float], radius: floa
 
 
 def paint_masses(image: np.ndarray, label: np.ndarray, rng: np.random.Generator,
-                 halo_p: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+                 halo_p: float = 0.0, mass_label: str = "lung") -> tuple[np.ndarray, np.ndarray]:
     """``image`` (uint8) with 1-3 solid masses painted into its lung and ``label`` with "lung, no
-    infection" (``LUNG``) under them; both unchanged where the slice has too little clear lung. Each
-    mass has a ground-glass halo with probability ``halo_p`` (labelled ``LUNG`` too)."""
+    infection" (``LUNG``) under them, or with ``mass_label="classical"`` what :func:`classical_mass_label`
+    says; both unchanged where the slice has too little clear lung. Each mass has a ground-glass halo with
+    probability ``halo_p`` (labelled ``LUNG``)."""
+    if mass_label not in MASS_LABELS:
+        raise ValueError(f"mass_label must be one of {', '.join(MASS_LABELS)}, not {mass_label!r}")
     lung = (label == LUNG) | (label == LUNG_UNKNOWN)
     if np.count_nonzero(lung) < MIN_LUNG_PIXELS:
         return image, label
@@ -112,7 +139,8 @@ def paint_masses(image: np.ndarray, label: np.ndarray, rng: np.random.Generator,
         noise = cv2.GaussianBlur(rng.normal(0, 1, label.shape).astype(np.float32), (0, 0), 0.7)
         texture = gray * rng.uniform(*GRAY_OF_SOFT_TISSUE) + rng.uniform(3, 10) * noise / max(float(noise.std()), 1e-6)
         painted = painted * (1 - coverage) + texture * coverage
-        new_label[(coverage > 0.5) & lung] = LUNG
+        core = (coverage > 0.5) & lung
+        new_label[core] = LUNG if mass_label == "lung" else classical_mass_label(core, from_edge)
     return np.clip(painted, 0, 255).astype(np.uint8), new_label
 
 
@@ -123,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = painted_preview_parser("masses", __doc__)
     parser.add_argument("--data", type=Path, default=Path("data/ma2020.npz"), help="a prepared .npz of slices")
     parser.add_argument("--halo-p", type=float, default=0.0, help="the share of masses with a ground-glass halo")
+    parser.add_argument("--mass-label", choices=MASS_LABELS, default="lung",
+                        help="lung: every mass lung; classical: as the classical HU lung mask labels it")
     args = parser.parse_args(argv)
     if not 0.0 <= args.halo_p <= 1.0:
         parser.error(f"--halo-p must lie in [0, 1], not {args.halo_p}")
@@ -134,10 +164,13 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(args.seed)
     lung_pixels = (slices.labels == LUNG).sum(axis=(1, 2))
     chosen = rng.choice(np.flatnonzero(lung_pixels >= 2 * MIN_LUNG_PIXELS), args.count, replace=False)
-    rows = [(int(i), slices.images[i], *paint_masses(slices.images[i], slices.labels[i], rng, args.halo_p))
+    rows = [(int(i), slices.images[i],
+             *paint_masses(slices.images[i], slices.labels[i], rng, args.halo_p, args.mass_label))
             for i in sorted(chosen)]
+    others = "; the others not lung, a notch in the lung's outline" if args.mass_label == "classical" else ""
     plot_painted_slices(rows, args.out, what="masses", painted_label=LUNG,
-                        title="synthetic masses (outlined in blue: lung, no infection); lung outlined, infection filled")
+                        title=f"synthetic masses (outlined in blue: lung, no infection{others}); lung outlined, "
+                              "infection filled")
     print(f"wrote {args.out}")
     return 0
 

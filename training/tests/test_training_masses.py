@@ -10,8 +10,10 @@ import pytest
 from CovidInfectionSegLib.preprocessing import IntensityRecipe
 from covidseg_training import masses
 from covidseg_training.augment import AugmentConfig, SliceAugmenter
-from covidseg_training.data import INFECTION, LUNG, LUNG_UNKNOWN, SliceDataset
-from covidseg_training.masses import GRAY_OF_SOFT_TISSUE, INFECTION_CLEARANCE_PX, paint_masses
+from covidseg_training.data import BACKGROUND, INFECTION, LUNG, LUNG_UNKNOWN, SliceDataset
+from covidseg_training.masses import (
+    GRAY_OF_SOFT_TISSUE, INFECTION_CLEARANCE_PX, MAX_HOLE_PX, classical_mass_label, paint_masses,
+)
 
 SOFT_TISSUE = 170
 ONLY_MASSES = dict(flip_p=0, rotate90_p=0, affine_p=0, elastic_p=0, scanner_p=0, kernel_p=0, mass_p=1)
@@ -178,6 +180,49 @@ def test_an_unknown_mass_on_is_refused_by_name():
 
     with pytest.raises(ValueError, match="augment.mass_on must be one of all, negatives, not 'positives'"):
         TrainConfig.from_dict({"augment": {"mass_p": 0.3, "mass_on": "positives"}})
+
+
+def disc(shape: tuple[int, int], centre: tuple[int, int], radius: float) -> np.ndarray:
+    rows, cols = np.mgrid[: shape[0], : shape[1]]
+    return np.hypot(rows - centre[0], cols - centre[1]) <= radius
+
+
+def test_classical_label_a_mass_at_the_lung_edge_or_larger_than_a_filled_hole_is_not_lung():
+    lung = np.zeros((128, 128), bool)
+    lung[10:118, 10:118] = True
+    from_edge = cv2.distanceTransform(lung.astype(np.uint8), cv2.DIST_L2, 5)
+    assert classical_mass_label(disc(lung.shape, (64, 64), 5), from_edge) == LUNG  # 81 px, inside: a filled hole
+    assert classical_mass_label(disc(lung.shape, (17, 64), 5), from_edge) == LUNG  # 2 px from the edge
+    assert classical_mass_label(disc(lung.shape, (13, 64), 5) & lung, from_edge) == BACKGROUND  # cut by the edge
+    large = disc(lung.shape, (64, 64), 10)
+    assert np.count_nonzero(large) > MAX_HOLE_PX  # 317 px: over 5 cm2 at 1.367 mm
+    assert classical_mass_label(large, from_edge) == BACKGROUND
+    assert classical_mass_label(np.zeros_like(lung), from_edge) == LUNG
+
+
+def test_classical_label_paints_the_same_masses_and_only_relabels_some_of_them_background():
+    image, label = chest_slice()
+    lung = (label == LUNG) | (label == LUNG_UNKNOWN)
+    relabelled = 0
+    for seed in range(12):
+        out, as_lung = paint_masses(image, label, np.random.default_rng(seed), halo_p=0.5)
+        same, classical = paint_masses(image, label, np.random.default_rng(seed), halo_p=0.5, mass_label="classical")
+        np.testing.assert_array_equal(out, same)  # the same draws: only the label differs
+        differs = classical != as_lung
+        assert set(np.unique(as_lung[differs])) <= {LUNG} and set(np.unique(classical[differs])) <= {BACKGROUND}
+        assert not (differs & ~lung).any() and not (differs & (out == image)).any()
+        relabelled += bool(differs.any())
+    assert relabelled >= 6  # masses reaching these narrow lungs' edges are common
+
+
+def test_an_unknown_mass_label_is_refused_by_name():
+    from covidseg_training.config import TrainConfig
+
+    with pytest.raises(ValueError, match="augment.mass_label must be one of lung, classical, not 'tumour'"):
+        TrainConfig.from_dict({"augment": {"mass_p": 0.3, "mass_label": "tumour"}})
+    image, label = chest_slice()
+    with pytest.raises(ValueError, match="mass_label must be one of lung, classical"):
+        paint_masses(image, label, np.random.default_rng(0), mass_label="tumour")
 
 
 def test_preview_writes_a_picture_and_refuses_missing_data(tmp_path, capsys):
