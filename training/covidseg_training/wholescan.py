@@ -300,8 +300,8 @@ COLUMNS = (
     "low_slices_ml_target", "low_slices_ml_met", "low_slices_infection_ml", "nodule_voxels", "nodule_ml", "nodule_infection_voxels",
     "nodule_infection_percent", "nodule_infection_percent_target", "nodule_infection_percent_met",
     "nodule_readers", "nodule_outlines", "nodule_contours_unmatched", "nodule_marks_left_out",
-    "infection_components", "largest_infection_component_ml", "largest_outside_component_ml", "notes", "flip_tta", "anatomy_checks", "nodule_check",
-    "precision", "network_s",
+    "infection_components", "largest_infection_component_ml", "largest_outside_component_ml", "notes", "flip_tta",
+    "anatomy_checks", "nodule_check", "precision", "network_s",
 )
 
 
