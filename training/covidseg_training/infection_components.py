@@ -98,15 +98,21 @@ def rows_csv(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
     return buffer.getvalue()
 
 
-def components_markdown(scan_rows: dict[str, Sequence[dict[str, Any]]], most: int = 5) -> list[str]:
-    """Markdown lines: for each scan, its ``most`` largest infection components."""
-    lines = ["| scan | component | mL | slices | median HU | solid / ground glass / aerated, % | "
-             "largest solid part, mL | in nodules, % |", "|---|---|---|---|---|---|---|---|"]
+def components_markdown(scan_rows: dict[str, Sequence[dict[str, Any]]], most: int = 5,
+                        nodule_column: bool = True) -> list[str]:
+    """Markdown lines: for each scan, its ``most`` largest components; ``nodule_column`` False leaves out
+    "in nodules, %" (for masks that are not infection, where it is never measured)."""
+    header = ("| scan | component | mL | slices | median HU | solid / ground glass / aerated, % | "
+              "largest solid part, mL |")
+    lines = [header + " in nodules, % |" if nodule_column else header,
+             "|---|---|---|---|---|---|---|" + ("---|" if nodule_column else "")]
     for scan, rows in scan_rows.items():
         for row in rows[:most]:
-            nodules = "-" if row["in_nodules_percent"] == "" else f"{row['in_nodules_percent']:.0f}"
-            lines.append(
-                f"| {scan} | {row['rank']} of {len(rows)} | {row['ml']:.1f} | {row['first_slice']}-{row['last_slice']} | "
-                f"{row['median_hu']:.0f} | {row['solid_percent']:.0f} / {row['ground_glass_percent']:.0f} / "
-                f"{row['aerated_percent']:.0f} | {row['largest_solid_ml']:.1f} | {nodules} |")
+            line = (f"| {scan} | {row['rank']} of {len(rows)} | {row['ml']:.1f} | "
+                    f"{row['first_slice']}-{row['last_slice']} | {row['median_hu']:.0f} | "
+                    f"{row['solid_percent']:.0f} / {row['ground_glass_percent']:.0f} / {row['aerated_percent']:.0f} | "
+                    f"{row['largest_solid_ml']:.1f} |")
+            if nodule_column:
+                line += " - |" if row["in_nodules_percent"] == "" else f" {row['in_nodules_percent']:.0f} |"
+            lines.append(line)
     return lines

@@ -383,7 +383,7 @@ def table_markdown(rows: Sequence[dict[str, Any]], header_lines: Sequence[str]) 
         lines += ["Model lung more than 5 mm outside the classical lung, in components (3D, largest first; each "
                   "scan's three largest, all of at least 0.1 mL in `<scan>_outside_components.csv`): a solid one is "
                   "a mass or soft tissue called lung, an aerated one below the lungs gas in the stomach or bowel.", "",
-                  *components_markdown(outside, most=3), ""]
+                  *components_markdown(outside, most=3, nodule_column=False), ""]
     if any(row.get("anatomy_checks") == "no" for row in rows):
         lines += ["**Post-processing without its anatomy checks** (`--no-anatomy-checks`: no gas pockets, dense "
                   "false lung, wrapped in tissue or outside air), not as `covidseg segment` runs it.", ""]

@@ -158,7 +158,8 @@ def test_markdown_lists_each_scans_largest_components_of_lung_outside_the_classi
     small = [dict(mass, rank=rank, ml=0.5) for rank in range(2, 6)]
     rows = [_row("example-chest-ct-kernel-B", 1000.0, components=[], outside_components=[mass, *small])]
     part = table_markdown(rows, []).split("outside the classical lung, in components")[1]
-    assert "| example-chest-ct-kernel-B | 1 of 5 | 32.4 | 39-52 | 19 | 99 / 0 / 0 | 32.1 | - |" in part
+    assert "| example-chest-ct-kernel-B | 1 of 5 | 32.4 | 39-52 | 19 | 99 / 0 / 0 | 32.1 |\n" in part
+    assert "in nodules" not in part  # never measured for the lung outside
     assert "| 3 of 5 |" in part and "| 4 of 5 |" not in part  # the three largest
 
 
