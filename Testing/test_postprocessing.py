@@ -315,6 +315,45 @@ def test_an_air_filled_stomach_touching_the_lung_is_not_lung() -> None:
     np.testing.assert_array_equal(result.labels == RIGHT_LUNG, right)
 
 
+def chest_above_a_stomach():
+    """:func:`chest` with the lungs ending at z = 12, and the mask of the slices below them (where a stomach goes,
+    under the left lung, below the diaphragm)."""
+    classes, hu, right, left = chest(shape=(30, 60, 80))
+    below = np.zeros(classes.shape, dtype=bool)
+    below[:12] = True
+    classes[below], hu[below] = 0, 40.0
+    return classes, hu, right & ~below, left & ~below, below
+
+
+def test_the_rim_of_an_air_fluid_level_below_the_lung_is_not_lung() -> None:
+    """covid-chest-ct: along the stomach's air-fluid level the gas reads a little denser than air for a
+    voxel or two beyond the 3 mm wall; the network called that strip lung, joined to the lung's base."""
+    from scipy import ndimage
+
+    classes, hu, right, left, _below = chest_above_a_stomach()
+    stomach = ellipsoid(classes.shape, (5, 30, 57), (5.5, 12, 12))
+    rows = np.arange(classes.shape[1])[None, :, None]
+    gas, strip, fluid = stomach & (rows < 30), stomach & (rows >= 30) & (rows < 34), stomach & (rows >= 34)
+    hu[gas], hu[strip], hu[fluid] = -1000.0, -900.0, 10.0
+    classes[gas | strip] = LUNG
+    climb = np.zeros(classes.shape, dtype=bool)
+    climb[9:12, 30:34, 57] = True  # the strip climbs the stomach's wall to the lung's base
+    classes[climb], hu[climb] = LUNG, -900.0
+    spacing_zyx = np.array(SPACING)[::-1]
+    labelled, _count = ndimage.label(classes > 0)
+    assert labelled[strip].min() == labelled[left].max(), "the strip and the left lung are one 3D component"
+    beyond_wall = (strip | climb) & (ndimage.distance_transform_edt(~gas, sampling=spacing_zyx) > 3.0)
+    assert np.any(beyond_wall & strip), "part of the strip lies beyond the 3 mm wall"
+
+    result = taken_out(classes, hu, beyond_wall, "gas pockets not surrounded by lung", max_pocket_rim_mm=0)
+    assert not np.any(result.labels[stomach]), "gas, wall and rim of the stomach: none of it is lung"
+    note = next(text for text in result.notes if "gas pockets" in text)
+    rim_ml = float(note.split("mL of it their rims")[0].split()[-1])
+    assert rim_ml == pytest.approx(np.count_nonzero(beyond_wall) * np.prod(SPACING) / 1000.0, abs=0.05), result.notes
+    np.testing.assert_array_equal(result.labels == LEFT_LUNG, left)
+    np.testing.assert_array_equal(result.labels == RIGHT_LUNG, right)
+
+
 def test_a_bulla_inside_the_lung_stays_lung() -> None:
     classes, hu, right, left = chest()
     bulla = ellipsoid(classes.shape, (10, 30, 20), (3, 6, 6))
@@ -331,12 +370,7 @@ def ndimage_dilate(mask):
 
 
 def test_a_contrast_filled_stomach_joined_to_the_lung_is_not_lung() -> None:
-    classes, hu, right, left = chest(shape=(30, 60, 80))
-    below = np.zeros(classes.shape, dtype=bool)
-    below[:12] = True  # the lungs end at z = 12; the stomach lies under the left one, below the diaphragm
-    classes[below], hu[below] = 0, 40.0
-    right &= ~below
-    left &= ~below
+    classes, hu, right, left, below = chest_above_a_stomach()
     stomach = ellipsoid(classes.shape, (4, 30, 57), (4, 12, 12))
     through_diaphragm = ellipsoid(classes.shape, (10, 30, 57), (2.5, 4, 4)) & below & ~stomach
     classes[stomach], hu[stomach] = LUNG, 150.0  # oral contrast: dense, not gas
