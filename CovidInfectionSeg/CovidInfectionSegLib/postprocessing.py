@@ -336,7 +336,7 @@ def drop_gas_pockets(
     regrow[1] = ndimage.generate_binary_structure(2, 1)
     pockets, large = large_components(candidate & gas, voxel_ml, np.floor(GAS_RING_MM / spacing_zyx).astype(int) + 1)
     dropped = 0
-    rings: list[tuple[tuple[slice, ...], np.ndarray]] = []
+    rim_zones: list[tuple[tuple[slice, ...], np.ndarray]] = []
     for index, box in large:
         # The averaging pulled the pocket's edge in; its own gas voxels there belong to it.
         pocket = ndimage.binary_dilation(pockets[box] == index, structure=regrow, iterations=int(width.max()),
@@ -354,8 +354,8 @@ def drop_gas_pockets(
             del distance
             rim_zone &= ndimage.binary_dilation(intensities[box] >= AERATED_HU,
                                                 structure=ellipsoid_structure(GAS_WALL_MM, spacing_zyx))
-            rings.append((box, rim_zone))
-    rims = drop_pocket_rims(candidate, rings)
+            rim_zones.append((box, rim_zone))
+    rims = drop_pocket_rims(candidate, rim_zones)
     if dropped or rims:
         notes.append(
             f"dropped {(dropped + rims) * voxel_ml:.0f} mL of gas pockets not surrounded by lung (stomach, bowel or "
@@ -364,9 +364,9 @@ def drop_gas_pockets(
         )
 
 
-def drop_pocket_rims(candidate: np.ndarray, rings: list[tuple[tuple[slice, ...], np.ndarray]]) -> int:
+def drop_pocket_rims(candidate: np.ndarray, rim_zones: list[tuple[tuple[slice, ...], np.ndarray]]) -> int:
     """In place: the pieces of ``candidate`` that, in their axial slice, lie wholly in a dropped gas
-    pocket's rim zone (``rings``: each pocket's box and, inside it, the voxels within
+    pocket's rim zone (``rim_zones``: each pocket's box and, inside it, the voxels within
     ``settings.max_pocket_rim_mm`` of the pocket and within ``GAS_WALL_MM`` of tissue denser than
     ``AERATED_HU``) go; returns how many voxels went.
 
@@ -376,11 +376,11 @@ def drop_pocket_rims(candidate: np.ndarray, rings: list[tuple[tuple[slice, ...],
     stomach reaches further from the gas or from the tissue in its slice and stays.
     """
     dropped = 0
-    for z in sorted({z for box, _ring in rings for z in range(box[0].start, box[0].stop)}):
+    for z in sorted({z for box, _zone in rim_zones for z in range(box[0].start, box[0].stop)}):
         near = np.zeros(candidate.shape[1:], dtype=bool)
-        for box, ring in rings:
+        for box, zone in rim_zones:
             if box[0].start <= z < box[0].stop:
-                near[box[1:]] |= ring[z - box[0].start]
+                near[box[1:]] |= zone[z - box[0].start]
         pieces, count = label(candidate[z], np.ones((3, 3), dtype=bool))
         if not count:
             continue
